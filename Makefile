@@ -1,0 +1,29 @@
+# Set-up and the main jobs. `make test` and `make bench` each build .venv first if needed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup test bench lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU wheel first, so that the torch>=2.9 requirement is already met (no CUDA build)
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+test: setup
+	$(BIN)/python -m pytest moekit tests
+
+bench: setup
+	$(BIN)/python bench/bench_moe_layer.py
+
+lint: setup
+	$(BIN)/ruff check moekit tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

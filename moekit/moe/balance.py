@@ -1,0 +1,39 @@
+"""Balancing losses and the aux-loss-free bias rule.
+
+Shape legend: T tokens, E experts, K experts per token.
+
+Load-balancing loss (Switch eq. 4-6, GShard):  E * sum_i f_i * P_i
+  f_i  fraction of tokens routed to expert i, counting all top-k assignments of a token
+       (so sum_i f_i = K),
+  P_i  mean router probability of expert i over tokens.
+This is the convention of transformers' ``load_balancing_loss_func`` (Mixtral, OLMoE,
+Qwen-MoE): at perfect balance the loss equals K. Switch (K=1) and MegaBlocks divide f_i
+by K (each token counted once), which gives 1 at perfect balance for any K; to compare
+coefficients with those codebases, divide ours by K (or scale their coefficient by 1/K).
+The gradient flows through P_i only; f_i is a count.
+
+Router z-loss (ST-MoE eq. 5): mean over tokens of logsumexp(logits)^2.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def tokens_per_expert(experts_TK: Tensor, num_experts: int) -> Tensor:
+    """Counts of token->expert assignments: [E] int64."""
+    return torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
+
+
+def load_balancing_loss(probs_TE: Tensor, experts_TK: Tensor) -> Tensor:
+    """E * sum_i f_i * P_i with f_i over all K assignments (equals K at perfect balance)."""
+    num_tokens, num_experts = probs_TE.shape
+    f_E = tokens_per_expert(experts_TK, num_experts).to(probs_TE.dtype) / num_tokens
+    P_E = probs_TE.mean(dim=0)
+    return num_experts * torch.dot(f_E, P_E)
+
+
+def z_loss(logits_TE: Tensor) -> Tensor:
+    """ST-MoE router z-loss: mean_t logsumexp(logits_t)^2, in float32."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()

@@ -1,0 +1,153 @@
+"""Local dispatch: group token->expert assignments by expert, and combine the results.
+
+Shape legend: T tokens, D model dim, E experts, K experts per token,
+A assignments before dropping (T*K for token choice, E*C for expert choice),
+R dispatched rows (A minus the dropped ones), grouped by expert in expert order.
+
+Dropless token choice (the default) takes a fast path: the sort by expert is a
+permutation of the T*K assignments, so both the dispatch gather and the combine are
+row permutations whose backward is the inverse permutation (a gather again, never a
+scatter-add), and the combine is one batched [1, K] x [K, D] product per token in float32.
+With capacity (dropped rows) or expert choice (a token has any number of experts) the
+combine is a float32 ``index_add`` over the kept rows; a dropped assignment contributes
+zero and the layer's residual carries the token (Switch, section 2.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moekit.moe.router import RouterOutput, capacity
+
+
+@dataclass
+class DispatchPlan:
+    """How rows were grouped; everything :meth:`LocalDispatcher.combine` needs."""
+
+    token_R: Tensor            # token id of each dispatched row (int64)
+    weight_R: Tensor           # combine weight of each row (float32, differentiable)
+    counts_E: Tensor           # rows per expert (int64); sum == R
+    num_tokens: int
+    num_assignments: int       # A
+    order_R: Tensor | None = None    # fast path: assignment (t*K + k) of each row
+    inverse_A: Tensor | None = None  # fast path: row of each assignment; order_R[inverse_A] = arange
+    weights_TK: Tensor | None = None  # fast path: the router's combine weights
+
+    @property
+    def dropped_fraction(self) -> float:
+        return 1.0 - self.token_R.shape[0] / max(self.num_assignments, 1)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """out = x[index] where ``index`` is a permutation with known ``inverse``.
+
+    The backward is the inverse gather, which is parallel and deterministic, unlike the
+    scatter-add autograd would use for ``x[index]``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+class _GatherTokens(torch.autograd.Function):
+    """x_RD = x_TD[order_R // K] for dropless top-k: each token appears exactly K times.
+
+    backward: grad_x_TD[t] = sum_k grad_RD[inverse_A[t*K + k]], a gather and a sum over K.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, token_R: Tensor, inverse_A: Tensor, top_k: int) -> Tensor:
+        ctx.save_for_backward(inverse_A)
+        ctx.top_k = top_k
+        return x_TD.index_select(0, token_R)
+
+    @staticmethod
+    def backward(ctx, grad_RD: Tensor):
+        (inverse_A,) = ctx.saved_tensors
+        grad_TKD = grad_RD.index_select(0, inverse_A).view(-1, ctx.top_k, grad_RD.shape[-1])
+        grad_TD = grad_TKD[:, 0] if ctx.top_k == 1 else grad_TKD.sum(dim=1)
+        return grad_TD, None, None, None
+
+
+class LocalDispatcher:
+    """Sort assignments by expert; apply capacity and the drop policy; combine.
+
+    Capacity (Switch / GShard): C = ceil(capacity_factor * T * K / E) rows per expert.
+    ``drop_policy="position"``: first choices of all tokens win over second choices, and
+    within a choice rank the earlier token wins (GShard's priority). ``"probability"``:
+    each expert keeps the C assignments with the highest combine weight.
+    """
+
+    def __init__(self, num_experts: int, top_k: int, capacity_factor: float | None = None,
+                 drop_policy: str = "position"):
+        self.num_experts, self.top_k = num_experts, top_k
+        self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
+
+    def plan(self, routing: RouterOutput) -> DispatchPlan:
+        E, T = self.num_experts, routing.num_tokens
+        if routing.tokens_EC is not None:  # expert choice: already grouped by expert
+            C = routing.tokens_EC.shape[1]
+            return DispatchPlan(token_R=routing.tokens_EC.reshape(-1),
+                                weight_R=routing.weights_EC.reshape(-1),
+                                counts_E=torch.full((E,), C, dtype=torch.long,
+                                                    device=routing.tokens_EC.device),
+                                num_tokens=T, num_assignments=E * C)
+        experts_TK, weights_TK = routing.experts_TK, routing.weights_TK
+        K = experts_TK.shape[1]
+        experts_A = experts_TK.reshape(-1)               # assignment a = t*K + k
+        counts_E = torch.bincount(experts_A, minlength=E)
+        if self.capacity_factor is None:
+            order_R = torch.sort(experts_A, stable=True).indices
+            inverse_A = torch.empty_like(order_R)
+            inverse_A[order_R] = torch.arange(order_R.numel(), device=order_R.device)
+            return DispatchPlan(token_R=order_R // K, weight_R=weights_TK.reshape(-1)[order_R],
+                                counts_E=counts_E, num_tokens=T, num_assignments=T * K,
+                                order_R=order_R, inverse_A=inverse_A, weights_TK=weights_TK)
+        order_A = self._priority_order(experts_TK, weights_TK)
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        rank_A = torch.arange(order_A.numel(), device=order_A.device) - starts_E[experts_A[order_A]]
+        C = capacity(self.capacity_factor, T, K, E)
+        order_R = order_A[rank_A < C]
+        return DispatchPlan(token_R=order_R // K, weight_R=weights_TK.reshape(-1)[order_R],
+                            counts_E=counts_E.clamp(max=C), num_tokens=T, num_assignments=T * K)
+
+    def _priority_order(self, experts_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        """Assignments (a = t*K + k) sorted by expert, most deserving of a slot first."""
+        T, K = experts_TK.shape
+        if self.drop_policy == "position":
+            # k-major order (all first choices, then all second choices, ...), stable by expert
+            kmajor_A = torch.arange(T * K, device=experts_TK.device).view(T, K).t().reshape(-1)
+        else:
+            kmajor_A = torch.sort(weights_TK.detach().reshape(-1), descending=True, stable=True).indices
+        by_expert = torch.sort(experts_TK.reshape(-1)[kmajor_A], stable=True).indices
+        return kmajor_A[by_expert]
+
+    def dispatch(self, x_TD: Tensor, routing: RouterOutput) -> tuple[Tensor, Tensor, DispatchPlan]:
+        """x_TD [T, D] -> (x_RD [R, D] grouped by expert, counts_E [E], plan)."""
+        plan = self.plan(routing)
+        if plan.inverse_A is not None:
+            x_RD = _GatherTokens.apply(x_TD, plan.token_R, plan.inverse_A, self.top_k)
+        else:
+            x_RD = x_TD.index_select(0, plan.token_R)
+        return x_RD, plan.counts_E, plan
+
+    def combine(self, y_RD: Tensor, plan: DispatchPlan) -> Tensor:
+        """y_RD [R, D] -> y_TD [T, D]: sum over a token's rows of weight * y, in float32."""
+        T, D = plan.num_tokens, y_RD.shape[-1]
+        if plan.inverse_A is not None:
+            y_TKD = _PermuteRows.apply(y_RD, plan.inverse_A, plan.order_R).view(T, -1, D)
+            y_TD = torch.bmm(plan.weights_TK.unsqueeze(1), y_TKD.float()).view(T, D)
+        else:
+            y_TD = torch.zeros(T, D, dtype=torch.float32, device=y_RD.device)
+            y_TD = y_TD.index_add(0, plan.token_R, y_RD.float() * plan.weight_R.unsqueeze(1))
+        return y_TD.to(y_RD.dtype)

@@ -1,0 +1,76 @@
+"""The slow reference MoE: plain loops, read like the papers. Tests hold the fast path to it.
+
+Shape legend: T tokens, D model dim, E experts, K top-k.
+
+It reads a :class:`MoELayer`'s parameters and recomputes the layer's output with its own
+routing, capacity and combine code (no sort, no permutation, no custom autograd), so
+autograd through it gives reference gradients for the same parameters. Training-time
+noise (noisy gating, jitter) is left out: compare in ``eval()`` mode or with it off.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from moekit.moe.experts import activate
+
+
+def _top(scores: list[float], k: int) -> list[int]:
+    """Indices of the k largest scores; ties go to the lower index."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+
+
+def reference_moe(layer, x: Tensor) -> Tensor:
+    """y = sum over a token's experts of weight * expert(x), token by token."""
+    cfg = layer.cfg
+    E, K = cfg.num_experts, cfg.top_k
+    x_TD = x.reshape(-1, cfg.d_model)
+    T = x_TD.shape[0]
+    logits_TE = x_TD.to(cfg.router_dtype) @ layer.router.weight_ED.t()
+
+    # assignments: (token, expert, weight), in the order they claim capacity
+    assignments: list[tuple[int, int, Tensor]] = []
+    if cfg.router == "expert_choice":
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        C = layer.router.capacity(T)
+        for e in range(E):
+            for t in _top(probs_TE[:, e].tolist(), C):
+                assignments.append((t, e, probs_TE[t, e]))
+    else:
+        if cfg.router == "softmax":
+            scores_TE = torch.softmax(logits_TE, dim=-1)
+            choice_TE = scores_TE
+        else:
+            scores_TE = torch.sigmoid(logits_TE)
+            choice_TE = scores_TE + layer.router.expert_bias_E if cfg.aux_loss_free else scores_TE
+        chosen = [_top(choice_TE[t].tolist(), K) for t in range(T)]
+        weights = []
+        for t in range(T):
+            w_K = torch.stack([scores_TE[t, e] for e in chosen[t]])
+            weights.append(w_K / w_K.sum() if cfg.normalize_topk and K > 1 else w_K)
+        # GShard priority: all first choices (in token order), then all second choices, ...
+        ranked = [(t, chosen[t][k], weights[t][k]) for k in range(K) for t in range(T)]
+        if cfg.capacity_factor is not None and cfg.drop_policy == "probability":
+            ranked.sort(key=lambda a: -float(a[2].detach()))
+        if cfg.capacity_factor is None:
+            assignments = ranked
+        else:
+            slots = math.ceil(cfg.capacity_factor * T * K / E)
+            used = [0] * E
+            for t, e, w in ranked:
+                if used[e] < slots:
+                    used[e] += 1
+                    assignments.append((t, e, w))
+
+    w_up, w_down = layer.experts.w_up_EDH.to(x.dtype), layer.experts.w_down_EFD.to(x.dtype)
+    y_TD = [torch.zeros(cfg.d_model, dtype=torch.float32, device=x.device) for _ in range(T)]
+    for t, e, w in assignments:
+        expert_out_D = activate(x_TD[t] @ w_up[e], cfg.activation) @ w_down[e]
+        y_TD[t] = y_TD[t] + w * expert_out_D.float()
+    y_TD = torch.stack(y_TD).to(x.dtype) if T else x_TD.new_zeros(0, cfg.d_model)
+    if layer.shared is not None:
+        y_TD = y_TD + layer.shared(x_TD)
+    return y_TD.view(x.shape)

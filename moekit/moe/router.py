@@ -1,0 +1,164 @@
+"""Routers: token -> expert assignments.
+
+Shape legend: T tokens, D model dim, E experts, K experts per token (top-k),
+C tokens per expert (expert choice).
+
+All router math (logits, softmax / sigmoid, top-k, combine weights) runs in float32
+whatever the input dtype (ST-MoE, section 3: bf16 router logits destabilize training).
+Ties in top-k are broken towards the lower expert index (a stable descending sort:
+``torch.topk`` gives no such guarantee and on CPU picks arbitrary indices among equals).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+
+
+@dataclass
+class RouterOutput:
+    """What the router decided. Token choice fills ``*_TK``; expert choice fills ``*_EC``."""
+
+    probs_TE: Tensor               # score distribution over experts (float32), for losses/stats
+    logits_TE: Tensor              # raw router logits (float32), for the z-loss
+    weights_TK: Tensor | None = None   # combine weights (float32)
+    experts_TK: Tensor | None = None   # expert ids (int64)
+    tokens_EC: Tensor | None = None    # expert choice: token ids each expert took (int64)
+    weights_EC: Tensor | None = None   # expert choice: their combine weights (float32)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.probs_TE.shape[0]
+
+
+def topk_stable(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k along the last dim; among equal scores the lower index wins."""
+    values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
+def capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
+    """Slots per expert: ceil(capacity_factor * T * K / E) (Switch eq. 4, GShard)."""
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+class TopKRouter(nn.Module):
+    """Token-choice router: each token picks its top-k experts.
+
+    ``score="softmax"``: softmax over all experts, then top-k, then (optionally) renormalize
+    the k weights (Mixtral). With ``top_k=1`` this is the Switch router.
+    ``score="sigmoid"``: independent sigmoid scores (DeepSeek-V3). With ``aux_loss_free`` a
+    per-expert bias is added to the scores *for selection only*; the combine weights are the
+    unbiased scores. The bias is a buffer moved by :meth:`update_bias`, never by gradients.
+
+    Noisy top-k (Shazeer et al. 2017): logits + N(0, 1) * softplus(x W_noise), in training.
+    Input jitter (Switch): x * U(1 - eps, 1 + eps) on the router's input, in training.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.score = cfg.router
+        self.normalize_topk = cfg.normalize_topk
+        self.jitter_eps = cfg.jitter_eps
+        self.aux_loss_free = cfg.aux_loss_free
+        self.bias_update_rate = cfg.bias_update_rate
+        self.dtype = cfg.router_dtype
+        self.weight_ED = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model, dtype=self.dtype))
+        self.noise_ED = (nn.Parameter(torch.zeros(cfg.num_experts, cfg.d_model, dtype=self.dtype))
+                         if cfg.noisy_gating else None)
+        self.register_buffer("expert_bias_E", torch.zeros(cfg.num_experts, dtype=torch.float32),
+                             persistent=True)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight_ED, std=self.weight_ED.shape[1] ** -0.5)
+        if self.noise_ED is not None:
+            nn.init.zeros_(self.noise_ED)
+
+    def logits(self, x_TD: Tensor) -> Tensor:
+        x_TD = x_TD.to(self.dtype)
+        if self.training and self.jitter_eps > 0:
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
+        logits_TE = F.linear(x_TD, self.weight_ED)
+        if self.training and self.noise_ED is not None:
+            std_TE = F.softplus(F.linear(x_TD, self.noise_ED))
+            logits_TE = logits_TE + torch.randn_like(logits_TE) * std_TE
+        return logits_TE
+
+    def forward(self, x_TD: Tensor) -> RouterOutput:
+        logits_TE = self.logits(x_TD)
+        if self.score == "softmax":
+            probs_TE = torch.softmax(logits_TE, dim=-1)
+            weights_TK, experts_TK = topk_stable(probs_TE, self.top_k)
+        else:
+            scores_TE = torch.sigmoid(logits_TE)
+            choice_TE = scores_TE + self.expert_bias_E if self.aux_loss_free else scores_TE
+            experts_TK = topk_stable(choice_TE.detach(), self.top_k)[1]
+            weights_TK = scores_TE.gather(1, experts_TK)
+            # the distribution the balancing loss sees (DeepSeek-V3 eq. 18: normalized scores)
+            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        if self.normalize_topk and self.top_k > 1:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return RouterOutput(probs_TE=probs_TE, logits_TE=logits_TE, weights_TK=weights_TK,
+                            experts_TK=experts_TK)
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert_E: Tensor) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3, section 2.1.2): after an optimizer step,
+        b_i += rate * sign(mean load - load_i). Overloaded experts become less likely to be
+        chosen, underloaded ones more likely; combine weights are untouched.
+
+        Call it once per optimizer step with the counts summed over every micro-batch of the
+        step (and over data-parallel ranks): the bias then stays fixed within a step, so all
+        micro-batches of a gradient-accumulation step see the same routing rule, and the
+        update is the same whatever the accumulation factor.
+        """
+        if not self.aux_loss_free:
+            raise ValueError("update_bias: router has aux_loss_free=False; set aux_loss_free=True "
+                             "(with router='sigmoid') to use the bias")
+        load_E = tokens_per_expert_E.to(self.expert_bias_E)
+        self.expert_bias_E.add_(self.bias_update_rate * torch.sign(load_E.mean() - load_E))
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens by softmax score.
+
+    C = ceil(capacity_factor * T * top_k / E) (capacity_factor defaults to 1), at most T.
+    Perfectly balanced by construction; a token may get several experts or none (the
+    residual carries it). It looks at every token of the batch, so it is not causal:
+    use it for encoders or for training, not for token-by-token decoding.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.capacity_factor = cfg.capacity_factor if cfg.capacity_factor is not None else 1.0
+        self.dtype = cfg.router_dtype
+        self.jitter_eps = cfg.jitter_eps
+        self.weight_ED = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model, dtype=self.dtype))
+        nn.init.normal_(self.weight_ED, std=cfg.d_model ** -0.5)
+
+    def capacity(self, num_tokens: int) -> int:
+        return max(1, min(num_tokens, capacity(self.capacity_factor, num_tokens, self.top_k,
+                                               self.num_experts)))
+
+    def forward(self, x_TD: Tensor) -> RouterOutput:
+        x_TD = x_TD.to(self.dtype)
+        if self.training and self.jitter_eps > 0:
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
+        logits_TE = F.linear(x_TD, self.weight_ED)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        weights_EC, tokens_EC = topk_stable(probs_TE.t(), self.capacity(x_TD.shape[0]))
+        return RouterOutput(probs_TE=probs_TE, logits_TE=logits_TE, tokens_EC=tokens_EC,
+                            weights_EC=weights_EC)
+
+
+def build_router(cfg: MoEConfig) -> nn.Module:
+    return ExpertChoiceRouter(cfg) if cfg.router == "expert_choice" else TopKRouter(cfg)
