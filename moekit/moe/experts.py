@@ -1,11 +1,11 @@
 """Experts: E feed-forward networks run over rows grouped by expert.
 
 Shape legend: R rows grouped by expert (counts_E of them per expert, in expert order),
-D model dim, F expert hidden dim, H = 2F for SwiGLU (gate and up fused) or F for GELU,
-E experts.
+D model dim, F expert hidden dim, E experts.
 
-Weights are stacked: ``w_up_EDH`` [E, D, H] and ``w_down_EFD`` [E, F, D] (input dim first,
-so a row block times ``w[e]`` needs no transpose). Backends, all computing the same thing:
+Weights are stacked, input dim first so a row block times ``w[e]`` needs no transpose:
+``w_gate_EDF`` and ``w_up_EDF`` [E, D, F] (SwiGLU: silu(x w_gate) * (x w_up); GELU experts
+have no gate), ``w_down_EFD`` [E, F, D]. Backends, all computing the same thing:
 
 - ``grouped_mm``: ``torch._grouped_mm`` (one kernel for all experts; the fast path on
   CUDA). Its CPU implementation in torch 2.9-2.13 is about 3x slower than MKL/oneDNN GEMMs
@@ -30,86 +30,88 @@ from moekit.config import MoEConfig
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
-def activate(h_RH: Tensor, activation: str) -> Tensor:
-    """SwiGLU (silu(gate) * up on the two halves of H) or GELU; same dtype as the input."""
-    if activation == "swiglu":
-        gate_RF, up_RF = h_RH.chunk(2, dim=-1)
-        return F.silu(gate_RF) * up_RF
-    return F.gelu(h_RH)
-
-
 class _SegmentFFN(torch.autograd.Function):
-    """y_RD = act(x_RD @ w_up[e]) @ w_down[e] for each expert's row block, one GEMM each."""
+    """y_RD = act(x_RD @ w_gate[e], x_RD @ w_up[e]) @ w_down[e] over each expert's row block.
+
+    Gate and up are separate GEMMs into separate contiguous buffers: elementwise kernels
+    on the strided halves of one fused [R, 2F] output ran 2-3x slower here.
+    ``w_gate_EDF`` is None for GELU experts.
+    """
 
     @staticmethod
-    def forward(ctx, x_RD, w_up_EDH, w_down_EFD, counts: list[int], activation: str):
-        R, H = x_RD.shape[0], w_up_EDH.shape[2]
-        h_RH = x_RD.new_empty(R, H)
-        _segment_mm(x_RD, w_up_EDH, counts, h_RH)
-        if activation == "swiglu":
-            F_ = H // 2
-            silu_RF = F.silu(h_RH[:, :F_])
-            a_RF = silu_RF * h_RH[:, F_:]
+    def forward(ctx, x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, counts: list[int]):
+        up_RF = _segment_mm(x_RD, w_up_EDF, counts)
+        if w_gate_EDF is not None:
+            gate_RF = _segment_mm(x_RD, w_gate_EDF, counts)
+            silu_RF = F.silu(gate_RF)
+            a_RF = silu_RF * up_RF
         else:
-            silu_RF = None
-            a_RF = F.gelu(h_RH)
-        y_RD = x_RD.new_empty(R, w_down_EFD.shape[2])
-        _segment_mm(a_RF, w_down_EFD, counts, y_RD)
-        ctx.save_for_backward(x_RD, w_up_EDH, w_down_EFD, h_RH, a_RF, silu_RF)
-        ctx.counts, ctx.activation = counts, activation
+            gate_RF = silu_RF = None
+            a_RF = F.gelu(up_RF)
+        y_RD = _segment_mm(a_RF, w_down_EFD, counts)
+        ctx.save_for_backward(x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, gate_RF, up_RF, silu_RF, a_RF)
+        ctx.counts = counts
         return y_RD
 
     @staticmethod
     def backward(ctx, grad_RD):
-        x_RD, w_up_EDH, w_down_EFD, h_RH, a_RF, silu_RF = ctx.saved_tensors
-        counts = ctx.counts
-        grad_RD = grad_RD.contiguous()
-        grad_down = torch.empty_like(w_down_EFD) if ctx.needs_input_grad[2] else None
-        grad_a_RF = _segment_mm_bwd(grad_RD, a_RF, w_down_EFD, counts, grad_down)
-        if ctx.activation == "swiglu":
-            F_ = h_RH.shape[1] // 2
-            grad_h_RH = torch.empty_like(h_RH)
-            torch.mul(grad_a_RF, h_RH[:, F_:], out=grad_h_RH[:, :F_])
-            torch.ops.aten.silu_backward.grad_input(grad_h_RH[:, :F_], h_RH[:, :F_],
-                                                   grad_input=grad_h_RH[:, :F_])
-            torch.mul(grad_a_RF, silu_RF, out=grad_h_RH[:, F_:])
+        x_RD, w_gate, w_up, w_down, gate_RF, up_RF, silu_RF, a_RF = ctx.saved_tensors
+        counts, need = ctx.counts, ctx.needs_input_grad
+        grad_RD = grad_RD.contiguous()   # a stride-0 grad (from .sum()) would break the GEMMs
+        grad_a_RF, grad_down = _segment_mm_backward(grad_RD, a_RF, w_down, counts, need[3])
+        if w_gate is not None:
+            grad_up_RF = grad_a_RF * silu_RF
+            # out of place: bf16 in-place mul_ ran 2-3x slower than mul here
+            grad_gate_RF = torch.ops.aten.silu_backward(grad_a_RF * up_RF, gate_RF)
+            grad_x_RD, grad_gate = _segment_mm_backward(grad_gate_RF, x_RD, w_gate, counts, need[1])
         else:
-            grad_h_RH = torch.ops.aten.gelu_backward(grad_a_RF, h_RH)
-        grad_up = torch.empty_like(w_up_EDH) if ctx.needs_input_grad[1] else None
-        grad_x_RD = _segment_mm_bwd(grad_h_RH, x_RD, w_up_EDH, counts, grad_up,
-                                    need_input_grad=ctx.needs_input_grad[0])
-        return grad_x_RD, grad_up, grad_down, None, None
+            grad_up_RF = torch.ops.aten.gelu_backward(grad_a_RF, up_RF)
+            grad_x_RD, grad_gate = None, None
+        grad_x_RD, grad_up = _segment_mm_backward(grad_up_RF, x_RD, w_up, counts, need[2],
+                                                  accumulate_into=grad_x_RD)
+        return grad_x_RD, grad_gate, grad_up, grad_down, None
 
 
-def _segment_mm(x_RI: Tensor, w_EIO: Tensor, counts: list[int], out_RO: Tensor) -> None:
+def _segment_mm(x_RI: Tensor, w_EIO: Tensor, counts: list[int]) -> Tensor:
+    """out[rows of e] = x[rows of e] @ w[e]: one GEMM per non-empty expert, no copies."""
+    out_RO = x_RI.new_empty(x_RI.shape[0], w_EIO.shape[2])
     start = 0
     for e, n in enumerate(counts):
         if n:
             torch.mm(x_RI[start:start + n], w_EIO[e], out=out_RO[start:start + n])
             start += n
+    return out_RO
 
 
-def _segment_mm_bwd(grad_RO: Tensor, x_RI: Tensor, w_EIO: Tensor, counts: list[int],
-                    grad_w_EIO: Tensor | None, need_input_grad: bool = True) -> Tensor | None:
-    """For y = x @ w[e] per row block: fills grad_w_EIO (zeros for empty experts) and
-    returns grad_x_RI."""
-    grad_x_RI = x_RI.new_empty(x_RI.shape) if need_input_grad else None
+def _segment_mm_backward(grad_RO: Tensor, x_RI: Tensor, w_EIO: Tensor, counts: list[int],
+                         need_weight_grad: bool, accumulate_into: Tensor | None = None):
+    """Backward of :func:`_segment_mm`: (grad_x_RI, grad_w_EIO).
+
+    grad_x is added to ``accumulate_into`` when given; grad_w is one [E, I, O] buffer,
+    zero for experts with no rows.
+    """
+    grad_x_RI = x_RI.new_empty(x_RI.shape) if accumulate_into is None else accumulate_into
+    grad_w_EIO = torch.empty_like(w_EIO) if need_weight_grad else None
     start = 0
     for e, n in enumerate(counts):
         rows = slice(start, start + n)
-        if n and grad_x_RI is not None:
-            torch.mm(grad_RO[rows], w_EIO[e].t(), out=grad_x_RI[rows])
-        if grad_w_EIO is not None:
-            if n:
-                torch.mm(x_RI[rows].t(), grad_RO[rows], out=grad_w_EIO[e])
+        if n:
+            if accumulate_into is None:
+                torch.mm(grad_RO[rows], w_EIO[e].t(), out=grad_x_RI[rows])
             else:
-                grad_w_EIO[e].zero_()
+                grad_x_RI[rows].addmm_(grad_RO[rows], w_EIO[e].t())
+            if grad_w_EIO is not None:
+                torch.mm(x_RI[rows].t(), grad_RO[rows], out=grad_w_EIO[e])
+        elif grad_w_EIO is not None:
+            grad_w_EIO[e].zero_()
         start += n
-    return grad_x_RI
+    return grad_x_RI, grad_w_EIO
 
 
 class GroupedExperts(nn.Module):
     """E experts (SwiGLU or GELU) over rows grouped by expert.
+
+    Parameters: ``w_gate_EDF`` (SwiGLU only), ``w_up_EDF`` [E, D, F], ``w_down_EFD`` [E, F, D].
 
     Example:
         >>> cfg = MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=2)
@@ -121,62 +123,81 @@ class GroupedExperts(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.activation, self.backend = cfg.activation, cfg.backend
-        H = 2 * cfg.d_ff if cfg.activation == "swiglu" else cfg.d_ff
-        self.w_up_EDH = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model, H, dtype=cfg.dtype))
-        self.w_down_EFD = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_ff, cfg.d_model,
-                                                   dtype=cfg.dtype))
+        E, D, F_ = cfg.num_experts, cfg.d_model, cfg.d_ff
+        self.w_gate_EDF = (nn.Parameter(torch.empty(E, D, F_, dtype=cfg.dtype))
+                           if cfg.activation == "swiglu" else None)
+        self.w_up_EDF = nn.Parameter(torch.empty(E, D, F_, dtype=cfg.dtype))
+        self.w_down_EFD = nn.Parameter(torch.empty(E, F_, D, dtype=cfg.dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # fan-in scaled normal, as nn.Linear's variance (1/fan_in) without the uniform
-        nn.init.normal_(self.w_up_EDH, std=self.w_up_EDH.shape[1] ** -0.5)
-        nn.init.normal_(self.w_down_EFD, std=self.w_down_EFD.shape[1] ** -0.5)
+        # variance 1/fan_in, as nn.Linear's default, drawn from a normal
+        for w in (self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD):
+            if w is not None:
+                nn.init.normal_(w, std=w.shape[1] ** -0.5)
 
     def resolve_backend(self, device: torch.device) -> str:
         if self.backend != "auto":
             return self.backend
         return "grouped_mm" if device.type == "cuda" and HAS_GROUPED_MM else "segment_mm"
 
+    def weights(self, dtype: torch.dtype) -> tuple[Tensor | None, Tensor, Tensor]:
+        """(w_gate, w_up, w_down) in ``dtype``: mixed precision computes in the activations'
+        dtype and the gradients flow back to the (e.g. float32) parameters."""
+        gate = self.w_gate_EDF.to(dtype) if self.w_gate_EDF is not None else None
+        return gate, self.w_up_EDF.to(dtype), self.w_down_EFD.to(dtype)
+
     def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """x_RD [R, D] grouped by expert with counts_E [E] rows each -> y_RD [R, D]."""
-        # mixed precision: compute in the activations' dtype, gradients flow to the params
-        w_up, w_down = self.w_up_EDH.to(x_RD.dtype), self.w_down_EFD.to(x_RD.dtype)
+        w_gate, w_up, w_down = self.weights(x_RD.dtype)
         backend = self.resolve_backend(x_RD.device)
         if backend == "segment_mm":
-            return _SegmentFFN.apply(x_RD, w_up, w_down, counts_E.tolist(), self.activation)
+            return _SegmentFFN.apply(x_RD, w_gate, w_up, w_down, counts_E.tolist())
         if backend == "grouped_mm":
             if not HAS_GROUPED_MM:
                 raise ValueError(f"backend='grouped_mm': torch {torch.__version__} has no "
                                  "torch._grouped_mm; use backend='segment_mm' or torch >= 2.9")
             offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
-            h_RH = torch._grouped_mm(x_RD, w_up, offs=offs)
-            return torch._grouped_mm(activate(h_RH, self.activation), w_down, offs=offs)
-        return expert_loop(x_RD, counts_E, w_up, w_down, self.activation)
+            up_RF = torch._grouped_mm(x_RD, w_up, offs=offs)
+            if w_gate is not None:
+                a_RF = F.silu(torch._grouped_mm(x_RD, w_gate, offs=offs)) * up_RF
+            else:
+                a_RF = F.gelu(up_RF)
+            return torch._grouped_mm(a_RF, w_down, offs=offs)
+        return expert_loop(x_RD, counts_E, w_gate, w_up, w_down)
 
 
-def expert_loop(x_RD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor,
-                activation: str) -> Tensor:
+def expert_ffn(x_ND: Tensor, w_gate_DF: Tensor | None, w_up_DF: Tensor, w_down_FD: Tensor) -> Tensor:
+    """One expert: SwiGLU when it has a gate, else GELU."""
+    up = x_ND @ w_up_DF
+    a = F.silu(x_ND @ w_gate_DF) * up if w_gate_DF is not None else F.gelu(up)
+    return a @ w_down_FD
+
+
+def expert_loop(x_RD: Tensor, counts_E: Tensor, w_gate_EDF: Tensor | None, w_up_EDF: Tensor,
+                w_down_EFD: Tensor) -> Tensor:
     """The slow twin: a plain autograd loop over experts."""
     outs, start = [], 0
     for e, n in enumerate(counts_E.tolist()):
-        x = x_RD[start:start + n]
-        outs.append(activate(x @ w_up_EDH[e], activation) @ w_down_EFD[e])
+        gate = w_gate_EDF[e] if w_gate_EDF is not None else None
+        outs.append(expert_ffn(x_RD[start:start + n], gate, w_up_EDF[e], w_down_EFD[e]))
         start += n
     return torch.cat(outs) if outs else x_RD.new_zeros(0, w_down_EFD.shape[2])
 
 
 class DenseFFN(nn.Module):
-    """A dense SwiGLU / GELU FFN: the shared experts, and the dense baseline."""
+    """A dense FFN in the Llama layout (gate, up, down; GELU has no gate): the shared
+    experts, the dense layers of the model and the benchmark's dense baseline."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu",
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.activation = activation
-        H = 2 * d_ff if activation == "swiglu" else d_ff
-        self.w_up = nn.Linear(d_model, H, bias=False, dtype=dtype)
+        self.w_gate = (nn.Linear(d_model, d_ff, bias=False, dtype=dtype)
+                       if activation == "swiglu" else None)
+        self.w_up = nn.Linear(d_model, d_ff, bias=False, dtype=dtype)
         self.w_down = nn.Linear(d_ff, d_model, bias=False, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         # like the experts: compute in the activations' dtype (mixed precision)
-        h = F.linear(x, self.w_up.weight.to(x.dtype))
-        return F.linear(activate(h, self.activation), self.w_down.weight.to(x.dtype))
+        gate = self.w_gate.weight.t().to(x.dtype) if self.w_gate is not None else None
+        return expert_ffn(x, gate, self.w_up.weight.t().to(x.dtype), self.w_down.weight.t().to(x.dtype))

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from moekit.moe.experts import activate
+from moekit.moe.experts import expert_ffn
 
 
 def _top(scores: list[float], k: int) -> list[int]:
@@ -65,10 +65,11 @@ def reference_moe(layer, x: Tensor) -> Tensor:
                     used[e] += 1
                     assignments.append((t, e, w))
 
-    w_up, w_down = layer.experts.w_up_EDH.to(x.dtype), layer.experts.w_down_EFD.to(x.dtype)
+    w_gate, w_up, w_down = layer.experts.weights(x.dtype)
     y_TD = [torch.zeros(cfg.d_model, dtype=torch.float32, device=x.device) for _ in range(T)]
     for t, e, w in assignments:
-        expert_out_D = activate(x_TD[t] @ w_up[e], cfg.activation) @ w_down[e]
+        gate = w_gate[e] if w_gate is not None else None
+        expert_out_D = expert_ffn(x_TD[t:t + 1], gate, w_up[e], w_down[e])[0]
         y_TD[t] = y_TD[t] + w * expert_out_D.float()
     y_TD = torch.stack(y_TD).to(x.dtype) if T else x_TD.new_zeros(0, cfg.d_model)
     if layer.shared is not None:

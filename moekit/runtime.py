@@ -1,0 +1,40 @@
+"""Process-level settings that make CPU training faster.
+
+``tune_cpu_allocator``: glibc serves allocations above a threshold (at most 32 MiB by
+default) with a fresh ``mmap`` and returns them on free, so every large activation of
+every step is page-faulted in again; on the 2-core machines here that cost 1-2 ms per
+16 MiB tensor, a quarter of a dense FFN step. Raising the mmap and trim thresholds keeps
+freed memory in the heap for reuse (the effect people get from jemalloc or tcmalloc).
+Memory already returned stays returned; peak resident memory does not go down afterwards.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_TUNED = False
+
+
+def tune_cpu_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 31) - 1) -> bool:
+    """Keep large freed blocks in the heap (glibc only). Returns True when applied.
+
+    Example:
+        >>> tune_cpu_allocator() in (True, False)
+        True
+    """
+    global _TUNED
+    if _TUNED:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):   # musl and other libcs have no mallopt
+        return False
+    _TUNED = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    return _TUNED
