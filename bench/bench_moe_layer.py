@@ -8,7 +8,9 @@ Contenders, timed interleaved (one run of each per round) and reported as the me
   moekit       MoELayer, dropless, backend "auto" (the default a user gets)
   grouped_mm   MoELayer with backend "grouped_mm" (torch._grouped_mm)
   loop         MoELayer with backend "reference" (plain autograd loop over experts)
-  hf_mixtral   transformers' MixtralSparseMoeBlock (when transformers is installed)
+  hf_mixtral   transformers' MixtralSparseMoeBlock with its grouped_mm experts (if installed)
+With --compile, also dense_compiled and moekit_compiled (torch.compile of the dense FFN and
+of MoELayer with backend "grouped_mm", bf16 only: f32 _grouped_mm does not compile).
 Ratios are tokens/s relative to the dense FFN of equal active FLOPs (higher is better).
 """
 
@@ -39,6 +41,8 @@ def hf_mixtral_block(cfg: MoEConfig, dtype: torch.dtype):
         return None
     hf_cfg = MixtralConfig(hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
                            num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k)
+    # transformers 5.x: its fastest experts path on CPU ("eager" is a loop over experts)
+    hf_cfg._experts_implementation = "grouped_mm"
     block = MixtralSparseMoeBlock(hf_cfg).to(dtype)
     for p in block.parameters():
         torch.nn.init.normal_(p, std=cfg.d_model ** -0.5)
@@ -73,6 +77,10 @@ def run_case(num_experts: int, dtype: torch.dtype, args) -> dict:
     hf = hf_mixtral_block(cfg, dtype)
     if hf is not None:
         contenders["hf_mixtral"] = (hf, False)
+    if args.compile and dtype == torch.bfloat16:
+        contenders["dense_compiled"] = (torch.compile(contenders["dense"][0]), False)
+        gmm_layer = MoELayer(MoEConfig(**{**cfg.__dict__, "backend": "grouped_mm"}))
+        contenders["moekit_compiled"] = (torch.compile(gmm_layer), True)
     for name in args.skip:
         contenders.pop(name, None)
     steps = {n: step_fn(m, x.view(1, T, D) if n == "hf_mixtral" else x,
@@ -106,6 +114,7 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], help="contenders to leave out, e.g. loop hf_mixtral")
     ap.add_argument("--out", default="bench/results/moe_layer.json")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="add torch.compile'd dense and MoE (bf16)")
     ap.add_argument("--no-tune-malloc", action="store_true",
                     help="leave glibc's allocator as it is (every large tensor page-faults again)")
     args = ap.parse_args()
@@ -124,7 +133,7 @@ def main() -> None:
     meta = {"command": " ".join(["python"] + sys.argv), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
             "tokens": args.tokens, "d_model": args.d_model, "d_ff": args.d_ff, "top_k": args.top_k,
-            "reps": args.reps, "malloc_tuned": tuned}
+            "reps": args.reps, "warmup": args.warmup, "malloc_tuned": tuned}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))

@@ -48,7 +48,8 @@ class MoEConfig:
 
     # routing
     router: str = "softmax"            # "softmax" | "sigmoid" | "expert_choice"
-    normalize_topk: bool = True        # renormalize the k chosen weights to sum to 1
+    normalize_topk: bool = True        # renormalize the k chosen weights to sum to 1 (k > 1;
+                                       # k = 1 keeps the Switch weight, the probability)
     noisy_gating: bool = False         # learned noise std (Shazeer et al. 2017), training only
     jitter_eps: float = 0.0            # multiplicative router-input jitter (Switch), training only
     router_dtype: torch.dtype | str = torch.float32

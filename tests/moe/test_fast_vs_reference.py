@@ -1,0 +1,175 @@
+"""The fast path (sort + grouped GEMM + permutation combine) against the slow reference
+(token-by-token loops), in outputs and in every gradient: input, router, experts, shared."""
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moekit import MoEConfig, MoELayer, reference_moe
+from moekit.moe.experts import HAS_GROUPED_MM
+
+from ..conftest import rel_err
+
+BACKENDS = ["segment_mm", "reference"] + (["grouped_mm"] if HAS_GROUPED_MM else [])
+
+
+def grads(out, layer, x, grad_out):
+    params = [p for p in layer.parameters() if p.requires_grad]
+    gs = torch.autograd.grad(out, [x] + params, grad_out, allow_unused=True)
+    names = ["x"] + [n for n, p in layer.named_parameters() if p.requires_grad]
+    return dict(zip(names, gs))
+
+
+def check_against_reference(layer: MoELayer, x: torch.Tensor, tol: float):
+    """Fast layer vs reference; in low precision the reference runs on a float32 copy."""
+    layer.eval()
+    grad_out = torch.randn_like(x)
+    x = x.detach().requires_grad_()
+    y, aux = layer(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    fast = grads(y, layer, x, grad_out)
+    if x.dtype == torch.float32:
+        ref_layer, x_ref = layer, x
+    else:
+        ref_layer = copy.deepcopy(layer).float()
+        x_ref = x.detach().float().requires_grad_()
+    y_ref = reference_moe(ref_layer, x_ref)
+    ref = grads(y_ref, ref_layer, x_ref, grad_out.float() if x.dtype != torch.float32 else grad_out)
+    assert rel_err(y, y_ref) < tol, ("output", rel_err(y, y_ref))
+    for name, g in fast.items():
+        r = ref[name]
+        if r is None or float(r.abs().sum()) == 0:   # e.g. an expert no token reached
+            assert g is None or float(g.abs().sum()) == 0, name
+            continue
+        assert g is not None, name
+        assert rel_err(g, r) < tol, (name, rel_err(g, r))
+    return aux
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    T=st.integers(1, 24),
+    E=st.integers(1, 8),
+    k_frac=st.floats(0, 1),
+    d8=st.integers(1, 3),
+    f8=st.integers(1, 3),
+    backend=st.sampled_from(BACKENDS),
+    activation=st.sampled_from(["swiglu", "gelu"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_dropless_matches_reference(T, E, k_frac, d8, f8, backend, activation, dtype, seed):
+    torch.manual_seed(seed)
+    K = 1 + int(k_frac * (E - 1))     # 1..E, including top_k == num_experts
+    cfg = MoEConfig(d_model=8 * d8, d_ff=8 * f8, num_experts=E, top_k=K, backend=backend,
+                    activation=activation, dtype=dtype)
+    layer = MoELayer(cfg)
+    x = torch.randn(T, cfg.d_model, dtype=dtype)
+    check_against_reference(layer, x, 1e-5 if dtype == torch.float32 else 3e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_all_tokens_on_one_expert(backend, dtype, top_k):
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=16, d_ff=16, num_experts=6, top_k=top_k, backend=backend, dtype=dtype)
+    layer = MoELayer(cfg)
+    with torch.no_grad():
+        layer.router.weight_ED.zero_()
+        layer.router.weight_ED[4] = 1.0        # positive inputs -> expert 4 wins every token
+    x = (torch.rand(20, 16) + 0.1).to(dtype)
+    aux = check_against_reference(layer, x, 1e-5 if dtype == torch.float32 else 3e-2)
+    counts = aux.tokens_per_expert.tolist()
+    assert counts[4] == 20
+    # the other choice is a 5-way tie among equal logits: the lowest index, expert 0, wins
+    assert counts == ([0, 0, 0, 0, 20, 0] if top_k == 1 else [20, 0, 0, 0, 20, 0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_token_and_many_empty_experts(backend):
+    torch.manual_seed(1)
+    layer = MoELayer(MoEConfig(d_model=8, d_ff=16, num_experts=32, top_k=2, backend=backend))
+    aux = check_against_reference(layer, torch.randn(1, 8), 1e-5)
+    assert int((aux.tokens_per_expert == 0).sum()) == 30
+
+
+def test_empty_expert_weight_gradients_are_zero():
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=8, d_ff=8, num_experts=16, top_k=1))
+    y, aux = layer(torch.randn(3, 8))
+    y.square().sum().backward()
+    empty = (aux.tokens_per_expert == 0).nonzero().flatten()
+    assert len(empty) >= 13
+    assert float(layer.experts.w_up_EDF.grad[empty].abs().sum()) == 0
+    used = (aux.tokens_per_expert > 0).nonzero().flatten()
+    assert float(layer.experts.w_up_EDF.grad[used].abs().sum()) > 0
+
+
+@pytest.mark.parametrize("policy", ["position", "probability"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cf", [0.25, 0.6, 1.0])
+def test_capacity_matches_reference(policy, backend, cf):
+    torch.manual_seed(2)
+    cfg = MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=2, capacity_factor=cf,
+                    drop_policy=policy, backend=backend)
+    layer = MoELayer(cfg)
+    with torch.no_grad():
+        layer.router.weight_ED[0] += 0.5   # make it skewed so something is dropped
+    aux = check_against_reference(layer, torch.randn(30, 16) + 0.2, 1e-5)
+    slots = math.ceil(cf * 30 * 2 / 4)
+    assert aux.tokens_per_expert.max() <= slots
+    assert float(aux.dropped_fraction) == pytest.approx(1 - int(aux.tokens_per_expert.sum()) / 60)
+    assert float(aux.dropped_fraction) > 0
+
+
+def test_probability_policy_keeps_the_highest_weights():
+    torch.manual_seed(3)
+    cfg = MoEConfig(d_model=16, d_ff=16, num_experts=2, top_k=1, capacity_factor=0.5,
+                    drop_policy="probability", normalize_topk=False)
+    layer = MoELayer(cfg)
+    x = torch.randn(16, 16)
+    routing = layer.router(x)
+    plan = layer.dispatcher.plan(routing)
+    for e in range(2):
+        mine = routing.weights_TK[:, 0][routing.experts_TK[:, 0] == e]
+        kept = plan.weight_R[plan.token_R.new_tensor(
+            [int(routing.experts_TK[t, 0]) == e for t in plan.token_R.tolist()]).bool()]
+        assert sorted(kept.tolist(), reverse=True) == sorted(mine.tolist(), reverse=True)[:len(kept)]
+
+
+@pytest.mark.parametrize("router", ["sigmoid", "expert_choice"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_other_routers_match_reference(router, dtype):
+    torch.manual_seed(4)
+    cfg = MoEConfig(d_model=16, d_ff=24, num_experts=4, top_k=2, router=router, dtype=dtype,
+                    aux_loss_free=router == "sigmoid", capacity_factor=0.75 if router == "expert_choice" else None)
+    layer = MoELayer(cfg)
+    if router == "sigmoid":
+        layer.router.expert_bias_E.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]))
+    check_against_reference(layer, torch.randn(2, 9, 16, dtype=dtype), 1e-5 if dtype == torch.float32 else 3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_experts_match_reference(dtype):
+    torch.manual_seed(5)
+    cfg = MoEConfig(d_model=16, d_ff=16, num_experts=8, top_k=2, num_shared_experts=2, dtype=dtype)
+    layer = MoELayer(cfg)
+    assert layer.shared.w_up.weight.shape == (32, 16)
+    check_against_reference(layer, torch.randn(12, 16, dtype=dtype), 1e-5 if dtype == torch.float32 else 3e-2)
+
+
+def test_mixed_precision_f32_params_bf16_activations():
+    torch.manual_seed(6)
+    layer = MoELayer(MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=2))
+    x = torch.randn(10, 16, dtype=torch.bfloat16)
+    y, _ = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert layer.experts.w_up_EDF.grad.dtype == torch.float32
+    ref = reference_moe(layer, x.float())
+    assert rel_err(y, ref) < 3e-2

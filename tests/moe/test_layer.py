@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from moekit import MoEConfig, MoELayer
+
+
+def test_public_api_shapes_and_aux():
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=64, d_ff=128, num_experts=8, top_k=2)
+    layer = MoELayer(cfg)
+    x = torch.randn(2, 3, 5, 64)
+    y, aux = layer(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert aux.load_balancing_loss.shape == () and aux.load_balancing_loss.requires_grad
+    assert aux.z_loss.shape == () and aux.z_loss.requires_grad
+    assert aux.tokens_per_expert.shape == (8,) and int(aux.tokens_per_expert.sum()) == 2 * 3 * 5 * 2
+    assert float(aux.dropped_fraction) == 0.0 and float(aux.unrouted_fraction) == 0.0
+
+
+def test_bf16_in_bf16_out():
+    layer = MoELayer(MoEConfig(d_model=64, d_ff=128, num_experts=8, top_k=2, dtype=torch.bfloat16))
+    y, _ = layer(torch.randn(7, 64, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+def test_wrong_input_width_is_a_clear_error():
+    layer = MoELayer(MoEConfig(d_model=64, d_ff=128))
+    with pytest.raises(ValueError, match="d_model=64"):
+        layer(torch.randn(3, 32))
+
+
+def test_empty_batch():
+    layer = MoELayer(MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=2))
+    x = torch.randn(0, 16, requires_grad=True)
+    y, aux = layer(x)
+    assert y.shape == (0, 16) and int(aux.tokens_per_expert.sum()) == 0
+    y.sum().backward()
+    assert x.grad.shape == (0, 16)
+
+
+def test_capacity_drops_leave_zero_output_for_fully_dropped_tokens():
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=16, d_ff=16, num_experts=2, top_k=1, capacity_factor=0.5))
+    with torch.no_grad():
+        layer.router.weight_ED.zero_()
+        layer.router.weight_ED[0] = 1.0
+    x = torch.rand(10, 16) + 0.1      # every token wants expert 0; it has 3 slots
+    y, aux = layer(x)
+    assert aux.tokens_per_expert.tolist() == [3, 0]
+    assert float(aux.dropped_fraction) == pytest.approx(0.7)
+    assert float(aux.unrouted_fraction) == pytest.approx(0.7)
+    # position policy: the first 3 tokens keep their slot, the rest get exactly zero
+    assert (y[3:] == 0).all() and (y[:3] != 0).any()
+
+
+def test_state_dict_roundtrip_keeps_router_bias():
+    cfg = MoEConfig(d_model=8, d_ff=8, num_experts=4, top_k=1, router="sigmoid", aux_loss_free=True)
+    a, b = MoELayer(cfg), MoELayer(cfg)
+    a.update_router_bias(torch.tensor([5, 1, 1, 1]))
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.router.expert_bias_E, b.router.expert_bias_E)
+    assert "router.expert_bias_E" in a.state_dict()
