@@ -36,5 +36,6 @@ def tune_cpu_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 <
         mallopt = libc.mallopt
     except (OSError, AttributeError):   # musl and other libcs have no mallopt
         return False
-    _TUNED = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    _TUNED = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
+    _TUNED = _TUNED and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
     return _TUNED

@@ -157,6 +157,10 @@ class GroupedExperts(nn.Module):
             if not HAS_GROUPED_MM:
                 raise ValueError(f"backend='grouped_mm': torch {torch.__version__} has no "
                                  "torch._grouped_mm; use backend='segment_mm' or torch >= 2.9")
+            if x_RD.element_size() == 2 and (x_RD.shape[1] % 8 or w_up.shape[2] % 8):
+                raise ValueError(f"backend='grouped_mm' in {x_RD.dtype} needs d_model and d_ff divisible "
+                                 f"by 8 (16-byte rows), got d_model={x_RD.shape[1]}, d_ff={w_up.shape[2]}; "
+                                 "pad the dims or use backend='segment_mm'")
             offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
             up_RF = torch._grouped_mm(x_RD, w_up, offs=offs)
             if w_gate is not None:

@@ -30,7 +30,8 @@ def test_one_expert_top1_is_a_dense_ffn(activation, backend):
     y_moe.backward(g)
     y_dense.backward(g)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(layer.experts.w_up_EDF.grad[0], dense.w_up.weight.grad.t(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.experts.w_up_EDF.grad[0], dense.w_up.weight.grad.t(),
+                               rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer.experts.w_down_EFD.grad[0], dense.w_down.weight.grad.t(),
                                rtol=1e-5, atol=1e-6)
     assert float(aux.load_balancing_loss.detach()) == pytest.approx(1.0)   # E * f * P = 1 * 1 * 1

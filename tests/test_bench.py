@@ -1,0 +1,26 @@
+"""The layer benchmark runs end to end on a tiny grid and writes the JSON it promises."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_layer_benchmark_writes_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_moe_layer.py"), "--tokens", "64", "--d-model", "16",
+           "--d-ff", "32", "--experts", "2", "4", "--dtypes", "float32", "--reps", "1", "--warmup", "1",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
+    assert "vs dense" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["meta"]["tokens"] == 64 and data["meta"]["command"].startswith("python")
+    assert [case["num_experts"] for case in data["results"]] == [2, 4]
+    for case in data["results"]:
+        rows = case["contenders"]
+        assert {"dense", "moekit", "loop"} <= set(rows)
+        assert rows["dense"]["ratio_to_dense"] == 1.0
+        for row in rows.values():
+            assert row["median_s"] > 0 and row["tokens_per_s"] == 64 / row["median_s"]
