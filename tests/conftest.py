@@ -16,3 +16,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def seed():
     torch.manual_seed(0)
+
+
+# Hypothesis: a fixed example sequence in CI (no flaky runs); MOEKIT_EXPLORE=N explores
+# N fresh random examples per property instead.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, max_examples=40)
+settings.register_profile("explore", max_examples=int(os.environ.get("MOEKIT_EXPLORE", "0") or 0) or 100)
+settings.load_profile("explore" if os.environ.get("MOEKIT_EXPLORE") else "ci")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from moekit import MoEConfig, MoELayer, reference_moe
@@ -25,7 +25,14 @@ def grads(out, layer, x, grad_out):
 
 
 def check_against_reference(layer: MoELayer, x: torch.Tensor, tol: float):
-    """Fast layer vs reference; in low precision the reference runs on a float32 copy."""
+    """Fast layer vs reference in output and every gradient.
+
+    float32: the reference on the same layer, to ``tol``. Low precision: the truth is the
+    reference on a float32 copy; the fast path must be within ``tol`` of it, or within twice
+    the error of the reference run in the same low precision (a straightforward bf16
+    implementation), whichever is looser: a few-token router gradient can lose more than
+    ``tol`` to bf16 rounding of the expert outputs alone.
+    """
     layer.eval()
     grad_out = torch.randn_like(x)
     x = x.detach().requires_grad_()
@@ -34,23 +41,32 @@ def check_against_reference(layer: MoELayer, x: torch.Tensor, tol: float):
     fast = grads(y, layer, x, grad_out)
     if x.dtype == torch.float32:
         ref_layer, x_ref = layer, x
+        y_ref = reference_moe(ref_layer, x_ref)
+        ref = grads(y_ref, ref_layer, x_ref, grad_out)
+        same_precision = None
     else:
         ref_layer = copy.deepcopy(layer).float()
         x_ref = x.detach().float().requires_grad_()
-    y_ref = reference_moe(ref_layer, x_ref)
-    ref = grads(y_ref, ref_layer, x_ref, grad_out.float() if x.dtype != torch.float32 else grad_out)
-    assert rel_err(y, y_ref) < tol, ("output", rel_err(y, y_ref))
+        y_ref = reference_moe(ref_layer, x_ref)
+        ref = grads(y_ref, ref_layer, x_ref, grad_out.float())
+        y_low = reference_moe(layer, x)
+        same_precision = grads(y_low, layer, x, grad_out)
+        same_precision["output"] = y_low
+    fast["output"], ref["output"] = y, y_ref
     for name, g in fast.items():
         r = ref[name]
-        if r is None or float(r.abs().sum()) == 0:   # e.g. an expert no token reached
-            assert g is None or float(g.abs().sum()) == 0, name
+        if r is None or float(r.detach().abs().sum()) == 0:   # e.g. an expert no token reached
+            assert g is None or float(g.detach().abs().sum()) == 0, name
             continue
         assert g is not None, name
-        assert rel_err(g, r) < tol, (name, rel_err(g, r))
+        bound = tol if same_precision is None else max(tol, 2 * rel_err(same_precision[name], r))
+        assert rel_err(g, r) < bound, (name, rel_err(g, r), bound)
     return aux
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(T=2, E=3, k_frac=0.0, d8=2, f8=1, backend="segment_mm", activation="swiglu",
+         dtype=torch.bfloat16, seed=3)   # a 2-token bf16 router gradient (see the docstring above)
 @given(
     T=st.integers(1, 24),
     E=st.integers(1, 8),
