@@ -22,6 +22,6 @@ def seed():
 # N fresh random examples per property instead.
 from hypothesis import settings  # noqa: E402
 
-settings.register_profile("ci", derandomize=True, max_examples=40)
+settings.register_profile("ci", derandomize=True, max_examples=100)
 settings.register_profile("explore", max_examples=int(os.environ.get("MOEKIT_EXPLORE", "0") or 0) or 100)
 settings.load_profile("explore" if os.environ.get("MOEKIT_EXPLORE") else "ci")
