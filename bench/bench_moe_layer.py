@@ -5,8 +5,8 @@
 
 Contenders, timed interleaved (one run of each per round) and reported as the median:
   dense        a dense SwiGLU FFN with the same active FLOPs (hidden d_ff * top_k)
-  moekit       MoELayer, dropless, backend "auto" (the default a user gets)
-  grouped_mm   MoELayer with backend "grouped_mm" (torch._grouped_mm)
+  moekit       MoELayer, dropless, backend "auto" (the default a user gets: grouped_mm)
+  segment_mm   MoELayer with backend "segment_mm" (one GEMM per expert, one autograd Function)
   loop         MoELayer with backend "reference" (plain autograd loop over experts)
   hf_mixtral   transformers' MixtralSparseMoeBlock with its grouped_mm experts (if installed)
 With --compile, also dense_compiled and moekit_compiled (torch.compile of the dense FFN and
@@ -71,7 +71,7 @@ def run_case(num_experts: int, dtype: torch.dtype, args) -> dict:
     contenders = {
         "dense": (DenseFFN(D, F * K, dtype=dtype), False),
         "moekit": (MoELayer(cfg), True),
-        "grouped_mm": (MoELayer(MoEConfig(**{**cfg.__dict__, "backend": "grouped_mm"})), True),
+        "segment_mm": (MoELayer(MoEConfig(**{**cfg.__dict__, "backend": "segment_mm"})), True),
         "loop": (MoELayer(MoEConfig(**{**cfg.__dict__, "backend": "reference"})), True),
     }
     hf = hf_mixtral_block(cfg, dtype)

@@ -7,16 +7,18 @@ Weights are stacked, input dim first so a row block times ``w[e]`` needs no tran
 ``w_gate_EDF`` and ``w_up_EDF`` [E, D, F] (SwiGLU: silu(x w_gate) * (x w_up); GELU experts
 have no gate), ``w_down_EFD`` [E, F, D]. Backends, all computing the same thing:
 
-- ``grouped_mm``: ``torch._grouped_mm`` (one kernel for all experts; the fast path on
-  CUDA). Its CPU implementation in torch 2.9-2.13 is about 3x slower than MKL/oneDNN GEMMs
-  on the same rows, so ``auto`` does not pick it on CPU.
+- ``grouped_mm``: ``torch._grouped_mm``, one call for all experts (torch >= 2.9, CPU and
+  CUDA). bf16 rows must be 16-byte aligned (d_model, d_ff divisible by 8).
 - ``segment_mm``: one GEMM per expert over its contiguous rows, written into
   preallocated outputs inside a single autograd Function, whose backward writes every
   expert's weight gradient into one [E, ...] buffer. (Indexing ``w[e]`` under autograd
   instead would make the backward build a full-size [E, ...] gradient per expert.)
 - ``reference``: the plain autograd loop over experts; slow, for tests only.
 
-``auto`` picks ``grouped_mm`` on CUDA and ``segment_mm`` elsewhere.
+``auto`` picks ``grouped_mm`` where torch has it and the dims allow, else ``segment_mm``.
+Measured here (bench/bench_moe_layer.py, CPU, bf16): the two are within noise of each other
+with glibc's allocator tuned (moekit.runtime), and ``grouped_mm`` is 15-25% faster with it
+untuned, since ``segment_mm`` allocates more large buffers per step.
 """
 
 from __future__ import annotations
@@ -28,6 +30,19 @@ from torch import Tensor, nn
 from moekit.config import MoEConfig
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: ``torch._grouped_mm``'s
+    backward rejects the stride-0 gradient that ``y.sum().backward()`` sends."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
 
 
 class _SegmentFFN(torch.autograd.Function):
@@ -136,10 +151,11 @@ class GroupedExperts(nn.Module):
             if w is not None:
                 nn.init.normal_(w, std=w.shape[1] ** -0.5)
 
-    def resolve_backend(self, device: torch.device) -> str:
+    def resolve_backend(self, x_RD: Tensor) -> str:
         if self.backend != "auto":
             return self.backend
-        return "grouped_mm" if device.type == "cuda" and HAS_GROUPED_MM else "segment_mm"
+        unaligned = x_RD.element_size() == 2 and (x_RD.shape[1] % 8 or self.w_up_EDF.shape[2] % 8)
+        return "grouped_mm" if HAS_GROUPED_MM and not unaligned else "segment_mm"
 
     def weights(self, dtype: torch.dtype) -> tuple[Tensor | None, Tensor, Tensor]:
         """(w_gate, w_up, w_down) in ``dtype``: mixed precision computes in the activations'
@@ -150,7 +166,7 @@ class GroupedExperts(nn.Module):
     def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """x_RD [R, D] grouped by expert with counts_E [E] rows each -> y_RD [R, D]."""
         w_gate, w_up, w_down = self.weights(x_RD.dtype)
-        backend = self.resolve_backend(x_RD.device)
+        backend = self.resolve_backend(x_RD)
         if backend == "segment_mm":
             return _SegmentFFN.apply(x_RD, w_gate, w_up, w_down, counts_E.tolist())
         if backend == "grouped_mm":
@@ -167,7 +183,7 @@ class GroupedExperts(nn.Module):
                 a_RF = F.silu(torch._grouped_mm(x_RD, w_gate, offs=offs)) * up_RF
             else:
                 a_RF = F.gelu(up_RF)
-            return torch._grouped_mm(a_RF, w_down, offs=offs)
+            return _ContiguousGrad.apply(torch._grouped_mm(a_RF, w_down, offs=offs))
         return expert_loop(x_RD, counts_E, w_gate, w_up, w_down)
 
 

@@ -78,3 +78,23 @@ def test_grouped_mm_bf16_unaligned_dims_is_a_clear_error():
     layer = MoELayer(MoEConfig(d_model=12, d_ff=16, num_experts=4, top_k=2, backend="grouped_mm"))
     with pytest.raises(ValueError, match="divisible by 8"):
         layer(torch.randn(5, 12, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", ["segment_mm", "grouped_mm", "reference"])
+def test_grouped_experts_alone_take_a_stride_zero_grad(backend):
+    from moekit.moe.experts import GroupedExperts, expert_loop
+    torch.manual_seed(0)
+    experts = GroupedExperts(MoEConfig(d_model=16, d_ff=16, num_experts=4, backend=backend))
+    x = torch.randn(10, 16, requires_grad=True)
+    counts = torch.tensor([3, 0, 5, 2])
+    (g,) = torch.autograd.grad(experts(x, counts).sum(), [x])
+    (g_ref,) = torch.autograd.grad(expert_loop(x, counts, *experts.weights(x.dtype)).sum(), [x])
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_backend_falls_back_for_unaligned_bf16():
+    from moekit.moe.experts import HAS_GROUPED_MM, GroupedExperts
+    experts = GroupedExperts(MoEConfig(d_model=12, d_ff=16, num_experts=4))
+    assert experts.resolve_backend(torch.randn(3, 12, dtype=torch.bfloat16)) == "segment_mm"
+    expected = "grouped_mm" if HAS_GROUPED_MM else "segment_mm"
+    assert experts.resolve_backend(torch.randn(3, 12)) == expected
