@@ -24,3 +24,15 @@ def test_layer_benchmark_writes_table_and_json(tmp_path):
         assert rows["dense"]["ratio_to_dense"] == 1.0
         for row in rows.values():
             assert row["median_s"] > 0 and row["tokens_per_s"] == 64 / row["median_s"]
+
+
+def test_phase_benchmark_times_every_stage(tmp_path):
+    out = tmp_path / "phases.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_moe_phases.py"), "--tokens", "64", "--d-model", "16",
+           "--d-ff", "32", "--experts", "4", "--dtype", "float32", "--reps", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
+    assert "combine" in proc.stdout
+    stages = json.loads(out.read_text())["stages_ms"]["4"]
+    assert set(stages) == {"dense FFN", "MoE layer", "router", "plan", "gather", "experts", "combine",
+                           "aux losses"}
+    assert all(v > 0 for v in stages.values())
