@@ -1,6 +1,6 @@
 """MoE layer forward+backward throughput against baselines in the same process.
 
-    python bench/bench_moe_layer.py                      # the issue's grid, ~3 minutes on 2 cores
+    python bench/bench_moe_layer.py                      # the issue's grid, ~8 minutes on 2 cores
     python bench/bench_moe_layer.py --experts 8 --dtypes bfloat16 --reps 5
 
 Contenders, timed interleaved (one run of each per round) and reported as the median:

@@ -12,9 +12,10 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.moe.balance import load_balancing_loss, z_loss
-from moekit.moe.dispatch import LocalDispatcher
+from moekit.moe.dispatch import DispatchPlan, LocalDispatcher
 from moekit.moe.experts import DenseFFN, GroupedExperts
 from moekit.moe.router import RouterOutput, build_router
+from moekit.moe.stats import load_cv, router_entropy
 
 
 @dataclass
@@ -27,6 +28,8 @@ class MoEAux:
     tokens_per_expert: Tensor     # [E] kept token->expert assignments (int64)
     dropped_fraction: Tensor      # share of assignments dropped by capacity
     unrouted_fraction: Tensor     # share of tokens that reached no expert (capacity / expert choice)
+    load_cv: Tensor               # std / mean of tokens_per_expert (0 = balanced)
+    router_entropy: Tensor        # mean entropy of the router distribution, nats (log E = uniform)
 
 
 class MoELayer(nn.Module):
@@ -63,7 +66,7 @@ class MoELayer(nn.Module):
             y_TD = y_TD + self.shared(x_TD)
         return y_TD.view(x.shape), self._aux(routing, plan, counts_E)
 
-    def _aux(self, routing: RouterOutput, plan, counts_E: Tensor) -> MoEAux:
+    def _aux(self, routing: RouterOutput, plan: DispatchPlan, counts_E: Tensor) -> MoEAux:
         T = routing.num_tokens
         if routing.experts_TK is not None:
             lb = load_balancing_loss(routing.probs_TE, routing.experts_TK)
@@ -79,7 +82,8 @@ class MoELayer(nn.Module):
                 unrouted = 1.0 - routed_T.float().mean() if T else torch.tensor(0.0)
         return MoEAux(load_balancing_loss=lb, z_loss=z_loss(routing.logits_TE),
                       tokens_per_expert=counts_E, dropped_fraction=dropped,
-                      unrouted_fraction=unrouted)
+                      unrouted_fraction=unrouted, load_cv=load_cv(counts_E),
+                      router_entropy=router_entropy(routing.probs_TE))
 
     @torch.no_grad()
     def update_router_bias(self, tokens_per_expert_E: Tensor) -> None:

@@ -98,3 +98,20 @@ def test_auto_backend_falls_back_for_unaligned_bf16():
     assert experts.resolve_backend(torch.randn(3, 12, dtype=torch.bfloat16)) == "segment_mm"
     expected = "grouped_mm" if HAS_GROUPED_MM else "segment_mm"
     assert experts.resolve_backend(torch.randn(3, 12)) == expected
+
+
+def test_routing_stats_read_what_the_router_does():
+    import math
+
+    from moekit.moe.stats import load_cv, router_entropy
+    assert float(load_cv(torch.tensor([5, 5, 5, 5]))) == 0.0
+    assert float(load_cv(torch.tensor([20, 0, 0, 0]))) == pytest.approx(math.sqrt(3))
+    assert float(load_cv(torch.zeros(4, dtype=torch.long))) == 0.0
+    assert float(router_entropy(torch.full((3, 8), 1 / 8))) == pytest.approx(math.log(8))
+    assert float(router_entropy(torch.eye(4))) == pytest.approx(0.0, abs=1e-6)
+    layer = MoELayer(MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=1))
+    with torch.no_grad():
+        layer.router.weight_ED.zero_()
+    _, aux = layer(torch.randn(12, 16))
+    assert float(aux.router_entropy) == pytest.approx(math.log(4))   # zero logits: uniform
+    assert float(aux.load_cv) == pytest.approx(math.sqrt(3))          # ties: all on expert 0
