@@ -90,6 +90,7 @@ class TopKRouter(nn.Module):
         nn.init.normal_(self.weight_ED, std=self.weight_ED.shape[1] ** -0.5)
         if self.noise_ED is not None:
             nn.init.zeros_(self.noise_ED)
+        self.expert_bias_E.zero_()
 
     def logits(self, x_TD: Tensor) -> Tensor:
         x_TD = x_TD.to(self.dtype)
@@ -152,7 +153,10 @@ class ExpertChoiceRouter(nn.Module):
         self.dtype = cfg.router_dtype
         self.jitter_eps = cfg.jitter_eps
         self.weight_ED = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model, dtype=self.dtype))
-        nn.init.normal_(self.weight_ED, std=cfg.d_model ** -0.5)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight_ED, std=self.weight_ED.shape[1] ** -0.5)
 
     def capacity(self, num_tokens: int) -> int:
         return max(1, min(num_tokens, capacity(self.capacity_factor, num_tokens, self.top_k,

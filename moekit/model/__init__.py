@@ -1,0 +1,5 @@
+"""The decoder-only MoE language model (single device; parallelized from outside)."""
+
+from moekit.model.transformer import ModelConfig, ModelOutput, MoETransformer, model_flops
+
+__all__ = ["ModelConfig", "ModelOutput", "MoETransformer", "model_flops"]

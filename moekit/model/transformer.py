@@ -1,0 +1,322 @@
+"""Decoder-only language model with a dense or MoE FFN per layer.
+
+Shape legend: B batch, S sequence, D model dim, H query heads, G key/value heads,
+Dh head dim, V vocabulary, E experts.
+
+    tokens_BS -> embed -> [RMSNorm -> causal self-attention (RoPE, SDPA, GQA) -> +residual
+                           RMSNorm -> dense SwiGLU FFN or MoELayer -> +residual] x n_layers
+              -> RMSNorm -> lm_head -> logits_BSV
+
+The model returns its aux losses and per-layer routing statistics as values
+(:class:`ModelOutput`); nothing is kept in globals. It never imports torch.distributed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+from moekit.moe.experts import DenseFFN
+from moekit.moe.layer import MoEAux, MoELayer
+
+
+def _bad(field_: str, value, constraint: str, fix: str) -> ValueError:
+    return ValueError(f"ModelConfig.{field_}={value!r}: {constraint}; {fix}")
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only LM. ``moe`` configures the MoE layers (its d_model is the model's);
+    ``moe_layers`` says which layers get one: "all", "alternate" (GShard: every other
+    layer, starting with the second), "none", or an explicit list of layer indices.
+    Without ``moe`` the model is dense.
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, d_ff=128,
+        ...                   moe=MoEConfig(d_model=64, d_ff=64, num_experts=4, top_k=2))
+        >>> cfg.moe_layer_ids()
+        [0, 1]
+    """
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None       # None = n_heads (no grouped-query attention)
+    d_ff: int = 1024                    # width of the dense FFN layers
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    moe_layers: str | list[int] = "all"
+    moe: MoEConfig | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise _bad(name, value, "must be a positive integer", f"set {name} to an integer >= 1")
+        if self.d_model % self.n_heads:
+            raise _bad("n_heads", self.n_heads, f"must divide d_model={self.d_model}",
+                       "pick a divisor of d_model")
+        if (self.d_model // self.n_heads) % 2:
+            raise _bad("n_heads", self.n_heads, f"head dim {self.d_model // self.n_heads} must be even "
+                       "for RoPE", "pick n_heads so that d_model / n_heads is even")
+        kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        if not isinstance(kv, int) or kv <= 0 or self.n_heads % kv:
+            raise _bad("n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}",
+                       "use a divisor of n_heads, or None")
+        if isinstance(self.moe_layers, str):
+            if self.moe_layers not in ("all", "alternate", "none"):
+                raise _bad("moe_layers", self.moe_layers, "is not 'all', 'alternate', 'none' or a list",
+                           "use one of those or a list of layer indices")
+        elif any(not isinstance(i, int) or not 0 <= i < self.n_layers for i in self.moe_layers):
+            raise _bad("moe_layers", self.moe_layers, f"indices must be in [0, {self.n_layers})",
+                       "list existing layer indices")
+        if self.moe is not None and self.moe.d_model != self.d_model:
+            raise _bad("moe.d_model", self.moe.d_model, f"differs from d_model={self.d_model}",
+                       "set them equal")
+
+    def moe_layer_ids(self) -> list[int]:
+        """Indices of the MoE layers (none without an ``moe`` config: a dense model)."""
+        if self.moe is None:
+            return []
+        if self.moe_layers == "all":
+            ids = list(range(self.n_layers))
+        elif self.moe_layers == "alternate":
+            ids = list(range(1, self.n_layers, 2))
+        elif self.moe_layers == "none":
+            ids = []
+        else:
+            ids = sorted(set(self.moe_layers))
+        return ids
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def dense_baseline(self) -> ModelConfig:
+        """The dense model with the same active parameters per token: every MoE layer becomes
+        a dense FFN of width top_k * d_ff_expert + shared experts' width (the FLOPs a token
+        sees); router parameters are not counted (E * D per layer, small)."""
+        if self.moe is None:
+            return self
+        m = self.moe
+        active_ff = m.d_ff * (m.top_k + m.num_shared_experts)
+        if len(self.moe_layer_ids()) == self.n_layers:
+            return dataclasses.replace(self, d_ff=active_ff, moe=None, moe_layers="none")
+        if active_ff != self.d_ff:
+            raise ValueError(f"dense_baseline: MoE layers are active-width {active_ff} but dense layers "
+                             f"are d_ff={self.d_ff}; one dense width cannot match both, set d_ff={active_ff}")
+        return dataclasses.replace(self, moe=None, moe_layers="none")
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor                     # [B, S, V]
+    aux_loss: Tensor                   # sum over MoE layers of the load-balancing loss
+    z_loss: Tensor                     # sum over MoE layers of the router z-loss
+    moe: dict[int, MoEAux]             # per MoE layer: statistics (layer index -> aux)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()   # the norm statistic in float32 whatever the activation dtype
+        normed = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight.to(x.dtype)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
+    """cos, sin [S, Dh/2] for rotary embeddings (Su et al. 2021), in float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles_SF = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles_SF.cos(), angles_SF.sin()
+
+
+def apply_rope(x_BHSD: Tensor, cos_SF: Tensor, sin_SF: Tensor) -> Tensor:
+    """Rotate pairs (first half, second half) of each head's dims (the Llama/NeoX layout)."""
+    x1, x2 = x_BHSD.float().chunk(2, dim=-1)
+    cos, sin = cos_SF[: x_BHSD.shape[2]], sin_SF[: x_BHSD.shape[2]]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x_BHSD.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        Dh = cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * Dh, bias=False)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * Dh, bias=False)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * Dh, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * Dh, cfg.d_model, bias=False)
+
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, S, _ = x_BSD.shape
+        q_BHSD = self.wq(x_BSD).view(B, S, self.n_heads, -1).transpose(1, 2)
+        k_BGSD = self.wk(x_BSD).view(B, S, self.n_kv_heads, -1).transpose(1, 2)
+        v_BGSD = self.wv(x_BSD).view(B, S, self.n_kv_heads, -1).transpose(1, 2)
+        q_BHSD, k_BGSD = apply_rope(q_BHSD, cos, sin), apply_rope(k_BGSD, cos, sin)
+        out_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BGSD, v_BGSD, is_causal=True,
+                                                  enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(out_BHSD.transpose(1, 2).reshape(B, S, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = MoELayer(cfg.moe) if moe else DenseFFN(cfg.d_model, cfg.d_ff)
+
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, MoEAux | None]:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+        h = self.ffn(self.ffn_norm(x_BSD))
+        if isinstance(h, tuple):
+            h, aux = h
+            return x_BSD + h, aux
+        return x_BSD + h, None
+
+
+class MoETransformer(nn.Module):
+    """Example:
+        >>> cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=2, d_ff=64,
+        ...                   moe_layers="alternate", moe=MoEConfig(d_model=32, d_ff=32, num_experts=4))
+        >>> out = MoETransformer(cfg)(torch.randint(0, 97, (2, 10)))
+        >>> out.logits.shape, sorted(out.moe)
+        (torch.Size([2, 10, 97]), [1])
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        moe_ids = set(cfg.moe_layer_ids())
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i in moe_ids) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta,
+                               device=self.embed.weight.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        if self.embed.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialize every parameter and buffer in place (also after ``to_empty`` from meta).
+
+        Embeddings N(0, 0.02); linear layers N(0, 0.02), with the residual output
+        projections (attention out, FFN down) scaled by 1/sqrt(2 * n_layers) (GPT-2);
+        experts and routers use their own fan-in init."""
+        std = 0.02
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.embed.weight, std=std)
+        for block in self.blocks:
+            block.attn_norm.reset_parameters()
+            block.ffn_norm.reset_parameters()
+            for lin in (block.attn.wq, block.attn.wk, block.attn.wv):
+                nn.init.normal_(lin.weight, std=std)
+            nn.init.normal_(block.attn.wo.weight, std=out_std)
+            if isinstance(block.ffn, MoELayer):
+                block.ffn.router.reset_parameters()
+                block.ffn.experts.reset_parameters()
+                nn.init.normal_(block.ffn.experts.w_down_EFD, std=out_std)
+                shared = block.ffn.shared
+            else:
+                shared = block.ffn
+            if shared is not None:
+                for lin in (shared.w_gate, shared.w_up):
+                    if lin is not None:
+                        nn.init.normal_(lin.weight, std=std)
+                nn.init.normal_(shared.w_down.weight, std=out_std)
+        self.norm.reset_parameters()
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        cos, sin = rope_tables(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta,
+                               device=self.embed.weight.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> MoETransformer:
+        """Create on the meta device, then allocate once on ``device`` and initialize:
+        a large model never exists twice in memory."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device=device)
+        if cfg.tie_embeddings:   # to_empty gives tied parameters separate storage: tie again
+            model.lm_head.weight = model.embed.weight
+        model.init_weights()
+        return model
+
+    def forward(self, tokens_BS: Tensor) -> ModelOutput:
+        S = tokens_BS.shape[1]
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds ModelConfig.max_seq_len="
+                             f"{self.cfg.max_seq_len}; raise max_seq_len or feed shorter sequences")
+        x_BSD = self.embed(tokens_BS)
+        zero = x_BSD.new_zeros((), dtype=torch.float32)
+        aux_loss, z_loss, stats = zero, zero, {}
+        for i, block in enumerate(self.blocks):
+            x_BSD, aux = block(x_BSD, self.rope_cos, self.rope_sin)
+            if aux is not None:
+                aux_loss = aux_loss + aux.load_balancing_loss
+                z_loss = z_loss + aux.z_loss
+                stats[i] = aux
+        logits_BSV = self.lm_head(self.norm(x_BSD))
+        return ModelOutput(logits=logits_BSV, aux_loss=aux_loss, z_loss=z_loss, moe=stats)
+
+
+def model_flops(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
+    """Parameters (total and active per token) and training FLOPs per token.
+
+    FLOPs per token = 6 * (active matmul parameters) + 12 * n_layers * d_model * seq_len
+    (attention scores and values, forward + backward; PaLM appendix B / nanoGPT's MFU).
+    Embedding lookups cost no FLOPs; the LM head is a matmul and counts.
+    """
+    S = seq_len or cfg.max_seq_len
+    D, L = cfg.d_model, cfg.n_layers
+    kv = cfg.n_kv_heads or cfg.n_heads
+    attn = D * D * 2 + 2 * D * kv * cfg.head_dim          # wq, wo, wk, wv
+    n_ffn_mats = 3                                          # SwiGLU: gate, up, down
+    dense_ffn = n_ffn_mats * D * cfg.d_ff
+    moe_ids = set(cfg.moe_layer_ids())
+    total = active = 0
+    for i in range(L):
+        total += attn + 2 * D
+        active += attn
+        if i in moe_ids:
+            m = cfg.moe
+            mats = 3 if m.activation == "swiglu" else 2
+            expert = mats * D * m.d_ff
+            router = m.num_experts * D * (2 if m.noisy_gating else 1)
+            total += m.num_experts * expert + router + m.num_shared_experts * expert
+            active += (m.top_k + m.num_shared_experts) * expert + m.num_experts * D
+        else:
+            total += dense_ffn
+            active += dense_ffn
+    head = cfg.vocab_size * D
+    embed = 0 if cfg.tie_embeddings else cfg.vocab_size * D
+    total += head + embed + D
+    active += head
+    flops_per_token = 6 * active + 12 * L * D * S
+    return {"params_total": float(total), "params_active": float(active),
+            "flops_per_token": float(flops_per_token)}

@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from moekit import MoEConfig
+from moekit.model import ModelConfig, MoETransformer, model_flops
+
+
+def small(**kw) -> ModelConfig:
+    base = dict(vocab_size=101, d_model=32, n_layers=4, n_heads=4, d_ff=96, max_seq_len=16,
+                moe=MoEConfig(d_model=32, d_ff=48, num_experts=4, top_k=2))
+    return ModelConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("pattern, ids", [("all", [0, 1, 2, 3]), ("alternate", [1, 3]), ("none", []),
+                                          ([0, 2], [0, 2])])
+def test_layer_pattern_and_outputs(pattern, ids):
+    torch.manual_seed(0)
+    model = MoETransformer(small(moe_layers=pattern))
+    out = model(torch.randint(0, 101, (2, 12)))
+    assert out.logits.shape == (2, 12, 101)
+    assert sorted(out.moe) == ids
+    expected_aux = sum(float(a.load_balancing_loss.detach()) for a in out.moe.values())
+    assert float(out.aux_loss.detach()) == pytest.approx(expected_aux)
+    if ids:
+        (out.logits.square().mean() + out.aux_loss + out.z_loss).backward()
+        router = model.blocks[ids[0]].ffn.router.weight_ED
+        assert router.grad is not None and router.grad.abs().sum() > 0
+
+
+def test_causal():
+    torch.manual_seed(0)
+    model = MoETransformer(small()).eval()
+    tokens = torch.randint(0, 101, (1, 12))
+    changed = tokens.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 101
+    a, b = model(tokens).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_grouped_query_attention_and_bf16_autocast():
+    torch.manual_seed(0)
+    model = MoETransformer(small(n_kv_heads=2))
+    assert model.blocks[0].attn.wk.weight.shape == (16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randint(0, 101, (2, 8)))
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
+
+
+def test_meta_build_allocates_once_and_initializes():
+    torch.manual_seed(0)
+    model = MoETransformer.build(small(), device="cpu")
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert model.lm_head.weight is model.embed.weight
+    assert 0.015 < float(model.embed.weight.std()) < 0.025
+    assert float(model.blocks[0].ffn.router.expert_bias_E.abs().sum()) == 0
+    torch.testing.assert_close(model.rope_cos, MoETransformer(small()).rope_cos)
+    out = model(torch.randint(0, 101, (1, 5)))
+    assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("cfg", [small(), small(moe_layers="alternate", tie_embeddings=False),
+                                 small(moe=MoEConfig(d_model=32, d_ff=16, num_experts=8, top_k=2,
+                                                     num_shared_experts=1, noisy_gating=True)),
+                                 small(moe=None)])
+def test_parameter_count_matches_the_model(cfg):
+    model = MoETransformer(cfg)
+    assert model_flops(cfg)["params_total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_dense_baseline_has_the_same_active_parameters():
+    cfg = small()
+    dense = cfg.dense_baseline()
+    assert dense.moe is None and dense.d_ff == 2 * 48
+    moe_active = model_flops(cfg)["params_active"]
+    router = cfg.n_layers * 4 * 32
+    assert model_flops(dense)["params_active"] == moe_active - router
+    assert model_flops(cfg)["params_total"] > model_flops(dense)["params_total"]
+
+
+def test_flops_per_token_formula():
+    cfg = small(moe=None)
+    f = model_flops(cfg, seq_len=16)
+    assert f["flops_per_token"] == 6 * f["params_active"] + 12 * 4 * 32 * 16
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(n_heads=5), "n_heads"), (dict(n_kv_heads=3), "n_kv_heads"),
+    (dict(moe_layers="every"), "moe_layers"), (dict(moe_layers=[7]), "moe_layers"),
+    (dict(d_model=64), "moe.d_model"), (dict(vocab_size=0), "vocab_size"),
+])
+def test_bad_model_config(kwargs, field):
+    with pytest.raises(ValueError, match=f"ModelConfig.{field}="):
+        small(**kwargs)
+
+
+def test_too_long_sequence_is_a_clear_error():
+    with pytest.raises(ValueError, match="max_seq_len=16"):
+        MoETransformer(small())(torch.zeros(1, 17, dtype=torch.long))
