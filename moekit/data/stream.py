@@ -1,0 +1,153 @@
+"""Token streams: tokenize once, cache as memory-mapped arrays, pack into sequences.
+
+Shape legend: B batch, S sequence length.
+
+The split is by document and deterministic: document i goes to validation when
+``(i * 2654435761) % 1000 < 1000 * val_fraction`` (a fixed hash of its index, so the split
+does not move when the seed does). Each split is one stream of tokens with an end-of-text
+token after every document, cut into non-overlapping windows of S+1 tokens (inputs and
+next-token targets). Each window keeps the tag (language, source) of the document its
+first token comes from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from moekit.data.catalog import Document
+from moekit.data.tokenizer import eos_id
+
+
+def _is_val(i: int, val_fraction: float) -> bool:
+    return (i * 2654435761) % 1000 < 1000 * val_fraction
+
+
+def build_token_cache(docs: list[Document], tok: Tokenizer, out_dir: Path,
+                      val_fraction: float = 0.05) -> dict:
+    """Tokenize ``docs`` once into ``out_dir/{train,val}.bin`` (+ tags) and return the meta.
+
+    The cache is keyed by the documents and the tokenizer: a second call with the same
+    inputs reads the meta and returns without tokenizing.
+    """
+    if not docs:
+        raise ValueError("no documents to tokenize: the corpus is empty; point data at text")
+    key = hashlib.sha256(tok.to_str().encode())
+    for d in docs:
+        key.update(d.tag.encode())
+        key.update(d.text.encode())
+    key = f"{key.hexdigest()[:16]}-{val_fraction}"
+    meta_path = out_dir / "meta.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == key:
+            return meta
+    out_dir.mkdir(parents=True, exist_ok=True)
+    eos = eos_id(tok)
+    dtype = np.uint16 if tok.get_vocab_size() <= 65535 else np.uint32
+    encoded = tok.encode_batch([d.text for d in docs])
+    tags = sorted({d.tag for d in docs})
+    meta = {"key": key, "dtype": np.dtype(dtype).name, "vocab_size": tok.get_vocab_size(), "tags": tags,
+            "val_fraction": val_fraction}
+    for split in ("train", "val"):
+        ids, doc_starts, doc_tags = [], [], []
+        n = 0
+        for i, (doc, enc) in enumerate(zip(docs, encoded)):
+            if _is_val(i, val_fraction) != (split == "val"):
+                continue
+            doc_starts.append(n)
+            doc_tags.append(tags.index(doc.tag))
+            ids.append(np.asarray(enc.ids + [eos], dtype=dtype))
+            n += len(enc.ids) + 1
+        tokens = np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
+        tmp = out_dir / f"{split}.bin.tmp"
+        tokens.tofile(tmp)
+        os.replace(tmp, out_dir / f"{split}.bin")
+        np.save(out_dir / f"{split}_docs.npy", np.stack([np.asarray(doc_starts, dtype=np.int64),
+                                                          np.asarray(doc_tags, dtype=np.int64)]))
+        meta[f"{split}_tokens"] = int(n)
+        meta[f"{split}_docs"] = len(doc_starts)
+    tmp = out_dir / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, meta_path)
+    return meta
+
+
+@dataclass
+class PackedSplit:
+    """Windows of S+1 tokens from one split's stream, read from a memory map."""
+
+    tokens: np.ndarray           # memory-mapped [N]
+    doc_starts: np.ndarray       # [num_docs]
+    doc_tags: np.ndarray         # [num_docs] index into tags
+    tags: list[str]
+    seq_len: int
+
+    @classmethod
+    def open(cls, cache: Path, split: str, seq_len: int) -> PackedSplit:
+        meta = json.loads((cache / "meta.json").read_text())
+        tokens = np.memmap(cache / f"{split}.bin", dtype=meta["dtype"], mode="r")
+        starts, tags = np.load(cache / f"{split}_docs.npy")
+        return cls(tokens, starts, tags, meta["tags"], seq_len)
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def window(self, i: int) -> tuple[np.ndarray, int]:
+        """Tokens [S+1] of window i and the tag index of its first token's document."""
+        start = i * self.seq_len
+        doc = int(np.searchsorted(self.doc_starts, start, side="right")) - 1
+        window = np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64)
+        return window, int(self.doc_tags[doc])
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs [B, S], targets [B, S], tags [B]) for window indices."""
+        rows, tags = zip(*(self.window(i) for i in indices))
+        data = torch.from_numpy(np.stack(rows))
+        return data[:, :-1], data[:, 1:], torch.tensor(tags)
+
+
+class BatchSampler:
+    """Deterministic batches of window indices: a seeded permutation per epoch, this rank's
+    share of it (``rank::world_size``), cut into batches. The position is two integers
+    (epoch, step within epoch) that a checkpoint saves and a resume restores."""
+
+    def __init__(self, num_windows: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        per_rank = num_windows // world_size
+        if per_rank < batch_size:
+            raise ValueError(f"the training split has {num_windows} windows, fewer than batch_size="
+                             f"{batch_size} x world_size={world_size}; use more text, a smaller "
+                             "batch_size or a shorter seq_len")
+        self.num_windows, self.batch_size, self.seed = num_windows, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = per_rank // batch_size
+        self.epoch, self.step_in_epoch = 0, 0
+        self._cached: tuple[int, list[int]] | None = None
+
+    def _order(self, epoch: int) -> list[int]:
+        if self._cached is None or self._cached[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.num_windows, generator=g)
+            self._cached = (epoch, perm[self.rank::self.world_size].tolist())
+        return self._cached[1]
+
+    def next(self) -> list[int]:
+        if self.step_in_epoch == self.batches_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        order = self._order(self.epoch)
+        b = self.step_in_epoch * self.batch_size
+        self.step_in_epoch += 1
+        return order[b:b + self.batch_size]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])

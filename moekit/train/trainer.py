@@ -1,0 +1,197 @@
+"""The training loop: data -> model -> loss -> backward -> optimizer -> metrics, checkpoint.
+
+    loss = lm + aux_loss_coef * sum_layers(load-balancing loss) + z_loss_coef * sum_layers(z-loss)
+
+One process, one device; the aux-loss-free bias update (DeepSeek-V3) runs after the
+optimizer step with the expert counts summed over the step's micro-batches. A resumed
+run restores model, optimizer, data position and RNG states and follows the uninterrupted
+run's losses exactly (on the same machine and thread count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moekit.config import RunConfig
+from moekit.data.catalog import load_documents
+from moekit.data.stream import BatchSampler, PackedSplit, _is_val, build_token_cache
+from moekit.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from moekit.model.transformer import MoETransformer, model_flops
+from moekit.moe.layer import MoELayer
+from moekit.runtime import tune_cpu_allocator
+from moekit.train.checkpoint import CHECKPOINT, load_checkpoint, restore_rng, save_checkpoint
+from moekit.train.metrics import MetricsWriter, mfu
+from moekit.train.optim import build_optimizer, lr_at
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("TrainConfig.device='cuda' but no CUDA device is visible; "
+                         "use device='cpu' or 'auto'")
+    return torch.device(name)
+
+
+def prepare_data(cfg: RunConfig, run_dir: Path):
+    """(tokenizer, train split, val split, token-cache meta); the tokenizer is trained once
+    on the training documents and saved in the run directory."""
+    docs = load_documents(cfg.data.corpus)
+    if cfg.data.max_docs is not None:
+        docs = docs[: cfg.data.max_docs]
+    tok_path = run_dir / "tokenizer.json"
+    if tok_path.exists():
+        tok = load_tokenizer(tok_path)
+    else:
+        train_texts = (d.text for i, d in enumerate(docs) if not _is_val(i, cfg.data.val_fraction))
+        tok = train_tokenizer(train_texts, cfg.data.vocab_size)
+        save_tokenizer(tok, tok_path)
+    meta = build_token_cache(docs, tok, run_dir / "data", cfg.data.val_fraction)
+    train = PackedSplit.open(run_dir / "data", "train", cfg.data.seq_len)
+    val = PackedSplit.open(run_dir / "data", "val", cfg.data.seq_len)
+    if len(val) == 0:
+        raise ValueError(f"the validation split of {cfg.data.corpus!r} has fewer than seq_len+1="
+                         f"{cfg.data.seq_len + 1} tokens; use more documents or a larger val_fraction")
+    return tok, train, val, meta
+
+
+def model_config_for(cfg: RunConfig, vocab_size: int):
+    return dataclasses.replace(cfg.model, vocab_size=vocab_size,
+                               max_seq_len=max(cfg.model.max_seq_len, cfg.data.seq_len))
+
+
+def autocast(cfg: RunConfig, device: torch.device):
+    if cfg.train.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+
+
+@torch.no_grad()
+def evaluate(model, val: PackedSplit, cfg: RunConfig, device: torch.device, batches: int | None) -> float:
+    """Mean LM loss over the first ``batches`` batches of the validation split (all if None)."""
+    was_training = model.training
+    model.eval()
+    B = cfg.train.batch_size
+    n = len(val) // B if batches is None else min(batches, max(1, len(val) // B))
+    total, count = 0.0, 0
+    for b in range(max(n, 1)):
+        idx = list(range(b * B, min((b + 1) * B, len(val))))
+        if not idx:
+            break
+        x, y, _ = val.batch(idx)
+        with autocast(cfg, device):
+            out = model(x.to(device))
+        total += float(lm_loss(out.logits, y.to(device))) * len(idx)
+        count += len(idx)
+    model.train(was_training)
+    return total / count
+
+
+def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train (or resume) the run in ``run_dir``; returns a summary dict."""
+    run_dir = Path(run_dir)
+    state = None
+    if resume:
+        state = load_checkpoint(run_dir)
+        cfg = RunConfig.from_dict(state["config"])
+    elif (run_dir / CHECKPOINT).exists():
+        raise ValueError(f"{str(run_dir)!r} already holds a run (checkpoint.pt); resume it with "
+                         f"--resume {run_dir} or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    tune_cpu_allocator()
+    torch.manual_seed(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    tok, train_split, val_split, meta = prepare_data(cfg, run_dir)
+    mcfg = model_config_for(cfg, tok.get_vocab_size())
+    model = MoETransformer.build(mcfg, device=device)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    opt = build_optimizer(model, cfg.train)
+    sampler = BatchSampler(len(train_split), cfg.train.batch_size, cfg.train.seed)
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        step = state["step"]
+        restore_rng(state)
+    moe_layers = {i: b.ffn for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoELayer)}
+    flops = model_flops(mcfg, cfg.data.seq_len)
+    writer = MetricsWriter(run_dir)
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.train.max_steps, initial=step, unit="step", dynamic_ncols=True)
+    model.train()
+    history, val_loss, t_last = [], None, time.perf_counter()
+    try:
+        while step < cfg.train.max_steps:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg.train)
+            counts = {i: 0 for i in moe_layers}
+            lm_sum = aux_sum = z_sum = 0.0
+            for _ in range(cfg.train.grad_accum):
+                x, y, _ = train_split.batch(sampler.next())
+                with autocast(cfg, device):
+                    out = model(x.to(device))
+                lm = lm_loss(out.logits, y.to(device))
+                loss = lm + cfg.train.aux_loss_coef * out.aux_loss + cfg.train.z_loss_coef * out.z_loss
+                (loss / cfg.train.grad_accum).backward()
+                lm_sum += float(lm.detach())
+                aux_sum += float(out.aux_loss.detach())
+                z_sum += float(out.z_loss.detach())
+                for i, aux in out.moe.items():
+                    counts[i] = counts[i] + aux.tokens_per_expert
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            for i, layer in moe_layers.items():
+                if layer.cfg.aux_loss_free:
+                    layer.update_router_bias(counts[i])
+            step += 1
+            k = cfg.train.grad_accum
+            history.append(lm_sum / k)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{lm_sum / k:.3f}", aux=f"{aux_sum / k:.3f}")
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                now = time.perf_counter()
+                n_steps = step % cfg.train.log_every or cfg.train.log_every
+                tps = tokens_per_step * n_steps / (now - t_last)
+                t_last = now
+                metrics = {"loss/lm": lm_sum / k, "loss/aux": aux_sum / k, "loss/z": z_sum / k,
+                           "optim/lr": lr_at(step - 1, cfg.train), "optim/grad_norm": grad_norm,
+                           "perf/tokens_per_s": tps,
+                           "perf/mfu": mfu(flops["flops_per_token"], tps, device.type)}
+                for i, c in counts.items():
+                    load = c.float()
+                    metrics[f"moe/layer{i}/load_cv"] = float(load.std(unbiased=False) / load.mean())
+                    metrics[f"moe/layer{i}/max_load"] = float(load.max() / load.mean())
+                writer.log(step, metrics)
+            if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+                val_loss = evaluate(model, val_split, cfg, device, cfg.train.eval_batches)
+                writer.log(step, {"loss/val": val_loss, "loss/val_ppl": math.exp(min(val_loss, 50))})
+            if step % cfg.train.save_every == 0 or step == cfg.train.max_steps:
+                save_checkpoint(run_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                          "sampler": sampler.state_dict(), "step": step,
+                                          "config": cfg.to_dict()})
+    finally:
+        writer.close()
+        if bar is not None:
+            bar.close()
+    return {"steps": step, "final_train_loss": history[-1] if history else None, "final_val_loss": val_loss,
+            "train_losses": history, "params": flops, "train_tokens": meta["train_tokens"]}
