@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +31,17 @@ def _bad(field: str, value, constraint: str, fix: str) -> ValueError:
     return ValueError(f"MoEConfig.{field}={value!r}: {constraint}; {fix}")
 
 
-def as_dtype(value) -> torch.dtype:
+def as_dtype(value, field_: str = "dtype") -> torch.dtype:
     """'bfloat16' | torch.bfloat16 -> torch.bfloat16 (configs come from TOML as strings)."""
     if isinstance(value, torch.dtype):
         return value
-    if value in _DTYPES:
+    if isinstance(value, str) and value in _DTYPES:
         return _DTYPES[value]
-    raise ValueError(f"dtype {value!r} is not one of {sorted(_DTYPES)}")
+    raise ValueError(f"MoEConfig.{field_}={value!r}: is not one of {sorted(_DTYPES)}; pick one of those")
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -76,8 +81,8 @@ class MoEConfig:
     dtype: torch.dtype | str = torch.float32   # parameter dtype
 
     def __post_init__(self) -> None:
-        self.router_dtype = as_dtype(self.router_dtype)
-        self.dtype = as_dtype(self.dtype)
+        self.router_dtype = as_dtype(self.router_dtype, "router_dtype")
+        self.dtype = as_dtype(self.dtype, "dtype")
         for name in ("d_model", "d_ff", "num_experts", "top_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -95,20 +100,27 @@ class MoEConfig:
                        "pick one of those names")
         if self.backend not in BACKENDS:
             raise _bad("backend", self.backend, f"is not one of {BACKENDS}", "pick one of those names")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise _bad("capacity_factor", self.capacity_factor, "must be > 0",
+        cf = self.capacity_factor
+        if cf is not None and not (_real(cf) and cf > 0):
+            raise _bad("capacity_factor", cf, "must be a finite number > 0",
                        "use a value such as 1.25, or None for dropless routing")
-        if self.jitter_eps < 0 or self.jitter_eps >= 1:
-            raise _bad("jitter_eps", self.jitter_eps, "must be in [0, 1)", "use 0 to disable or e.g. 0.01")
-        if self.num_shared_experts < 0:
-            raise _bad("num_shared_experts", self.num_shared_experts, "must be >= 0", "use 0 for none")
-        if self.bias_update_rate < 0:
-            raise _bad("bias_update_rate", self.bias_update_rate, "must be >= 0", "use e.g. 1e-3")
+        if not (_real(self.jitter_eps) and 0 <= self.jitter_eps < 1):
+            raise _bad("jitter_eps", self.jitter_eps, "must be a number in [0, 1)",
+                       "use 0 to disable or e.g. 0.01")
+        shared = self.num_shared_experts
+        if not isinstance(shared, int) or isinstance(shared, bool) or shared < 0:
+            raise _bad("num_shared_experts", shared, "must be an integer >= 0", "use 0 for none")
+        if not (_real(self.bias_update_rate) and self.bias_update_rate >= 0):
+            raise _bad("bias_update_rate", self.bias_update_rate, "must be a finite number >= 0",
+                       "use e.g. 1e-3")
+        if self.noisy_gating and self.router == "expert_choice":
+            raise _bad("noisy_gating", True, "is a token-choice option; expert choice has no noise",
+                       "set noisy_gating=False or use router='softmax'")
         if self.aux_loss_free and self.router != "sigmoid":
             raise _bad("aux_loss_free", True, f"needs router='sigmoid', got router={self.router!r}",
                        "set router='sigmoid' or aux_loss_free=False")
-        if self.router_dtype not in (torch.float32, torch.float64):
-            raise _bad("router_dtype", self.router_dtype, "router math must be float32 or float64",
+        if self.router_dtype != torch.float32:
+            raise _bad("router_dtype", self.router_dtype, "router math is float32 (ST-MoE)",
                        "use torch.float32")
         if self.dtype in (torch.bfloat16, torch.float16):
             # torch._grouped_mm needs 16-byte aligned row strides: 8 elements of 2 bytes.

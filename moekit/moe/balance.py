@@ -29,11 +29,15 @@ def tokens_per_expert(experts_TK: Tensor, num_experts: int) -> Tensor:
 def load_balancing_loss(probs_TE: Tensor, experts_TK: Tensor) -> Tensor:
     """E * sum_i f_i * P_i with f_i over all K assignments (equals K at perfect balance)."""
     num_tokens, num_experts = probs_TE.shape
+    if num_tokens == 0:   # an empty batch is perfectly uninformative, not NaN
+        return probs_TE.sum() * 0.0
     f_E = tokens_per_expert(experts_TK, num_experts).to(probs_TE.dtype) / num_tokens
     P_E = probs_TE.mean(dim=0)
     return num_experts * torch.dot(f_E, P_E)
 
 
 def z_loss(logits_TE: Tensor) -> Tensor:
-    """ST-MoE router z-loss: mean_t logsumexp(logits_t)^2, in float32."""
+    """ST-MoE router z-loss: mean_t logsumexp(logits_t)^2, in float32 (0 for no tokens)."""
+    if logits_TE.shape[0] == 0:
+        return logits_TE.float().sum() * 0.0
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()

@@ -11,6 +11,9 @@ scatter-add), and the combine multiplies and sums in float32 without a separate 
 With capacity (dropped rows) or expert choice (a token has any number of experts) the
 combine is a float32 ``index_add`` over the kept rows; a dropped assignment contributes
 zero and the layer's residual carries the token (Switch, section 2.2).
+
+The custom backwards are once-differentiable: double backward (gradient penalties,
+create_graph=True) raises instead of returning wrong second derivatives.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from moekit.moe.router import RouterOutput, capacity
 
@@ -62,6 +66,7 @@ class _GatherTokens(torch.autograd.Function):
         return x_TD.index_select(0, token_R)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_RD: Tensor):
         (inverse_A,) = ctx.saved_tensors
         grad_TKD = grad_RD.index_select(0, inverse_A).view(-1, ctx.top_k, grad_RD.shape[-1])
@@ -89,6 +94,7 @@ class _CombineTopK(torch.autograd.Function):
         return out_TD.to(y_RD.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_TD: Tensor):
         y_TKD, token_R, weight_R = ctx.saved_tensors
         grad_w_TK = grad_y_RD = None
@@ -146,11 +152,11 @@ class LocalDispatcher:
     def _priority_order(self, experts_TK: Tensor, weights_TK: Tensor) -> Tensor:
         """Assignments (a = t*K + k) sorted by expert, most deserving of a slot first."""
         T, K = experts_TK.shape
-        if self.drop_policy == "position":
-            # k-major order (all first choices, then all second choices, ...), stable by expert
-            kmajor_A = torch.arange(T * K, device=experts_TK.device).view(T, K).t().reshape(-1)
-        else:
-            kmajor_A = torch.sort(weights_TK.detach().reshape(-1), descending=True, stable=True).indices
+        # k-major order: all first choices (in token order), then all second choices, ...
+        kmajor_A = torch.arange(T * K, device=experts_TK.device).view(T, K).t().reshape(-1)
+        if self.drop_policy == "probability":   # highest weight first; ties keep k-major order
+            by_weight = torch.sort(weights_TK.detach().reshape(-1)[kmajor_A], descending=True, stable=True)
+            kmajor_A = kmajor_A[by_weight.indices]
         by_expert = torch.sort(experts_TK.reshape(-1)[kmajor_A], stable=True).indices
         return kmajor_A[by_expert]
 

@@ -8,7 +8,7 @@ Weights are stacked, input dim first so a row block times ``w[e]`` needs no tran
 have no gate), ``w_down_EFD`` [E, F, D]. Backends, all computing the same thing:
 
 - ``grouped_mm``: ``torch._grouped_mm``, one call for all experts (torch >= 2.9, CPU and
-  CUDA). bf16 rows must be 16-byte aligned (d_model, d_ff divisible by 8).
+  CUDA). Rows must be 16-byte aligned (d_model, d_ff divisible by 8 in bf16, 4 in f32).
 - ``segment_mm``: one GEMM per expert over its contiguous rows, written into
   preallocated outputs inside a single autograd Function, whose backward writes every
   expert's weight gradient into one [E, ...] buffer. (Indexing ``w[e]`` under autograd
@@ -19,6 +19,8 @@ have no gate), ``w_down_EFD`` [E, F, D]. Backends, all computing the same thing:
 Measured here (bench/bench_moe_layer.py, CPU, bf16): the two are within noise of each other
 with glibc's allocator tuned (moekit.runtime), and ``grouped_mm`` is 15-25% faster with it
 untuned, since ``segment_mm`` allocates more large buffers per step.
+
+``segment_mm``'s backward is once-differentiable: double backward raises.
 """
 
 from __future__ import annotations
@@ -26,23 +28,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from moekit.config import MoEConfig
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the gradient contiguous: ``torch._grouped_mm``'s
-    backward rejects the stride-0 gradient that ``y.sum().backward()`` sends."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad.contiguous()
 
 
 class _SegmentFFN(torch.autograd.Function):
@@ -69,6 +59,7 @@ class _SegmentFFN(torch.autograd.Function):
         return y_RD
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_RD):
         x_RD, w_gate, w_up, w_down, gate_RF, up_RF, silu_RF, a_RF = ctx.saved_tensors
         counts, need = ctx.counts, ctx.needs_input_grad
@@ -151,11 +142,15 @@ class GroupedExperts(nn.Module):
             if w is not None:
                 nn.init.normal_(w, std=w.shape[1] ** -0.5)
 
+    def _grouped_mm_aligned(self, x_RD: Tensor) -> bool:
+        """torch._grouped_mm needs 16-byte row strides: dims divisible by 16 / element size."""
+        align = max(1, 16 // x_RD.element_size())
+        return x_RD.shape[1] % align == 0 and self.w_up_EDF.shape[2] % align == 0
+
     def resolve_backend(self, x_RD: Tensor) -> str:
         if self.backend != "auto":
             return self.backend
-        unaligned = x_RD.element_size() == 2 and (x_RD.shape[1] % 8 or self.w_up_EDF.shape[2] % 8)
-        return "grouped_mm" if HAS_GROUPED_MM and not unaligned else "segment_mm"
+        return "grouped_mm" if HAS_GROUPED_MM and self._grouped_mm_aligned(x_RD) else "segment_mm"
 
     def weights(self, dtype: torch.dtype) -> tuple[Tensor | None, Tensor, Tensor]:
         """(w_gate, w_up, w_down) in ``dtype``: mixed precision computes in the activations'
@@ -165,6 +160,9 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """x_RD [R, D] grouped by expert with counts_E [E] rows each -> y_RD [R, D]."""
+        if x_RD.device.type == "cpu" and int(counts_E.sum()) != x_RD.shape[0]:
+            raise ValueError(f"GroupedExperts: counts_E sums to {int(counts_E.sum())} but x_RD has "
+                             f"{x_RD.shape[0]} rows; counts must cover every row exactly")
         w_gate, w_up, w_down = self.weights(x_RD.dtype)
         backend = self.resolve_backend(x_RD)
         if backend == "segment_mm":
@@ -173,17 +171,21 @@ class GroupedExperts(nn.Module):
             if not HAS_GROUPED_MM:
                 raise ValueError(f"backend='grouped_mm': torch {torch.__version__} has no "
                                  "torch._grouped_mm; use backend='segment_mm' or torch >= 2.9")
-            if x_RD.element_size() == 2 and (x_RD.shape[1] % 8 or w_up.shape[2] % 8):
+            if not self._grouped_mm_aligned(x_RD):
+                align = 16 // x_RD.element_size()
                 raise ValueError(f"backend='grouped_mm' in {x_RD.dtype} needs d_model and d_ff divisible "
-                                 f"by 8 (16-byte rows), got d_model={x_RD.shape[1]}, d_ff={w_up.shape[2]}; "
-                                 "pad the dims or use backend='segment_mm'")
+                                 f"by {align} (16-byte rows), got d_model={x_RD.shape[1]}, "
+                                 f"d_ff={w_up.shape[2]}; pad the dims or use backend='segment_mm'")
             offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
             up_RF = torch._grouped_mm(x_RD, w_up, offs=offs)
             if w_gate is not None:
                 a_RF = F.silu(torch._grouped_mm(x_RD, w_gate, offs=offs)) * up_RF
             else:
                 a_RF = F.gelu(up_RF)
-            return _ContiguousGrad.apply(torch._grouped_mm(a_RF, w_down, offs=offs))
+            y_RD = torch._grouped_mm(a_RF, w_down, offs=offs)
+            if y_RD.requires_grad:   # its backward rejects the stride-0 grad of y.sum().backward()
+                y_RD.register_hook(lambda grad: grad.contiguous())
+            return y_RD
         return expert_loop(x_RD, counts_E, w_gate, w_up, w_down)
 
 

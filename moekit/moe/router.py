@@ -53,8 +53,12 @@ def topk_stable(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
-    """Slots per expert: ceil(capacity_factor * T * K / E) (Switch eq. 4, GShard)."""
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+    """Slots per expert: ceil(capacity_factor * T * K / E) (Switch eq. 4, GShard).
+
+    The product is rounded to 9 decimals before the ceiling, so that binary floating point
+    does not add a slot: 1.1 * 100 / 10 is 11.000000000000002 in floats, and 11 slots here.
+    """
+    return math.ceil(round(capacity_factor * num_tokens * top_k / num_experts, 9))
 
 
 class TopKRouter(nn.Module):
@@ -159,8 +163,15 @@ class ExpertChoiceRouter(nn.Module):
         nn.init.normal_(self.weight_ED, std=self.weight_ED.shape[1] ** -0.5)
 
     def capacity(self, num_tokens: int) -> int:
+        """C = ceil(capacity_factor * T * top_k / E), at least 1 and at most T (0 for T = 0)."""
+        if num_tokens == 0:
+            return 0
         return max(1, min(num_tokens, capacity(self.capacity_factor, num_tokens, self.top_k,
                                                self.num_experts)))
+
+    def update_bias(self, tokens_per_expert_E: Tensor) -> None:
+        raise ValueError("update_bias: the expert_choice router is balanced by construction and has no "
+                         "bias; aux-loss-free balancing needs router='sigmoid', aux_loss_free=True")
 
     def forward(self, x_TD: Tensor) -> RouterOutput:
         x_TD = x_TD.to(self.dtype)
@@ -168,7 +179,12 @@ class ExpertChoiceRouter(nn.Module):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
         logits_TE = F.linear(x_TD, self.weight_ED)
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        weights_EC, tokens_EC = topk_stable(probs_TE.t(), self.capacity(x_TD.shape[0]))
+        C = self.capacity(x_TD.shape[0])
+        if C == 0:
+            tokens_EC = torch.zeros(self.num_experts, 0, dtype=torch.long, device=x_TD.device)
+            return RouterOutput(probs_TE=probs_TE, logits_TE=logits_TE, tokens_EC=tokens_EC,
+                                weights_EC=probs_TE.new_zeros(self.num_experts, 0))
+        weights_EC, tokens_EC = topk_stable(probs_TE.t(), C)
         return RouterOutput(probs_TE=probs_TE, logits_TE=logits_TE, tokens_EC=tokens_EC,
                             weights_EC=weights_EC)
 
