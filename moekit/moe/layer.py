@@ -58,12 +58,17 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoELayer input last dim is {x.shape[-1]}, expected d_model="
                              f"{self.cfg.d_model}; reshape the input or fix MoEConfig.d_model")
         x_TD = x.reshape(-1, x.shape[-1])
-        routing = self.router(x_TD)
-        x_RD, counts_E, plan = self.dispatcher.dispatch(x_TD, routing)
-        y_RD = self.experts(x_RD, counts_E)
-        y_TD = self.dispatcher.combine(y_RD, plan)
-        if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+        # Under autocast the experts run in the autocast dtype; everything else keeps its own
+        # dtype: autocast would otherwise turn the float32 router GEMM and combine into bf16.
+        device = x.device.type
+        compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            routing = self.router(x_TD)
+            x_RD, counts_E, plan = self.dispatcher.dispatch(x_TD.to(compute_dtype), routing)
+            y_RD = self.experts(x_RD, counts_E)
+            y_TD = self.dispatcher.combine(y_RD, plan)
+            if self.shared is not None:
+                y_TD = y_TD + self.shared(x_TD.to(compute_dtype))
         return y_TD.view(x.shape), self._aux(routing, plan, counts_E)
 
     def _aux(self, routing: RouterOutput, plan: DispatchPlan, counts_E: Tensor) -> MoEAux:

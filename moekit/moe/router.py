@@ -97,7 +97,10 @@ class TopKRouter(nn.Module):
         self.expert_bias_E.zero_()
 
     def logits(self, x_TD: Tensor) -> Tensor:
-        x_TD = x_TD.to(self.dtype)
+        with torch.autocast(x_TD.device.type, enabled=False):   # float32 even under autocast
+            return self._logits(x_TD.to(self.dtype))
+
+    def _logits(self, x_TD: Tensor) -> Tensor:
         if self.training and self.jitter_eps > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
         logits_TE = F.linear(x_TD, self.weight_ED)
@@ -107,7 +110,10 @@ class TopKRouter(nn.Module):
         return logits_TE
 
     def forward(self, x_TD: Tensor) -> RouterOutput:
-        logits_TE = self.logits(x_TD)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return self._route(self.logits(x_TD))
+
+    def _route(self, logits_TE: Tensor) -> RouterOutput:
         if self.score == "softmax":
             probs_TE = torch.softmax(logits_TE, dim=-1)
             weights_TK, experts_TK = topk_stable(probs_TE, self.top_k)
@@ -174,7 +180,10 @@ class ExpertChoiceRouter(nn.Module):
                          "bias; aux-loss-free balancing needs router='sigmoid', aux_loss_free=True")
 
     def forward(self, x_TD: Tensor) -> RouterOutput:
-        x_TD = x_TD.to(self.dtype)
+        with torch.autocast(x_TD.device.type, enabled=False):   # float32 even under autocast
+            return self._route(x_TD.to(self.dtype))
+
+    def _route(self, x_TD: Tensor) -> RouterOutput:
         if self.training and self.jitter_eps > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
         logits_TE = F.linear(x_TD, self.weight_ED)

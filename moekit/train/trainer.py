@@ -195,3 +195,13 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
             bar.close()
     return {"steps": step, "final_train_loss": history[-1] if history else None, "final_val_loss": val_loss,
             "train_losses": history, "params": flops, "train_tokens": meta["train_tokens"]}
+
+
+def load_run(run_dir: Path):
+    """(model in eval mode, tokenizer, config) of a run directory, from its checkpoint."""
+    state = load_checkpoint(run_dir)
+    cfg = RunConfig.from_dict(state["config"])
+    tok = load_tokenizer(run_dir / "tokenizer.json")
+    model = MoETransformer.build(model_config_for(cfg, tok.get_vocab_size()), device="cpu")
+    model.load_state_dict(state["model"])
+    return model.eval(), tok, cfg

@@ -115,3 +115,17 @@ def test_routing_stats_read_what_the_router_does():
     _, aux = layer(torch.randn(12, 16))
     assert float(aux.router_entropy) == pytest.approx(math.log(4))   # zero logits: uniform
     assert float(aux.load_cv) == pytest.approx(math.sqrt(3))          # ties: all on expert 0
+
+
+def test_autocast_keeps_router_float32_and_runs_experts_in_bf16():
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=2))
+    x = torch.randn(12, 16)
+    logits = layer.router(x).logits_TE
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = layer(x)
+        routing = layer.router(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(routing.logits_TE, logits)      # f32 GEMM, not bf16, inside forward too
+    ref = reference_moe(layer, x.to(torch.bfloat16))
+    assert float((y.float() - ref.float()).norm() / ref.float().norm()) < 3e-2

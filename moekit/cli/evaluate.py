@@ -1,0 +1,25 @@
+"""moekit eval: validation loss and perplexity of a trained run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="validation loss and perplexity of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--batches", type=int, default=None, help="limit to N batches (default: all)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from moekit.data.stream import PackedSplit
+    from moekit.train.trainer import evaluate, load_run
+    run_dir = Path(args.run_dir)
+    model, _, cfg = load_run(run_dir)
+    val = PackedSplit.open(run_dir / "data", "val", cfg.data.seq_len)
+    loss = evaluate(model, val, cfg, next(model.parameters()).device, args.batches)
+    print(json.dumps({"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_windows": len(val)}))
+    return 0
