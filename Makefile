@@ -1,10 +1,10 @@
-# Set-up and the main jobs. `make test` and `make bench` each build .venv first if needed.
+# Set-up and the main jobs. `make train`, `make test` and `make bench` each build .venv first if needed.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup test bench lint clean
+.PHONY: setup train test bench lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+train: setup
+	$(BIN)/moekit train
+
 test: setup
 	$(BIN)/python -m pytest moekit tests
 
@@ -26,4 +29,4 @@ lint: setup
 	$(BIN)/ruff check moekit tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis runs

@@ -264,7 +264,7 @@ class DataConfig:
 class TrainConfig:
     batch_size: int = 16               # sequences per micro-batch
     grad_accum: int = 1                # micro-batches per optimizer step
-    max_steps: int = 400
+    max_steps: int = 750
     lr: float = 3e-3
     min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 40
@@ -279,7 +279,8 @@ class TrainConfig:
     save_every: int = 200
     log_every: int = 10
     seed: int = 0
-    precision: str = "bf16"            # "bf16" autocast or "fp32"
+    precision: str = "auto"            # "bf16" autocast, "fp32", or "auto": bf16 on CUDA, fp32 on CPU
+                                       # (tiny recipe on the 2-core CPU: 5,600 tok/s fp32, 4,100 bf16)
     device: str = "auto"               # "auto" | "cpu" | "cuda"
     compile: bool = False
     activation_checkpointing: bool = False
@@ -292,8 +293,9 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}={value!r}: must be an integer >= 1; fix the value")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr={self.lr!r}: must be > 0; use e.g. 3e-3")
-        if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"TrainConfig.precision={self.precision!r}: is not 'bf16' or 'fp32'; pick one")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"TrainConfig.precision={self.precision!r}: is not 'auto', 'bf16' or 'fp32'; "
+                             "pick one")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"TrainConfig.device={self.device!r}: is not 'auto', 'cpu' or 'cuda'; pick one")
 

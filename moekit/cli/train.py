@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from moekit.config import RunConfig, apply_overrides
@@ -15,7 +16,7 @@ def register(sub) -> None:
     p.add_argument("--config", help="a TOML recipe (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set train.max_steps=200 --set model.moe.num_experts=16")
-    p.add_argument("--out", default="runs/moe", help="the run directory (default: runs/moe)")
+    p.add_argument("--out", help="the run directory (default: a new runs/<recipe>-<date>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -31,7 +32,9 @@ def run(args) -> int:
     else:
         cfg = (RunConfig.from_toml(args.config, args.set) if args.config
                else RunConfig.from_dict(apply_overrides({}, args.set)))
-        out = Path(args.out)
+        recipe = Path(args.config).stem if args.config else "tiny-moe"
+        out = Path(args.out) if args.out else Path("runs") / f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+        print(f"run directory: {out}")
         summary = train(cfg, out, progress=not args.no_progress)
     short = {k: v for k, v in summary.items() if k != "train_losses"}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from moekit.config import ModelConfig, MoEConfig  # noqa: F401  (MoEConfig: the doctests)
 from moekit.moe.experts import DenseFFN
@@ -113,6 +114,7 @@ class MoETransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.activation_checkpointing = False   # set by the trainer (TrainConfig.activation_checkpointing)
         moe_ids = set(cfg.moe_layer_ids())
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i in moe_ids) for i in range(cfg.n_layers))
@@ -184,7 +186,12 @@ class MoETransformer(nn.Module):
         zero = x_BSD.new_zeros((), dtype=torch.float32)
         aux_loss, z_loss, stats = zero, zero, {}
         for i, block in enumerate(self.blocks):
-            x_BSD, aux = block(x_BSD, self.rope_cos, self.rope_sin)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only the block's input; recompute its activations in backward (the RNG
+                # state is replayed, so jitter/noise recompute identically)
+                x_BSD, aux = checkpoint(block, x_BSD, self.rope_cos, self.rope_sin, use_reentrant=False)
+            else:
+                x_BSD, aux = block(x_BSD, self.rope_cos, self.rope_sin)
             if aux is not None:
                 aux_loss = aux_loss + aux.load_balancing_loss
                 z_loss = z_loss + aux.z_loss

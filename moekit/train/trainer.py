@@ -69,7 +69,10 @@ def model_config_for(cfg: RunConfig, vocab_size: int):
 
 
 def autocast(cfg: RunConfig, device: torch.device):
-    if cfg.train.precision == "bf16":
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -99,8 +102,12 @@ def evaluate(model, val: PackedSplit, cfg: RunConfig, device: torch.device, batc
     return total / count
 
 
-def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train (or resume) the run in ``run_dir``; returns a summary dict."""
+def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
+          stop_at: int | None = None) -> dict:
+    """Train (or resume) the run in ``run_dir``; returns a summary dict.
+
+    ``stop_at``: stop after that step with a checkpoint, as if preempted (the schedule still
+    runs to ``max_steps``, so a resume continues the same trajectory)."""
     run_dir = Path(run_dir)
     state = None
     if resume:
@@ -117,6 +124,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     tok, train_split, val_split, meta = prepare_data(cfg, run_dir)
     mcfg = model_config_for(cfg, tok.get_vocab_size())
     model = MoETransformer.build(mcfg, device=device)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.train.compile:
         model = torch.compile(model)
     opt = build_optimizer(model, cfg.train)
@@ -139,7 +147,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     model.train()
     history, val_loss, t_last = [], None, time.perf_counter()
     try:
-        while step < cfg.train.max_steps:
+        end = cfg.train.max_steps if stop_at is None else min(stop_at, cfg.train.max_steps)
+        while step < end:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg.train)
             counts = {i: 0 for i in moe_layers}
@@ -185,7 +194,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
             if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
                 val_loss = evaluate(model, val_split, cfg, device, cfg.train.eval_batches)
                 writer.log(step, {"loss/val": val_loss, "loss/val_ppl": math.exp(min(val_loss, 50))})
-            if step % cfg.train.save_every == 0 or step == cfg.train.max_steps:
+            if step % cfg.train.save_every == 0 or step in (cfg.train.max_steps, end):
                 save_checkpoint(run_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                           "sampler": sampler.state_dict(), "step": step,
                                           "config": cfg.to_dict()})

@@ -1,0 +1,75 @@
+import json
+
+import numpy as np
+import pytest
+
+from moekit.data.catalog import Document, load_documents
+from moekit.data.stream import BatchSampler, PackedSplit, build_token_cache
+from moekit.data.tokenizer import eos_id, train_tokenizer
+
+
+def test_parlspeech_from_the_registry_is_real_multilingual_text(parl_docs):
+    tags = {d.tag for d in parl_docs}
+    assert tags == {"de", "en", "es", "nl"}
+    assert any("Präsident" in d.text for d in parl_docs if d.tag == "de")
+
+
+def test_user_data_text_dir_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("first document")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.md").write_text("markdown text")
+    (tmp_path / "d" / "empty.txt").write_text("   ")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "hola", "lang": "es"}) + "\n\n"
+                                      + json.dumps({"text": "hallo", "tag": "de"}) + "\n")
+    assert load_documents(tmp_path / "a.txt") == [Document("first document", "a")]
+    assert load_documents(tmp_path / "d") == [Document("markdown text", "x")]
+    assert [d.tag for d in load_documents(tmp_path / "c.jsonl")] == ["es", "de"]
+
+
+def test_bad_user_data_is_one_clear_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_documents(tmp_path / "missing.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no text"):
+        load_documents(tmp_path / "empty")
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        load_documents(tmp_path / "bad.jsonl")
+    with pytest.raises(ValueError, match="not in the catalog"):
+        load_documents("wikipedia")
+
+
+def test_tokenizer_roundtrips_any_text():
+    tok = train_tokenizer(["Meine Damen und Herren", "Señorías", "Dames en heren"] * 20, vocab_size=300)
+    for text in ["Meine Damen", "ñandú 🦙", "tab\tand\nnewline"]:
+        assert tok.decode(tok.encode(text).ids) == text
+    assert eos_id(tok) == 0
+
+
+def test_token_cache_split_windows_and_tags(tmp_path, parl_docs):
+    docs = parl_docs[:120]
+    tok = train_tokenizer((d.text for d in docs), vocab_size=400)
+    meta = build_token_cache(docs, tok, tmp_path, val_fraction=0.1)
+    assert meta["train_docs"] + meta["val_docs"] == 120 and 0 < meta["val_docs"] < 30
+    again = build_token_cache(docs, tok, tmp_path, val_fraction=0.1)
+    assert again == meta
+    train = PackedSplit.open(tmp_path, "train", seq_len=32)
+    assert len(train) == (meta["train_tokens"] - 1) // 32
+    x, y, tags = train.batch([0, 5])
+    assert x.shape == y.shape == (2, 32)
+    assert np.array_equal(x[0, 1:].numpy(), y[0, :-1].numpy())          # next-token targets
+    assert tags[0] == meta["tags"].index(docs[0].tag)
+
+
+def test_batch_sampler_resumes_its_position():
+    a = BatchSampler(100, 8, seed=3)
+    first = [a.next() for _ in range(20)]   # crosses an epoch boundary (12 batches per epoch)
+    b = BatchSampler(100, 8, seed=3)
+    for _ in range(7):
+        b.next()
+    c = BatchSampler(100, 8, seed=3)
+    c.load_state_dict(b.state_dict())
+    assert [c.next() for _ in range(13)] == first[7:]
+    assert sorted(sum(first[:12], [])) == sorted(set(sum(first[:12], [])))   # no repeats in an epoch
+    with pytest.raises(ValueError, match="batch_size"):
+        BatchSampler(5, 8, seed=0)
