@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 
 from moekit.config import RunConfig
 from moekit.data.catalog import load_documents
@@ -176,7 +177,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
             history.append(lm_sum / k)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{lm_sum / k:.3f}", aux=f"{aux_sum / k:.3f}")
+                rate = bar.format_dict.get("rate") or 0.0
+                bar.set_postfix(loss=f"{lm_sum / k:.3f}", aux=f"{aux_sum / k:.3f}",
+                                tok_s=f"{rate * tokens_per_step:,.0f}")
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 now = time.perf_counter()
                 n_steps = step % cfg.train.log_every or cfg.train.log_every
@@ -197,7 +200,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
             if step % cfg.train.save_every == 0 or step in (cfg.train.max_steps, end):
                 save_checkpoint(run_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                           "sampler": sampler.state_dict(), "step": step,
-                                          "config": cfg.to_dict()})
+                                          "config": cfg.to_dict(), "tokenizer": tok.to_str()})
     finally:
         writer.close()
         if bar is not None:
@@ -210,7 +213,10 @@ def load_run(run_dir: Path):
     """(model in eval mode, tokenizer, config) of a run directory, from its checkpoint."""
     state = load_checkpoint(run_dir)
     cfg = RunConfig.from_dict(state["config"])
-    tok = load_tokenizer(run_dir / "tokenizer.json")
+    if (run_dir / "tokenizer.json").exists() or "tokenizer" not in state:
+        tok = load_tokenizer(run_dir / "tokenizer.json")
+    else:   # the checkpoint carries its tokenizer too
+        tok = Tokenizer.from_str(state["tokenizer"])
     model = MoETransformer.build(model_config_for(cfg, tok.get_vocab_size()), device="cpu")
     model.load_state_dict(state["model"])
     return model.eval(), tok, cfg

@@ -12,10 +12,10 @@ from moekit.config import RunConfig, apply_overrides
 from moekit.train.trainer import train
 
 
-def tiny(corpus, **train_kw) -> RunConfig:
+def tiny(corpus, moe=None, **train_kw) -> RunConfig:
     raw = {"data": {"corpus": str(corpus), "vocab_size": 512, "seq_len": 32},
            "model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128,
-                     "moe": {"d_ff": 64, "num_experts": 4, "top_k": 2}},
+                     "moe": {"d_ff": 64, "num_experts": 4, "top_k": 2, **(moe or {})}},
            "train": {"batch_size": 8, "max_steps": 40, "warmup_steps": 5, "lr": 3e-3, "eval_every": 20,
                      "eval_batches": 4, "log_every": 1, "save_every": 1000, **train_kw}}
     return RunConfig.from_dict(raw)
@@ -37,9 +37,8 @@ def test_short_run_lowers_the_loss_and_writes_a_run_directory(tmp_path, parl_sub
 
 
 def test_resume_follows_the_uninterrupted_trajectory(tmp_path, parl_subset):
-    cfg = tiny(parl_subset, max_steps=16, eval_every=8,
-               )
-    cfg.model.moe.jitter_eps = 0.01                       # RNG in the forward: resume must restore it
+    # jitter puts RNG in the forward: the resume must restore the RNG state
+    cfg = tiny(parl_subset, moe={"jitter_eps": 0.01}, max_steps=16, eval_every=8)
     train(cfg, tmp_path / "full", progress=False)
     train(cfg, tmp_path / "cut", progress=False, stop_at=9)
     assert max(losses(tmp_path / "cut")) == 9
@@ -114,3 +113,14 @@ def test_module_entry_point_runs():
                           text=True, timeout=60, check=True)
     assert "parlspeech" in proc.stdout
     assert torch.__version__   # the package imports torch lazily enough for the CLI to start
+
+
+def test_aux_loss_free_bias_moves_after_optimizer_steps(tmp_path, parl_subset):
+    cfg = tiny(parl_subset, moe={"router": "sigmoid", "aux_loss_free": True, "bias_update_rate": 0.01},
+               max_steps=6, eval_every=6)
+    train(cfg, tmp_path / "run", progress=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    bias = state["model"]["blocks.0.ffn.router.expert_bias_E"]
+    assert bias.abs().sum() > 0
+    assert float(bias.abs().max()) <= 6 * 0.01 + 1e-6     # at most one rate-sized move per step
+    assert "tokenizer" in state
