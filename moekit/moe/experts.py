@@ -150,6 +150,8 @@ class GroupedExperts(nn.Module):
     def resolve_backend(self, x_RD: Tensor) -> str:
         if self.backend != "auto":
             return self.backend
+        if torch.compiler.is_compiling() and x_RD.dtype != torch.bfloat16:
+            return "segment_mm"   # torch.compile traces _grouped_mm only in bf16 (torch 2.13)
         return "grouped_mm" if HAS_GROUPED_MM and self._grouped_mm_aligned(x_RD) else "segment_mm"
 
     def weights(self, dtype: torch.dtype) -> tuple[Tensor | None, Tensor, Tensor]:
