@@ -30,6 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moekit import DenseFFN, MoEConfig, MoELayer  # noqa: E402
 from moekit.runtime import tune_cpu_allocator  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_layer_shape_args  # noqa: E402
+
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -104,11 +107,7 @@ def run_case(num_experts: int, dtype: torch.dtype, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--d-model", type=int, default=512)
-    ap.add_argument("--d-ff", type=int, default=1024)
-    ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--experts", type=int, nargs="+", default=[8, 64])
+    add_layer_shape_args(ap)
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=sorted(DTYPES))
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--skip", nargs="*", default=[], help="contenders to leave out, e.g. loop hf_mixtral")

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,16 +27,8 @@ from moekit import DenseFFN, MoEConfig, MoELayer  # noqa: E402
 from moekit.moe.balance import load_balancing_loss, z_loss  # noqa: E402
 from moekit.runtime import tune_cpu_allocator  # noqa: E402
 
-
-def median_ms(fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_layer_shape_args, median_s  # noqa: E402
 
 
 def leaf(t: torch.Tensor) -> torch.Tensor:
@@ -106,16 +96,12 @@ def stages(E: int, dtype: torch.dtype, args) -> dict[str, float]:
 
     fns = {"dense FFN": run_dense, "MoE layer": run_layer, "router": run_router, "plan": run_plan,
            "gather": run_gather, "experts": run_experts, "combine": run_combine, "aux losses": run_aux}
-    return {name: median_ms(fn, args.reps) for name, fn in fns.items()}
+    return {name: median_s(fn, args.reps) * 1e3 for name, fn in fns.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--d-model", type=int, default=512)
-    ap.add_argument("--d-ff", type=int, default=1024)
-    ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--experts", type=int, nargs="+", default=[8, 64])
+    add_layer_shape_args(ap)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--reps", type=int, default=11)
