@@ -17,8 +17,8 @@ have no gate), ``w_down_EFD`` [E, F, D]. Backends, all computing the same thing:
 
 ``auto`` picks ``grouped_mm`` where torch has it and the dims allow, else ``segment_mm``.
 Measured here (bench/bench_moe_layer.py, CPU, bf16): the two are within noise of each other
-with glibc's allocator tuned (moekit.runtime), and ``grouped_mm`` is 15-25% faster with it
-untuned, since ``segment_mm`` allocates more large buffers per step.
+with glibc's allocator tuned (moekit.runtime), and ``grouped_mm`` is 8-11% faster with it
+untuned (``segment_mm`` allocates more large buffers per step).
 
 ``segment_mm``'s backward is once-differentiable: double backward raises.
 """
