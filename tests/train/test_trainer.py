@@ -1,6 +1,7 @@
 """End to end: real text -> tokenizer -> MoE LM -> loss goes down; exact resume; clear errors."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -124,3 +125,11 @@ def test_aux_loss_free_bias_moves_after_optimizer_steps(tmp_path, parl_subset):
     assert bias.abs().sum() > 0
     assert float(bias.abs().max()) <= 6 * 0.01 + 1e-6     # at most one rate-sized move per step
     assert "tokenizer" in state
+
+
+def test_gradient_accumulation_and_bf16_autocast_train(tmp_path, parl_subset):
+    cfg = tiny(parl_subset, max_steps=12, batch_size=4, grad_accum=2, precision="bf16", eval_every=12)
+    summary = train(cfg, tmp_path / "run", progress=False)
+    lm = list(losses(tmp_path / "run").values())
+    assert summary["steps"] == 12 and all(map(math.isfinite, lm))
+    assert sum(lm[-3:]) / 3 < sum(lm[:3]) / 3
