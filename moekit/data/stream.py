@@ -26,7 +26,8 @@ from moekit.data.catalog import Document
 from moekit.data.tokenizer import eos_id
 
 
-def _is_val(i: int, val_fraction: float) -> bool:
+def is_val_doc(i: int, val_fraction: float) -> bool:
+    """Whether document i belongs to the validation split (a fixed hash of its index)."""
     return (i * 2654435761) % 1000 < 1000 * val_fraction
 
 
@@ -60,7 +61,7 @@ def build_token_cache(docs: list[Document], tok: Tokenizer, out_dir: Path,
         ids, doc_starts, doc_tags = [], [], []
         n = 0
         for i, (doc, enc) in enumerate(zip(docs, encoded)):
-            if _is_val(i, val_fraction) != (split == "val"):
+            if is_val_doc(i, val_fraction) != (split == "val"):
                 continue
             doc_starts.append(n)
             doc_tags.append(tags.index(doc.tag))

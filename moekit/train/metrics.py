@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-PEAK_FLOPS = {   # dense bf16 (or f32 on CPU) peak, per device, for MFU
-    "cpu": 2.0e12,          # measured ~2.5-2.9 TFLOP/s for large bf16 GEMMs on the 2-core AMX machine
-    "cuda": 989e12,         # H100 SXM bf16 dense
+PEAK_FLOPS = {   # the denominator of MFU, per (device, precision)
+    ("cpu", "bf16"): 2.9e12,    # best large bf16 GEMM measured on the 2-core AMX machine (bench_expert_gemm)
+    ("cpu", "fp32"): 0.30e12,   # best large f32 GEMM measured there (bench_moe_layer, dense f32)
+    ("cuda", "bf16"): 989e12,   # H100 SXM dense bf16 tensor cores (datasheet)
+    ("cuda", "fp32"): 67e12,    # H100 SXM fp32 without TF32 (datasheet)
 }
 
 
@@ -35,6 +37,8 @@ class MetricsWriter:
             self.tb.close()
 
 
-def mfu(flops_per_token: float, tokens_per_s: float, device: str) -> float:
-    """Model FLOPs utilization: achieved training FLOP/s over the device's peak."""
-    return flops_per_token * tokens_per_s / PEAK_FLOPS.get(device, PEAK_FLOPS["cpu"])
+def mfu(flops_per_token: float, tokens_per_s: float, device: str, precision: str) -> float:
+    """Model FLOPs utilization (PaLM): achieved training FLOP/s over the peak of the device
+    in the precision the matmuls run in. CPU peaks are measured rates, not datasheets."""
+    peak = PEAK_FLOPS.get((device, precision), PEAK_FLOPS[("cpu", "fp32")])
+    return flops_per_token * tokens_per_s / peak

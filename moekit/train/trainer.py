@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 
 from moekit.config import RunConfig
 from moekit.data.catalog import load_documents
-from moekit.data.stream import BatchSampler, PackedSplit, _is_val, build_token_cache
+from moekit.data.stream import BatchSampler, PackedSplit, build_token_cache, is_val_doc
 from moekit.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from moekit.model.transformer import MoETransformer, model_flops
 from moekit.moe.layer import MoELayer
@@ -52,7 +52,7 @@ def prepare_data(cfg: RunConfig, run_dir: Path):
     if tok_path.exists():
         tok = load_tokenizer(tok_path)
     else:
-        train_texts = (d.text for i, d in enumerate(docs) if not _is_val(i, cfg.data.val_fraction))
+        train_texts = (d.text for i, d in enumerate(docs) if not is_val_doc(i, cfg.data.val_fraction))
         tok = train_tokenizer(train_texts, cfg.data.vocab_size)
         save_tokenizer(tok, tok_path)
     meta = build_token_cache(docs, tok, run_dir / "data", cfg.data.val_fraction)
@@ -69,11 +69,15 @@ def model_config_for(cfg: RunConfig, vocab_size: int):
                                max_seq_len=max(cfg.model.max_seq_len, cfg.data.seq_len))
 
 
+def precision_of(cfg: RunConfig, device: torch.device) -> str:
+    """"bf16" or "fp32"; "auto" is bf16 on CUDA and fp32 on CPU (faster at the recipes' size)."""
+    if cfg.train.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return cfg.train.precision
+
+
 def autocast(cfg: RunConfig, device: torch.device):
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
+    if precision_of(cfg, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -188,7 +192,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
                 metrics = {"loss/lm": lm_sum / k, "loss/aux": aux_sum / k, "loss/z": z_sum / k,
                            "optim/lr": lr_at(step - 1, cfg.train), "optim/grad_norm": grad_norm,
                            "perf/tokens_per_s": tps,
-                           "perf/mfu": mfu(flops["flops_per_token"], tps, device.type)}
+                           "perf/mfu": mfu(flops["flops_per_token"], tps, device.type,
+                                           precision_of(cfg, device))}
                 for i, c in counts.items():
                     load = c.float()
                     metrics[f"moe/layer{i}/load_cv"] = float(load.std(unbiased=False) / load.mean())
