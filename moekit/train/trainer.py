@@ -130,8 +130,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     mcfg = model_config_for(cfg, tok.get_vocab_size())
     model = MoETransformer.build(mcfg, device=device)
     model.activation_checkpointing = cfg.train.activation_checkpointing
-    if cfg.train.compile:
-        model = torch.compile(model)
+    # compiled forward, plain module for state dicts (no "_orig_mod." prefixes in checkpoints)
+    forward = torch.compile(model) if cfg.train.compile else model
     opt = build_optimizer(model, cfg.train)
     sampler = BatchSampler(len(train_split), cfg.train.batch_size, cfg.train.seed)
     step = 0
@@ -161,7 +161,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
             for _ in range(cfg.train.grad_accum):
                 x, y, _ = train_split.batch(sampler.next())
                 with autocast(cfg, device):
-                    out = model(x.to(device))
+                    out = forward(x.to(device))
                 lm = lm_loss(out.logits, y.to(device))
                 loss = lm + cfg.train.aux_loss_coef * out.aux_loss + cfg.train.z_loss_coef * out.z_loss
                 (loss / cfg.train.grad_accum).backward()

@@ -133,3 +133,9 @@ def test_gradient_accumulation_and_bf16_autocast_train(tmp_path, parl_subset):
     lm = list(losses(tmp_path / "run").values())
     assert summary["steps"] == 12 and all(map(math.isfinite, lm))
     assert sum(lm[-3:]) / 3 < sum(lm[:3]) / 3
+
+
+def test_compiled_training_checkpoints_a_plain_state_dict(tmp_path, parl_subset):
+    train(tiny(parl_subset, max_steps=2, eval_every=2, compile=True), tmp_path / "run", progress=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert not any(k.startswith("_orig_mod") for k in state["model"])
