@@ -284,6 +284,7 @@ class TrainConfig:
     device: str = "auto"               # "auto" | "cpu" | "cuda"
     compile: bool = False
     activation_checkpointing: bool = False
+    telemetry: bool = True             # per-layer routing statistics every log_every steps
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "save_every",

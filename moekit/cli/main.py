@@ -5,6 +5,7 @@
     moekit train --resume runs/moe                 # continue a run exactly where it stopped
     moekit generate runs/moe --prompt "Frau Präsidentin"
     moekit eval runs/moe
+    moekit report runs/moe --baseline runs/dense   # HTML: losses, expert load, routing by language
     moekit data list | moekit data get parlspeech
 """
 
@@ -16,6 +17,7 @@ import sys
 from moekit.cli import data as data_cmd
 from moekit.cli import evaluate as eval_cmd
 from moekit.cli import generate as generate_cmd
+from moekit.cli import report as report_cmd
 from moekit.cli import train as train_cmd
 
 
@@ -23,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (train_cmd, generate_cmd, eval_cmd, data_cmd):
+    for module in (train_cmd, generate_cmd, eval_cmd, report_cmd, data_cmd):
         module.register(sub)
     return parser
 

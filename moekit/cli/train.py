@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from moekit.config import RunConfig, apply_overrides
+from moekit.train.telemetry import routing_summary
 
 
 def register(sub) -> None:
@@ -23,6 +24,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from moekit.train.trainer import train
     if args.resume:
         if args.config or args.set:
@@ -36,7 +39,10 @@ def run(args) -> int:
         out = Path(args.out) if args.out else Path("runs") / f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"run directory: {out}")
         summary = train(cfg, out, progress=not args.no_progress)
-    short = {k: v for k, v in summary.items() if k != "train_losses"}
+    short = {k: v for k, v in summary.items() if k not in ("train_losses", "routing_last_interval")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(short, indent=1))
+    if summary["routing_last_interval"]:
+        loads = {int(i): c for i, c in summary["routing_last_interval"].items()}
+        print(routing_summary(loads))
     return 0

@@ -30,6 +30,9 @@ class MoEAux:
     unrouted_fraction: Tensor     # share of tokens that reached no expert (capacity / expert choice)
     load_cv: Tensor               # std / mean of tokens_per_expert (0 = balanced)
     router_entropy: Tensor        # mean entropy of the router distribution, nats (log E = uniform)
+    logit_mean: Tensor            # router logits: mean, std and max over tokens and experts
+    logit_std: Tensor
+    logit_max: Tensor
 
 
 class MoELayer(nn.Module):
@@ -85,10 +88,16 @@ class MoELayer(nn.Module):
                 routed_T = torch.zeros(T, dtype=torch.bool, device=plan.token_R.device)
                 routed_T[plan.token_R] = True
                 unrouted = 1.0 - routed_T.float().mean() if T else torch.tensor(0.0)
+            logits = routing.logits_TE.detach()
+            if logits.numel():
+                l_mean, l_std, l_max = logits.mean(), logits.std(unbiased=False), logits.max()
+            else:
+                l_mean = l_std = l_max = logits.new_zeros(())
         return MoEAux(load_balancing_loss=lb, z_loss=z_loss(routing.logits_TE),
                       tokens_per_expert=counts_E, dropped_fraction=dropped,
                       unrouted_fraction=unrouted, load_cv=load_cv(counts_E),
-                      router_entropy=router_entropy(routing.probs_TE))
+                      router_entropy=router_entropy(routing.probs_TE),
+                      logit_mean=l_mean, logit_std=l_std, logit_max=l_max)
 
     @torch.no_grad()
     def update_router_bias(self, tokens_per_expert_E: Tensor) -> None:

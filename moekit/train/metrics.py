@@ -29,7 +29,21 @@ class MetricsWriter:
         self.jsonl.flush()
         if self.tb is not None:
             for key, value in metrics.items():
-                self.tb.add_scalar(key, value, step)
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, step)
+
+    def histograms(self, step: int, per_bin: dict[str, list[float]]) -> None:
+        """TensorBoard histograms whose bins are the experts (bin e holds expert e's count)."""
+        if self.tb is None:
+            return
+        for key, counts in per_bin.items():
+            n = len(counts)
+            total = float(sum(counts))
+            mean = sum(e * c for e, c in enumerate(counts)) / total if total else 0.0
+            self.tb.add_histogram_raw(key, min=0, max=n - 1, num=total, sum=mean * total,
+                                      sum_squares=sum(e * e * c for e, c in enumerate(counts)),
+                                      bucket_limits=[e + 0.5 for e in range(n)], bucket_counts=list(counts),
+                                      global_step=step)
 
     def close(self) -> None:
         self.jsonl.close()

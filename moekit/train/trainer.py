@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -31,6 +32,9 @@ from moekit.runtime import tune_cpu_allocator
 from moekit.train.checkpoint import CHECKPOINT, load_checkpoint, restore_rng, save_checkpoint
 from moekit.train.metrics import MetricsWriter, mfu
 from moekit.train.optim import build_optimizer, lr_at
+from moekit.train.telemetry import RoutingTelemetry
+
+log = logging.getLogger("moekit")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -150,12 +154,16 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
         from tqdm import tqdm
         bar = tqdm(total=cfg.train.max_steps, initial=step, unit="step", dynamic_ncols=True)
     model.train()
-    history, val_loss, t_last = [], None, time.perf_counter()
+    history, val_loss = [], None
+    train_time, interval_steps = 0.0, 0    # this log interval's step time (no eval/saving) and steps
+    telemetry = RoutingTelemetry(moe_layers) if cfg.train.telemetry and moe_layers else None
+    last_loads: dict[int, list[float]] = {}
     try:
         end = cfg.train.max_steps if stop_at is None else min(stop_at, cfg.train.max_steps)
         while step < end:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg.train)
+            t_step = time.perf_counter()
             counts = {i: 0 for i in moe_layers}
             lm_sum = aux_sum = z_sum = 0.0
             for _ in range(cfg.train.grad_accum):
@@ -170,6 +178,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
                 z_sum += float(out.z_loss.detach())
                 for i, aux in out.moe.items():
                     counts[i] = counts[i] + aux.tokens_per_expert
+                if telemetry is not None:
+                    telemetry.update(out.moe)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -177,6 +187,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
                 if layer.cfg.aux_loss_free:
                     layer.update_router_bias(counts[i])
             step += 1
+            train_time += time.perf_counter() - t_step
+            interval_steps += 1
             k = cfg.train.grad_accum
             history.append(lm_sum / k)
             if bar is not None:
@@ -185,19 +197,21 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
                 bar.set_postfix(loss=f"{lm_sum / k:.3f}", aux=f"{aux_sum / k:.3f}",
                                 tok_s=f"{rate * tokens_per_step:,.0f}")
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                now = time.perf_counter()
-                n_steps = step % cfg.train.log_every or cfg.train.log_every
-                tps = tokens_per_step * n_steps / (now - t_last)
-                t_last = now
+                tps = tokens_per_step * interval_steps / train_time   # evaluation and saving excluded
+                train_time, interval_steps = 0.0, 0
                 metrics = {"loss/lm": lm_sum / k, "loss/aux": aux_sum / k, "loss/z": z_sum / k,
                            "optim/lr": lr_at(step - 1, cfg.train), "optim/grad_norm": grad_norm,
                            "perf/tokens_per_s": tps,
                            "perf/mfu": mfu(flops["flops_per_token"], tps, device.type,
                                            precision_of(cfg, device))}
-                for i, c in counts.items():
-                    load = c.float()
-                    metrics[f"moe/layer{i}/load_cv"] = float(load.std(unbiased=False) / load.mean())
-                    metrics[f"moe/layer{i}/max_load"] = float(load.max() / load.mean())
+                if telemetry is not None:
+                    routing, loads, warnings = telemetry.flush()
+                    metrics.update(routing)
+                    metrics.update({f"moe/layer{i}/load": c for i, c in loads.items()})
+                    writer.histograms(step, {f"moe/layer{i}/tokens_per_expert": c for i, c in loads.items()})
+                    last_loads = loads or last_loads
+                    for w in warnings:
+                        log.warning("step %d: %s", step, w)
                 writer.log(step, metrics)
             if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
                 val_loss = evaluate(model, val_split, cfg, device, cfg.train.eval_batches)
@@ -211,7 +225,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
         if bar is not None:
             bar.close()
     return {"steps": step, "final_train_loss": history[-1] if history else None, "final_val_loss": val_loss,
-            "train_losses": history, "params": flops, "train_tokens": meta["train_tokens"]}
+            "train_losses": history, "params": flops, "train_tokens": meta["train_tokens"],
+            "routing_last_interval": {str(i): c for i, c in last_loads.items()}}
 
 
 def load_run(run_dir: Path):

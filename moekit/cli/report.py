@@ -1,0 +1,42 @@
+"""moekit report: a self-contained HTML page about a run (losses, expert load, routing by language)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("report", help="write the HTML run report")
+    p.add_argument("run_dir")
+    p.add_argument("--baseline", metavar="RUN_DIR", help="overlay a (dense) baseline run's curves")
+    p.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html)")
+    p.add_argument("--windows", type=int, default=512, help="validation windows routed for the breakdowns")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from moekit.data.stream import PackedSplit
+    from moekit.model.transformer import model_flops
+    from moekit.report.html import build_report
+    from moekit.report.routing import frequency_class, routing_breakdown
+    from moekit.train.trainer import load_run
+    run_dir = Path(args.run_dir)
+    model, tok, cfg = load_run(run_dir)
+    val = PackedSplit.open(run_dir / "data", "val", cfg.data.seq_len)
+    train = PackedSplit.open(run_dir / "data", "train", cfg.data.seq_len)
+    by_tag, by_freq = routing_breakdown(model, val, frequency_class(train, tok.get_vocab_size()),
+                                        max_windows=args.windows)
+    flops = model_flops(model.cfg, cfg.data.seq_len)
+    summary = {"corpus": cfg.data.corpus, "parameters (total / active)":
+               f"{flops['params_total']:,.0f} / {flops['params_active']:,.0f}",
+               "experts": "dense" if cfg.model.moe is None else
+               f"{cfg.model.moe.num_experts} x top-{cfg.model.moe.top_k}, router {cfg.model.moe.router}"}
+    page = build_report(run_dir, summary, by_tag, by_freq, Path(args.baseline) if args.baseline else None)
+    out = Path(args.out) if args.out else run_dir / "report.html"
+    out.write_text(page, encoding="utf-8")
+    for i in sorted(by_tag.counts):
+        print(f"layer {i}: I(expert; language) = {by_tag.mutual_information(i):.3f} bits "
+              f"(H(language) = {by_tag.class_entropy(i):.3f}), "
+              f"I(expert; frequency class) = {by_freq.mutual_information(i):.3f} bits")
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,1 @@
+"""Seeing the routing: per-language routing of a trained run and the HTML run report."""

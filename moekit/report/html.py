@@ -1,0 +1,166 @@
+"""The self-contained HTML run report: every plot an embedded PNG, no external files."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from moekit.report.routing import RoutingBreakdown  # noqa: E402
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"no metrics.jsonl in {str(run_dir)!r}; is this a moekit run directory?")
+    return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list]:
+    pts = [(r["step"], r[key]) for r in rows if key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def loss_curves(rows: list[dict], baseline: list[dict] | None) -> str:
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    for ax, key, title in zip(axes.flat, ["loss/lm", "loss/val", "loss/aux", "loss/z"],
+                              ["train LM loss", "validation loss", "load-balancing loss (sum over layers)",
+                               "router z-loss (sum over layers)"]):
+        for data, label, style in ((rows, "this run", "-"), (baseline, "baseline", "--")):
+            if data:
+                x, y = series(data, key)
+                if x and (data is rows or any(y)):   # a dense baseline has no aux/z: leave it out
+                    ax.plot(x, y, style, label=label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        if baseline:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def load_heatmaps(rows: list[dict], layers: list[int]) -> str:
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3.4), squeeze=False)
+    for ax, i in zip(axes[0], layers):
+        steps, loads = series(rows, f"moe/layer{i}/load")
+        share = [[c / (sum(load) or 1) for c in load] for load in loads]
+        im = ax.imshow(list(map(list, zip(*share))), aspect="auto", cmap="viridis", interpolation="nearest",
+                       extent=(steps[0], steps[-1], len(share[0]) - 0.5, -0.5))
+        ax.set_title(f"layer {i}: share of tokens", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("expert")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def final_loads(rows: list[dict], layers: list[int]) -> str:
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 2.8), squeeze=False)
+    for ax, i in zip(axes[0], layers):
+        _, loads = series(rows, f"moe/layer{i}/load")
+        last = loads[-1]
+        total = sum(last) or 1
+        ax.bar(range(len(last)), [c / total for c in last])
+        ax.axhline(1 / len(last), color="gray", ls="--", lw=0.8)
+        ax.set_title(f"layer {i}: final load", fontsize=9)
+        ax.set_xlabel("expert")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def breakdown_heatmaps(b: RoutingBreakdown, title: str) -> str:
+    layers = sorted(b.counts)
+    size = (3.2 * len(layers), 0.5 * len(b.labels) + 1.8)
+    fig, axes = plt.subplots(1, len(layers), figsize=size, squeeze=False)
+    for ax, i in zip(axes[0], layers):
+        c = b.counts[i]
+        p = c / c.sum(1, keepdims=True).clip(min=1)
+        ax.imshow(p, aspect="auto", cmap="magma", interpolation="nearest")
+        ax.set_yticks(range(len(b.labels)), b.labels, fontsize=8)
+        ax.set_xlabel("expert")
+        ax.set_title(f"layer {i}: P(expert | {title})\nI = {b.mutual_information(i):.3f} bits", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def curve(rows_by_key: dict[str, list[dict]], key_fmt: str, layers: list[int], title: str) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for i in layers:
+        x, y = series(rows_by_key["run"], key_fmt.format(i=i))
+        if x:
+            ax.plot(x, y, label=f"layer {i}" if "{i}" in key_fmt else None)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    if "{i}" in key_fmt:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def build_report(run_dir: Path, summary: dict, by_tag: RoutingBreakdown | None,
+                 by_freq: RoutingBreakdown | None, baseline_dir: Path | None = None) -> str:
+    rows = read_metrics(run_dir)
+    baseline = read_metrics(baseline_dir) if baseline_dir else None
+    layers = sorted({int(k.split("/")[1][5:]) for r in rows for k in r if k.startswith("moe/layer")
+                     and k.endswith("/load")})
+    tps = series(rows, "perf/tokens_per_s")[1]
+    _, val = series(rows, "loss/val")
+    final = f"{val[-1]:.4f} (perplexity {math.exp(min(val[-1], 50)):.1f})" if val else "-"
+    facts = {"run directory": str(run_dir), "steps": rows[-1]["step"] if rows else 0,
+             "final validation loss": final,
+             "median tokens/s": f"{statistics.median(tps):,.0f}" if tps else "-", **summary}
+    if baseline:
+        _, bval = series(baseline, "loss/val")
+        facts["baseline"] = f"{baseline_dir} (final val loss {bval[-1]:.4f})" if bval else str(baseline_dir)
+    sections = [("summary", "Run", "<table>" + "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
+        + "</table>"),
+        ("losses", "Loss curves", loss_curves(rows, baseline))]
+    if layers:
+        sections += [
+            ("load-over-time", "Expert load over training", load_heatmaps(rows, layers)),
+            ("final-load", "Final load per expert (dashed: perfect balance)", final_loads(rows, layers)),
+            ("drops", "Dropped fraction", curve({"run": rows}, "moe/layer{i}/dropped_fraction", layers,
+                                                "share of assignments dropped by capacity")),
+        ]
+    if by_tag is not None and by_tag.counts:
+        mi = "".join(f"<tr><td>{i}</td><td>{by_tag.mutual_information(i):.3f}</td>"
+                     f"<td>{by_tag.class_entropy(i):.3f}</td></tr>" for i in sorted(by_tag.counts))
+        sections.append(("by-language", "Routing by language (validation split)",
+                         breakdown_heatmaps(by_tag, "language")
+                         + "<table><tr><th>layer</th><th>I(expert; language) bits</th>"
+                         f"<th>H(language) bits</th></tr>{mi}</table>"))
+    if by_freq is not None and by_freq.counts:
+        sections.append(("by-frequency", "Routing by token-frequency class",
+                         breakdown_heatmaps(by_freq, "frequency class")))
+    sections.append(("throughput", "Throughput", curve({"run": rows}, "perf/tokens_per_s", [0], "tokens/s")))
+    body = "\n".join(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{content}</section>'
+                     for sid, title, content in sections)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>moekit run report: {html.escape(str(run_dir))}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }}
+h1 {{ font-size: 1.5rem; }} h2 {{ font-size: 1.15rem; border-bottom: 1px solid #ddd; padding-bottom: .2rem; }}
+table {{ border-collapse: collapse; margin: .5rem 0; }} th, td {{ text-align: left; padding: .2rem .8rem; }}
+th {{ color: #555; font-weight: 600; }} img {{ max-width: 100%; }}
+</style></head><body>
+<h1>moekit run report</h1>
+{body}
+</body></html>
+"""

@@ -1,0 +1,120 @@
+"""Routing telemetry: what every MoE layer's router did over a logging interval.
+
+Per layer and interval: tokens per expert, load CV, max/mean load, mean per-token router
+entropy, entropy of the load distribution, dead experts, dropped fraction, router logit
+mean/std/max, z-loss, aux loss, and the aux-loss-free bias. Accumulated as tensors on the
+device (no host sync per step); one sync per interval in :meth:`RoutingTelemetry.flush`.
+
+Collapse warning: one expert above ``collapse_share`` of a layer's assignments for
+``patience`` intervals in a row, or at least ``dead_fraction`` of its experts dead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from moekit.moe.layer import MoEAux, MoELayer
+
+REMEDIES = ("raise train.aux_loss_coef (e.g. 0.01 -> 0.05), keep the z-loss on (train.z_loss_coef 1e-3), "
+            "add router jitter (model.moe.jitter_eps=0.01), or cap load with model.moe.capacity_factor=1.25")
+
+
+class RoutingTelemetry:
+    def __init__(self, layers: dict[int, MoELayer], collapse_share: float = 0.5, patience: int = 3,
+                 dead_fraction: float = 0.25):
+        self.layers = layers
+        self.collapse_share, self.patience, self.dead_fraction = collapse_share, patience, dead_fraction
+        self.streak: dict[int, int] = defaultdict(int)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.acc: dict[int, dict[str, Tensor]] = {}
+        self.n = 0
+
+    @torch.no_grad()
+    def update(self, moe: dict[int, MoEAux]) -> None:
+        """Add one micro-batch's statistics (tensors only: no host sync)."""
+        for i, a in moe.items():
+            stats = {"counts": a.tokens_per_expert.float(), "entropy": a.router_entropy.float(),
+                     "dropped": a.dropped_fraction.float().to(a.router_entropy.device),
+                     "logit_mean": a.logit_mean, "logit_var": a.logit_std.square() + a.logit_mean.square(),
+                     "aux": a.load_balancing_loss.detach(), "z": a.z_loss.detach()}
+            acc = self.acc.get(i)
+            if acc is None:
+                self.acc[i] = {**stats, "logit_max": a.logit_max.clone()}
+            else:
+                for k, v in stats.items():
+                    acc[k] = acc[k] + v
+                acc["logit_max"] = torch.maximum(acc["logit_max"], a.logit_max)
+        self.n += 1
+
+    def flush(self) -> tuple[dict[str, float], dict[int, list[float]], list[str]]:
+        """(scalar metrics, tokens per expert per layer, collapse warnings) for the interval."""
+        metrics, loads, warnings = {}, {}, []
+        if self.n == 0:
+            return metrics, loads, warnings
+        for i, acc in sorted(self.acc.items()):
+            host = {k: v.tolist() for k, v in acc.items()}          # the interval's one sync
+            counts = host["counts"]
+            total = sum(counts) or 1.0
+            E = len(counts)
+            mean = total / E
+            share = [c / total for c in counts]
+            var = sum((c - mean) ** 2 for c in counts) / E
+            n = self.n
+            logit_mean = host["logit_mean"] / n
+            p = f"moe/layer{i}/"
+            metrics.update({
+                p + "load_cv": math.sqrt(var) / mean if mean else 0.0,
+                p + "max_load": max(counts) / mean if mean else 0.0,
+                p + "token_entropy": host["entropy"] / n,
+                p + "load_entropy": -sum(s * math.log(s) for s in share if s > 0),
+                p + "dead_experts": float(sum(c == 0 for c in counts)),
+                p + "dropped_fraction": host["dropped"] / n,
+                p + "logit_mean": logit_mean,
+                p + "logit_std": math.sqrt(max(0.0, host["logit_var"] / n - logit_mean ** 2)),
+                p + "logit_max": host["logit_max"],
+                p + "aux_loss": host["aux"] / n,
+                p + "z_loss": host["z"] / n,
+            })
+            router = self.layers[i].router
+            if getattr(router, "aux_loss_free", False):
+                bias = router.expert_bias_E.tolist()
+                metrics[p + "bias_abs_max"] = max(abs(b) for b in bias)
+                metrics[p + "bias_mean"] = sum(bias) / len(bias)
+            loads[i] = counts
+            warnings += self._check_collapse(i, share, counts)
+        self._reset()
+        return metrics, loads, warnings
+
+    def _check_collapse(self, layer: int, share: list[float], counts: list[float]) -> list[str]:
+        top = max(range(len(share)), key=share.__getitem__)
+        self.streak[layer] = self.streak[layer] + 1 if share[top] > self.collapse_share else 0
+        out = []
+        if self.streak[layer] >= self.patience:
+            out.append(f"routing collapse in layer {layer}: expert {top} took {share[top]:.0%} of "
+                       f"assignments for {self.streak[layer]} intervals; remedies: {REMEDIES}")
+        dead = [e for e, c in enumerate(counts) if c == 0]
+        if len(dead) >= max(1, math.ceil(self.dead_fraction * len(counts))):
+            out.append(f"{len(dead)} dead experts in layer {layer} (no tokens this interval): {dead}; "
+                       f"remedies: {REMEDIES}")
+        return out
+
+
+def routing_summary(loads: dict[int, list[float]]) -> str:
+    """The end-of-training table: most/least loaded experts, CV, dead experts per layer."""
+    lines = ["routing summary (last interval):", f"{'layer':>5} {'most loaded':>16} {'least loaded':>16} "
+             f"{'CV':>6} {'dead':>5}"]
+    for i, counts in sorted(loads.items()):
+        total = sum(counts) or 1.0
+        mean = total / len(counts)
+        cv = math.sqrt(sum((c - mean) ** 2 for c in counts) / len(counts)) / mean if mean else 0.0
+        hi = max(range(len(counts)), key=counts.__getitem__)
+        lo = min(range(len(counts)), key=counts.__getitem__)
+        most, least = f"e{hi} {counts[hi] / total:.1%}", f"e{lo} {counts[lo] / total:.1%}"
+        lines.append(f"{i:>5} {most:>16} {least:>16} {cv:6.2f} {sum(c == 0 for c in counts):>5}")
+    return "\n".join(lines)

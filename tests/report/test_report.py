@@ -1,0 +1,61 @@
+"""The run report: routing breakdowns, the HTML page, and how a real browser renders it."""
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from moekit.cli.main import main as cli
+from moekit.config import RunConfig
+from moekit.report.routing import RoutingBreakdown
+from moekit.train.trainer import train
+
+
+def test_mutual_information_bounds():
+    one_to_one = RoutingBreakdown(["a", "b"], {0: np.array([[10, 0], [0, 30]])})
+    assert one_to_one.mutual_information(0) == pytest.approx(one_to_one.class_entropy(0))
+    independent = RoutingBreakdown(["a", "b"], {0: np.array([[10, 30], [5, 15]])})
+    assert independent.mutual_information(0) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def reported_run(tmp_path_factory, parl_subset):
+    run = tmp_path_factory.mktemp("report") / "run"
+    cfg = RunConfig.from_dict({
+        "data": {"corpus": str(parl_subset), "vocab_size": 512, "seq_len": 32},
+        "model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128,
+                  "moe": {"d_ff": 64, "num_experts": 4, "top_k": 2}},
+        "train": {"batch_size": 8, "max_steps": 12, "eval_every": 4, "eval_batches": 2, "log_every": 2}})
+    train(cfg, run, progress=False)
+    assert cli(["report", str(run), "--windows", "64"]) == 0
+    return run
+
+
+def test_report_has_every_section_and_embedded_plots(reported_run, capsys):
+    page = (reported_run / "report.html").read_text()
+    for section in ("summary", "losses", "load-over-time", "final-load", "drops", "by-language", "by-frequency",
+                    "throughput"):
+        assert f'id="{section}"' in page, section
+    assert len(re.findall(r'src="data:image/png;base64,', page)) >= 7
+    assert "http" not in page.split("<body>")[1]          # self-contained: nothing to fetch
+    mi = [float(v) for v in re.findall(r"<tr><td>\d+</td><td>([0-9.]+)</td>", page)]
+    assert len(mi) == 2 and all(0 <= v <= 2 for v in mi)  # 4 languages: at most 2 bits
+
+
+def test_report_in_a_real_browser(reported_run, tmp_path):
+    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no Chromium on this machine (apt install chromium)")
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2400",
+                    f"--screenshot={shot}", (reported_run / "report.html").as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    import matplotlib.pyplot as plt
+    pixels = plt.imread(shot)
+    assert pixels.shape[0] == 2400 and pixels.shape[1] == 1200
+    dark = (pixels[..., :3].mean(-1) < 0.5).mean()
+    assert 0.005 < dark < 0.5        # text and plots drawn, not a blank or black page
