@@ -72,7 +72,8 @@ class MoELayer(nn.Module):
             y_TD = self.dispatcher.combine(y_RD, plan)
             if self.shared is not None:
                 y_TD = y_TD + self.shared(x_TD.to(compute_dtype))
-        return y_TD.view(x.shape), self._aux(routing, plan, counts_E)
+        # plan.counts_E: this rank's routing over all experts (counts_E is per *local* expert under EP)
+        return y_TD.view(x.shape), self._aux(routing, plan, plan.counts_E)
 
     def _aux(self, routing: RouterOutput, plan: DispatchPlan, counts_E: Tensor) -> MoEAux:
         T = routing.num_tokens

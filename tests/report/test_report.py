@@ -35,8 +35,8 @@ def reported_run(tmp_path_factory, parl_subset):
 
 def test_report_has_every_section_and_embedded_plots(reported_run, capsys):
     page = (reported_run / "report.html").read_text()
-    for section in ("summary", "losses", "load-over-time", "final-load", "drops", "by-language", "by-frequency",
-                    "throughput"):
+    for section in ("summary", "losses", "load-over-time", "final-load", "drops", "by-language",
+                    "by-frequency", "throughput"):
         assert f'id="{section}"' in page, section
     assert len(re.findall(r'src="data:image/png;base64,', page)) >= 7
     assert "http" not in page.split("<body>")[1]          # self-contained: nothing to fetch
@@ -49,8 +49,9 @@ def test_report_in_a_real_browser(reported_run, tmp_path):
     if browser is None:
         pytest.skip("no Chromium on this machine (apt install chromium)")
     shot = tmp_path / "report.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync",
                     f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2400",
                     f"--screenshot={shot}", (reported_run / "report.html").as_uri()],
                    capture_output=True, timeout=120, check=True)

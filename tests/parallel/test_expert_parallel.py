@@ -1,0 +1,87 @@
+"""EP=2 on two real gloo processes against the single-process layer: outputs and every
+gradient, including a rank whose experts receive no tokens and a rank with no tokens."""
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moekit import MoEConfig, MoELayer
+from moekit.parallel.expert_parallel import shard_experts
+
+TOKENS = {"normal": (13, 7), "empty_rank": (11, 0)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, case: str, cfg_kw: dict, errors):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        cfg = MoEConfig(d_model=16, d_ff=16, **cfg_kw)
+        ref = MoELayer(cfg)
+        if case == "idle_experts":   # every token picks experts 0 and 1: rank 1's experts get nothing
+            with torch.no_grad():
+                ref.router.weight_ED.zero_()
+                ref.router.weight_ED[0] = 2.0
+                ref.router.weight_ED[1] = 1.0
+        ep = copy.deepcopy(ref)
+        shard_experts(ep)
+        counts = TOKENS.get(case, TOKENS["normal"])
+        draw = torch.rand if case == "idle_experts" else torch.randn   # rand > 0: expert 0 wins
+        xs = [draw(n, 16, generator=torch.Generator().manual_seed(10 + r)) for r, n in enumerate(counts)]
+        gs = [torch.randn(n, 16, generator=torch.Generator().manual_seed(20 + r)) for r, n in enumerate(counts)]
+        # single process: the whole global batch through the full layer
+        x_all = torch.cat(xs).requires_grad_()
+        y_all, _ = ref(x_all)
+        (y_all * torch.cat(gs)).sum().backward()
+        # expert parallel: this rank's tokens only
+        x = xs[rank].clone().requires_grad_()
+        y, aux = ep(x)
+        (y * gs[rank]).sum().backward()
+        start = sum(counts[:rank])
+        torch.testing.assert_close(y, y_all[start:start + counts[rank]].detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.grad, x_all.grad[start:start + counts[rank]], rtol=1e-5, atol=1e-5)
+        lo, hi = ep.expert_slice
+        for name in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
+            if getattr(ref.experts, name) is None:   # GELU experts have no gate
+                continue
+            expected = getattr(ref.experts, name).grad[lo:hi]
+            got = getattr(ep.experts, name).grad
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=name)
+        router_grad = ep.router.weight_ED.grad.clone()
+        dist.all_reduce(router_grad)          # replicated parameter: DDP/FSDP sums it over ranks
+        torch.testing.assert_close(router_grad, ref.router.weight_ED.grad, rtol=1e-5, atol=1e-5)
+        assert aux.tokens_per_expert.shape == (cfg.num_experts,)
+    except Exception as err:  # noqa: BLE001 - reported to the parent
+        errors.put(f"rank {rank}: {type(err).__name__}: {err}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case, cfg_kw", [
+    ("normal", dict(num_experts=4, top_k=2)),
+    ("normal", dict(num_experts=8, top_k=3, activation="gelu")),
+    ("normal", dict(num_experts=4, top_k=2, capacity_factor=8.0)),
+    ("idle_experts", dict(num_experts=4, top_k=2)),
+    ("empty_rank", dict(num_experts=4, top_k=2)),
+])
+def test_ep2_equals_single_process(case, cfg_kw):
+    errors = mp.get_context("spawn").SimpleQueue()
+    try:
+        mp.spawn(_worker, args=(2, _free_port(), case, cfg_kw, errors), nprocs=2, join=True)
+    except Exception:
+        msgs = []
+        while not errors.empty():
+            msgs.append(errors.get())
+        pytest.fail("; ".join(msgs) or "a rank failed")
