@@ -38,8 +38,9 @@ def _worker(rank: int, world: int, port: int, case: str, cfg_kw: dict, errors):
         shard_experts(ep)
         counts = TOKENS.get(case, TOKENS["normal"])
         draw = torch.rand if case == "idle_experts" else torch.randn   # rand > 0: expert 0 wins
-        xs = [draw(n, 16, generator=torch.Generator().manual_seed(10 + r)) for r, n in enumerate(counts)]
-        gs = [torch.randn(n, 16, generator=torch.Generator().manual_seed(20 + r)) for r, n in enumerate(counts)]
+        gen = [torch.Generator().manual_seed(10 + r) for r in range(world)]
+        xs = [draw(n, 16, generator=g) for n, g in zip(counts, gen)]
+        gs = [torch.randn(n, 16, generator=g) for n, g in zip(counts, gen)]
         # single process: the whole global batch through the full layer
         x_all = torch.cat(xs).requires_grad_()
         y_all, _ = ref(x_all)
