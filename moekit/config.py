@@ -302,6 +302,34 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """dp x ep ranks (checked against the world size when the mesh is built).
+
+    ``sharding``: "none" = DDP for the replicated parameters; "fsdp" = FSDP2 ``fully_shard``
+    (ep = 1 for now). Expert parameters are sharded by ep; their gradients are reduced over
+    the data-parallel ranks that hold the same experts only."""
+
+    dp: int = 1
+    ep: int = 1
+    sharding: str = "none"
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "ep"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ParallelConfig.{name}={value!r}: must be an integer >= 1; fix the value")
+        if self.sharding not in ("none", "fsdp"):
+            raise ValueError(f"ParallelConfig.sharding={self.sharding!r}: is not 'none' or 'fsdp'; pick one")
+        if self.sharding == "fsdp" and self.ep > 1:
+            raise ValueError(f"ParallelConfig.sharding='fsdp' with ep={self.ep}: FSDP of expert-parallel "
+                             "layers is not implemented yet; use sharding='none' (DDP) with ep > 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.ep
+
+
+@dataclass
 class RunConfig:
     """Everything a training run needs; loaded from TOML, overridden with ``--set a.b=c``.
 
@@ -314,6 +342,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(moe=default_moe(ModelConfig.d_model)))
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def from_dict(cls, raw: dict) -> RunConfig:
@@ -375,7 +404,8 @@ def _build(cls, raw: dict, prefix: str):
                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}")
     kwargs = {}
     for key, value in raw.items():
-        sub = {RunConfig: {"model": ModelConfig, "data": DataConfig, "train": TrainConfig},
+        sub = {RunConfig: {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+                           "parallel": ParallelConfig},
                ModelConfig: {"moe": MoEConfig}}.get(cls, {}).get(key)
         if sub is MoEConfig:
             if value is None or value is False:
