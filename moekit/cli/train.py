@@ -20,17 +20,26 @@ def register(sub) -> None:
     p.add_argument("--out", help="the run directory (default: a new runs/<recipe>-<date>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--stop-at", type=int, metavar="STEP",
+                   help="stop with a checkpoint after STEP (resume later, with any parallel layout)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="run N processes on this machine through torchrun (multi-node: call torchrun "
+                        "yourself, e.g. torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:PORT "
+                        "-m moekit.cli.main train ...)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    if args.nproc and args.nproc > 1:
+        return _torchrun(args)
     import logging
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from moekit.train.trainer import train
     if args.resume:
         if args.config or args.set:
             raise ValueError("--resume continues a run with its saved config; drop --config/--set")
-        summary = train(RunConfig(), Path(args.resume), resume=True, progress=not args.no_progress)
+        summary = train(RunConfig(), Path(args.resume), resume=True, progress=not args.no_progress,
+                        stop_at=args.stop_at)
         out = Path(args.resume)
     else:
         cfg = (RunConfig.from_toml(args.config, args.set) if args.config
@@ -38,7 +47,10 @@ def run(args) -> int:
         recipe = Path(args.config).stem if args.config else "tiny-moe"
         out = Path(args.out) if args.out else Path("runs") / f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"run directory: {out}")
-        summary = train(cfg, out, progress=not args.no_progress)
+        summary = train(cfg, out, progress=not args.no_progress, stop_at=args.stop_at)
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_rank() != 0:   # rank 0 reports
+        return 0
     short = {k: v for k, v in summary.items() if k not in ("train_losses", "routing_last_interval")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(short, indent=1))
@@ -46,3 +58,28 @@ def run(args) -> int:
         loads = {int(i): c for i, c in summary["routing_last_interval"].items()}
         print(routing_summary(loads))
     return 0
+
+
+def _torchrun(args) -> int:
+    """``moekit train --nproc N ...`` = ``torchrun --standalone --nproc-per-node N -m moekit.cli.main
+    train ...``: a convenience, not a launcher of our own."""
+    import subprocess
+    import sys
+    argv = sys.argv[sys.argv.index("train") + 1:]
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    if not args.resume and not args.out:   # one run directory for all ranks
+        recipe = Path(args.config).stem if args.config else "tiny-moe"
+        rest += ["--out", str(Path("runs") / f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "moekit.cli.main", "train", *rest]
+    return subprocess.call(cmd)

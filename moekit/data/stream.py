@@ -94,7 +94,10 @@ class PackedSplit:
     @classmethod
     def open(cls, cache: Path, split: str, seq_len: int) -> PackedSplit:
         meta = json.loads((cache / "meta.json").read_text())
-        tokens = np.memmap(cache / f"{split}.bin", dtype=meta["dtype"], mode="r")
+        path = cache / f"{split}.bin"
+        # an empty split cannot be memory-mapped; callers check len() and explain
+        tokens = (np.memmap(path, dtype=meta["dtype"], mode="r") if path.stat().st_size
+                  else np.zeros(0, dtype=meta["dtype"]))
         starts, tags = np.load(cache / f"{split}_docs.npy")
         return cls(tokens, starts, tags, meta["tags"], seq_len)
 

@@ -85,3 +85,21 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, *,
         ddp = nn.parallel.DistributedDataParallel(model)
         return Parallelized(torch.compile(ddp) if compile else ddp, model, sync_expert_grads)
     return Parallelized(forward, model, sync_expert_grads)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, ep_group=None) -> float:
+    """Global gradient-norm clipping when experts are sharded: the expert part of the squared
+    norm is summed over the "ep" group, so every rank scales by the same coefficient."""
+    experts = {id(p) for p in expert_parameters(model)} if ep_group is not None else set()
+    grads = [(p.grad, id(p) in experts) for p in model.parameters() if p.grad is not None]
+    zero = torch.zeros((), device=grads[0][0].device) if grads else torch.zeros(())
+    sq_rep = sum((g.float().square().sum() for g, is_exp in grads if not is_exp), zero)
+    sq_exp = sum((g.float().square().sum() for g, is_exp in grads if is_exp), zero.clone())
+    if experts:
+        dist.all_reduce(sq_exp, group=ep_group)
+    norm = float((sq_rep + sq_exp).sqrt())
+    coef = min(1.0, max_norm / (norm + 1e-6))
+    if coef < 1.0:
+        for g, _ in grads:
+            g.mul_(coef)
+    return norm

@@ -14,11 +14,13 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
@@ -28,6 +30,8 @@ from moekit.data.stream import BatchSampler, PackedSplit, build_token_cache, is_
 from moekit.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from moekit.model.transformer import MoETransformer, model_flops
 from moekit.moe.layer import MoELayer
+from moekit.parallel.checkpointing import full_state, load_full_optimizer_state
+from moekit.parallel.parallelize import build_mesh, clip_grad_norm, parallelize
 from moekit.runtime import tune_cpu_allocator
 from moekit.train.checkpoint import CHECKPOINT, load_checkpoint, restore_rng, save_checkpoint
 from moekit.train.metrics import MetricsWriter, mfu
@@ -37,9 +41,26 @@ from moekit.train.telemetry import RoutingTelemetry
 log = logging.getLogger("moekit")
 
 
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size); under torchrun (WORLD_SIZE > 1) this joins the process group:
+    gloo on CPU, NCCL on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _mean_over_ranks(values: list[float], world: int) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return (t / world).tolist()
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("TrainConfig.device='cuda' but no CUDA device is visible; "
                          "use device='cpu' or 'auto'")
@@ -118,6 +139,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     ``stop_at``: stop after that step with a checkpoint, as if preempted (the schedule still
     runs to ``max_steps``, so a resume continues the same trajectory)."""
     run_dir = Path(run_dir)
+    rank, world = distributed_context()
+    main = rank == 0
     state = None
     if resume:
         state = load_checkpoint(run_dir)
@@ -125,32 +148,62 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     elif (run_dir / CHECKPOINT).exists():
         raise ValueError(f"{str(run_dir)!r} already holds a run (checkpoint.pt); resume it with "
                          f"--resume {run_dir} or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    parallel = cfg.parallel
+    if resume and parallel.world_size != world:     # the checkpoint is consolidated: any layout resumes
+        ep = parallel.ep if world % parallel.ep == 0 else 1
+        parallel = dataclasses.replace(parallel, dp=world // ep, ep=ep,
+                                       sharding=parallel.sharding if ep == 1 else "none")
+        log.info("resuming a %s-process run on %d: parallel = %s", cfg.parallel.world_size, world, parallel)
+    if world > 1 and parallel.world_size == 1:      # plain torchrun: data parallel over all ranks
+        parallel = dataclasses.replace(parallel, dp=world)
+    elif parallel.world_size != world:
+        raise ValueError(f"parallel.dp x parallel.ep = {parallel.world_size} but {world} process(es) run; "
+                         f"launch {parallel.world_size} (torchrun --nproc-per-node) or change parallel.dp/ep")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     tune_cpu_allocator()
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
-    tok, train_split, val_split, meta = prepare_data(cfg, run_dir)
+    if main:                                   # rank 0 trains the tokenizer and builds the cache
+        tok, train_split, val_split, meta = prepare_data(cfg, run_dir)
+    if world > 1:
+        dist.barrier()
+    if not main:                               # the others find both and read them
+        tok, train_split, val_split, meta = prepare_data(cfg, run_dir)
     mcfg = model_config_for(cfg, tok.get_vocab_size())
     model = MoETransformer.build(mcfg, device=device)
-    model.activation_checkpointing = cfg.train.activation_checkpointing
-    # compiled forward, plain module for state dicts (no "_orig_mod." prefixes in checkpoints)
-    forward = torch.compile(model) if cfg.train.compile else model
+    if state is not None:                      # a consolidated (single-device) state
+        model.load_state_dict(state["model"])
+    ep_group = None
+    if world > 1:
+        mesh = build_mesh(parallel, device.type)
+        par = parallelize(model, mesh, parallel, activation_checkpointing=cfg.train.activation_checkpointing,
+                          compile=cfg.train.compile)
+        forward, sync_expert_grads = par.forward, par.sync_expert_grads
+        ep_group = mesh["ep"].get_group() if parallel.ep > 1 else None
+    else:
+        model.activation_checkpointing = cfg.train.activation_checkpointing
+        # compiled forward, plain module for state dicts (no "_orig_mod." prefixes in checkpoints)
+        forward = torch.compile(model) if cfg.train.compile else model
+        sync_expert_grads = lambda: None  # noqa: E731
     opt = build_optimizer(model, cfg.train)
-    sampler = BatchSampler(len(train_split), cfg.train.batch_size, cfg.train.seed)
+    sampler = BatchSampler(len(train_split), cfg.train.batch_size, cfg.train.seed, rank, world)
     step = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        if world > 1:
+            load_full_optimizer_state(model, opt, state["optimizer"], parallel.sharding)
+        else:
+            opt.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         step = state["step"]
         restore_rng(state)
     moe_layers = {i: b.ffn for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoELayer)}
     flops = model_flops(mcfg, cfg.data.seq_len)
-    writer = MetricsWriter(run_dir)
+    writer = MetricsWriter(run_dir) if main else None
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
     bar = None
-    if progress:
+    if progress and main:
         from tqdm import tqdm
         bar = tqdm(total=cfg.train.max_steps, initial=step, unit="step", dynamic_ncols=True)
     model.train()
@@ -180,11 +233,20 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
                     counts[i] = counts[i] + aux.tokens_per_expert
                 if telemetry is not None:
                     telemetry.update(out.moe)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
+            sync_expert_grads()
+            if world > 1:
+                lm_sum, aux_sum, z_sum = _mean_over_ranks([lm_sum, aux_sum, z_sum], world)
+            if ep_group is not None:
+                grad_norm = clip_grad_norm(model, cfg.train.grad_clip, ep_group)
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
             opt.step()
             opt.zero_grad(set_to_none=True)
             for i, layer in moe_layers.items():
                 if layer.cfg.aux_loss_free:
+                    if world > 1:          # every rank must move its bias the same way
+                        counts[i] = counts[i].clone()
+                        dist.all_reduce(counts[i])
                     layer.update_router_bias(counts[i])
             step += 1
             train_time += time.perf_counter() - t_step
@@ -208,20 +270,31 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
                     routing, loads, warnings = telemetry.flush()
                     metrics.update(routing)
                     metrics.update({f"moe/layer{i}/load": c for i, c in loads.items()})
-                    writer.histograms(step, {f"moe/layer{i}/tokens_per_expert": c for i, c in loads.items()})
+                    if writer is not None:
+                        writer.histograms(step, {f"moe/layer{i}/tokens_per_expert": c
+                                                 for i, c in loads.items()})
                     last_loads = loads or last_loads
                     for w in warnings:
                         log.warning("step %d: %s", step, w)
-                writer.log(step, metrics)
+                if writer is not None:
+                    writer.log(step, metrics)
             if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
                 val_loss = evaluate(model, val_split, cfg, device, cfg.train.eval_batches)
-                writer.log(step, {"loss/val": val_loss, "loss/val_ppl": math.exp(min(val_loss, 50))})
+                if writer is not None:
+                    writer.log(step, {"loss/val": val_loss, "loss/val_ppl": math.exp(min(val_loss, 50))})
             if step % cfg.train.save_every == 0 or step in (cfg.train.max_steps, end):
-                save_checkpoint(run_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                          "sampler": sampler.state_dict(), "step": step,
-                                          "config": cfg.to_dict(), "tokenizer": tok.to_str()})
+                if world > 1:   # consolidated: every rank gathers, rank 0 writes
+                    model_sd, opt_sd = full_state(model, opt, parallel.sharding, ep_group)
+                else:
+                    model_sd, opt_sd = model.state_dict(), opt.state_dict()
+                if main:
+                    save_checkpoint(run_dir, {"model": model_sd, "optimizer": opt_sd,
+                                              "sampler": sampler.state_dict(), "step": step,
+                                              "config": cfg.to_dict(), "tokenizer": tok.to_str(),
+                                              "saved_world_size": world})
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         if bar is not None:
             bar.close()
     return {"steps": step, "final_train_loss": history[-1] if history else None, "final_val_loss": val_loss,
