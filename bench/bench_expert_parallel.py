@@ -18,7 +18,6 @@ import copy
 import json
 import os
 import socket
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,23 +31,15 @@ import moekit.parallel.expert_parallel as ep_mod  # noqa: E402
 from moekit import MoEConfig, MoELayer  # noqa: E402
 from moekit.parallel.expert_parallel import shard_experts  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median_s  # noqa: E402
+
 
 def a2a_bytes_per_rank(tokens: int, top_k: int, d_model: int, bytes_per: int, ep: int) -> float:
     """Bytes one rank sends per MoE layer per training step under uniform routing: rows to
     other ranks ((ep-1)/ep of its T*K assignments), D values each, twice forward (dispatch,
     combine) and twice backward (their gradients)."""
     return 4 * tokens * top_k * (ep - 1) / ep * d_model * bytes_per
-
-
-def _time(fn, reps):
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), ts
 
 
 def _worker(rank, world, port, args, out):
@@ -82,7 +73,7 @@ def _worker(rank, world, port, args, out):
 
     ep_mod.all_to_all_single = timed
     dist.barrier()
-    ep2, _ = _time(lambda: step(ep_layer), args.reps)
+    ep2 = median_s(lambda: step(ep_layer), args.reps)
     a2a_time[0] = 0.0
     n = args.reps
     for _ in range(n):
@@ -90,7 +81,7 @@ def _worker(rank, world, port, args, out):
     fwd_a2a = a2a_time[0] / n        # forward exchanges (the autograd backward ones are not wrapped)
     ep_mod.all_to_all_single = original
     dist.barrier()
-    ep1, _ = _time(lambda: step(layer), args.reps) if rank == 0 else (0.0, [])
+    ep1 = median_s(lambda: step(layer), args.reps) if rank == 0 else 0.0
     dist.barrier()
     if rank == 0:
         out.put({"ep2_step_s": ep2, "ep1_step_s": ep1, "a2a_forward_s": fwd_a2a})

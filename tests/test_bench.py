@@ -36,3 +36,13 @@ def test_phase_benchmark_times_every_stage(tmp_path):
     assert set(stages) == {"dense FFN", "MoE layer", "router", "plan", "gather", "experts", "combine",
                            "aux losses"}
     assert all(v > 0 for v in stages.values())
+
+
+def test_expert_parallel_benchmark_runs_two_processes(tmp_path):
+    out = tmp_path / "ep.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_expert_parallel.py"), "--tokens", "64",
+           "--d-model", "16", "--d-ff", "32", "--experts", "4", "--reps", "2", "--out", str(out)]
+    subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
+    data = json.loads(out.read_text())
+    assert data["ep1_step_s"] > 0 and data["ep2_step_s"] > 0 and data["a2a_forward_s"] > 0
+    assert data["predicted_bytes_per_rank_per_step"] == 4 * 64 * 2 * 0.5 * 16 * 4
