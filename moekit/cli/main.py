@@ -22,7 +22,7 @@ from moekit.cli import train as train_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moekit", description=__doc__,
+    parser = argparse.ArgumentParser(prog="moekit", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (train_cmd, generate_cmd, eval_cmd, report_cmd, data_cmd):
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.raw_argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args) or 0
     except (ValueError, FileNotFoundError) as err:   # bad input: one clear line, no traceback

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from moekit.train.telemetry import routing_summary
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train an MoE (or dense) language model",
+    p = sub.add_parser("train", help="train an MoE (or dense) language model", allow_abbrev=False,
                        description="Train a model. With no arguments: the default recipe (a tiny MoE on "
                                    "parlspeech, sized for a laptop CPU).")
     p.add_argument("--config", help="a TOML recipe (see configs/)")
@@ -30,7 +31,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    if args.nproc and args.nproc > 1:
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:   # not already under torchrun
         return _torchrun(args)
     import logging
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -65,7 +66,7 @@ def _torchrun(args) -> int:
     train ...``: a convenience, not a launcher of our own."""
     import subprocess
     import sys
-    argv = sys.argv[sys.argv.index("train") + 1:]
+    argv = args.raw_argv[args.raw_argv.index("train") + 1:]
     rest, skip = [], False
     for a in argv:
         if skip:

@@ -119,39 +119,40 @@ class PackedSplit:
 
 
 class BatchSampler:
-    """Deterministic batches of window indices: a seeded permutation per epoch, this rank's
-    share of it (``rank::world_size``), cut into batches. The position is two integers
-    (epoch, step within epoch) that a checkpoint saves and a resume restores."""
+    """Deterministic batches of window indices. Each epoch is one seeded permutation of the
+    windows; global batch g is its slice [g*B*W, (g+1)*B*W), and rank r takes its B-window
+    share of that. The position is saved as (epoch, windows consumed in the epoch), so a
+    run resumed on a different number of ranks W continues where the epoch stood (the
+    global batch B*W changes with W: B is per rank)."""
 
     def __init__(self, num_windows: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        per_rank = num_windows // world_size
-        if per_rank < batch_size:
+        if num_windows < batch_size * world_size:
             raise ValueError(f"the training split has {num_windows} windows, fewer than batch_size="
                              f"{batch_size} x world_size={world_size}; use more text, a smaller "
                              "batch_size or a shorter seq_len")
         self.num_windows, self.batch_size, self.seed = num_windows, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.batches_per_epoch = per_rank // batch_size
+        self.global_batch = batch_size * world_size
+        self.batches_per_epoch = num_windows // self.global_batch
         self.epoch, self.step_in_epoch = 0, 0
         self._cached: tuple[int, list[int]] | None = None
 
     def _order(self, epoch: int) -> list[int]:
         if self._cached is None or self._cached[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            perm = torch.randperm(self.num_windows, generator=g)
-            self._cached = (epoch, perm[self.rank::self.world_size].tolist())
+            self._cached = (epoch, torch.randperm(self.num_windows, generator=g).tolist())
         return self._cached[1]
 
     def next(self) -> list[int]:
-        if self.step_in_epoch == self.batches_per_epoch:
+        if self.step_in_epoch >= self.batches_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        order = self._order(self.epoch)
-        b = self.step_in_epoch * self.batch_size
+        start = self.step_in_epoch * self.global_batch + self.rank * self.batch_size
         self.step_in_epoch += 1
-        return order[b:b + self.batch_size]
+        return self._order(self.epoch)[start:start + self.batch_size]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+        return {"epoch": self.epoch, "windows_done": self.step_in_epoch * self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = -(-int(state["windows_done"]) // self.global_batch)   # ceil: no repeats

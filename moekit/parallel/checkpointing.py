@@ -56,6 +56,8 @@ def full_state(model: nn.Module, opt: torch.optim.Optimizer, sharding: str,
         params = [p for g in opt.param_groups for p in g["params"]]
         for idx, p in enumerate(params):
             if id(p) in experts and idx in opt_sd["state"]:
+                # opt.state_dict() shares the live per-parameter dicts: copy before replacing
+                opt_sd["state"][idx] = dict(opt_sd["state"][idx])
                 for k in _MOMENTS:
                     opt_sd["state"][idx][k] = _gather_dim0(opt_sd["state"][idx][k], ep_group)
     return model_sd, opt_sd

@@ -46,7 +46,11 @@ def distributed_context() -> tuple[int, int]:
     gloo on CPU, NCCL on CUDA."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("cpu:gloo,cuda:nccl")   # CPU tensors (losses, counts) too
+        else:
+            dist.init_process_group("gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -150,10 +154,15 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
                          f"--resume {run_dir} or choose another --out")
     parallel = cfg.parallel
     if resume and parallel.world_size != world:     # the checkpoint is consolidated: any layout resumes
-        ep = parallel.ep if world % parallel.ep == 0 else 1
+        ep = math.gcd(world, parallel.ep)
         parallel = dataclasses.replace(parallel, dp=world // ep, ep=ep,
                                        sharding=parallel.sharding if ep == 1 else "none")
         log.info("resuming a %s-process run on %d: parallel = %s", cfg.parallel.world_size, world, parallel)
+    if (resume and parallel.sharding == "fsdp" and world > 1
+            and all(isinstance(k, int) for k in state["optimizer"].get("state", {}))):
+        # a single-process checkpoint (index-keyed optimizer state) loads into DDP, not FSDP2
+        parallel = dataclasses.replace(parallel, sharding="none")
+        log.info("resuming a single-process checkpoint with sharding='none' (DDP)")
     if world > 1 and parallel.world_size == 1:      # plain torchrun: data parallel over all ranks
         parallel = dataclasses.replace(parallel, dp=world)
     elif parallel.world_size != world:

@@ -73,3 +73,17 @@ def test_batch_sampler_resumes_its_position():
     assert sorted(sum(first[:12], [])) == sorted(set(sum(first[:12], [])))   # no repeats in an epoch
     with pytest.raises(ValueError, match="batch_size"):
         BatchSampler(5, 8, seed=0)
+
+
+def test_batch_sampler_resumes_on_another_world_size_without_repeats():
+    two = [BatchSampler(100, 5, seed=1, rank=r, world_size=2) for r in range(2)]
+    seen = [w for _ in range(4) for s in two for w in s.next()]          # 4 global batches of 10
+    one = BatchSampler(100, 5, seed=1)
+    one.load_state_dict(two[0].state_dict())
+    seen += [w for _ in range(12) for w in one.next()]                    # the rest of the epoch
+    assert len(seen) == 100 and len(set(seen)) == 100                     # every window exactly once
+    back = [BatchSampler(100, 5, seed=1, rank=r, world_size=2) for r in range(2)]
+    for s in back:
+        s.load_state_dict(one.state_dict())
+    assert all(s.epoch == 1 or s.step_in_epoch == 10 for s in back)
+    assert back[0].next() != [] and back[1].next() != []

@@ -22,7 +22,8 @@ def test_two_ranks_then_one(tmp_path, parl_subset, layout):
               "--set", "model.d_ff=128",
               "--set", "model.moe.d_ff=64", "--set", "model.moe.num_experts=4", "--set", "train.batch_size=4",
               "--set", "train.max_steps=8", "--set", "train.eval_every=4", "--set", "train.eval_batches=2",
-              "--set", "train.log_every=1", "--set", "train.warmup_steps=2"]
+              "--set", "train.log_every=1", "--set", "train.warmup_steps=2",
+              "--set", "train.save_every=2"]      # a mid-run save, then more steps (EP gathers state)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "moekit.cli.main", "train", "--nproc", "2", "--no-progress",
                           "--out", str(run), "--stop-at", "4", *common, *layout],
