@@ -55,9 +55,15 @@ def loss_curves(rows: list[dict], baseline: list[dict] | None) -> str:
     return _png(fig)
 
 
+def per_layer(layers: list[int], height: float):
+    """One figure with a panel per MoE layer: (fig, [(axis, layer), ...])."""
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), height), squeeze=False)
+    return fig, list(zip(axes[0], layers))
+
+
 def load_heatmaps(rows: list[dict], layers: list[int]) -> str:
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3.4), squeeze=False)
-    for ax, i in zip(axes[0], layers):
+    fig, panels = per_layer(layers, 3.4)
+    for ax, i in panels:
         steps, loads = series(rows, f"moe/layer{i}/load")
         share = [[c / (sum(load) or 1) for c in load] for load in loads]
         im = ax.imshow(list(map(list, zip(*share))), aspect="auto", cmap="viridis", interpolation="nearest",
@@ -71,8 +77,8 @@ def load_heatmaps(rows: list[dict], layers: list[int]) -> str:
 
 
 def final_loads(rows: list[dict], layers: list[int]) -> str:
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 2.8), squeeze=False)
-    for ax, i in zip(axes[0], layers):
+    fig, panels = per_layer(layers, 2.8)
+    for ax, i in panels:
         _, loads = series(rows, f"moe/layer{i}/load")
         last = loads[-1]
         total = sum(last) or 1
@@ -85,10 +91,8 @@ def final_loads(rows: list[dict], layers: list[int]) -> str:
 
 
 def breakdown_heatmaps(b: RoutingBreakdown, title: str) -> str:
-    layers = sorted(b.counts)
-    size = (3.2 * len(layers), 0.5 * len(b.labels) + 1.8)
-    fig, axes = plt.subplots(1, len(layers), figsize=size, squeeze=False)
-    for ax, i in zip(axes[0], layers):
+    fig, panels = per_layer(sorted(b.counts), 0.5 * len(b.labels) + 1.8)
+    for ax, i in panels:
         c = b.counts[i]
         p = c / c.sum(1, keepdims=True).clip(min=1)
         ax.imshow(p, aspect="auto", cmap="magma", interpolation="nearest")
