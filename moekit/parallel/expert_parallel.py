@@ -92,11 +92,10 @@ class AllToAllDispatcher(LocalDispatcher):
         x_QD = all_to_all_single(x_RD.new_empty(sum(recv_splits), x_RD.shape[1]), x_RD,
                                  output_split_sizes=recv_splits, input_split_sizes=send_splits,
                                  group=self.group)
-        # received rows: source rank major, local expert minor -> local expert major
-        block_start = torch.cumsum(recv_PL.flatten(), 0) - recv_PL.flatten()       # [P*L]
-        order = [torch.arange(int(block_start[p * L + e]), int(block_start[p * L + e] + recv_PL[p, e]))
-                 for e in range(L) for p in range(P)]
-        regroup_Q = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
+        # received rows: source rank major, local expert minor -> local expert major. A stable
+        # sort by local expert keeps the source-rank order within each expert.
+        expert_of_row = torch.arange(L, device=recv_PL.device).repeat(P).repeat_interleave(recv_PL.flatten())
+        regroup_Q = torch.sort(expert_of_row, stable=True).indices
         plan = ExpertParallelPlan(local=local, send_splits=send_splits, recv_splits=recv_splits,
                                   regroup_Q=regroup_Q.to(x_TD.device), counts_L=recv_PL.sum(0))
         return x_QD.index_select(0, plan.regroup_Q), plan.counts_L, plan

@@ -86,3 +86,53 @@ def test_ep2_equals_single_process(case, cfg_kw):
         while not errors.empty():
             msgs.append(errors.get())
         pytest.fail("; ".join(msgs) or "a rank failed")
+
+
+def _drops_worker(rank: int, world: int, port: int, cfg_kw: dict, errors):
+    """Capacity under EP is per source rank: compare each rank with the full layer on its own
+    tokens; expert and router gradients summed over ranks."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        ref = MoELayer(MoEConfig(d_model=16, d_ff=16, **cfg_kw))
+        ep = copy.deepcopy(ref)
+        shard_experts(ep)
+        n = (9, 0, 5, 12)[rank]
+        gen = torch.Generator().manual_seed(rank)
+        x, g = torch.randn(n, 16, generator=gen), torch.randn(n, 16, generator=gen)
+        x_ref, x_ep = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_ref, aux_ref = ref(x_ref)
+        (y_ref * g).sum().backward()
+        y_ep, aux_ep = ep(x_ep)
+        (y_ep * g).sum().backward()
+        torch.testing.assert_close(y_ep, y_ref.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x_ep.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+        assert float(aux_ep.dropped_fraction) == float(aux_ref.dropped_fraction)
+        lo, hi = ep.expert_slice
+        for name in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
+            full = getattr(ref.experts, name).grad.clone()
+            dist.all_reduce(full)
+            torch.testing.assert_close(getattr(ep.experts, name).grad, full[lo:hi], rtol=1e-5, atol=1e-5)
+        a, b = ep.router.weight_ED.grad.clone(), ref.router.weight_ED.grad.clone()
+        dist.all_reduce(a)
+        dist.all_reduce(b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    except Exception as err:  # noqa: BLE001 - reported to the parent
+        errors.put(f"rank {rank}: {type(err).__name__}: {err}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("policy", ["position", "probability"])
+def test_ep4_with_capacity_drops_and_uneven_ranks(policy):
+    errors = mp.get_context("spawn").SimpleQueue()
+    cfg_kw = dict(num_experts=8, top_k=2, capacity_factor=0.6, drop_policy=policy)
+    try:
+        mp.spawn(_drops_worker, args=(4, _free_port(), cfg_kw, errors), nprocs=4, join=True)
+    except Exception:
+        msgs = []
+        while not errors.empty():
+            msgs.append(errors.get())
+        pytest.fail("; ".join(msgs) or "a rank failed")
