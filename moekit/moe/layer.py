@@ -72,10 +72,12 @@ class MoELayer(nn.Module):
             y_TD = self.dispatcher.combine(y_RD, plan)
             if self.shared is not None:
                 y_TD = y_TD + self.shared(x_TD.to(compute_dtype))
-        # plan.counts_E: this rank's routing over all experts (counts_E is per *local* expert under EP)
-        return y_TD.view(x.shape), self._aux(routing, plan, plan.counts_E)
+        return y_TD.view(x.shape), self._aux(routing, plan)
 
-    def _aux(self, routing: RouterOutput, plan: DispatchPlan, counts_E: Tensor) -> MoEAux:
+    def _aux(self, routing: RouterOutput, plan: DispatchPlan) -> MoEAux:
+        # plan.counts_E: this rank's routing over all E experts (the counts_E the experts saw
+        # are per *local* expert under expert parallelism)
+        counts_E = plan.counts_E
         T = routing.num_tokens
         if routing.experts_TK is not None:
             lb = load_balancing_loss(routing.probs_TE, routing.experts_TK)

@@ -61,15 +61,13 @@ class RoutingTelemetry:
             host = {k: v.tolist() for k, v in acc.items()}          # the interval's one sync
             counts = host["counts"]
             total = sum(counts) or 1.0
-            E = len(counts)
-            mean = total / E
+            mean = total / len(counts)
             share = [c / total for c in counts]
-            var = sum((c - mean) ** 2 for c in counts) / E
             n = self.n
             logit_mean = host["logit_mean"] / n
             p = f"moe/layer{i}/"
             metrics.update({
-                p + "load_cv": math.sqrt(var) / mean if mean else 0.0,
+                p + "load_cv": _cv(counts),
                 p + "max_load": max(counts) / mean if mean else 0.0,
                 p + "token_entropy": host["entropy"] / n,
                 p + "load_entropy": -sum(s * math.log(s) for s in share if s > 0),
@@ -105,14 +103,19 @@ class RoutingTelemetry:
         return out
 
 
+def _cv(counts: list[float]) -> float:
+    """std / mean of the expert loads (0 for no tokens)."""
+    mean = sum(counts) / len(counts)
+    return math.sqrt(sum((c - mean) ** 2 for c in counts) / len(counts)) / mean if mean else 0.0
+
+
 def routing_summary(loads: dict[int, list[float]]) -> str:
     """The end-of-training table: most/least loaded experts, CV, dead experts per layer."""
     lines = ["routing summary (last interval):", f"{'layer':>5} {'most loaded':>16} {'least loaded':>16} "
              f"{'CV':>6} {'dead':>5}"]
     for i, counts in sorted(loads.items()):
         total = sum(counts) or 1.0
-        mean = total / len(counts)
-        cv = math.sqrt(sum((c - mean) ** 2 for c in counts) / len(counts)) / mean if mean else 0.0
+        cv = _cv(counts)
         hi = max(range(len(counts)), key=counts.__getitem__)
         lo = min(range(len(counts)), key=counts.__getitem__)
         most, least = f"e{hi} {counts[hi] / total:.1%}", f"e{lo} {counts[lo] / total:.1%}"
