@@ -305,9 +305,10 @@ class TrainConfig:
 class ParallelConfig:
     """dp x ep ranks (checked against the world size when the mesh is built).
 
-    ``sharding``: "none" = DDP for the replicated parameters; "fsdp" = FSDP2 ``fully_shard``
-    (ep = 1 for now). Expert parameters are sharded by ep; their gradients are reduced over
-    the data-parallel ranks that hold the same experts only."""
+    ``sharding``: "none" = DDP for the non-expert parameters; "fsdp" = FSDP2 ``fully_shard``
+    of the non-expert parameters over all ranks and of the experts along "dp". Expert
+    parameters are split by ep; their gradients are reduced over the data-parallel ranks
+    that hold the same experts only."""
 
     dp: int = 1
     ep: int = 1
@@ -320,9 +321,6 @@ class ParallelConfig:
                 raise ValueError(f"ParallelConfig.{name}={value!r}: must be an integer >= 1; fix the value")
         if self.sharding not in ("none", "fsdp"):
             raise ValueError(f"ParallelConfig.sharding={self.sharding!r}: is not 'none' or 'fsdp'; pick one")
-        if self.sharding == "fsdp" and self.ep > 1:
-            raise ValueError(f"ParallelConfig.sharding='fsdp' with ep={self.ep}: FSDP of expert-parallel "
-                             "layers is not implemented yet; use sharding='none' (DDP) with ep > 1")
 
     @property
     def world_size(self) -> int:

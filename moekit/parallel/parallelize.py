@@ -5,11 +5,14 @@ parallelism (DDP or FSDP2). The model code itself imports nothing distributed.
 The mesh is 2-D, ("dp", "ep"): ranks in one "ep" row split the experts between them and
 exchange tokens; ranks in one "dp" column hold the same experts. Every rank reads its own
 data. Gradients:
-- replicated parameters (attention, norms, embeddings, routers): averaged over all ranks
-  (DDP or FSDP2);
+- non-expert parameters (attention, norms, embeddings, routers): averaged over all ranks
+  (DDP, or FSDP2 sharded over all ranks);
 - expert parameters: summed over the "dp" column and divided by the world size. Each
   expert's local gradient already sums the contributions of every token the "ep" row sent
-  it, so this equals the gradient of the mean loss over the global batch.
+  it, so this equals the gradient of the mean loss over the global batch. With DDP this is
+  sync_expert_grads(); with FSDP2 the experts are sharded along "dp" (on their second
+  dimension, so a checkpoint can name every shard's place in the global [E, ...] tensor)
+  and FSDP's reduce-scatter sums and divides by the world size itself.
 """
 
 from __future__ import annotations
@@ -62,10 +65,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, *,
     forward = torch.compile(model) if compile else model
     # 4. data parallelism
     if cfg.sharding == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-        for block in getattr(model, "blocks", []):
-            fully_shard(block, mesh=mesh["dp"])
-        fully_shard(model, mesh=mesh["dp"])
+        _fully_shard(model, mesh, cfg)
         return Parallelized(forward, model, lambda: None)
     experts = expert_parameters(model) if cfg.ep > 1 else []
     if experts:
@@ -87,19 +87,52 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, *,
     return Parallelized(forward, model, sync_expert_grads)
 
 
+def _fully_shard(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig) -> None:
+    """FSDP2: experts along "dp" (ep > 1), then every block and the root over all ranks."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+    world_mesh = mesh["dp"] if cfg.ep == 1 else init_device_mesh(
+        mesh.device_type, (mesh.size(),), mesh_dim_names=("world",))
+    if cfg.ep > 1:
+        for m in model.modules():
+            if isinstance(m, MoELayer):
+                if m.cfg.d_model % cfg.dp or m.cfg.d_ff % cfg.dp:
+                    raise ValueError(f"parallel.dp={cfg.dp} with sharding='fsdp' and ep={cfg.ep} shards the "
+                                     f"experts' d_model={m.cfg.d_model} and d_ff={m.cfg.d_ff} evenly; make "
+                                     "both multiples of dp or use sharding='none'")
+                fully_shard(m.experts, mesh=mesh["dp"], shard_placement_fn=lambda p: Shard(1))
+                # reduced expert grad = sum over "dp" / world size. With dp > 1: sum, then divide
+                # (gloo has no PREMUL_SUM); with dp = 1 FSDP divides once by itself (forcing the
+                # sum there divides twice in torch 2.13).
+                m.experts.set_force_sum_reduction_for_comms(cfg.dp > 1)
+                m.experts.set_gradient_divide_factor(float(mesh.size()))
+    for block in getattr(model, "blocks", []):
+        fully_shard(block, mesh=world_mesh)
+    fully_shard(model, mesh=world_mesh)
+
+
 def clip_grad_norm(model: nn.Module, max_norm: float, ep_group=None) -> float:
-    """Global gradient-norm clipping when experts are sharded: the expert part of the squared
-    norm is summed over the "ep" group, so every rank scales by the same coefficient."""
+    """Global gradient-norm clipping for any layout, with every rank scaling by the same
+    coefficient. Squared norms: sharded (FSDP2 DTensor) gradients add their local shards over
+    all ranks; expert gradients under DDP + EP add over the "ep" group (each rank holds other
+    experts); replicated gradients count once."""
+    from torch.distributed.tensor import DTensor
     experts = {id(p) for p in expert_parameters(model)} if ep_group is not None else set()
-    grads = [(p.grad, id(p) in experts) for p in model.parameters() if p.grad is not None]
-    zero = torch.zeros((), device=grads[0][0].device) if grads else torch.zeros(())
-    sq_rep = sum((g.float().square().sum() for g, is_exp in grads if not is_exp), zero)
-    sq_exp = sum((g.float().square().sum() for g, is_exp in grads if is_exp), zero.clone())
+    grads = [p for p in model.parameters() if p.grad is not None]
+    device = (grads[0].grad.to_local() if isinstance(grads[0].grad, DTensor) else grads[0].grad).device \
+        if grads else torch.device("cpu")
+    sq = {kind: torch.zeros((), device=device) for kind in ("replicated", "experts", "sharded")}
+    for p in grads:
+        g = p.grad
+        kind = "sharded" if isinstance(g, DTensor) else "experts" if id(p) in experts else "replicated"
+        sq[kind] += (g.to_local() if kind == "sharded" else g).float().square().sum()
     if experts:
-        dist.all_reduce(sq_exp, group=ep_group)
-    norm = float((sq_rep + sq_exp).sqrt())
+        dist.all_reduce(sq["experts"], group=ep_group)
+    if dist.is_initialized() and any(isinstance(p.grad, DTensor) for p in grads):
+        dist.all_reduce(sq["sharded"])
+    norm = float(sum(sq.values()).sqrt())
     coef = min(1.0, max_norm / (norm + 1e-6))
     if coef < 1.0:
-        for g, _ in grads:
-            g.mul_(coef)
+        for p in grads:
+            p.grad.mul_(coef)
     return norm

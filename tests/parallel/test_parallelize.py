@@ -1,5 +1,5 @@
-"""DP=2 and EP=2 (two real gloo processes, parallelize()) train with the same losses as one
-process on the same global batch."""
+"""DP=2, EP=2, FSDP2 and FSDP2 + EP (real gloo processes, parallelize()) train with the same
+losses and global gradient norms as one process on the same global batch."""
 
 import os
 import socket
@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from moekit.config import ModelConfig, MoEConfig, ParallelConfig
 from moekit.model.transformer import MoETransformer
-from moekit.parallel.parallelize import build_mesh, parallelize
+from moekit.parallel.parallelize import build_mesh, clip_grad_norm, parallelize
 
 STEPS, B, S, V = 4, 4, 16, 61
 
@@ -33,17 +33,18 @@ def _loss(module, tokens):
     return torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
 
 
-def single_process_losses() -> list[float]:
+def single_process_losses() -> tuple[list[float], list[float]]:
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)   # SGD: sensitive to gradient scale (Adam is not)
-    losses = []
+    losses, norms = [], []
     for tokens in _batches():
         loss = _loss(model, tokens)
         loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))))
         opt.step()
         opt.zero_grad()
         losses.append(float(loss.detach()))
-    return losses
+    return losses, norms
 
 
 def _worker(rank, world, port, dp, ep, sharding, results):
@@ -51,40 +52,47 @@ def _worker(rank, world, port, dp, ep, sharding, results):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         cfg = ParallelConfig(dp=dp, ep=ep, sharding=sharding)
-        par = parallelize(_model(), build_mesh(cfg), cfg)
+        mesh = build_mesh(cfg)
+        par = parallelize(_model(), mesh, cfg)
         opt = torch.optim.SGD(par.module.parameters(), lr=0.5)
-        losses = []
+        ep_group = mesh["ep"].get_group() if ep > 1 else None
+        losses, norms = [], []
         for tokens in _batches():
             mine = tokens.chunk(world)[rank]             # this rank's share of the global batch
             loss = _loss(par.forward, mine)
             loss.backward()
             par.sync_expert_grads()
+            norms.append(clip_grad_norm(par.module, float("inf"), ep_group))
             opt.step()
             opt.zero_grad()
             total = loss.detach().clone()
             dist.all_reduce(total)
             losses.append(float(total) / world)
         if rank == 0:
-            results.put(losses)
+            results.put((losses, norms))
+        del par, opt
+        dist.barrier()      # no rank tears its gloo pairs down while another still talks
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("dp, ep, sharding", [(2, 1, "none"), (1, 2, "none"), (2, 1, "fsdp")])
+@pytest.mark.parametrize("dp, ep, sharding", [(2, 1, "none"), (1, 2, "none"), (2, 1, "fsdp"), (1, 2, "fsdp"),
+                                               (2, 2, "fsdp"), (2, 2, "none")])
 def test_parallel_training_matches_one_process(dp, ep, sharding):
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, dp, ep, sharding, results), nprocs=2, join=True)
-    parallel = results.get()
-    reference = single_process_losses()
-    assert parallel == pytest.approx(reference, rel=1e-5, abs=1e-5), (parallel, reference)
+    mp.spawn(_worker, args=(dp * ep, port, dp, ep, sharding, results), nprocs=dp * ep, join=True)
+    losses, norms = results.get()
+    ref_losses, ref_norms = single_process_losses()
+    assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-5), (losses, ref_losses)
+    assert norms == pytest.approx(ref_norms, rel=1e-5), (norms, ref_norms)
 
 
 def test_world_size_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="ParallelConfig.ep=0"):
         ParallelConfig(ep=0)
-    with pytest.raises(ValueError, match="sharding='fsdp' with ep=2"):
-        ParallelConfig(ep=2, sharding="fsdp")
+    with pytest.raises(ValueError, match="ParallelConfig.sharding='zero3'"):
+        ParallelConfig(sharding="zero3")
