@@ -50,8 +50,12 @@ def run(args) -> int:
         print(f"run directory: {out}")
         summary = train(cfg, out, progress=not args.no_progress, stop_at=args.stop_at)
     import torch.distributed as dist
-    if dist.is_initialized() and dist.get_rank() != 0:   # rank 0 reports
-        return 0
+    if dist.is_initialized():
+        rank = dist.get_rank()
+        dist.barrier()                  # no rank tears its connections down while another still talks
+        dist.destroy_process_group()
+        if rank != 0:                   # rank 0 reports
+            return 0
     short = {k: v for k, v in summary.items() if k not in ("train_losses", "routing_last_interval")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(short, indent=1))

@@ -1,45 +1,153 @@
-"""Atomic checkpoints: everything a resume needs to continue the exact same trajectory."""
+"""Checkpoints: everything a resume needs to continue the exact same trajectory.
+
+One content, two containers (see moekit.parallel.checkpointing for the content):
+
+    {"model": {...}, "optim": {...}, "meta": JSON text (step, sampler, config, tokenizer, layout),
+     "rng": {"rank0": bytes, "rank1": bytes, ...}}
+
+- ``checkpoint.pt``: one torch.save file of full tensors, written by a single process;
+- ``checkpoint/``: a torch.distributed.checkpoint directory written by a parallel run, each
+  rank saving its own pieces (with several nodes, the run directory must be on a shared
+  filesystem). It loads into any layout, one process included; ``moekit export`` makes a
+  consolidated single-device copy of the model.
+
+Both are written atomically: a crash mid-save leaves the previous checkpoint loadable.
+Each save removes the other container, so the newest checkpoint is the only one.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import random
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 CHECKPOINT = "checkpoint.pt"
+SHARDED = "checkpoint"
 
 
-def save_checkpoint(run_dir: Path, state: dict) -> Path:
-    """Write to a temporary file, then rename over the old checkpoint: a crash mid-write
-    leaves the previous checkpoint intact."""
-    path = run_dir / CHECKPOINT
-    tmp = run_dir / (CHECKPOINT + ".tmp")
-    state = {**state, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                              "python": random.getstate()}}
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+def rng_state() -> bytes:
+    return pickle.dumps({"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                         "python": random.getstate()})
 
 
-def load_checkpoint(run_dir: Path) -> dict:
-    path = Path(run_dir) / CHECKPOINT
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint in {str(run_dir)!r} (expected {CHECKPOINT}); "
-                                "is this a moekit run directory?")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        state["model"], state["step"]
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing here
-        raise ValueError(f"checkpoint {str(path)!r} is corrupt or not a moekit checkpoint "
-                         f"({type(err).__name__}); restore it from a copy or start a new run") from None
-    return state
-
-
-def restore_rng(state: dict) -> None:
-    rng = state["rng"]
+def restore_rng(blob: bytes) -> None:
+    rng = pickle.loads(blob)
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The run's newest checkpoint (file or directory), or None."""
+    run_dir = Path(run_dir)
+    candidates = [p for p in (run_dir / SHARDED, run_dir / CHECKPOINT) if p.exists()]
+    if not candidates and (run_dir / (SHARDED + ".old")).exists():   # a crash between two renames
+        candidates = [run_dir / (SHARDED + ".old")]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def save_checkpoint(run_dir: Path, state: dict, meta: dict) -> Path:
+    """Single process: write ``checkpoint.pt`` (to a temporary file, then rename over the old one)."""
+    path, tmp = run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".tmp")
+    torch.save({**state, "meta": json.dumps(meta), "rng": {"rank0": rng_state()}}, tmp)
+    os.replace(tmp, path)
+    shutil.rmtree(run_dir / SHARDED, ignore_errors=True)      # superseded
+    return path
+
+
+def save_sharded_checkpoint(run_dir: Path, state: dict, meta: dict) -> Path:
+    """Every rank calls this: torch.distributed.checkpoint into ``checkpoint.tmp/``, then rank 0
+    swaps it in for ``checkpoint/``."""
+    rank = dist.get_rank()
+    final, tmp, old = run_dir / SHARDED, run_dir / (SHARDED + ".tmp"), run_dir / (SHARDED + ".old")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dcp.save({**state, "meta": json.dumps(meta), "rng": {f"rank{rank}": rng_state()}}, checkpoint_id=tmp)
+    if rank == 0:
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)        # superseded
+    dist.barrier()
+    return final
+
+
+def _dcp_load(state: dict, path: Path) -> None:
+    """dcp.load, collective in a parallel run; on one process without its notice about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path)
+
+
+def _corrupt(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"checkpoint {str(path)!r} is corrupt or not a moekit checkpoint "
+                      f"({type(err).__name__}); restore it from a copy or start a new run")
+
+
+def _missing(run_dir: Path) -> FileNotFoundError:
+    return FileNotFoundError(f"no checkpoint in {str(run_dir)!r} (expected {CHECKPOINT} or {SHARDED}/); "
+                             "is this a moekit run directory?")
+
+
+class Checkpoint:
+    """A run's newest checkpoint, either container. ``meta`` is read on opening; tensors are read
+    by ``load_into`` (resharded into any layout) or ``model_state`` (single process)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = find_checkpoint(run_dir)
+        if self.path is None:
+            raise _missing(run_dir)
+        self.sharded = self.path.is_dir()
+        self._full = None
+        try:
+            if self.sharded:
+                holder = {"meta": ""}
+                _dcp_load(holder, self.path)
+                self.meta = json.loads(holder["meta"])
+            else:
+                self._full = torch.load(self.path, map_location="cpu", weights_only=False)
+                self.meta = json.loads(self._full["meta"])
+            self.meta["step"], self.meta["config"]
+        except Exception as err:  # noqa: BLE001 - any read failure means the same thing here
+            raise _corrupt(self.path, err) from None
+
+    def _keys(self) -> set[str]:
+        return set(dcp.FileSystemReader(self.path).read_metadata().state_dict_metadata)
+
+    def load_into(self, view: dict, rank: int = 0) -> bool:
+        """Load model and optimizer into ``view`` (moekit.parallel.checkpointing.training_state)
+        and this rank's RNG state if the checkpoint has one; returns whether it had."""
+        from moekit.parallel.checkpointing import load_full_state
+        if self.sharded:
+            _dcp_load(view, self.path)
+            rng = {"rng": {f"rank{rank}": b""}}
+            if f"rng.rank{rank}" not in self._keys():
+                return False
+            _dcp_load(rng, self.path)
+            blob = rng["rng"][f"rank{rank}"]
+        else:
+            load_full_state(view, {k: self._full[k] for k in view})
+            blob = self._full["rng"].get(f"rank{rank}")
+            if blob is None:
+                return False
+        restore_rng(blob)
+        return True
+
+    def model_state(self, template: dict) -> dict:
+        """The full model state dict on one process; ``template`` = a model's own state_dict()."""
+        if not self.sharded:
+            return self._full["model"]
+        holder = {"model": {k: torch.empty_like(v) for k, v in template.items()}}
+        _dcp_load(holder, self.path)
+        return holder["model"]

@@ -30,10 +30,10 @@ from moekit.data.stream import BatchSampler, PackedSplit, build_token_cache, is_
 from moekit.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from moekit.model.transformer import MoETransformer, model_flops
 from moekit.moe.layer import MoELayer
-from moekit.parallel.checkpointing import full_state, load_full_optimizer_state
+from moekit.parallel.checkpointing import training_state
 from moekit.parallel.parallelize import build_mesh, clip_grad_norm, parallelize
 from moekit.runtime import tune_cpu_allocator
-from moekit.train.checkpoint import CHECKPOINT, load_checkpoint, restore_rng, save_checkpoint
+from moekit.train.checkpoint import Checkpoint, find_checkpoint, save_checkpoint, save_sharded_checkpoint
 from moekit.train.metrics import MetricsWriter, mfu
 from moekit.train.optim import build_optimizer, lr_at
 from moekit.train.telemetry import RoutingTelemetry
@@ -145,24 +145,18 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     run_dir = Path(run_dir)
     rank, world = distributed_context()
     main = rank == 0
-    state = None
+    ckpt = None
     if resume:
-        state = load_checkpoint(run_dir)
-        cfg = RunConfig.from_dict(state["config"])
-    elif (run_dir / CHECKPOINT).exists():
-        raise ValueError(f"{str(run_dir)!r} already holds a run (checkpoint.pt); resume it with "
+        ckpt = Checkpoint(run_dir)
+        cfg = RunConfig.from_dict(ckpt.meta["config"])
+    elif (found := find_checkpoint(run_dir)) is not None:
+        raise ValueError(f"{str(run_dir)!r} already holds a run ({found.name}); resume it with "
                          f"--resume {run_dir} or choose another --out")
     parallel = cfg.parallel
-    if resume and parallel.world_size != world:     # the checkpoint is consolidated: any layout resumes
+    if resume and parallel.world_size != world:     # checkpoints reshard: any layout resumes any other
         ep = math.gcd(world, parallel.ep)
-        parallel = dataclasses.replace(parallel, dp=world // ep, ep=ep,
-                                       sharding=parallel.sharding if ep == 1 else "none")
+        parallel = dataclasses.replace(parallel, dp=world // ep, ep=ep)
         log.info("resuming a %s-process run on %d: parallel = %s", cfg.parallel.world_size, world, parallel)
-    if (resume and parallel.sharding == "fsdp" and world > 1
-            and all(isinstance(k, int) for k in state["optimizer"].get("state", {}))):
-        # a single-process checkpoint (index-keyed optimizer state) loads into DDP, not FSDP2
-        parallel = dataclasses.replace(parallel, sharding="none")
-        log.info("resuming a single-process checkpoint with sharding='none' (DDP)")
     if world > 1 and parallel.world_size == 1:      # plain torchrun: data parallel over all ranks
         parallel = dataclasses.replace(parallel, dp=world)
     elif parallel.world_size != world:
@@ -172,7 +166,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     tune_cpu_allocator()
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)           # the same initial weights on every rank
     device = resolve_device(cfg.train.device)
     if main:                                   # rank 0 trains the tokenizer and builds the cache
         tok, train_split, val_split, meta = prepare_data(cfg, run_dir)
@@ -182,9 +176,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
         tok, train_split, val_split, meta = prepare_data(cfg, run_dir)
     mcfg = model_config_for(cfg, tok.get_vocab_size())
     model = MoETransformer.build(mcfg, device=device)
-    if state is not None:                      # a consolidated (single-device) state
-        model.load_state_dict(state["model"])
-    ep_group = None
+    ep_group = mesh = None
     if world > 1:
         mesh = build_mesh(parallel, device.type)
         par = parallelize(model, mesh, parallel, activation_checkpointing=cfg.train.activation_checkpointing,
@@ -196,17 +188,16 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
         # compiled forward, plain module for state dicts (no "_orig_mod." prefixes in checkpoints)
         forward = torch.compile(model) if cfg.train.compile else model
         sync_expert_grads = lambda: None  # noqa: E731
+        torch.manual_seed(cfg.train.seed + 1_000_003 * rank)   # then its own stream (router jitter)
     opt = build_optimizer(model, cfg.train)
     sampler = BatchSampler(len(train_split), cfg.train.batch_size, cfg.train.seed, rank, world)
     step = 0
-    if state is not None:
-        if world > 1:
-            load_full_optimizer_state(model, opt, state["optimizer"], parallel.sharding)
-        else:
-            opt.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        step = state["step"]
-        restore_rng(state)
+    if ckpt is not None:
+        if not ckpt.load_into(training_state(model, opt, mesh), rank):
+            log.info("rank %d: the checkpoint has no RNG state for this rank; random streams restart", rank)
+        sampler.load_state_dict(ckpt.meta["sampler"])
+        step = ckpt.meta["step"]
+        ckpt = None                            # release a consolidated state's memory
     moe_layers = {i: b.ffn for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoELayer)}
     flops = model_flops(mcfg, cfg.data.seq_len)
     writer = MetricsWriter(run_dir) if main else None
@@ -245,7 +236,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
             sync_expert_grads()
             if world > 1:
                 lm_sum, aux_sum, z_sum = _mean_over_ranks([lm_sum, aux_sum, z_sum], world)
-            if ep_group is not None:
+            if world > 1:   # sharded and expert-parallel gradients: a global norm
                 grad_norm = clip_grad_norm(model, cfg.train.grad_clip, ep_group)
             else:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
@@ -292,15 +283,13 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
                 if writer is not None:
                     writer.log(step, {"loss/val": val_loss, "loss/val_ppl": math.exp(min(val_loss, 50))})
             if step % cfg.train.save_every == 0 or step in (cfg.train.max_steps, end):
-                if world > 1:   # consolidated: every rank gathers, rank 0 writes
-                    model_sd, opt_sd = full_state(model, opt, parallel.sharding, ep_group)
+                ckpt_meta = {"step": step, "sampler": sampler.state_dict(), "config": cfg.to_dict(),
+                        "tokenizer": tok.to_str(), "saved_world_size": world,
+                        "saved_parallel": dataclasses.asdict(parallel)}
+                if world > 1:   # sharded: every rank writes its own pieces
+                    save_sharded_checkpoint(run_dir, training_state(model, opt, mesh), ckpt_meta)
                 else:
-                    model_sd, opt_sd = model.state_dict(), opt.state_dict()
-                if main:
-                    save_checkpoint(run_dir, {"model": model_sd, "optimizer": opt_sd,
-                                              "sampler": sampler.state_dict(), "step": step,
-                                              "config": cfg.to_dict(), "tokenizer": tok.to_str(),
-                                              "saved_world_size": world})
+                    save_checkpoint(run_dir, training_state(model, opt), ckpt_meta)
     finally:
         if writer is not None:
             writer.close()
@@ -312,13 +301,50 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
 
 
 def load_run(run_dir: Path):
-    """(model in eval mode, tokenizer, config) of a run directory, from its checkpoint."""
-    state = load_checkpoint(run_dir)
-    cfg = RunConfig.from_dict(state["config"])
-    if (run_dir / "tokenizer.json").exists() or "tokenizer" not in state:
+    """(model in eval mode, tokenizer, config) of a run directory (either checkpoint container)
+    or of a ``moekit export`` directory, on one process."""
+    run_dir = Path(run_dir)
+    if (run_dir / EXPORT_WEIGHTS).exists():
+        return _load_export(run_dir)
+    ckpt = Checkpoint(run_dir)
+    cfg = RunConfig.from_dict(ckpt.meta["config"])
+    if (run_dir / "tokenizer.json").exists():
         tok = load_tokenizer(run_dir / "tokenizer.json")
     else:   # the checkpoint carries its tokenizer too
-        tok = Tokenizer.from_str(state["tokenizer"])
+        tok = Tokenizer.from_str(ckpt.meta["tokenizer"])
     model = MoETransformer.build(model_config_for(cfg, tok.get_vocab_size()), device="cpu")
-    model.load_state_dict(state["model"])
+    model.load_state_dict(ckpt.model_state(model.state_dict()))
+    return model.eval(), tok, cfg
+
+
+EXPORT_WEIGHTS = "model.safetensors"
+
+
+def export_run(run_dir: Path, out_dir: Path) -> Path:
+    """A consolidated single-device copy of a run's model (from either checkpoint container):
+    ``model.safetensors``, ``config.json`` and ``tokenizer.json`` in ``out_dir``, which
+    ``load_run`` (so ``moekit generate`` / ``eval``) reads like a run directory."""
+    from safetensors.torch import save_file
+    model, tok, cfg = load_run(run_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # tied embeddings share storage: safetensors stores each tensor once, so save the
+    # untied keys and let the model re-tie on load
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (cfg.model.tie_embeddings and k == "lm_head.weight")}
+    save_file(state, str(out_dir / EXPORT_WEIGHTS), metadata={"format": "moekit"})
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    save_tokenizer(tok, out_dir / "tokenizer.json")
+    return out_dir
+
+
+def _load_export(out_dir: Path):
+    from safetensors.torch import load_file
+    cfg = RunConfig.from_dict(json.loads((out_dir / "config.json").read_text()))
+    tok = load_tokenizer(out_dir / "tokenizer.json")
+    model = MoETransformer.build(model_config_for(cfg, tok.get_vocab_size()), device="cpu")
+    state = load_file(str(out_dir / EXPORT_WEIGHTS))
+    if cfg.model.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    model.load_state_dict(state)
     return model.eval(), tok, cfg

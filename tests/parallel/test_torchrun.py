@@ -1,5 +1,6 @@
-"""The real launcher: two gloo processes through torchrun train a model; the run stops with
-a consolidated checkpoint and resumes as one process."""
+"""The real launcher: gloo processes through torchrun train a model and write a sharded
+torch.distributed.checkpoint; it resumes exactly on the same layout, resumes as one process,
+and exports a consolidated single-device model."""
 
 import json
 import os
@@ -7,6 +8,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+COMMON = ["--set", "data.vocab_size=512", "--set", "data.seq_len=32", "--set", "model.d_model=64",
+          "--set", "model.n_layers=2", "--set", "model.d_ff=128", "--set", "model.moe.d_ff=64",
+          "--set", "model.moe.num_experts=4", "--set", "train.batch_size=4", "--set", "train.eval_every=4",
+          "--set", "train.eval_batches=2", "--set", "train.log_every=1", "--set", "train.warmup_steps=2",
+          "--set", "train.save_every=2"]      # a mid-run save, then more steps
 
 
 def _losses(run):
@@ -14,26 +22,51 @@ def _losses(run):
     return {r["step"]: r["loss/lm"] for r in rows if "loss/lm" in r}
 
 
-@pytest.mark.parametrize("layout", [["--set", "parallel.dp=2"], ["--set", "parallel.ep=2"]])
+def _moekit(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "moekit.cli.main", *args], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _train(run, corpus, *args):
+    return _moekit("train", "--no-progress", "--out", str(run), "--set", f'data.corpus="{corpus}"',
+                   *COMMON, *args)
+
+
+@pytest.mark.parametrize("layout", [["--set", "parallel.dp=2"],
+                                    ["--set", "parallel.ep=2", "--set", 'parallel.sharding="fsdp"']])
 def test_two_ranks_then_one(tmp_path, parl_subset, layout):
     run = tmp_path / "run"
-    common = ["--set", f'data.corpus="{parl_subset}"', "--set", "data.vocab_size=512",
-              "--set", "data.seq_len=32", "--set", "model.d_model=64", "--set", "model.n_layers=2",
-              "--set", "model.d_ff=128",
-              "--set", "model.moe.d_ff=64", "--set", "model.moe.num_experts=4", "--set", "train.batch_size=4",
-              "--set", "train.max_steps=8", "--set", "train.eval_every=4", "--set", "train.eval_batches=2",
-              "--set", "train.log_every=1", "--set", "train.warmup_steps=2",
-              "--set", "train.save_every=2"]      # a mid-run save, then more steps (EP gathers state)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "moekit.cli.main", "train", "--nproc", "2", "--no-progress",
-                          "--out", str(run), "--stop-at", "4", *common, *layout],
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
-    first = _losses(run)
-    assert sorted(first) == [1, 2, 3, 4]
-    one = subprocess.run([sys.executable, "-m", "moekit.cli.main", "train", "--resume", str(run),
-                          "--no-progress"], capture_output=True, text=True, timeout=600, env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
+    _train(run, parl_subset, "--nproc", "2", "--stop-at", "4", "--set", "train.max_steps=8", *layout)
+    assert sorted(_losses(run)) == [1, 2, 3, 4]
+    shards = sorted(p.name for p in (run / "checkpoint").iterdir())
+    assert ".metadata" in shards and sum(s.endswith(".distcp") for s in shards) == 2, shards
+    assert not (run / "checkpoint.pt").exists()
+    _moekit("train", "--resume", str(run), "--no-progress")
     losses = _losses(run)
     assert sorted(losses) == list(range(1, 9))
     assert losses[8] < losses[1]
+    assert (run / "checkpoint.pt").exists() and not (run / "checkpoint").exists()   # the newer one only
+
+
+def test_sharded_resume_is_exact_and_exports(tmp_path, parl_subset):
+    layout = ["--nproc", "2", "--set", "parallel.ep=2", "--set", "train.max_steps=6",
+              "--set", "model.moe.jitter_eps=0.01"]          # per-rank RNG streams must resume too
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _train(straight, parl_subset, *layout)
+    _train(resumed, parl_subset, "--stop-at", "3", *layout)
+    _moekit("train", "--resume", str(resumed), "--no-progress", "--nproc", "2")
+    assert _losses(resumed) == _losses(straight)     # exact: model, AdamW moments, data position, RNG
+    # a consolidated copy for one device: the same model
+    _moekit("export", str(resumed), "--out", str(tmp_path / "export"))
+    assert (tmp_path / "export" / "model.safetensors").exists()
+    from moekit.train.trainer import load_run
+    model, tok, _ = load_run(resumed)
+    exported, _, _ = load_run(tmp_path / "export")
+    x = torch.tensor([tok.encode("Frau Präsidentin, meine Damen und Herren").ids])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x).logits, model(x).logits, rtol=0, atol=0)
+    out = _moekit("generate", str(tmp_path / "export"), "--prompt", "Frau", "--max-new-tokens", "5")
+    assert out.stdout.startswith("Frau")

@@ -123,7 +123,7 @@ def test_aux_loss_free_bias_moves_after_optimizer_steps(tmp_path, parl_subset):
     bias = state["model"]["blocks.0.ffn.router.expert_bias_E"]
     assert bias.abs().sum() > 0
     assert float(bias.abs().max()) <= 6 * 0.01 + 1e-6     # at most one rate-sized move per step
-    assert "tokenizer" in state
+    assert "tokenizer" in json.loads(state["meta"])
 
 
 def test_gradient_accumulation_and_bf16_autocast_train(tmp_path, parl_subset):
