@@ -69,6 +69,10 @@ class MoEConfig:
     # aux-loss-free balancing (DeepSeek-V3): a per-expert selection bias, sigmoid router only
     aux_loss_free: bool = False
     bias_update_rate: float = 1e-3
+    # load-balancing statistics in a parallel run: "local" = each rank's own tokens (what one
+    # process computes on that rank's batch); "global" = the expert fractions of all ranks'
+    # tokens (one all-reduce per layer), so the loss equals one process's on the global batch
+    aux_loss_scope: str = "local"
 
     # capacity: None = dropless (every assignment is computed)
     capacity_factor: float | None = None
@@ -95,6 +99,9 @@ class MoEConfig:
         if self.drop_policy not in DROP_POLICIES:
             raise _bad("drop_policy", self.drop_policy, f"is not one of {DROP_POLICIES}",
                        "pick one of those names")
+        if self.aux_loss_scope not in ("local", "global"):
+            raise _bad("aux_loss_scope", self.aux_loss_scope, "is not 'local' or 'global'",
+                       "pick one of those")
         if self.activation not in ACTIVATIONS:
             raise _bad("activation", self.activation, f"is not one of {ACTIVATIONS}",
                        "pick one of those names")

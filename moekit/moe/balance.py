@@ -17,6 +17,8 @@ Router z-loss (ST-MoE eq. 5): mean over tokens of logsumexp(logits)^2.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -26,14 +28,27 @@ def tokens_per_expert(experts_TK: Tensor, num_experts: int) -> Tensor:
     return torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
 
 
-def load_balancing_loss(probs_TE: Tensor, experts_TK: Tensor) -> Tensor:
-    """E * sum_i f_i * P_i with f_i over all K assignments (equals K at perfect balance)."""
+def load_balancing_loss(probs_TE: Tensor, experts_TK: Tensor,
+                        all_reduce: Callable[[Tensor], None] | None = None, world: int = 1) -> Tensor:
+    """E * sum_i f_i * P_i with f_i over all K assignments (equals K at perfect balance).
+
+    ``all_reduce`` (a sum over ``world`` ranks, in place): f_i comes from every rank's tokens and
+    P_i is this rank's share of the global mean, so the mean of the ranks' losses (what data
+    parallelism optimizes) is the loss of one process on the global batch, for any token counts.
+    Every rank must call it, with or without tokens."""
     num_tokens, num_experts = probs_TE.shape
+    counts_E = tokens_per_expert(experts_TK, num_experts).to(probs_TE.dtype)
+    if all_reduce is not None:
+        with torch.no_grad():
+            stats = torch.cat([counts_E, counts_E.new_tensor([num_tokens])])
+            all_reduce(stats)
+        counts_E, total = stats[:-1], float(stats[-1])
+        if total == 0:
+            return probs_TE.sum() * 0.0
+        return num_experts * torch.dot(counts_E / total, probs_TE.sum(dim=0)) * (world / total)
     if num_tokens == 0:   # an empty batch is perfectly uninformative, not NaN
         return probs_TE.sum() * 0.0
-    f_E = tokens_per_expert(experts_TK, num_experts).to(probs_TE.dtype) / num_tokens
-    P_E = probs_TE.mean(dim=0)
-    return num_experts * torch.dot(f_E, P_E)
+    return num_experts * torch.dot(counts_E / num_tokens, probs_TE.mean(dim=0))
 
 
 def z_loss(logits_TE: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ Shape legend: T tokens (all leading dims flattened), D model dim, E experts, K t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,9 @@ class MoELayer(nn.Module):
         self.dispatcher = LocalDispatcher(cfg.num_experts, cfg.top_k, cfg.capacity_factor
                                           if cfg.router != "expert_choice" else None,
                                           cfg.drop_policy)
+        # set by moekit.parallel.parallelize for aux_loss_scope="global": a sum over all ranks
+        self.stats_all_reduce: Callable[[Tensor], None] | None = None
+        self.stats_world = 1
         self.shared = (DenseFFN(cfg.d_model, cfg.d_ff * cfg.num_shared_experts, cfg.activation,
                                 cfg.dtype) if cfg.num_shared_experts else None)
 
@@ -80,7 +84,8 @@ class MoELayer(nn.Module):
         counts_E = plan.counts_E
         T = routing.num_tokens
         if routing.experts_TK is not None:
-            lb = load_balancing_loss(routing.probs_TE, routing.experts_TK)
+            lb = load_balancing_loss(routing.probs_TE, routing.experts_TK, self.stats_all_reduce,
+                                     self.stats_world)
         else:  # expert choice is balanced by construction
             lb = routing.probs_TE.new_zeros(())
         with torch.no_grad():

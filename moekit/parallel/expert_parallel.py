@@ -14,8 +14,11 @@ assignments), Q rows this rank receives (assignments to its local experts, from 
 Autograd flows through both exchanges (``torch.distributed.nn.functional.all_to_all_single``).
 A rank with no tokens, or experts with no rows, send and receive empty splits: no rank
 waits on a message that never comes. Capacity, when set, is computed per source rank from
-its own T (GShard's per-group capacity). The aux losses use each rank's own routing
-statistics: exactly what the single-process layer computes on that rank's tokens.
+its own T (GShard's per-group capacity). The aux losses use, by default
+(``MoEConfig.aux_loss_scope="local"``), each rank's own routing statistics: exactly what the
+single-process layer computes on that rank's tokens. With ``aux_loss_scope="global"`` the
+expert fractions f_i are all-reduced over every rank (parallelize sets this up), so the mean
+of the ranks' load-balancing losses is what one process computes on the global batch.
 """
 
 from __future__ import annotations

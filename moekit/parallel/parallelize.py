@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -53,6 +54,14 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, *,
                 activation_checkpointing: bool = False, compile: bool = False) -> Parallelized:
     """Apply EP, activation checkpointing, compile and DDP/FSDP2, in that order."""
     world = mesh.size()
+    global_stats = [m for m in model.modules()
+                    if isinstance(m, MoELayer) and m.cfg.aux_loss_scope == "global"]
+    if global_stats and world > 1:
+        # global load-balancing statistics: a sum over all ranks, on a group of their own so
+        # they never interleave with DDP/FSDP traffic (activation checkpointing recomputes them)
+        group = dist.new_group()
+        for m in global_stats:
+            m.stats_all_reduce, m.stats_world = partial(dist.all_reduce, group=group), world
     # 1. expert parallelism
     if cfg.ep > 1:
         for m in model.modules():

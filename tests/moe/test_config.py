@@ -16,6 +16,7 @@ from moekit import MoEConfig
         (dict(capacity_factor=0.0), "capacity_factor"),
         (dict(capacity_factor=-1.25), "capacity_factor"),
         (dict(drop_policy="random"), "drop_policy"),
+        (dict(aux_loss_scope="world"), "aux_loss_scope"),
         (dict(activation="relu"), "activation"),
         (dict(backend="cuda"), "backend"),
         (dict(jitter_eps=1.5), "jitter_eps"),

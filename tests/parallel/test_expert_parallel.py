@@ -63,6 +63,20 @@ def _worker(rank: int, world: int, port: int, case: str, cfg_kw: dict, errors):
         dist.all_reduce(router_grad)          # replicated parameter: DDP/FSDP sums it over ranks
         torch.testing.assert_close(router_grad, ref.router.weight_ED.grad, rtol=1e-5, atol=1e-5)
         assert aux.tokens_per_expert.shape == (cfg.num_experts,)
+        # aux_loss_scope="global": the mean of the ranks' load-balancing losses is the loss of
+        # the whole batch, and so is the summed router gradient (uneven and empty ranks too)
+        ep.stats_all_reduce, ep.stats_world = dist.all_reduce, world
+        ref.router.weight_ED.grad = ep.router.weight_ED.grad = None
+        lb_all = ref(x_all.detach())[1].load_balancing_loss
+        lb_all.backward()
+        lb = ep(xs[rank])[1].load_balancing_loss
+        (lb / world).backward()
+        mean = lb.detach().clone()
+        dist.all_reduce(mean)
+        torch.testing.assert_close(mean / world, lb_all.detach(), rtol=1e-5, atol=1e-6)
+        router_grad = ep.router.weight_ED.grad.clone()
+        dist.all_reduce(router_grad)
+        torch.testing.assert_close(router_grad, ref.router.weight_ED.grad, rtol=1e-5, atol=1e-6)
     except Exception as err:  # noqa: BLE001 - reported to the parent
         errors.put(f"rank {rank}: {type(err).__name__}: {err}")
         raise

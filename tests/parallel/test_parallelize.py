@@ -16,10 +16,13 @@ from moekit.parallel.parallelize import build_mesh, clip_grad_norm, parallelize
 STEPS, B, S, V = 4, 4, 16, 61
 
 
+AUX = 0.1     # the load-balancing loss is part of the objective: "global" statistics make it exact
+
+
 def _model() -> MoETransformer:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=S,
-                      moe=MoEConfig(d_model=32, d_ff=32, num_experts=4, top_k=2))
+                      moe=MoEConfig(d_model=32, d_ff=32, num_experts=4, top_k=2, aux_loss_scope="global"))
     return MoETransformer(cfg)
 
 
@@ -30,7 +33,8 @@ def _batches():
 
 def _loss(module, tokens):
     out = module(tokens[:, :-1])
-    return torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
+    ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
+    return ce + AUX * out.aux_loss
 
 
 def single_process_losses() -> tuple[list[float], list[float]]:
