@@ -18,6 +18,7 @@ data. Gradients:
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -48,6 +49,17 @@ class Parallelized:
     forward: nn.Module                      # call this in training (DDP / compiled / the model)
     module: nn.Module                       # the model itself: state dicts, eval
     sync_expert_grads: Callable[[], None]   # call once per optimizer step, after the backward(s)
+    ddp: nn.parallel.DistributedDataParallel | None = None
+
+    def accumulate(self, last: bool):
+        """Context for one micro-batch's forward and backward under gradient accumulation:
+        gradients are reduced across ranks in the last micro-batch only (DDP ``no_sync``,
+        FSDP2 ``set_requires_gradient_sync``); the sum is the same, the traffic 1/k."""
+        if self.ddp is not None:
+            return nullcontext() if last else self.ddp.no_sync()
+        if hasattr(self.module, "set_requires_gradient_sync"):       # FSDP2
+            self.module.set_requires_gradient_sync(last)
+        return nullcontext()
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, *,
@@ -92,7 +104,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, *,
             p.grad.div_(world)
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(model)
-        return Parallelized(torch.compile(ddp) if compile else ddp, model, sync_expert_grads)
+        return Parallelized(torch.compile(ddp) if compile else ddp, model, sync_expert_grads, ddp)
     return Parallelized(forward, model, sync_expert_grads)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -25,8 +26,12 @@ REMEDIES = ("raise train.aux_loss_coef (e.g. 0.01 -> 0.05), keep the z-loss on (
 
 class RoutingTelemetry:
     def __init__(self, layers: dict[int, MoELayer], collapse_share: float = 0.5, patience: int = 3,
-                 dead_fraction: float = 0.25):
+                 dead_fraction: float = 0.25, all_reduce: Callable[..., None] | None = None, world: int = 1):
+        """``all_reduce(tensor, op=...)`` and ``world``: in a parallel run, every rank's
+        statistics are combined in ``flush`` (collective: all ranks call it) into totals over
+        all ranks' tokens (counts summed, averages averaged, maxima maxed)."""
         self.layers = layers
+        self.all_reduce, self.world = all_reduce, world
         self.collapse_share, self.patience, self.dead_fraction = collapse_share, patience, dead_fraction
         self.streak: dict[int, int] = defaultdict(int)
         self._reset()
@@ -57,6 +62,8 @@ class RoutingTelemetry:
         metrics, loads, warnings = {}, {}, []
         if self.n == 0:
             return metrics, loads, warnings
+        if self.all_reduce is not None and self.world > 1:
+            self._reduce_over_ranks()
         for i, acc in sorted(self.acc.items()):
             host = {k: v.tolist() for k, v in acc.items()}          # the interval's one sync
             counts = host["counts"]
@@ -88,6 +95,29 @@ class RoutingTelemetry:
             warnings += self._check_collapse(i, share, counts)
         self._reset()
         return metrics, loads, warnings
+
+    @torch.no_grad()
+    def _reduce_over_ranks(self) -> None:
+        """Two all-reduces for all layers: sums (counts summed, per-micro-batch averages averaged
+        over ranks) and maxima."""
+        import torch.distributed as dist
+        keys = sorted(self.acc)
+        sums = [self.acc[i][k].reshape(-1).float() for i in keys for k in self._SUMMED]
+        flat = torch.cat(sums)
+        maxes = torch.stack([self.acc[i]["logit_max"].float() for i in keys])
+        self.all_reduce(flat, op=dist.ReduceOp.SUM)
+        self.all_reduce(maxes, op=dist.ReduceOp.MAX)
+        offset = 0
+        for i in keys:
+            for k in self._SUMMED:
+                n = self.acc[i][k].numel()
+                part = flat[offset:offset + n].view_as(self.acc[i][k])
+                self.acc[i][k] = part if k == "counts" else part / self.world
+                offset += n
+        for j, i in enumerate(keys):
+            self.acc[i]["logit_max"] = maxes[j]
+
+    _SUMMED = ("counts", "entropy", "dropped", "logit_mean", "logit_var", "aux", "z")
 
     def _check_collapse(self, layer: int, share: list[float], counts: list[float]) -> list[str]:
         top = max(range(len(share)), key=share.__getitem__)

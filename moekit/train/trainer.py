@@ -181,13 +181,14 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
         mesh = build_mesh(parallel, device.type)
         par = parallelize(model, mesh, parallel, activation_checkpointing=cfg.train.activation_checkpointing,
                           compile=cfg.train.compile)
-        forward, sync_expert_grads = par.forward, par.sync_expert_grads
+        forward, sync_expert_grads, accumulate = par.forward, par.sync_expert_grads, par.accumulate
         ep_group = mesh["ep"].get_group() if parallel.ep > 1 else None
     else:
         model.activation_checkpointing = cfg.train.activation_checkpointing
         # compiled forward, plain module for state dicts (no "_orig_mod." prefixes in checkpoints)
         forward = torch.compile(model) if cfg.train.compile else model
         sync_expert_grads = lambda: None  # noqa: E731
+        accumulate = lambda last: nullcontext()  # noqa: E731
         torch.manual_seed(cfg.train.seed + 1_000_003 * rank)   # then its own stream (router jitter)
     opt = build_optimizer(model, cfg.train)
     sampler = BatchSampler(len(train_split), cfg.train.batch_size, cfg.train.seed, rank, world)
@@ -201,7 +202,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     moe_layers = {i: b.ffn for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoELayer)}
     flops = model_flops(mcfg, cfg.data.seq_len)
     writer = MetricsWriter(run_dir) if main else None
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len * world   # all ranks
     bar = None
     if progress and main:
         from tqdm import tqdm
@@ -209,7 +210,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     model.train()
     history, val_loss = [], None
     train_time, interval_steps = 0.0, 0    # this log interval's step time (no eval/saving) and steps
-    telemetry = RoutingTelemetry(moe_layers) if cfg.train.telemetry and moe_layers else None
+    telemetry = (RoutingTelemetry(moe_layers, all_reduce=dist.all_reduce if world > 1 else None, world=world)
+                 if cfg.train.telemetry and moe_layers else None)   # totals over all ranks' tokens
     last_loads: dict[int, list[float]] = {}
     try:
         end = cfg.train.max_steps if stop_at is None else min(stop_at, cfg.train.max_steps)
@@ -219,13 +221,14 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
             t_step = time.perf_counter()
             counts = {i: 0 for i in moe_layers}
             lm_sum = aux_sum = z_sum = 0.0
-            for _ in range(cfg.train.grad_accum):
+            for micro in range(cfg.train.grad_accum):
                 x, y, _ = train_split.batch(sampler.next())
-                with autocast(cfg, device):
-                    out = forward(x.to(device))
-                lm = lm_loss(out.logits, y.to(device))
-                loss = lm + cfg.train.aux_loss_coef * out.aux_loss + cfg.train.z_loss_coef * out.z_loss
-                (loss / cfg.train.grad_accum).backward()
+                with accumulate(micro == cfg.train.grad_accum - 1):   # one gradient reduction per step
+                    with autocast(cfg, device):
+                        out = forward(x.to(device))
+                    lm = lm_loss(out.logits, y.to(device))
+                    loss = lm + cfg.train.aux_loss_coef * out.aux_loss + cfg.train.z_loss_coef * out.z_loss
+                    (loss / cfg.train.grad_accum).backward()
                 lm_sum += float(lm.detach())
                 aux_sum += float(out.aux_loss.detach())
                 z_sum += float(out.z_loss.detach())
@@ -263,8 +266,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
                 train_time, interval_steps = 0.0, 0
                 metrics = {"loss/lm": lm_sum / k, "loss/aux": aux_sum / k, "loss/z": z_sum / k,
                            "optim/lr": lr_at(step - 1, cfg.train), "optim/grad_norm": grad_norm,
-                           "perf/tokens_per_s": tps,
-                           "perf/mfu": mfu(flops["flops_per_token"], tps, device.type,
+                           "perf/tokens_per_s": tps, "perf/tokens_per_s_per_rank": tps / world,
+                           "perf/mfu": mfu(flops["flops_per_token"], tps / world, device.type,
                                            precision_of(cfg, device))}
                 if telemetry is not None:
                     routing, loads, warnings = telemetry.flush()
@@ -274,7 +277,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
                         writer.histograms(step, {f"moe/layer{i}/tokens_per_expert": c
                                                  for i, c in loads.items()})
                     last_loads = loads or last_loads
-                    for w in warnings:
+                    for w in warnings if main else ():
                         log.warning("step %d: %s", step, w)
                 if writer is not None:
                     writer.log(step, metrics)

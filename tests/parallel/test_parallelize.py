@@ -1,5 +1,6 @@
 """DP=2, EP=2, FSDP2 and FSDP2 + EP (real gloo processes, parallelize()) train with the same
-losses and global gradient norms as one process on the same global batch."""
+losses, global gradient norms and routing telemetry totals as one process on the same global
+batch, with and without gradient accumulation (gradients reduced in the last micro-batch)."""
 
 import os
 import socket
@@ -12,10 +13,9 @@ import torch.multiprocessing as mp
 from moekit.config import ModelConfig, MoEConfig, ParallelConfig
 from moekit.model.transformer import MoETransformer
 from moekit.parallel.parallelize import build_mesh, clip_grad_norm, parallelize
+from moekit.train.telemetry import RoutingTelemetry
 
-STEPS, B, S, V = 4, 4, 16, 61
-
-
+STEPS, B, S, V = 4, 8, 16, 61
 AUX = 0.1     # the load-balancing loss is part of the objective: "global" statistics make it exact
 
 
@@ -34,24 +34,36 @@ def _batches():
 def _loss(module, tokens):
     out = module(tokens[:, :-1])
     ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
-    return ce + AUX * out.aux_loss
+    return ce + AUX * out.aux_loss, out.moe
 
 
-def single_process_losses() -> tuple[list[float], list[float]]:
+def _micro(tokens, world, rank, accum, m):
+    """Micro-batch m of rank's share: the global batch is split over ranks, then over micro-batches."""
+    return tokens.chunk(world)[rank].chunk(accum)[m]
+
+
+def single_process(world: int, accum: int):
+    """Losses, gradient norms and routing telemetry of one process on the same global micro-batches."""
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)   # SGD: sensitive to gradient scale (Adam is not)
+    telemetry = RoutingTelemetry({i: b.ffn for i, b in enumerate(model.blocks)})
     losses, norms = [], []
     for tokens in _batches():
-        loss = _loss(model, tokens)
-        loss.backward()
+        total = 0.0
+        for m in range(accum):
+            micro = torch.cat([_micro(tokens, world, r, accum, m) for r in range(world)])
+            loss, moe = _loss(model, micro)
+            (loss / accum).backward()
+            telemetry.update(moe)
+            total += float(loss.detach()) / accum
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))))
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss.detach()))
-    return losses, norms
+        losses.append(total)
+    return losses, norms, telemetry.flush()
 
 
-def _worker(rank, world, port, dp, ep, sharding, results):
+def _worker(rank, world, port, dp, ep, sharding, accum, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -60,39 +72,51 @@ def _worker(rank, world, port, dp, ep, sharding, results):
         par = parallelize(_model(), mesh, cfg)
         opt = torch.optim.SGD(par.module.parameters(), lr=0.5)
         ep_group = mesh["ep"].get_group() if ep > 1 else None
+        telemetry = RoutingTelemetry({i: b.ffn for i, b in enumerate(par.module.blocks)},
+                                     all_reduce=dist.all_reduce, world=world)
         losses, norms = [], []
         for tokens in _batches():
-            mine = tokens.chunk(world)[rank]             # this rank's share of the global batch
-            loss = _loss(par.forward, mine)
-            loss.backward()
+            total = torch.zeros(())
+            for m in range(accum):
+                with par.accumulate(last=m == accum - 1):
+                    loss, moe = _loss(par.forward, _micro(tokens, world, rank, accum, m))
+                    (loss / accum).backward()
+                telemetry.update(moe)
+                total += loss.detach() / accum
             par.sync_expert_grads()
             norms.append(clip_grad_norm(par.module, float("inf"), ep_group))
             opt.step()
             opt.zero_grad()
-            total = loss.detach().clone()
             dist.all_reduce(total)
             losses.append(float(total) / world)
+        flushed = telemetry.flush()      # collective
         if rank == 0:
-            results.put((losses, norms))
+            results.put((losses, norms, flushed))
         del par, opt
         dist.barrier()      # no rank tears its gloo pairs down while another still talks
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("dp, ep, sharding", [(2, 1, "none"), (1, 2, "none"), (2, 1, "fsdp"), (1, 2, "fsdp"),
-                                               (2, 2, "fsdp"), (2, 2, "none")])
-def test_parallel_training_matches_one_process(dp, ep, sharding):
+@pytest.mark.parametrize("dp, ep, sharding, accum", [
+    (2, 1, "none", 1), (1, 2, "none", 1), (2, 1, "fsdp", 1), (1, 2, "fsdp", 1), (2, 2, "fsdp", 1),
+    (2, 2, "none", 1), (2, 1, "none", 2), (2, 2, "fsdp", 2)])
+def test_parallel_training_matches_one_process(dp, ep, sharding, accum):
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(dp * ep, port, dp, ep, sharding, results), nprocs=dp * ep, join=True)
-    losses, norms = results.get()
-    ref_losses, ref_norms = single_process_losses()
+    world = dp * ep
+    mp.spawn(_worker, args=(world, port, dp, ep, sharding, accum, results), nprocs=world, join=True)
+    losses, norms, (routing, loads, _) = results.get()
+    ref_losses, ref_norms, (ref_routing, ref_loads, _) = single_process(world, accum)
     assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-5), (losses, ref_losses)
     assert norms == pytest.approx(ref_norms, rel=1e-5), (norms, ref_norms)
+    # telemetry totals over all ranks: the one process's counts; aux averaged over ranks
+    assert loads == ref_loads
+    for key in ("aux_loss", "dead_experts", "load_cv", "logit_max"):
+        assert routing[f"moe/layer0/{key}"] == pytest.approx(ref_routing[f"moe/layer0/{key}"], rel=1e-4), key
 
 
 def test_world_size_mismatch_is_a_clear_error():
