@@ -6,9 +6,10 @@
 EP=1: one process runs the MoE layer (forward + backward) on its T tokens with all E
 experts. EP=2: two processes each run their own T tokens; each holds E/2 experts and the
 tokens travel by all-to-all. Both are timed (median of --reps after warm-up), and inside
-EP=2 the four all-to-alls per step (dispatch and combine, forward and backward) are timed
-separately. The analytic model (docs/scaling.md) predicts the bytes each rank sends per
-step; the measured all-to-all time over those bytes gives the effective bandwidth.
+EP=2 every all-to-all (counts and rows of dispatch and combine in the forward pass, their
+gradients in the backward pass) is timed, forward and backward apart. The analytic model
+(docs/scaling.md) predicts the bytes each rank sends per step; the measured all-to-all
+time over those bytes gives the effective bandwidth.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import copy
 import json
 import os
 import socket
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +29,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import moekit.parallel.expert_parallel as ep_mod  # noqa: E402
 from moekit import MoEConfig, MoELayer  # noqa: E402
 from moekit.parallel.expert_parallel import shard_experts  # noqa: E402
 
@@ -55,36 +56,44 @@ def _worker(rank, world, port, args, out):
     x = torch.randn(args.tokens, args.d_model, dtype=dtype, generator=torch.Generator().manual_seed(rank),
                     requires_grad=True)
     g = torch.randn_like(x)
-    a2a_time = [0.0]
-    original = ep_mod.all_to_all_single
+    # every all-to-all goes through torch.distributed.all_to_all_single: the counts and rows of
+    # the forward pass, and (inside the autograd Function's backward) the gradients' rows
+    a2a = {"forward": 0.0, "backward": 0.0}
+    phase = ["forward"]
+    original = dist.all_to_all_single
 
     def timed(*a, **k):
         t0 = time.perf_counter()
-        y = original(*a, **k)
-        a2a_time[0] += time.perf_counter() - t0
-        return y
+        work = original(*a, **k)
+        a2a[phase[0]] += time.perf_counter() - t0
+        return work
 
     def step(module):
         for p in module.parameters():
             p.grad = None
         x.grad = None
+        phase[0] = "forward"
         y, _ = module(x)
+        phase[0] = "backward"
         y.backward(g)
 
-    ep_mod.all_to_all_single = timed
     dist.barrier()
     ep2 = median_s(lambda: step(ep_layer), args.reps)
-    a2a_time[0] = 0.0
-    n = args.reps
-    for _ in range(n):
+    dist.all_to_all_single = timed
+    per_step = []
+    for _ in range(args.reps):
+        dist.barrier()          # both ranks start the step together: time waiting on a late peer is not comm
+        a2a.update(forward=0.0, backward=0.0)
         step(ep_layer)
-    fwd_a2a = a2a_time[0] / n        # forward exchanges (the autograd backward ones are not wrapped)
-    ep_mod.all_to_all_single = original
+        per_step.append(dict(a2a))
+    dist.all_to_all_single = original
     dist.barrier()
     ep1 = median_s(lambda: step(layer), args.reps) if rank == 0 else 0.0
     dist.barrier()
-    if rank == 0:
-        out.put({"ep2_step_s": ep2, "ep1_step_s": ep1, "a2a_forward_s": fwd_a2a})
+    if rank == 0:     # medians over steps: one slow step (the other rank descheduled) is noise
+        out.put({"ep2_step_s": ep2, "ep1_step_s": ep1,
+                 "a2a_forward_s": statistics.median(s["forward"] for s in per_step),
+                 "a2a_backward_s": statistics.median(s["backward"] for s in per_step)})
     dist.destroy_process_group()
 
 
@@ -108,19 +117,19 @@ def main() -> None:
     r = q.get()
     bytes_per = 2 if args.dtype == "bfloat16" else 4
     model_bytes = a2a_bytes_per_rank(args.tokens, args.top_k, args.d_model, bytes_per, 2)
-    fwd_bytes = model_bytes / 2
+    a2a_s = r["a2a_forward_s"] + r["a2a_backward_s"]
     r.update({"predicted_bytes_per_rank_per_step": model_bytes,
-              "effective_a2a_GBps": fwd_bytes / r["a2a_forward_s"] / 1e9 if r["a2a_forward_s"] else None,
-              "a2a_estimated_share_of_ep2_step": 2 * r["a2a_forward_s"] / r["ep2_step_s"]})
+              "effective_a2a_GBps": model_bytes / a2a_s / 1e9 if a2a_s else None,
+              "a2a_share_of_ep2_step": a2a_s / r["ep2_step_s"]})
     print(f"tokens/rank {args.tokens}, D {args.d_model}, F {args.d_ff}, E {args.experts}, top-{args.top_k}, "
           f"{args.dtype}, {args.threads} thread(s)/process")
     print(f"EP=1 (1 process, all experts):   {r['ep1_step_s'] * 1e3:8.1f} ms/step per {args.tokens} tokens")
     print(f"EP=2 (2 processes, E/2 each):    {r['ep2_step_s'] * 1e3:8.1f} ms/step per rank "
           f"({2 * args.tokens} tokens in all)")
-    print(f"forward all-to-alls:             {r['a2a_forward_s'] * 1e3:8.1f} ms/step "
-          f"({fwd_bytes / 1e6:.1f} MB sent per rank: {r['effective_a2a_GBps']:.2f} GB/s)")
-    share = r["a2a_estimated_share_of_ep2_step"]
-    print(f"all-to-all share of the EP=2 step (forward x2 for backward): {share:.1%}")
+    fwd_ms, bwd_ms = r["a2a_forward_s"] * 1e3, r["a2a_backward_s"] * 1e3
+    print(f"all-to-alls, forward / backward: {fwd_ms:8.1f} / {bwd_ms:.1f} ms/step "
+          f"({model_bytes / 1e6:.1f} MB sent per rank: {r['effective_a2a_GBps']:.2f} GB/s)")
+    print(f"all-to-all share of the EP=2 step: {r['a2a_share_of_ep2_step']:.1%}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": " ".join(["python"] + sys.argv), **vars(args)}
