@@ -26,7 +26,7 @@ def register(sub) -> None:
     p.add_argument("--nproc", type=int, metavar="N",
                    help="run N processes on this machine through torchrun (multi-node: call torchrun "
                         "yourself, e.g. torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:PORT "
-                        "-m moekit.cli.main train ...)")
+                        "-m moekit train ...)")
     p.set_defaults(run=run)
 
 
@@ -66,7 +66,7 @@ def run(args) -> int:
 
 
 def _torchrun(args) -> int:
-    """``moekit train --nproc N ...`` = ``torchrun --standalone --nproc-per-node N -m moekit.cli.main
+    """``moekit train --nproc N ...`` = ``torchrun --standalone --nproc-per-node N -m moekit
     train ...``: a convenience, not a launcher of our own."""
     import subprocess
     import sys
@@ -86,5 +86,5 @@ def _torchrun(args) -> int:
         recipe = Path(args.config).stem if args.config else "tiny-moe"
         rest += ["--out", str(Path("runs") / f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "-m", "moekit.cli.main", "train", *rest]
+           "-m", "moekit", "train", *rest]
     return subprocess.call(cmd)

@@ -24,7 +24,7 @@ def _losses(run):
 
 def _moekit(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "moekit.cli.main", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "moekit", *args], capture_output=True, text=True,
                           timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
