@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 CHECKPOINT = "checkpoint.pt"
 SHARDED = "checkpoint"
@@ -84,10 +85,17 @@ def save_sharded_checkpoint(run_dir: Path, state: dict, meta: dict) -> Path:
 
 
 def _dcp_load(state: dict, path: Path) -> None:
-    """dcp.load, collective in a parallel run; on one process without its notice about it."""
+    """dcp.load, collective in a parallel run; on one process without its notice about it.
+    Its failures (a BaseException in torch) become one ValueError line."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path)
+        try:
+            dcp.load(state, checkpoint_id=path)
+        except CheckpointException as err:
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.startswith(" ")]
+            cause = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "")
+            raise ValueError(f"checkpoint {str(path)!r} could not be loaded ({cause[:300]}); check that it "
+                             "is complete and was saved by this model, or restore it from a copy") from None
 
 
 def _corrupt(path: Path, err: Exception) -> ValueError:
@@ -112,6 +120,7 @@ class Checkpoint:
         self._full = None
         try:
             if self.sharded:
+                self._keys()                   # a readable .metadata first (dcp.load would print tracebacks)
                 holder = {"meta": ""}
                 _dcp_load(holder, self.path)
                 self.meta = json.loads(holder["meta"])

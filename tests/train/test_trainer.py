@@ -69,6 +69,7 @@ def test_cli_train_generate_eval(tmp_path, parl_subset, capsys):
     (["train", "--config", "no/such/recipe.toml"], "not found"),
     (["train", "--set", "train.max_steps=0"], "TrainConfig.max_steps=0"),
     (["eval", "no/such/run"], "no checkpoint"),
+    (["export", "no/such/run"], "no checkpoint"),
 ])
 def test_bad_input_is_one_line(args, message, capsys):
     assert cli(args) == 2
@@ -90,6 +91,34 @@ def test_empty_corpus_and_corrupt_checkpoint_lose_nothing(tmp_path, capsys):
     assert (run / "checkpoint.pt").read_bytes() == b"not a checkpoint"     # untouched
     assert cli(["train", "--out", str(run), "--set", 'data.corpus="x.txt"']) == 2
     assert "already holds a run" in capsys.readouterr().err
+    sharded = tmp_path / "sharded"
+    (sharded / "checkpoint").mkdir(parents=True)
+    (sharded / "checkpoint" / ".metadata").write_bytes(b"truncated")
+    assert cli(["export", str(sharded)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "corrupt" in err and len(err.splitlines()) == 1
+    assert (sharded / "checkpoint" / ".metadata").read_bytes() == b"truncated"
+
+
+def test_a_crash_between_the_sharded_swap_renames_keeps_the_old_checkpoint(tmp_path, parl_subset):
+    """save_sharded_checkpoint renames checkpoint/ -> checkpoint.old/, then checkpoint.tmp/ ->
+    checkpoint/: a crash in between leaves checkpoint.old/, which a resume must find."""
+    import torch.distributed.checkpoint as dcp
+
+    from moekit.parallel.checkpointing import training_state
+    from moekit.train.checkpoint import Checkpoint
+    from moekit.train.trainer import load_run
+    run = tmp_path / "run"
+    train(tiny(parl_subset, max_steps=2, eval_every=2), run, progress=False)
+    model, _, cfg = load_run(run)
+    full = torch.load(run / "checkpoint.pt", weights_only=False)
+    opt = torch.optim.AdamW(model.parameters())
+    state = training_state(model, opt)
+    dcp.save({**state, "meta": full["meta"], "rng": full["rng"]}, checkpoint_id=run / "checkpoint.old")
+    (run / "checkpoint.pt").unlink()
+    ckpt = Checkpoint(run)
+    assert ckpt.path.name == "checkpoint.old" and ckpt.meta["step"] == 2
+    train(cfg, run, resume=True, progress=False)      # resumes from it (max_steps 2: nothing to do)
 
 
 def test_overrides_parse_toml_values():
