@@ -46,3 +46,20 @@ def test_expert_parallel_benchmark_runs_two_processes(tmp_path):
     data = json.loads(out.read_text())
     assert data["ep1_step_s"] > 0 and data["ep2_step_s"] > 0 and data["a2a_forward_s"] > 0
     assert data["predicted_bytes_per_rank_per_step"] == 4 * 64 * 2 * 0.5 * 16 * 4
+
+
+def test_ep_device_check_dry_run_on_cpu(tmp_path):
+    """The GPU check's code path with gloo: the EP layer must equal the full layer."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ep.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "ep_device_check.py"), "--device", "cpu",
+           "--dtype", "float32", "--tokens", "64", "--d-model", "16", "--d-ff", "32", "--reps", "1",
+           "--out", str(out)]
+    env = {"MASTER_PORT": str(port), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True, env=env)
+    assert "EP layer equals the full layer" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["backend"] == "gloo" and data["outputs_and_grads_match"] and data["ep_layer_ms"] > 0
