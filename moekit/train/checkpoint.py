@@ -36,8 +36,10 @@ SHARDED = "checkpoint"
 
 
 def rng_state() -> bytes:
-    return pickle.dumps({"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                         "python": random.getstate()})
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()            # this rank's device
+    return pickle.dumps(state)
 
 
 def restore_rng(blob: bytes) -> None:
@@ -45,23 +47,58 @@ def restore_rng(blob: bytes) -> None:
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def _sharded_time(path: Path) -> float | None:
+    """A sharded checkpoint counts only once its .metadata (written last) exists; dated by it."""
+    meta = path / ".metadata"
+    return meta.stat().st_mtime if meta.exists() else None
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
-    """The run's newest checkpoint (file or directory), or None."""
+    """The run's newest complete checkpoint (file or directory), or None."""
     run_dir = Path(run_dir)
-    candidates = [p for p in (run_dir / SHARDED, run_dir / CHECKPOINT) if p.exists()]
-    if not candidates and (run_dir / (SHARDED + ".old")).exists():   # a crash between two renames
-        candidates = [run_dir / (SHARDED + ".old")]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+    candidates = {}
+    if (run_dir / CHECKPOINT).exists():
+        candidates[run_dir / CHECKPOINT] = (run_dir / CHECKPOINT).stat().st_mtime
+    for name in (SHARDED, SHARDED + ".old"):                  # .old: a crash between two renames
+        if (run_dir / name).is_dir() and (t := _sharded_time(run_dir / name)) is not None:
+            candidates[run_dir / name] = t
+    if not candidates and (run_dir / SHARDED).is_dir():       # torn: let the reader say so
+        return run_dir / SHARDED
+    return max(candidates, key=candidates.get) if candidates else None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename first, then delete: a crash mid-delete leaves no half-deleted checkpoint/."""
+    if path.exists():
+        trash = path.with_name(path.name + ".trash")
+        shutil.rmtree(trash, ignore_errors=True)
+        path.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def save_checkpoint(run_dir: Path, state: dict, meta: dict) -> Path:
-    """Single process: write ``checkpoint.pt`` (to a temporary file, then rename over the old one)."""
+    """Single process: write ``checkpoint.pt`` (to a temporary file, flushed to disk, then
+    renamed over the old one)."""
     path, tmp = run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".tmp")
-    torch.save({**state, "meta": json.dumps(meta), "rng": {"rank0": rng_state()}}, tmp)
+    with open(tmp, "wb") as f:
+        torch.save({**state, "meta": json.dumps(meta), "rng": {"rank0": rng_state()}}, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
-    shutil.rmtree(run_dir / SHARDED, ignore_errors=True)      # superseded
+    _fsync_dir(run_dir)
+    _remove_dir(run_dir / SHARDED)                            # superseded
     return path
 
 
@@ -76,8 +113,10 @@ def save_sharded_checkpoint(run_dir: Path, state: dict, meta: dict) -> Path:
     dcp.save({**state, "meta": json.dumps(meta), "rng": {f"rank{rank}": rng_state()}}, checkpoint_id=tmp)
     if rank == 0:
         if final.exists():
+            shutil.rmtree(old, ignore_errors=True)            # a leftover from a crash mid-delete
             final.rename(old)
         tmp.rename(final)
+        _fsync_dir(run_dir)
         shutil.rmtree(old, ignore_errors=True)
         (run_dir / CHECKPOINT).unlink(missing_ok=True)        # superseded
     dist.barrier()
@@ -118,6 +157,7 @@ class Checkpoint:
             raise _missing(run_dir)
         self.sharded = self.path.is_dir()
         self._full = None
+        self.legacy = False
         try:
             if self.sharded:
                 self._keys()                   # a readable .metadata first (dcp.load would print tracebacks)
@@ -126,7 +166,12 @@ class Checkpoint:
                 self.meta = json.loads(holder["meta"])
             else:
                 self._full = torch.load(self.path, map_location="cpu", weights_only=False)
-                self.meta = json.loads(self._full["meta"])
+                if "meta" not in self._full and "optimizer" in self._full:   # before sharded checkpoints
+                    self.meta = {k: self._full[k] for k in ("step", "sampler", "config", "tokenizer")
+                                 if k in self._full}
+                    self.legacy = True
+                else:
+                    self.meta = json.loads(self._full["meta"])
             self.meta["step"], self.meta["config"]
         except Exception as err:  # noqa: BLE001 - any read failure means the same thing here
             raise _corrupt(self.path, err) from None
@@ -138,12 +183,16 @@ class Checkpoint:
         """Load model and optimizer into ``view`` (moekit.parallel.checkpointing.training_state)
         and this rank's RNG state if the checkpoint has one; returns whether it had."""
         from moekit.parallel.checkpointing import load_full_state
+        if self.legacy:
+            raise ValueError(f"checkpoint {str(self.path)!r} was written by an older moekit: eval, generate "
+                             "and export read it, resuming does not; start a new run (or export the model)")
         if self.sharded:
             _dcp_load(view, self.path)
-            rng = {"rng": {f"rank{rank}": b""}}
-            if f"rng.rank{rank}" not in self._keys():
+            has = f"rng.rank{rank}" in self._keys()
+            rng = {"rng": {f"rank{rank}": b""}} if has else {}
+            _dcp_load(rng, self.path)                 # collective: every rank calls it, with or without a key
+            if not has:
                 return False
-            _dcp_load(rng, self.path)
             blob = rng["rng"][f"rank{rank}"]
         else:
             load_full_state(view, {k: self._full[k] for k in view})

@@ -156,6 +156,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     if resume and parallel.world_size != world:     # checkpoints reshard: any layout resumes any other
         ep = math.gcd(world, parallel.ep)
         parallel = dataclasses.replace(parallel, dp=world // ep, ep=ep)
+        moe = cfg.model.moe
+        if parallel.sharding == "fsdp" and ep > 1 and moe is not None and (
+                cfg.model.d_model % parallel.dp or moe.d_ff % parallel.dp):
+            parallel = dataclasses.replace(parallel, sharding="none")   # FSDP+EP shards experts' dims by dp
         log.info("resuming a %s-process run on %d: parallel = %s", cfg.parallel.world_size, world, parallel)
     if world > 1 and parallel.world_size == 1:      # plain torchrun: data parallel over all ranks
         parallel = dataclasses.replace(parallel, dp=world)
@@ -189,7 +193,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
         forward = torch.compile(model) if cfg.train.compile else model
         sync_expert_grads = lambda: None  # noqa: E731
         accumulate = lambda last: nullcontext()  # noqa: E731
-        torch.manual_seed(cfg.train.seed + 1_000_003 * rank)   # then its own stream (router jitter)
+    if world > 1:       # the same initial weights everywhere, then each rank its own stream (jitter, noise)
+        torch.manual_seed(cfg.train.seed + 1_000_003 * rank)
     opt = build_optimizer(model, cfg.train)
     sampler = BatchSampler(len(train_split), cfg.train.batch_size, cfg.train.seed, rank, world)
     step = 0

@@ -6,6 +6,7 @@ the original, tensor for tensor."""
 
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -53,23 +54,28 @@ def _trained_reference():
     return model, opt
 
 
-def _worker(rank, world, port, dp, ep, sharding, full_dir, sharded_dir, errors):
+def _worker(rank, world, port, dp, ep, sharding, full_dir, sharded_dir, errors, load_from=None, rng_ranks=1):
+    """Load ``load_from`` (default: the consolidated reference) into this layout, compare every
+    tensor with the reference, then save a sharded checkpoint (unless loading one)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))  # no hang
     try:
         cfg = ParallelConfig(dp=dp, ep=ep, sharding=sharding)
         mesh = build_mesh(cfg)
         model = parallelize(_model(), mesh, cfg).module
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         view = training_state(model, opt, mesh)
-        assert Checkpoint(full_dir).load_into(view, rank) == (rank == 0)   # only rank 0's RNG was saved
+        had_rng = Checkpoint(load_from or full_dir).load_into(view, rank)
+        if had_rng != (rank < rng_ranks):          # the saving ranks' RNG states only
+            errors.put(f"rank {rank}: load_into returned {had_rng}")
         ref = torch.load(os.path.join(full_dir, "checkpoint.pt"), weights_only=False)
         ref_flat = _flat({"model": ref["model"], "optim": ref["optim"]})
         for key, t in _flat(view).items():
             full = t.full_tensor() if isinstance(t, DTensor) else t
             if not torch.equal(full, ref_flat[key]):
-                errors.put(f"rank {rank}: {key} differs after loading the consolidated state")
-        save_sharded_checkpoint(sharded_dir, view, {"step": 2, "config": {}})
+                errors.put(f"rank {rank}: {key} differs after loading")
+        if load_from is None:
+            save_sharded_checkpoint(sharded_dir, view, {"step": 2, "config": {}})
         del model, opt, view
         dist.barrier()
     except Exception as err:   # noqa: BLE001 - reported to the test
@@ -77,6 +83,18 @@ def _worker(rank, world, port, dp, ep, sharding, full_dir, sharded_dir, errors):
         raise
     finally:
         dist.destroy_process_group()
+
+
+def _spawn(dp, ep, sharding, *args):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    errors = args[2]
+    mp.spawn(_worker, args=(dp * ep, port, dp, ep, sharding, *args), nprocs=dp * ep, join=True)
+    problems = []
+    while not errors.empty():
+        problems.append(errors.get())
+    assert not problems, problems
 
 
 @pytest.mark.parametrize("dp, ep, sharding", [(1, 2, "none"), (2, 1, "fsdp"), (1, 2, "fsdp"), (2, 2, "fsdp"),
@@ -87,16 +105,13 @@ def test_checkpoints_reshard_between_layouts(tmp_path, dp, ep, sharding):
     full_dir.mkdir()
     sharded_dir.mkdir()
     save_checkpoint(full_dir, training_state(model, opt), {"step": 2, "config": {}})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # an earlier checkpoint, and the leftover of a crash while deleting the one before it
+    (sharded_dir / "checkpoint").mkdir()
+    (sharded_dir / "checkpoint.old").mkdir()
+    (sharded_dir / "checkpoint.old" / "__0_0.distcp").write_bytes(b"stale")
     errors = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(dp * ep, port, dp, ep, sharding, str(full_dir), sharded_dir, errors),
-             nprocs=dp * ep, join=True)
-    problems = []
-    while not errors.empty():
-        problems.append(errors.get())
-    assert not problems, problems
+    _spawn(dp, ep, sharding, str(full_dir), sharded_dir, errors)
+    assert sorted(p.name for p in sharded_dir.iterdir()) == ["checkpoint"]
     # one process loads the sharded checkpoint: the reference again, exactly
     assert (sharded_dir / "checkpoint").is_dir() and not (sharded_dir / "checkpoint.pt").exists()
     fresh = _model()
@@ -115,3 +130,17 @@ def test_checkpoints_reshard_between_layouts(tmp_path, dp, ep, sharding):
         o.step()
     for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_a_two_rank_sharded_checkpoint_loads_on_four_ranks(tmp_path):
+    """More ranks than saved it: ranks 2 and 3 have no saved RNG state, and the collective
+    loads must still match on every rank (an early return on those ranks deadlocked)."""
+    model, opt = _trained_reference()
+    full_dir, sharded_dir = tmp_path / "full", tmp_path / "sharded"
+    full_dir.mkdir()
+    sharded_dir.mkdir()
+    save_checkpoint(full_dir, training_state(model, opt), {"step": 2, "config": {}})
+    errors = mp.get_context("spawn").SimpleQueue()
+    _spawn(1, 2, "none", str(full_dir), sharded_dir, errors)              # saved by 2 ranks (ep=2)
+    _spawn(2, 2, "fsdp", str(full_dir), sharded_dir, errors, str(sharded_dir), 2)   # loaded by 4
+

@@ -59,6 +59,14 @@ def test_sharded_resume_is_exact_and_exports(tmp_path, parl_subset):
     _train(resumed, parl_subset, "--stop-at", "3", *layout)
     _moekit("train", "--resume", str(resumed), "--no-progress", "--nproc", "2")
     assert _losses(resumed) == _losses(straight)     # exact: model, AdamW moments, data position, RNG
+    # each rank has its own random stream (jitter must not be the same draw on every rank)
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+    rng = {"rng": {"rank0": b"", "rank1": b""}}
+    dcp.load(rng, checkpoint_id=resumed / "checkpoint")
+    states = [pickle.loads(rng["rng"][f"rank{r}"])["torch"] for r in (0, 1)]
+    assert not torch.equal(states[0], states[1])
     # a consolidated copy for one device: the same model
     _moekit("export", str(resumed), "--out", str(tmp_path / "export"))
     assert (tmp_path / "export" / "model.safetensors").exists()

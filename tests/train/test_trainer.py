@@ -167,3 +167,35 @@ def test_compiled_training_checkpoints_a_plain_state_dict(tmp_path, parl_subset)
     train(tiny(parl_subset, max_steps=2, eval_every=2, compile=True), tmp_path / "run", progress=False)
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert not any(k.startswith("_orig_mod") for k in state["model"])
+
+
+def test_an_older_moekit_checkpoint_evaluates_and_refuses_resume_clearly(tmp_path, parl_subset, capsys):
+    """checkpoint.pt files before sharded checkpoints held model/optimizer/step/config at the top."""
+    run = tmp_path / "run"
+    train(tiny(parl_subset, max_steps=2, eval_every=2), run, progress=False)
+    new = torch.load(run / "checkpoint.pt", weights_only=False)
+    meta = json.loads(new["meta"])
+    torch.save({"model": new["model"], "optimizer": {"state": {}, "param_groups": []}, "step": meta["step"],
+                "sampler": meta["sampler"], "config": meta["config"], "tokenizer": meta["tokenizer"]},
+               run / "checkpoint.pt")
+    assert cli(["eval", str(run), "--batches", "1"]) == 0
+    assert '"val_loss"' in capsys.readouterr().out
+    assert cli(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "older moekit" in err and len(err.splitlines()) == 1
+
+
+def test_only_complete_checkpoints_are_found(tmp_path):
+    """A sharded directory without its .metadata (written last) is torn: the intact file wins,
+    even when the directory is newer (a crash while deleting it)."""
+    from moekit.train.checkpoint import find_checkpoint
+    (tmp_path / "checkpoint.pt").write_bytes(b"x")
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "__0_0.distcp").write_bytes(b"x")
+    assert find_checkpoint(tmp_path).name == "checkpoint.pt"
+    (tmp_path / "checkpoint" / ".metadata").write_bytes(b"x")
+    assert find_checkpoint(tmp_path).name == "checkpoint"         # complete and newer
+    (tmp_path / "checkpoint.pt").unlink()
+    (tmp_path / "checkpoint" / ".metadata").unlink()
+    assert find_checkpoint(tmp_path).name == "checkpoint"         # torn and alone: the reader reports it
+
