@@ -160,7 +160,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
         if parallel.sharding == "fsdp" and ep > 1 and moe is not None and (
                 cfg.model.d_model % parallel.dp or moe.d_ff % parallel.dp):
             parallel = dataclasses.replace(parallel, sharding="none")   # FSDP+EP shards experts' dims by dp
-        log.info("resuming a %s-process run on %d: parallel = %s", cfg.parallel.world_size, world, parallel)
+        if main:
+            log.info("resuming a %s-process run on %d: parallel = %s",
+                     cfg.parallel.world_size, world, parallel)
     if world > 1 and parallel.world_size == 1:      # plain torchrun: data parallel over all ranks
         parallel = dataclasses.replace(parallel, dp=world)
     elif parallel.world_size != world:
