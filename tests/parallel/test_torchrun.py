@@ -51,6 +51,7 @@ def test_two_ranks_then_one(tmp_path, parl_subset, layout):
     assert (run / "checkpoint.pt").exists() and not (run / "checkpoint").exists()   # the newer one only
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp on one process
 def test_sharded_resume_is_exact_and_exports(tmp_path, parl_subset):
     layout = ["--nproc", "2", "--set", "parallel.ep=2", "--set", "train.max_steps=6",
               "--set", "model.moe.jitter_eps=0.01"]          # per-rank RNG streams must resume too

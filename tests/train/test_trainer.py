@@ -100,6 +100,7 @@ def test_empty_corpus_and_corrupt_checkpoint_lose_nothing(tmp_path, capsys):
     assert (sharded / "checkpoint" / ".metadata").read_bytes() == b"truncated"
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp on one process
 def test_a_crash_between_the_sharded_swap_renames_keeps_the_old_checkpoint(tmp_path, parl_subset):
     """save_sharded_checkpoint renames checkpoint/ -> checkpoint.old/, then checkpoint.tmp/ ->
     checkpoint/: a crash in between leaves checkpoint.old/, which a resume must find."""
