@@ -28,12 +28,12 @@ class RoutingBreakdown:
         joint = self.counts[layer] / max(self.counts[layer].sum(), 1)
         pc, pe = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
         nz = joint > 0
-        return float((joint[nz] * np.log2(joint[nz] / (pc @ pe)[nz])).sum())
+        return max(0.0, float((joint[nz] * np.log2(joint[nz] / (pc @ pe)[nz])).sum()))   # >= 0 (rounding)
 
     def class_entropy(self, layer: int) -> float:
         """H(class) in bits: the upper bound of the mutual information."""
         p = self.counts[layer].sum(1) / max(self.counts[layer].sum(), 1)
-        return float(-sum(x * math.log2(x) for x in p if x > 0))
+        return float(-sum(x * math.log2(x) for x in p if x > 0)) + 0.0   # + 0.0: no "-0.000" for one class
 
 
 def frequency_class(train: PackedSplit, vocab_size: int) -> np.ndarray:
