@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
 from moekit.config import ModelConfig, MoEConfig, ParallelConfig
 from moekit.model.transformer import MoETransformer
@@ -90,8 +91,11 @@ def _worker(rank, world, port, dp, ep, sharding, accum, results):
             dist.all_reduce(total)
             losses.append(float(total) / world)
         flushed = telemetry.flush()      # collective
+        local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in par.module.parameters())
+        held = [None] * world
+        dist.all_gather_object(held, local)     # parameters each rank holds
         if rank == 0:
-            results.put((losses, norms, flushed))
+            results.put((losses, norms, flushed, held))
         del par, opt
         dist.barrier()      # no rank tears its gloo pairs down while another still talks
     finally:
@@ -109,10 +113,20 @@ def test_parallel_training_matches_one_process(dp, ep, sharding, accum):
         port = s.getsockname()[1]
     world = dp * ep
     mp.spawn(_worker, args=(world, port, dp, ep, sharding, accum, results), nprocs=world, join=True)
-    losses, norms, (routing, loads, _) = results.get()
+    losses, norms, (routing, loads, _), held = results.get()
     ref_losses, ref_norms, (ref_routing, ref_loads, _) = single_process(world, accum)
     assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-5), (losses, ref_losses)
     assert norms == pytest.approx(ref_norms, rel=1e-5), (norms, ref_norms)
+    # what each rank holds: DDP a full copy of the non-expert part; FSDP every parameter once
+    model = _model()
+    n_experts = sum(p.numel() for b in model.blocks for p in b.ffn.experts.parameters())
+    n_dense = sum(p.numel() for p in model.parameters()) - n_experts
+    if sharding == "none":
+        assert held == [n_dense + n_experts // ep] * world
+    else:
+        assert sum(held) == n_dense + n_experts
+        share = n_dense / world + n_experts / (ep * dp)                 # up to uneven-shard rounding
+        assert all(abs(h - share) <= 0.05 * share for h in held), (held, share)
     # telemetry totals over all ranks: the one process's counts; aux averaged over ranks
     assert loads == ref_loads
     for key in ("aux_loss", "dead_experts", "load_cv", "logit_max"):
