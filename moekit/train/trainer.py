@@ -175,10 +175,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     elif resume and parallel.world_size != world:
         ep = math.gcd(world, parallel.ep)
         parallel = dataclasses.replace(parallel, dp=world // ep, ep=ep)
-        moe = cfg.model.moe
-        if parallel.sharding == "fsdp" and ep > 1 and moe is not None and (
-                cfg.model.d_model % parallel.dp or moe.d_ff % parallel.dp):
-            parallel = dataclasses.replace(parallel, sharding="none")   # FSDP+EP shards experts' dims by dp
+        try:
+            check_layout(parallel, cfg.model)
+        except ValueError:      # FSDP+EP shards the experts' dims by dp: fall back to DDP
+            parallel = dataclasses.replace(parallel, sharding="none")
     if resume and main and (layout or cfg.parallel.world_size != world):
         log.info("resuming a %d-process run on %d process(es)%s; the global batch is batch_size x %d = %d "
                  "sequences (it was %d)", cfg.parallel.world_size, world,
