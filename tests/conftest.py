@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 import torch
@@ -11,6 +12,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / max(||b||, tiny), in float64."""
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def free_port() -> int:
+    """A free TCP port on localhost for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ then saves a sharded torch.distributed.checkpoint, which one process loads back:
 the original, tensor for tensor."""
 
 import os
-import socket
 from datetime import timedelta
 
 import pytest
@@ -19,6 +18,8 @@ from moekit.model.transformer import MoETransformer
 from moekit.parallel.checkpointing import training_state
 from moekit.parallel.parallelize import build_mesh, parallelize
 from moekit.train.checkpoint import Checkpoint, save_checkpoint, save_sharded_checkpoint
+
+from ..conftest import free_port
 
 V, S = 61, 8
 
@@ -86,9 +87,7 @@ def _worker(rank, world, port, dp, ep, sharding, full_dir, sharded_dir, errors, 
 
 
 def _spawn(dp, ep, sharding, *args):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     errors = args[2]
     mp.spawn(_worker, args=(dp * ep, port, dp, ep, sharding, *args), nprocs=dp * ep, join=True)
     problems = []

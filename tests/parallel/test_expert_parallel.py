@@ -3,7 +3,6 @@ gradient, including a rank whose experts receive no tokens and a rank with no to
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -13,13 +12,9 @@ import torch.multiprocessing as mp
 from moekit import MoEConfig, MoELayer
 from moekit.parallel.expert_parallel import shard_experts
 
+from ..conftest import free_port
+
 TOKENS = {"normal": (13, 7), "empty_rank": (11, 0)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, case: str, cfg_kw: dict, errors):
@@ -92,9 +87,14 @@ def _worker(rank: int, world: int, port: int, case: str, cfg_kw: dict, errors):
     ("empty_rank", dict(num_experts=4, top_k=2)),
 ])
 def test_ep2_equals_single_process(case, cfg_kw):
+    _run(_worker, 2, case, cfg_kw)
+
+
+def _run(worker, world: int, *args) -> None:
+    """worker(rank, world, port, *args, errors) on ``world`` processes; fail with the ranks' messages."""
     errors = mp.get_context("spawn").SimpleQueue()
     try:
-        mp.spawn(_worker, args=(2, _free_port(), case, cfg_kw, errors), nprocs=2, join=True)
+        mp.spawn(worker, args=(world, free_port(), *args, errors), nprocs=world, join=True)
     except Exception:
         msgs = []
         while not errors.empty():
@@ -141,12 +141,4 @@ def _drops_worker(rank: int, world: int, port: int, cfg_kw: dict, errors):
 
 @pytest.mark.parametrize("policy", ["position", "probability"])
 def test_ep4_with_capacity_drops_and_uneven_ranks(policy):
-    errors = mp.get_context("spawn").SimpleQueue()
-    cfg_kw = dict(num_experts=8, top_k=2, capacity_factor=0.6, drop_policy=policy)
-    try:
-        mp.spawn(_drops_worker, args=(4, _free_port(), cfg_kw, errors), nprocs=4, join=True)
-    except Exception:
-        msgs = []
-        while not errors.empty():
-            msgs.append(errors.get())
-        pytest.fail("; ".join(msgs) or "a rank failed")
+    _run(_drops_worker, 4, dict(num_experts=8, top_k=2, capacity_factor=0.6, drop_policy=policy))

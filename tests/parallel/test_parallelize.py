@@ -3,7 +3,6 @@ losses, global gradient norms and routing telemetry totals as one process on the
 batch, with and without gradient accumulation (gradients reduced in the last micro-batch)."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,8 @@ from moekit.config import ModelConfig, MoEConfig, ParallelConfig
 from moekit.model.transformer import MoETransformer
 from moekit.parallel.parallelize import build_mesh, clip_grad_norm, parallelize
 from moekit.train.telemetry import RoutingTelemetry
+
+from ..conftest import free_port
 
 STEPS, B, S, V = 4, 8, 16, 61
 AUX = 0.1     # the load-balancing loss is part of the objective: "global" statistics make it exact
@@ -108,9 +109,7 @@ def _worker(rank, world, port, dp, ep, sharding, accum, results):
 def test_parallel_training_matches_one_process(dp, ep, sharding, accum):
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     world = dp * ep
     mp.spawn(_worker, args=(world, port, dp, ep, sharding, accum, results), nprocs=world, join=True)
     losses, norms, (routing, loads, _), held = results.get()
