@@ -31,6 +31,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moekit import MoEConfig, MoELayer  # noqa: E402
 from moekit.parallel.expert_parallel import shard_experts  # noqa: E402
+from moekit.parallel.parallelize import leave_process_group  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import median_s  # noqa: E402
@@ -94,7 +95,7 @@ def _worker(rank, world, port, args, out):
         out.put({"ep2_step_s": ep2, "ep1_step_s": ep1,
                  "a2a_forward_s": statistics.median(s["forward"] for s in per_step),
                  "a2a_backward_s": statistics.median(s["backward"] for s in per_step)})
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moekit import MoEConfig, MoELayer  # noqa: E402
 from moekit.parallel.expert_parallel import shard_experts  # noqa: E402
+from moekit.parallel.parallelize import leave_process_group  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -136,8 +137,7 @@ def main() -> None:
         meta = {"command": " ".join(["python"] + sys.argv), **vars(args)}
         out.write_text(json.dumps({"meta": meta, **result}, indent=1))
         print(f"wrote {out}")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

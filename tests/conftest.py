@@ -1,5 +1,10 @@
 import os
+import pickle
 import socket
+import sys
+import time
+import traceback
+from datetime import timedelta
 
 import pytest
 import torch
@@ -19,6 +24,78 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, fn, args: tuple, out) -> None:
+    """One rank: a gloo process group around ``fn(rank, world, *args)``; its return value (or its
+    error) goes to the parent. The process ends with os._exit after leaving the process group,
+    so interpreter finalization never destroys gloo objects: one freed there aborted a rank
+    ("terminate called without an active exception") once in CI, after its test had passed
+    (the mechanism: pytorch/pytorch#179291)."""
+    from moekit.parallel.parallelize import leave_process_group
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    code = 1
+    try:
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world,
+                                             timeout=timedelta(seconds=120))   # a stuck peer fails, not hangs
+        result = fn(rank, world, *args)
+        leave_process_group()
+        # by value (plain pickle, tensors included: no shared-memory handles to a process about to
+        # exit); SimpleQueue.put writes synchronously, so it is safe before os._exit
+        out.put((rank, True, pickle.dumps(result)))
+        code = 0
+    except BaseException as err:       # noqa: BLE001 - reported to the parent
+        out.put((rank, False, f"rank {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}"))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def run_ranks(fn, world: int, *args, timeout: float = 300.0) -> list:
+    """Run ``fn(rank, world, *args)`` on ``world`` real gloo processes; return each rank's result
+    (rank order). Any rank's error, crash or a timeout fails the test with the ranks' messages.
+    ``fn`` must be a module-level function (it is pickled into spawned processes)."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    out = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, args, out), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results, errors, deadline = {}, [], time.monotonic() + timeout
+    try:
+        while len(results) < world and not errors:
+            if not out.empty():          # drain while running: a full pipe would block a rank
+                rank, ok, value = out.get()
+                if ok:
+                    results[rank] = pickle.loads(value)
+                else:
+                    errors.append(value)
+            elif any(p.exitcode not in (None, 0) for p in procs):
+                time.sleep(0.5)          # let a dying rank's message arrive first
+                if out.empty():
+                    errors.append(", ".join(f"rank {r} exited with code {p.exitcode}"
+                                            for r, p in enumerate(procs) if p.exitcode not in (None, 0)))
+            elif time.monotonic() > deadline:
+                errors.append(f"timed out after {timeout:.0f} s with {len(results)}/{world} ranks done")
+            else:
+                time.sleep(0.02)
+    finally:
+        crashed = [f"rank {r} exited with code {p.exitcode}" for r, p in enumerate(procs)
+                   if p.exitcode not in (None, 0)]
+        if errors and crashed and crashed[0] not in errors[-1]:
+            errors.append(", ".join(crashed))
+        for p in procs:
+            if errors:
+                p.kill()                 # the others wait in a collective for the failed rank
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        pytest.fail("\n".join(errors), pytrace=False)
+    return [results[r] for r in range(world)]
 
 
 @pytest.fixture

@@ -68,9 +68,9 @@ def run(args) -> int:
         summary = train(cfg, out, progress=not args.no_progress, stop_at=args.stop_at)
     import torch.distributed as dist
     if dist.is_initialized():
+        from moekit.parallel.parallelize import leave_process_group
         rank = dist.get_rank()
-        dist.barrier()                  # no rank tears its connections down while another still talks
-        dist.destroy_process_group()
+        leave_process_group()
         if rank != 0:                   # rank 0 reports
             return 0
     short = {k: v for k, v in summary.items() if k not in ("train_losses", "routing_last_interval")}

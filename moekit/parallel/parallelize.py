@@ -17,6 +17,7 @@ data. Gradients:
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -38,6 +39,16 @@ def build_mesh(cfg: ParallelConfig, device_type: str = "cpu") -> DeviceMesh:
         raise ValueError(f"parallel.dp x parallel.ep = {cfg.dp} x {cfg.ep} = {cfg.world_size} but "
                          f"{world} processes were launched; set dp*ep to the number of processes")
     return init_device_mesh(device_type, (cfg.dp, cfg.ep), mesh_dim_names=("dp", "ep"))
+
+
+def leave_process_group() -> None:
+    """Every rank's last collective: a barrier (no rank tears its connections down while another
+    still talks; a 4-rank gloo teardown hung without it), destroy the process group, then free
+    now whatever still references gloo objects: one freed during interpreter finalization can
+    abort the process after a run that succeeded."""
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:

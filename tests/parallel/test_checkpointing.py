@@ -5,12 +5,9 @@ then saves a sharded torch.distributed.checkpoint, which one process loads back:
 the original, tensor for tensor."""
 
 import os
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from moekit.config import ModelConfig, MoEConfig, ParallelConfig
@@ -19,7 +16,7 @@ from moekit.parallel.checkpointing import training_state
 from moekit.parallel.parallelize import build_mesh, parallelize
 from moekit.train.checkpoint import Checkpoint, save_checkpoint, save_sharded_checkpoint
 
-from ..conftest import free_port
+from ..conftest import run_ranks
 
 V, S = 61, 8
 
@@ -55,44 +52,32 @@ def _trained_reference():
     return model, opt
 
 
-def _worker(rank, world, port, dp, ep, sharding, full_dir, sharded_dir, errors, load_from=None, rng_ranks=1):
-    """Load ``load_from`` (default: the consolidated reference) into this layout, compare every
-    tensor with the reference, then save a sharded checkpoint (unless loading one)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))  # no hang
-    try:
-        cfg = ParallelConfig(dp=dp, ep=ep, sharding=sharding)
-        mesh = build_mesh(cfg)
-        model = parallelize(_model(), mesh, cfg).module
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        view = training_state(model, opt, mesh)
-        had_rng = Checkpoint(load_from or full_dir).load_into(view, rank)
-        if had_rng != (rank < rng_ranks):          # the saving ranks' RNG states only
-            errors.put(f"rank {rank}: load_into returned {had_rng}")
-        ref = torch.load(os.path.join(full_dir, "checkpoint.pt"), weights_only=False)
-        ref_flat = _flat({"model": ref["model"], "optim": ref["optim"]})
-        for key, t in _flat(view).items():
-            full = t.full_tensor() if isinstance(t, DTensor) else t
-            if not torch.equal(full, ref_flat[key]):
-                errors.put(f"rank {rank}: {key} differs after loading")
-        if load_from is None:
-            save_sharded_checkpoint(sharded_dir, view, {"step": 2, "config": {}})
-        del model, opt, view
-        dist.barrier()
-    except Exception as err:   # noqa: BLE001 - reported to the test
-        errors.put(f"rank {rank}: {type(err).__name__}: {err}")
-        raise
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, dp, ep, sharding, full_dir, sharded_dir, load_from=None, rng_ranks=1) -> list:
+    """Load the checkpoint in full_dir (or load_from) into this layout; each rank compares every
+    tensor with the reference, then save a sharded checkpoint (unless loading one). Returns
+    this rank's problems."""
+    problems = []
+    cfg = ParallelConfig(dp=dp, ep=ep, sharding=sharding)
+    mesh = build_mesh(cfg)
+    model = parallelize(_model(), mesh, cfg).module
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    view = training_state(model, opt, mesh)
+    had_rng = Checkpoint(load_from or full_dir).load_into(view, rank)
+    if had_rng != (rank < rng_ranks):          # the saving ranks' RNG states only
+        problems.append(f"rank {rank}: load_into returned {had_rng}")
+    ref = torch.load(os.path.join(full_dir, "checkpoint.pt"), weights_only=False)
+    ref_flat = _flat({"model": ref["model"], "optim": ref["optim"]})
+    for key, t in _flat(view).items():
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        if not torch.equal(full, ref_flat[key]):
+            problems.append(f"rank {rank}: {key} differs after loading")
+    if load_from is None:
+        save_sharded_checkpoint(sharded_dir, view, {"step": 2, "config": {}})
+    return problems
 
 
 def _spawn(dp, ep, sharding, *args):
-    port = free_port()
-    errors = args[2]
-    mp.spawn(_worker, args=(dp * ep, port, dp, ep, sharding, *args), nprocs=dp * ep, join=True)
-    problems = []
-    while not errors.empty():
-        problems.append(errors.get())
+    problems = [p for rank in run_ranks(_worker, dp * ep, dp, ep, sharding, *args) for p in rank]
     assert not problems, problems
 
 
@@ -108,8 +93,7 @@ def test_checkpoints_reshard_between_layouts(tmp_path, dp, ep, sharding):
     (sharded_dir / "checkpoint").mkdir()
     (sharded_dir / "checkpoint.old").mkdir()
     (sharded_dir / "checkpoint.old" / "__0_0.distcp").write_bytes(b"stale")
-    errors = mp.get_context("spawn").SimpleQueue()
-    _spawn(dp, ep, sharding, str(full_dir), sharded_dir, errors)
+    _spawn(dp, ep, sharding, str(full_dir), sharded_dir)
     assert sorted(p.name for p in sharded_dir.iterdir()) == ["checkpoint"]
     # one process loads the sharded checkpoint: the reference again, exactly
     assert (sharded_dir / "checkpoint").is_dir() and not (sharded_dir / "checkpoint.pt").exists()
@@ -139,7 +123,6 @@ def test_a_two_rank_sharded_checkpoint_loads_on_four_ranks(tmp_path):
     full_dir.mkdir()
     sharded_dir.mkdir()
     save_checkpoint(full_dir, training_state(model, opt), {"step": 2, "config": {}})
-    errors = mp.get_context("spawn").SimpleQueue()
-    _spawn(1, 2, "none", str(full_dir), sharded_dir, errors)              # saved by 2 ranks (ep=2)
-    _spawn(2, 2, "fsdp", str(full_dir), sharded_dir, errors, str(sharded_dir), 2)   # loaded by 4
+    _spawn(1, 2, "none", str(full_dir), sharded_dir)              # saved by 2 ranks (ep=2)
+    _spawn(2, 2, "fsdp", str(full_dir), sharded_dir, str(sharded_dir), 2)   # loaded by 4
 

@@ -2,81 +2,71 @@
 gradient, including a rank whose experts receive no tokens and a rank with no tokens."""
 
 import copy
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moekit import MoEConfig, MoELayer
 from moekit.parallel.expert_parallel import shard_experts
 
-from ..conftest import free_port
+from ..conftest import run_ranks
 
 TOKENS = {"normal": (13, 7), "empty_rank": (11, 0)}
 
 
-def _worker(rank: int, world: int, port: int, case: str, cfg_kw: dict, errors):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        cfg = MoEConfig(d_model=16, d_ff=16, **cfg_kw)
-        ref = MoELayer(cfg)
-        if case == "idle_experts":   # every token picks experts 0 and 1: rank 1's experts get nothing
-            with torch.no_grad():
-                ref.router.weight_ED.zero_()
-                ref.router.weight_ED[0] = 2.0
-                ref.router.weight_ED[1] = 1.0
-        ep = copy.deepcopy(ref)
-        shard_experts(ep)
-        counts = TOKENS.get(case, TOKENS["normal"])
-        draw = torch.rand if case == "idle_experts" else torch.randn   # rand > 0: expert 0 wins
-        gen = [torch.Generator().manual_seed(10 + r) for r in range(world)]
-        xs = [draw(n, 16, generator=g) for n, g in zip(counts, gen)]
-        gs = [torch.randn(n, 16, generator=g) for n, g in zip(counts, gen)]
-        # single process: the whole global batch through the full layer
-        x_all = torch.cat(xs).requires_grad_()
-        y_all, _ = ref(x_all)
-        (y_all * torch.cat(gs)).sum().backward()
-        # expert parallel: this rank's tokens only
-        x = xs[rank].clone().requires_grad_()
-        y, aux = ep(x)
-        (y * gs[rank]).sum().backward()
-        start = sum(counts[:rank])
-        torch.testing.assert_close(y, y_all[start:start + counts[rank]].detach(), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(x.grad, x_all.grad[start:start + counts[rank]], rtol=1e-5, atol=1e-5)
-        lo, hi = ep.expert_slice
-        for name in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
-            if getattr(ref.experts, name) is None:   # GELU experts have no gate
-                continue
-            expected = getattr(ref.experts, name).grad[lo:hi]
-            got = getattr(ep.experts, name).grad
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=name)
-        router_grad = ep.router.weight_ED.grad.clone()
-        dist.all_reduce(router_grad)          # replicated parameter: DDP/FSDP sums it over ranks
-        torch.testing.assert_close(router_grad, ref.router.weight_ED.grad, rtol=1e-5, atol=1e-5)
-        assert aux.tokens_per_expert.shape == (cfg.num_experts,)
-        # aux_loss_scope="global": the mean of the ranks' load-balancing losses is the loss of
-        # the whole batch, and so is the summed router gradient (uneven and empty ranks too)
-        ep.stats_all_reduce, ep.stats_world = dist.all_reduce, world
-        ref.router.weight_ED.grad = ep.router.weight_ED.grad = None
-        lb_all = ref(x_all.detach())[1].load_balancing_loss
-        lb_all.backward()
-        lb = ep(xs[rank])[1].load_balancing_loss
-        (lb / world).backward()
-        mean = lb.detach().clone()
-        dist.all_reduce(mean)
-        torch.testing.assert_close(mean / world, lb_all.detach(), rtol=1e-5, atol=1e-6)
-        router_grad = ep.router.weight_ED.grad.clone()
-        dist.all_reduce(router_grad)
-        torch.testing.assert_close(router_grad, ref.router.weight_ED.grad, rtol=1e-5, atol=1e-6)
-    except Exception as err:  # noqa: BLE001 - reported to the parent
-        errors.put(f"rank {rank}: {type(err).__name__}: {err}")
-        raise
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, case: str, cfg_kw: dict):
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=16, d_ff=16, **cfg_kw)
+    ref = MoELayer(cfg)
+    if case == "idle_experts":   # every token picks experts 0 and 1: rank 1's experts get nothing
+        with torch.no_grad():
+            ref.router.weight_ED.zero_()
+            ref.router.weight_ED[0] = 2.0
+            ref.router.weight_ED[1] = 1.0
+    ep = copy.deepcopy(ref)
+    shard_experts(ep)
+    counts = TOKENS.get(case, TOKENS["normal"])
+    draw = torch.rand if case == "idle_experts" else torch.randn   # rand > 0: expert 0 wins
+    gen = [torch.Generator().manual_seed(10 + r) for r in range(world)]
+    xs = [draw(n, 16, generator=g) for n, g in zip(counts, gen)]
+    gs = [torch.randn(n, 16, generator=g) for n, g in zip(counts, gen)]
+    # single process: the whole global batch through the full layer
+    x_all = torch.cat(xs).requires_grad_()
+    y_all, _ = ref(x_all)
+    (y_all * torch.cat(gs)).sum().backward()
+    # expert parallel: this rank's tokens only
+    x = xs[rank].clone().requires_grad_()
+    y, aux = ep(x)
+    (y * gs[rank]).sum().backward()
+    start = sum(counts[:rank])
+    torch.testing.assert_close(y, y_all[start:start + counts[rank]].detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_all.grad[start:start + counts[rank]], rtol=1e-5, atol=1e-5)
+    lo, hi = ep.expert_slice
+    for name in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
+        if getattr(ref.experts, name) is None:   # GELU experts have no gate
+            continue
+        expected = getattr(ref.experts, name).grad[lo:hi]
+        got = getattr(ep.experts, name).grad
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=name)
+    router_grad = ep.router.weight_ED.grad.clone()
+    dist.all_reduce(router_grad)          # replicated parameter: DDP/FSDP sums it over ranks
+    torch.testing.assert_close(router_grad, ref.router.weight_ED.grad, rtol=1e-5, atol=1e-5)
+    assert aux.tokens_per_expert.shape == (cfg.num_experts,)
+    # aux_loss_scope="global": the mean of the ranks' load-balancing losses is the loss of
+    # the whole batch, and so is the summed router gradient (uneven and empty ranks too)
+    ep.stats_all_reduce, ep.stats_world = dist.all_reduce, world
+    ref.router.weight_ED.grad = ep.router.weight_ED.grad = None
+    lb_all = ref(x_all.detach())[1].load_balancing_loss
+    lb_all.backward()
+    lb = ep(xs[rank])[1].load_balancing_loss
+    (lb / world).backward()
+    mean = lb.detach().clone()
+    dist.all_reduce(mean)
+    torch.testing.assert_close(mean / world, lb_all.detach(), rtol=1e-5, atol=1e-6)
+    router_grad = ep.router.weight_ED.grad.clone()
+    dist.all_reduce(router_grad)
+    torch.testing.assert_close(router_grad, ref.router.weight_ED.grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("case, cfg_kw", [
@@ -87,58 +77,38 @@ def _worker(rank: int, world: int, port: int, case: str, cfg_kw: dict, errors):
     ("empty_rank", dict(num_experts=4, top_k=2)),
 ])
 def test_ep2_equals_single_process(case, cfg_kw):
-    _run(_worker, 2, case, cfg_kw)
+    run_ranks(_worker, 2, case, cfg_kw)
 
 
-def _run(worker, world: int, *args) -> None:
-    """worker(rank, world, port, *args, errors) on ``world`` processes; fail with the ranks' messages."""
-    errors = mp.get_context("spawn").SimpleQueue()
-    try:
-        mp.spawn(worker, args=(world, free_port(), *args, errors), nprocs=world, join=True)
-    except Exception:
-        msgs = []
-        while not errors.empty():
-            msgs.append(errors.get())
-        pytest.fail("; ".join(msgs) or "a rank failed")
-
-
-def _drops_worker(rank: int, world: int, port: int, cfg_kw: dict, errors):
+def _drops_worker(rank: int, world: int, cfg_kw: dict):
     """Capacity under EP is per source rank: compare each rank with the full layer on its own
     tokens; expert and router gradients summed over ranks."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        ref = MoELayer(MoEConfig(d_model=16, d_ff=16, **cfg_kw))
-        ep = copy.deepcopy(ref)
-        shard_experts(ep)
-        n = (9, 0, 5, 12)[rank]
-        gen = torch.Generator().manual_seed(rank)
-        x, g = torch.randn(n, 16, generator=gen), torch.randn(n, 16, generator=gen)
-        x_ref, x_ep = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y_ref, aux_ref = ref(x_ref)
-        (y_ref * g).sum().backward()
-        y_ep, aux_ep = ep(x_ep)
-        (y_ep * g).sum().backward()
-        torch.testing.assert_close(y_ep, y_ref.detach(), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(x_ep.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
-        assert float(aux_ep.dropped_fraction) == float(aux_ref.dropped_fraction)
-        lo, hi = ep.expert_slice
-        for name in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
-            full = getattr(ref.experts, name).grad.clone()
-            dist.all_reduce(full)
-            torch.testing.assert_close(getattr(ep.experts, name).grad, full[lo:hi], rtol=1e-5, atol=1e-5)
-        a, b = ep.router.weight_ED.grad.clone(), ref.router.weight_ED.grad.clone()
-        dist.all_reduce(a)
-        dist.all_reduce(b)
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    except Exception as err:  # noqa: BLE001 - reported to the parent
-        errors.put(f"rank {rank}: {type(err).__name__}: {err}")
-        raise
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    ref = MoELayer(MoEConfig(d_model=16, d_ff=16, **cfg_kw))
+    ep = copy.deepcopy(ref)
+    shard_experts(ep)
+    n = (9, 0, 5, 12)[rank]
+    gen = torch.Generator().manual_seed(rank)
+    x, g = torch.randn(n, 16, generator=gen), torch.randn(n, 16, generator=gen)
+    x_ref, x_ep = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, aux_ref = ref(x_ref)
+    (y_ref * g).sum().backward()
+    y_ep, aux_ep = ep(x_ep)
+    (y_ep * g).sum().backward()
+    torch.testing.assert_close(y_ep, y_ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_ep.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    assert float(aux_ep.dropped_fraction) == float(aux_ref.dropped_fraction)
+    lo, hi = ep.expert_slice
+    for name in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
+        full = getattr(ref.experts, name).grad.clone()
+        dist.all_reduce(full)
+        torch.testing.assert_close(getattr(ep.experts, name).grad, full[lo:hi], rtol=1e-5, atol=1e-5)
+    a, b = ep.router.weight_ED.grad.clone(), ref.router.weight_ED.grad.clone()
+    dist.all_reduce(a)
+    dist.all_reduce(b)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("policy", ["position", "probability"])
 def test_ep4_with_capacity_drops_and_uneven_ranks(policy):
-    _run(_drops_worker, 4, dict(num_experts=8, top_k=2, capacity_factor=0.6, drop_policy=policy))
+    run_ranks(_drops_worker, 4, dict(num_experts=8, top_k=2, capacity_factor=0.6, drop_policy=policy))

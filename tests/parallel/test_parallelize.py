@@ -2,12 +2,9 @@
 losses, global gradient norms and routing telemetry totals as one process on the same global
 batch, with and without gradient accumulation (gradients reduced in the last micro-batch)."""
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from moekit.config import ModelConfig, MoEConfig, ParallelConfig
@@ -15,7 +12,7 @@ from moekit.model.transformer import MoETransformer
 from moekit.parallel.parallelize import build_mesh, clip_grad_norm, parallelize
 from moekit.train.telemetry import RoutingTelemetry
 
-from ..conftest import free_port
+from ..conftest import run_ranks
 
 STEPS, B, S, V = 4, 8, 16, 61
 AUX = 0.1     # the load-balancing loss is part of the objective: "global" statistics make it exact
@@ -65,54 +62,42 @@ def single_process(world: int, accum: int):
     return losses, norms, telemetry.flush()
 
 
-def _worker(rank, world, port, dp, ep, sharding, accum, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        cfg = ParallelConfig(dp=dp, ep=ep, sharding=sharding)
-        mesh = build_mesh(cfg)
-        par = parallelize(_model(), mesh, cfg)
-        opt = torch.optim.SGD(par.module.parameters(), lr=0.5)
-        ep_group = mesh["ep"].get_group() if ep > 1 else None
-        telemetry = RoutingTelemetry({i: b.ffn for i, b in enumerate(par.module.blocks)},
-                                     all_reduce=dist.all_reduce, world=world)
-        losses, norms = [], []
-        for tokens in _batches():
-            total = torch.zeros(())
-            for m in range(accum):
-                with par.accumulate(last=m == accum - 1):
-                    loss, moe = _loss(par.forward, _micro(tokens, world, rank, accum, m))
-                    (loss / accum).backward()
-                telemetry.update(moe)
-                total += loss.detach() / accum
-            par.sync_expert_grads()
-            norms.append(clip_grad_norm(par.module, float("inf"), ep_group))
-            opt.step()
-            opt.zero_grad()
-            dist.all_reduce(total)
-            losses.append(float(total) / world)
-        flushed = telemetry.flush()      # collective
-        local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in par.module.parameters())
-        held = [None] * world
-        dist.all_gather_object(held, local)     # parameters each rank holds
-        if rank == 0:
-            results.put((losses, norms, flushed, held))
-        del par, opt
-        dist.barrier()      # no rank tears its gloo pairs down while another still talks
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, dp, ep, sharding, accum):
+    cfg = ParallelConfig(dp=dp, ep=ep, sharding=sharding)
+    mesh = build_mesh(cfg)
+    par = parallelize(_model(), mesh, cfg)
+    opt = torch.optim.SGD(par.module.parameters(), lr=0.5)
+    ep_group = mesh["ep"].get_group() if ep > 1 else None
+    telemetry = RoutingTelemetry({i: b.ffn for i, b in enumerate(par.module.blocks)},
+                                 all_reduce=dist.all_reduce, world=world)
+    losses, norms = [], []
+    for tokens in _batches():
+        total = torch.zeros(())
+        for m in range(accum):
+            with par.accumulate(last=m == accum - 1):
+                loss, moe = _loss(par.forward, _micro(tokens, world, rank, accum, m))
+                (loss / accum).backward()
+            telemetry.update(moe)
+            total += loss.detach() / accum
+        par.sync_expert_grads()
+        norms.append(clip_grad_norm(par.module, float("inf"), ep_group))
+        opt.step()
+        opt.zero_grad()
+        dist.all_reduce(total)
+        losses.append(float(total) / world)
+    flushed = telemetry.flush()      # collective
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in par.module.parameters())
+    held = [None] * world
+    dist.all_gather_object(held, local)     # parameters each rank holds
+    return losses, norms, flushed, held
 
 
 @pytest.mark.parametrize("dp, ep, sharding, accum", [
     (2, 1, "none", 1), (1, 2, "none", 1), (2, 1, "fsdp", 1), (1, 2, "fsdp", 1), (2, 2, "fsdp", 1),
     (2, 2, "none", 1), (2, 1, "none", 2), (2, 2, "fsdp", 2)])
 def test_parallel_training_matches_one_process(dp, ep, sharding, accum):
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    port = free_port()
     world = dp * ep
-    mp.spawn(_worker, args=(world, port, dp, ep, sharding, accum, results), nprocs=world, join=True)
-    losses, norms, (routing, loads, _), held = results.get()
+    losses, norms, (routing, loads, _), held = run_ranks(_worker, world, dp, ep, sharding, accum)[0]
     ref_losses, ref_norms, (ref_routing, ref_loads, _) = single_process(world, accum)
     assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-5), (losses, ref_losses)
     assert norms == pytest.approx(ref_norms, rel=1e-5), (norms, ref_norms)
