@@ -82,10 +82,13 @@ def run_ranks(fn, world: int, *args, timeout: float = 300.0) -> list:
             else:
                 time.sleep(0.02)
     finally:
-        crashed = [f"rank {r} exited with code {p.exitcode}" for r, p in enumerate(procs)
-                   if p.exitcode not in (None, 0)]
-        if errors and crashed and crashed[0] not in errors[-1]:
-            errors.append(", ".join(crashed))
+        if errors:
+            grace = time.monotonic() + 2.0      # ranks that crashed on their own have exited by then
+            for p in procs:
+                p.join(max(0.0, grace - time.monotonic()))
+            crashed = [f"rank {r} exited with code {p.exitcode}" for r, p in enumerate(procs)
+                       if p.exitcode not in (None, 0) and f"rank {r} exited" not in errors[0]]
+            errors.extend(crashed)
         for p in procs:
             if errors:
                 p.kill()                 # the others wait in a collective for the failed rank
