@@ -179,19 +179,20 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
             check_layout(parallel, cfg.model)
         except ValueError:      # FSDP+EP shards the experts' dims by dp: fall back to DDP
             parallel = dataclasses.replace(parallel, sharding="none")
-    if resume and main and (layout or cfg.parallel.world_size != world):
-        log.info("resuming a %d-process run on %d process(es)%s; the global batch is batch_size x %d = %d "
-                 "sequences (it was %d)", cfg.parallel.world_size, world,
-                 f": parallel = {parallel}" if world > 1 else "", world, cfg.train.batch_size * world,
-                 cfg.train.batch_size * cfg.parallel.world_size)
-    if resume:
-        check_layout(parallel, cfg.model)
-        cfg = dataclasses.replace(cfg, parallel=parallel)    # later checkpoints record the layout in use
     if world > 1 and parallel.world_size == 1:      # plain torchrun: data parallel over all ranks
         parallel = dataclasses.replace(parallel, dp=world)
     elif parallel.world_size != world:
         raise ValueError(f"parallel.dp x parallel.ep = {parallel.world_size} but {world} process(es) run; "
                          f"launch {parallel.world_size} (torchrun --nproc-per-node) or change parallel.dp/ep")
+    saved = cfg.parallel
+    if parallel != saved:
+        cfg = dataclasses.replace(cfg, parallel=parallel)   # checks the layout; config.json and every
+        # checkpoint record the layout in use
+        if resume and main:
+            log.info("resuming a %d-process run on %d process(es)%s; the global batch is "
+                     "batch_size x %d = %d sequences (it was %d)", saved.world_size, world,
+                     f": parallel = {parallel}" if world > 1 else "", world, cfg.train.batch_size * world,
+                     cfg.train.batch_size * saved.world_size)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -318,8 +319,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
                     writer.log(step, {"loss/val": val_loss, "loss/val_ppl": math.exp(min(val_loss, 50))})
             if step % cfg.train.save_every == 0 or step in (cfg.train.max_steps, end):
                 ckpt_meta = {"step": step, "sampler": sampler.state_dict(), "config": cfg.to_dict(),
-                        "tokenizer": tok.to_str(), "saved_world_size": world,
-                        "saved_parallel": dataclasses.asdict(parallel)}
+                        "tokenizer": tok.to_str()}
                 if world > 1:   # sharded: every rank writes its own pieces
                     save_sharded_checkpoint(run_dir, training_state(model, opt, mesh), ckpt_meta)
                 else:

@@ -35,7 +35,7 @@ def _train(run, corpus, *args):
                    *COMMON, *args)
 
 
-@pytest.mark.parametrize("layout", [["--set", "parallel.dp=2"],
+@pytest.mark.parametrize("layout", [[],          # no layout given: data parallel over the processes
                                     ["--set", "parallel.ep=2", "--set", 'parallel.sharding="fsdp"']])
 def test_two_ranks_then_one(tmp_path, parl_subset, layout):
     run = tmp_path / "run"
@@ -44,12 +44,17 @@ def test_two_ranks_then_one(tmp_path, parl_subset, layout):
     shards = sorted(p.name for p in (run / "checkpoint").iterdir())
     assert ".metadata" in shards and sum(s.endswith(".distcp") for s in shards) == 2, shards
     assert not (run / "checkpoint.pt").exists()
-    if "fsdp" in layout[-1]:   # a layout of the user's choice on resume: ep=2 + FSDP -> dp=2 (DDP)
+    recorded = json.loads((run / "config.json").read_text())["parallel"]     # the layout in use
+    assert recorded == ({"dp": 2, "ep": 1, "sharding": "none"} if not layout else
+                        {"dp": 1, "ep": 2, "sharding": "fsdp"})
+    if layout:   # a layout of the user's choice on resume: ep=2 + FSDP -> dp=2 (DDP)
         _moekit("train", "--resume", str(run), "--no-progress", "--nproc", "2", "--stop-at", "6",
                 "--set", "parallel.dp=2", "--set", "parallel.ep=1", "--set", 'parallel.sharding="none"')
         saved = json.loads((run / "config.json").read_text())["parallel"]
         assert saved == {"dp": 2, "ep": 1, "sharding": "none"}
-    _moekit("train", "--resume", str(run), "--no-progress")
+    proc = _moekit("train", "--resume", str(run), "--no-progress")
+    assert "resuming a 2-process run on 1 process(es); the global batch is batch_size x 1 = 4 " \
+           "sequences (it was 8)" in proc.stderr
     losses = _losses(run)
     assert sorted(losses) == list(range(1, 9))
     assert losses[8] < losses[1]
