@@ -159,8 +159,8 @@ class Checkpoint:
         self._full = None
         self.legacy = False
         try:
-            if self.sharded:
-                self._keys()                   # a readable .metadata first (dcp.load would print tracebacks)
+            if self.sharded:   # a readable .metadata first (dcp.load would print tracebacks)
+                self._keys = set(dcp.FileSystemReader(self.path).read_metadata().state_dict_metadata)
                 holder = {"meta": ""}
                 _dcp_load(holder, self.path)
                 self.meta = json.loads(holder["meta"])
@@ -176,9 +176,6 @@ class Checkpoint:
         except Exception as err:  # noqa: BLE001 - any read failure means the same thing here
             raise _corrupt(self.path, err) from None
 
-    def _keys(self) -> set[str]:
-        return set(dcp.FileSystemReader(self.path).read_metadata().state_dict_metadata)
-
     def load_into(self, view: dict, rank: int = 0) -> bool:
         """Load model and optimizer into ``view`` (moekit.parallel.checkpointing.training_state)
         and this rank's RNG state if the checkpoint has one; returns whether it had."""
@@ -187,13 +184,12 @@ class Checkpoint:
             raise ValueError(f"checkpoint {str(self.path)!r} was written by an older moekit: eval, generate "
                              "and export read it, resuming does not; start a new run (or export the model)")
         if self.sharded:
-            _dcp_load(view, self.path)
-            has = f"rng.rank{rank}" in self._keys()
-            rng = {"rng": {f"rank{rank}": b""}} if has else {}
-            _dcp_load(rng, self.path)                 # collective: every rank calls it, with or without a key
+            has = f"rng.rank{rank}" in self._keys    # ranks beyond the saving ones have none
+            state = {**view, "rng": {f"rank{rank}": b""}} if has else view
+            _dcp_load(state, self.path)                # one collective read on every rank
             if not has:
                 return False
-            blob = rng["rng"][f"rank{rank}"]
+            blob = state["rng"][f"rank{rank}"]
         else:
             load_full_state(view, {k: self._full[k] for k in view})
             blob = self._full["rng"].get(f"rank{rank}")
