@@ -183,18 +183,29 @@ TEXT_DOC_CHARS = 2000
 
 def split_text(text: str, tag: str, min_chars: int = TEXT_DOC_CHARS) -> list[Document]:
     """One long text as documents: whole paragraphs (blank-line separated), joined until a
-    document has ``min_chars`` characters; the last one takes what is left."""
-    docs, parts, size = [], [], 0
+    document has ``min_chars`` characters; the last one takes what is left. A paragraph
+    longer than ``min_chars`` (a text with no blank lines, one sentence per line) is cut
+    further at its line breaks; a single line is never cut. Every cut falls on a paragraph
+    break (joined back with "\\n\\n") or a line break ("\\n"), so no text is lost."""
+    docs, buf = [], ""
+
+    def add(piece: str, sep: str) -> None:
+        nonlocal buf
+        buf = buf + sep + piece if buf else piece
+        if len(buf) >= min_chars:
+            docs.append(Document(buf, tag))
+            buf = ""
+
     for para in re.split(r"\n[ \t]*\n", text):
         if not para.strip():
             continue
-        parts.append(para)
-        size += len(para)
-        if size >= min_chars:
-            docs.append(Document("\n\n".join(parts), tag))
-            parts, size = [], 0
-    if parts:
-        docs.append(Document("\n\n".join(parts), tag))
+        if len(para) <= min_chars:
+            add(para, "\n\n")
+            continue
+        for j, line in enumerate(para.split("\n")):
+            add(line, "\n\n" if j == 0 else "\n")
+    if buf.strip():
+        docs.append(Document(buf, tag))
     return docs
 
 

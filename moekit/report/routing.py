@@ -44,6 +44,15 @@ def frequency_class(train: PackedSplit, vocab_size: int) -> np.ndarray:
     return np.where(rank < 100, 0, np.where(rank < 1000, 1, 2))
 
 
+def token_tags(split: PackedSplit, indices: list[int]) -> np.ndarray:
+    """[B*S] tag index of every input token of windows ``indices`` (as ``split.batch`` gives
+    them), each from its own document: a window can span documents of different tags."""
+    S = split.seq_len
+    pos_BS = np.asarray(indices, dtype=np.int64)[:, None] * S + np.arange(S)
+    doc_BS = np.searchsorted(split.doc_starts, pos_BS, side="right") - 1
+    return np.asarray(split.doc_tags, dtype=np.int64)[doc_BS].reshape(-1)
+
+
 @torch.no_grad()
 def routing_breakdown(model, split: PackedSplit, freq_class_V: np.ndarray, batch_size: int = 16,
                       max_windows: int | None = 512) -> tuple[RoutingBreakdown, RoutingBreakdown]:
@@ -61,10 +70,10 @@ def routing_breakdown(model, split: PackedSplit, freq_class_V: np.ndarray, batch
     try:
         n = len(split) if max_windows is None else min(len(split), max_windows)
         for start in range(0, n, batch_size):
-            x_BS, _, tags_B = split.batch(list(range(start, min(start + batch_size, n))))
+            indices = list(range(start, min(start + batch_size, n)))
+            x_BS, _, _ = split.batch(indices)
             model(x_BS)
-            B, S = x_BS.shape
-            tag_T = tags_B.repeat_interleave(S).numpy()
+            tag_T = token_tags(split, indices)
             cls_T = freq_class_V[x_BS.reshape(-1).numpy()]
             for i, experts_TK in captured.items():
                 e = experts_TK.cpu().numpy()

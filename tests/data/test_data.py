@@ -35,6 +35,19 @@ def test_one_long_text_file_becomes_documents_at_paragraph_breaks(tmp_path):
     assert "\n\n".join(d.text for d in docs) == "\n\n".join(paras)   # nothing lost, in order
 
 
+def test_text_file_without_blank_lines_is_cut_at_line_breaks(tmp_path):
+    lines = [f"Sentence {i} says something about the weather today." for i in range(400)]  # ~52 chars
+    text = "\n".join(lines) + "\n"
+    (tmp_path / "lines.txt").write_text(text)
+    docs = load_documents(tmp_path / "lines.txt")
+    assert len(docs) > 5 and {d.tag for d in docs} == {"lines"}
+    assert all(len(d.text) >= 2000 for d in docs[:-1])
+    assert "\n".join(d.text for d in docs) == text                      # nothing lost, in order
+    tok = train_tokenizer(lines, vocab_size=300)
+    meta = build_token_cache(docs, tok, tmp_path / "cache")
+    assert meta["train_docs"] > 0 and meta["train_tokens"] > 0
+
+
 def test_bad_user_data_is_one_clear_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_documents(tmp_path / "missing.txt")

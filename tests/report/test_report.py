@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from moekit.cli.main import main as cli
-from moekit.config import RunConfig
-from moekit.report.routing import RoutingBreakdown
+from moekit.config import MoEConfig, RunConfig
+from moekit.data.stream import PackedSplit
+from moekit.model import ModelConfig, MoETransformer
+from moekit.report.routing import RoutingBreakdown, routing_breakdown, token_tags
 from moekit.train.trainer import train
 
 
@@ -60,3 +62,14 @@ def test_report_in_a_real_browser(reported_run, tmp_path):
     assert pixels.shape[0] == 2400 and pixels.shape[1] == 1200
     dark = (pixels[..., :3].mean(-1) < 0.5).mean()
     assert 0.005 < dark < 0.5        # text and plots drawn, not a blank or black page
+
+
+def test_routing_by_tag_gives_every_token_its_own_documents_tag():
+    # 3 windows of S=4 over 2 documents: tag 0 at tokens [0, 6), tag 1 at [6, 13)
+    split = PackedSplit(np.arange(13), np.array([0, 6]), np.array([0, 1]), ["de", "en"], 4)
+    assert len(split) == 3
+    assert token_tags(split, [1, 2]).tolist() == [0, 0, 1, 1, 1, 1, 1, 1]   # window 1 spans both
+    moe = MoEConfig(d_model=32, d_ff=32, num_experts=4, top_k=2)
+    model = MoETransformer(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, d_ff=64, moe=moe))
+    by_tag, _ = routing_breakdown(model, split, np.zeros(50, dtype=np.int64), batch_size=2)
+    assert by_tag.counts[0].sum(1).tolist() == [6 * 2, 6 * 2]   # tokens per tag x top_k (not 8 and 4)
