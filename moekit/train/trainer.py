@@ -54,10 +54,15 @@ def distributed_context() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _mean_over_ranks(values: list[float], world: int) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return (t / world).tolist()
+def _reduce_step(losses: list[float], counts: dict, world: int) -> tuple[list[float], dict]:
+    """One all-reduce per step: the losses averaged over ranks and the per-expert token counts
+    (aux-loss-free layers: every rank must move its router bias the same way) summed."""
+    parts = [torch.tensor(losses, dtype=torch.float64)] + [c.double().cpu() for c in counts.values()]
+    flat = torch.cat(parts)
+    dist.all_reduce(flat)
+    pieces = flat.split([len(t) for t in parts])
+    summed = {i: t.to(c.device, c.dtype) for (i, c), t in zip(counts.items(), pieces[1:])}
+    return (pieces[0] / world).tolist(), summed
 
 
 def resolve_device(name: str) -> torch.device:
@@ -251,7 +256,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg.train)
             t_step = time.perf_counter()
-            counts = {i: 0 for i in moe_layers}
+            counts = {i: 0 for i, layer in moe_layers.items() if layer.cfg.aux_loss_free}
             lm_sum = aux_sum = z_sum = 0.0
             for micro in range(cfg.train.grad_accum):
                 x, y, _ = train_split.batch(sampler.next())
@@ -264,25 +269,21 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
                 lm_sum += float(lm.detach())
                 aux_sum += float(out.aux_loss.detach())
                 z_sum += float(out.z_loss.detach())
-                for i, aux in out.moe.items():
-                    counts[i] = counts[i] + aux.tokens_per_expert
+                for i in counts:            # aux-loss-free layers: tokens per expert for the bias
+                    counts[i] = counts[i] + out.moe[i].tokens_per_expert
                 if telemetry is not None:
                     telemetry.update(out.moe)
             sync_expert_grads()
             if world > 1:
-                lm_sum, aux_sum, z_sum = _mean_over_ranks([lm_sum, aux_sum, z_sum], world)
-            if world > 1:   # sharded and expert-parallel gradients: a global norm
+                (lm_sum, aux_sum, z_sum), counts = _reduce_step([lm_sum, aux_sum, z_sum], counts, world)
+                # sharded and expert-parallel gradients: a global norm
                 grad_norm = clip_grad_norm(model, cfg.train.grad_clip, ep_group)
             else:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
             opt.step()
             opt.zero_grad(set_to_none=True)
-            for i, layer in moe_layers.items():
-                if layer.cfg.aux_loss_free:
-                    if world > 1:          # every rank must move its bias the same way
-                        counts[i] = counts[i].clone()
-                        dist.all_reduce(counts[i])
-                    layer.update_router_bias(counts[i])
+            for i, c in counts.items():
+                moe_layers[i].update_router_bias(c)
             step += 1
             train_time += time.perf_counter() - t_step
             interval_steps += 1
