@@ -40,13 +40,25 @@ def _layout_overrides(sets: list[str]) -> dict:
     return apply_overrides({}, sets).get("parallel", {})
 
 
+def _config(args) -> RunConfig:
+    """The recipe (or the default) with the --set overrides."""
+    if args.config:
+        return RunConfig.from_toml(args.config, args.set)
+    return RunConfig.from_dict(apply_overrides({}, args.set))
+
+
+def _default_out(args) -> Path:
+    recipe = Path(args.config).stem if args.config else "tiny-moe"
+    return Path("runs") / f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def run(args) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc}: the number of processes must be >= 1")
-    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:   # not already under torchrun
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:   # not yet under torchrun
         return _torchrun(args)
-    if under_torchrun and not args.resume and not args.out:
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if several and not args.resume and not args.out:
         raise ValueError("several processes need one run directory: pass --out DIR (on every node, "
                          "on a filesystem they all see)")
     import logging
@@ -59,10 +71,8 @@ def run(args) -> int:
                         stop_at=args.stop_at, layout=_layout_overrides(args.set))
         out = Path(args.resume)
     else:
-        cfg = (RunConfig.from_toml(args.config, args.set) if args.config
-               else RunConfig.from_dict(apply_overrides({}, args.set)))
-        recipe = Path(args.config).stem if args.config else "tiny-moe"
-        out = Path(args.out) if args.out else Path("runs") / f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg = _config(args)
+        out = Path(args.out) if args.out else _default_out(args)
         if os.environ.get("RANK", "0") == "0":
             print(f"run directory: {out}")
         summary = train(cfg, out, progress=not args.no_progress, stop_at=args.stop_at)
@@ -102,14 +112,12 @@ def _torchrun(args) -> int:
     if args.resume:
         _layout_overrides(args.set)
     else:                                  # bad layouts: one line here, not one per rank from torchrun
-        cfg = (RunConfig.from_toml(args.config, args.set) if args.config
-               else RunConfig.from_dict(apply_overrides({}, args.set)))
+        cfg = _config(args)
         if cfg.parallel.world_size not in (1, args.nproc):
             raise ValueError(f"parallel.dp x parallel.ep = {cfg.parallel.world_size} but --nproc "
                              f"{args.nproc}; make them equal (or leave dp and ep unset for data parallelism)")
     if not args.resume and not args.out:   # one run directory for all ranks
-        recipe = Path(args.config).stem if args.config else "tiny-moe"
-        rest += ["--out", str(Path("runs") / f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}")]
+        rest += ["--out", str(_default_out(args))]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", "moekit", "train", *rest]
     return subprocess.call(cmd)

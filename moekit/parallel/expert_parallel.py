@@ -115,12 +115,10 @@ class AllToAllDispatcher(LocalDispatcher):
 def shard_experts(layer: MoELayer, group: dist.ProcessGroup | None = None) -> None:
     """Keep this rank's E / ep experts in ``layer`` and give it the all-to-all dispatcher."""
     cfg = layer.cfg
-    dispatcher = AllToAllDispatcher(cfg.num_experts, cfg.top_k,
-                                    cfg.capacity_factor if cfg.router != "expert_choice" else None,
-                                    cfg.drop_policy, group)
-    if cfg.router == "expert_choice":
+    if cfg.router == "expert_choice":      # also checked by check_layout; this is for direct callers
         raise ValueError("expert parallelism supports token-choice routers; router='expert_choice' "
                          "needs every token on every rank (use ep=1)")
+    dispatcher = AllToAllDispatcher(cfg.num_experts, cfg.top_k, cfg.capacity_factor, cfg.drop_policy, group)
     rank = dist.get_rank(group)
     lo, hi = rank * dispatcher.num_local, (rank + 1) * dispatcher.num_local
     ex = layer.experts

@@ -95,12 +95,11 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, *,
     # 2. activation checkpointing
     if hasattr(model, "activation_checkpointing"):
         model.activation_checkpointing = activation_checkpointing
-    # 3. compile
-    forward = torch.compile(model) if compile else model
-    # 4. data parallelism
+    # 3. compile, 4. data parallelism. torch.compile wraps without changing the module, so FSDP2
+    # shards the model in place under its compiled wrapper; DDP is compiled whole (PyTorch's advice)
     if cfg.sharding == "fsdp":
         _fully_shard(model, mesh, cfg)
-        return Parallelized(forward, model, lambda: None)
+        return Parallelized(torch.compile(model) if compile else model, model, lambda: None)
     experts = expert_parameters(model) if cfg.ep > 1 else []
     if experts:
         # DDP must not average expert gradients over all ranks: they differ per "ep" rank
@@ -115,10 +114,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, *,
             if cfg.dp > 1:
                 dist.all_reduce(p.grad, group=dp_group)
             p.grad.div_(world)
-    if world > 1:
-        ddp = nn.parallel.DistributedDataParallel(model)
-        return Parallelized(torch.compile(ddp) if compile else ddp, model, sync_expert_grads, ddp)
-    return Parallelized(forward, model, sync_expert_grads)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    return Parallelized(torch.compile(ddp) if compile else ddp, model, sync_expert_grads, ddp)
 
 
 def _fully_shard(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig) -> None:
