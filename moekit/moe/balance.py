@@ -42,9 +42,8 @@ def load_balancing_loss(probs_TE: Tensor, experts_TK: Tensor,
         with torch.no_grad():
             stats = torch.cat([counts_E, counts_E.new_tensor([num_tokens])])
             all_reduce(stats)
-        counts_E, total = stats[:-1], float(stats[-1])
-        if total == 0:
-            return probs_TE.sum() * 0.0
+        # no tokens anywhere: the counts are zero and so is the loss; a tensor total, no host sync
+        counts_E, total = stats[:-1], stats[-1].clamp_min(1)
         return num_experts * torch.dot(counts_E / total, probs_TE.sum(dim=0)) * (world / total)
     if num_tokens == 0:   # an empty batch is perfectly uninformative, not NaN
         return probs_TE.sum() * 0.0

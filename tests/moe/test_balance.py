@@ -44,3 +44,23 @@ def test_losses_reach_router_weights():
     (aux.load_balancing_loss + aux.z_loss).backward()
     assert layer.router.weight_ED.grad.abs().sum() > 0
     assert layer.experts.w_up_EDF.grad is None    # the losses see only the router
+
+
+def test_global_scope_on_one_rank_is_the_local_loss_and_zero_without_tokens():
+    """With a one-rank all-reduce (the identity) the global formula is the local one; with no
+    tokens anywhere it is 0 with a zero gradient, not NaN."""
+    torch.manual_seed(0)
+    logits = torch.randn(13, 4, requires_grad=True)
+    probs = logits.softmax(-1)
+    experts = probs.topk(2, dim=-1).indices
+    local = load_balancing_loss(probs, experts)
+    one_rank = load_balancing_loss(probs, experts, all_reduce=lambda t: None, world=1)
+    torch.testing.assert_close(one_rank, local)
+    (g_local,) = torch.autograd.grad(local, logits, retain_graph=True)
+    (g_one,) = torch.autograd.grad(one_rank, logits)
+    torch.testing.assert_close(g_one, g_local)
+    empty = torch.zeros(0, 4, requires_grad=True)
+    loss = load_balancing_loss(empty.softmax(-1), torch.zeros(0, 2, dtype=torch.long),
+                               all_reduce=lambda t: None, world=1)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.equal(empty.grad, torch.zeros(0, 4))
