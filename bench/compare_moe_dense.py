@@ -16,10 +16,12 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moekit.report.html import read_metrics, series  # noqa: E402
+
 
 def val_curve(run_dir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    return [(r["step"], r["loss/val"]) for r in rows if "loss/val" in r]
+    return list(zip(*series(read_metrics(run_dir), "loss/val")))
 
 
 def first_step_below(curve: list[tuple[int, float]], target: float) -> float | None:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,17 +51,16 @@ def test_expert_parallel_benchmark_runs_two_processes(tmp_path):
 
 
 def test_ep_device_check_dry_run_on_cpu(tmp_path):
-    """The GPU check's code path with gloo: the EP layer must equal the full layer."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """The GPU check's code path with gloo: the EP layer must equal the full layer (the script's
+    assert_close calls raise, failing the run, if it does not)."""
     out = tmp_path / "ep.json"
     cmd = [sys.executable, str(ROOT / "bench" / "ep_device_check.py"), "--device", "cpu",
            "--dtype", "float32", "--tokens", "64", "--d-model", "16", "--d-ff", "32", "--reps", "1",
            "--out", str(out)]
-    env = {"MASTER_PORT": str(port), "PATH": "/usr/bin:/bin"}
+    env = {"MASTER_PORT": str(free_port()), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True, env=env)
     assert "EP layer equals the full layer" in proc.stdout
     data = json.loads(out.read_text())
-    assert data["backend"] == "gloo" and data["outputs_and_grads_match"] and data["ep_layer_ms"] > 0
+    assert data["backend"] == "gloo" and data["world"] == 1 and data["device"] == "cpu"
+    assert data["full_layer_ms"] > 0 and data["ep_layer_ms"] > 0 and data["a2a_ms"] > 0
+    assert data["meta"]["tokens"] == 64 and data["meta"]["dtype"] == "float32"

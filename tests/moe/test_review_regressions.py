@@ -21,7 +21,15 @@ def test_float32_dims_grouped_mm_cannot_take_fall_back_and_match_reference(d_mod
     layer = MoELayer(MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=4, top_k=2))
     x = torch.randn(5, d_model, requires_grad=True)
     y, _ = layer(x)
-    torch.testing.assert_close(y, reference_moe(layer, x), rtol=1e-5, atol=1e-6)
+    y_ref = reference_moe(layer, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    # and the backward: the input's and every weight's gradient (experts and router)
+    names, params = zip(*layer.named_parameters())
+    grad_out = torch.randn_like(y)
+    fast = torch.autograd.grad(y, [x, *params], grad_out)
+    ref = torch.autograd.grad(y_ref, [x, *params], grad_out)
+    for name, g, g_ref in zip(["x", *names], fast, ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.skipif(not HAS_GROUPED_MM, reason="torch has no _grouped_mm")
@@ -141,10 +149,21 @@ def test_counts_must_cover_the_rows(backend):
         experts(torch.randn(10, 8), torch.tensor([3, 4]))
 
 
+@pytest.mark.skipif(not HAS_GROUPED_MM, reason="torch has no _grouped_mm")
 def test_in_place_op_on_grouped_mm_output():
+    torch.manual_seed(0)
     experts = GroupedExperts(MoEConfig(d_model=8, d_ff=8, num_experts=2, backend="grouped_mm"))
     x = torch.randn(5, 8, requires_grad=True)
     y = experts(x, torch.tensor([2, 3]))
     y.mul_(2)
     y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+    # the same gradients as the segment_mm backend, which has no hook to trip over
+    segment = GroupedExperts(MoEConfig(d_model=8, d_ff=8, num_experts=2, backend="segment_mm"))
+    segment.load_state_dict(experts.state_dict())
+    x_seg = x.detach().requires_grad_()
+    (2 * segment(x_seg, torch.tensor([2, 3]))).sum().backward()
+    torch.testing.assert_close(x.grad, x_seg.grad, rtol=1e-5, atol=1e-6)
+    for (name, p), p_seg in zip(experts.named_parameters(), segment.parameters()):
+        torch.testing.assert_close(p.grad, p_seg.grad, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
