@@ -188,12 +188,7 @@ class ExpertChoiceRouter(nn.Module):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
         logits_TE = F.linear(x_TD, self.weight_ED)
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        C = self.capacity(x_TD.shape[0])
-        if C == 0:
-            tokens_EC = torch.zeros(self.num_experts, 0, dtype=torch.long, device=x_TD.device)
-            return RouterOutput(probs_TE=probs_TE, logits_TE=logits_TE, tokens_EC=tokens_EC,
-                                weights_EC=probs_TE.new_zeros(self.num_experts, 0))
-        weights_EC, tokens_EC = topk_stable(probs_TE.t(), C)
+        weights_EC, tokens_EC = topk_stable(probs_TE.t(), self.capacity(x_TD.shape[0]))   # C = 0: [E, 0]
         return RouterOutput(probs_TE=probs_TE, logits_TE=logits_TE, tokens_EC=tokens_EC,
                             weights_EC=weights_EC)
 

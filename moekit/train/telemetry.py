@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from moekit.moe.layer import MoEAux, MoELayer
+from moekit.moe.stats import load_cv
 
 REMEDIES = ("raise train.aux_loss_coef (e.g. 0.01 -> 0.05), keep the z-loss on (train.z_loss_coef 1e-3), "
             "add router jitter (model.moe.jitter_eps=0.01), or cap load with model.moe.capacity_factor=1.25")
@@ -134,9 +135,7 @@ class RoutingTelemetry:
 
 
 def _cv(counts: list[float]) -> float:
-    """std / mean of the expert loads (0 for no tokens)."""
-    mean = sum(counts) / len(counts)
-    return math.sqrt(sum((c - mean) ** 2 for c in counts) / len(counts)) / mean if mean else 0.0
+    return float(load_cv(torch.tensor(counts)))
 
 
 def routing_summary(loads: dict[int, list[float]]) -> str:

@@ -31,13 +31,15 @@ def test_wrong_input_width_is_a_clear_error():
         layer(torch.randn(3, 32))
 
 
-def test_empty_batch():
-    layer = MoELayer(MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=2))
+@pytest.mark.parametrize("router", ["softmax", "sigmoid", "expert_choice"])
+def test_empty_batch(router):
+    layer = MoELayer(MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=2, router=router))
     x = torch.randn(0, 16, requires_grad=True)
     y, aux = layer(x)
     assert y.shape == (0, 16) and int(aux.tokens_per_expert.sum()) == 0
-    y.sum().backward()
+    (y.sum() + aux.load_balancing_loss + aux.z_loss).backward()
     assert x.grad.shape == (0, 16)
+    assert float(aux.load_balancing_loss.detach()) == 0.0
 
 
 def test_capacity_drops_leave_zero_output_for_fully_dropped_tokens():
