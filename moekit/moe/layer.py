@@ -71,11 +71,12 @@ class MoELayer(nn.Module):
         compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
             routing = self.router(x_TD)
-            x_RD, counts_E, plan = self.dispatcher.dispatch(x_TD.to(compute_dtype), routing)
+            x_cast = x_TD.to(compute_dtype)
+            x_RD, counts_E, plan = self.dispatcher.dispatch(x_cast, routing)
             y_RD = self.experts(x_RD, counts_E)
             y_TD = self.dispatcher.combine(y_RD, plan)
             if self.shared is not None:
-                y_TD = y_TD + self.shared(x_TD.to(compute_dtype))
+                y_TD = y_TD + self.shared(x_cast)
         return y_TD.view(x.shape), self._aux(routing, plan)
 
     def _aux(self, routing: RouterOutput, plan: DispatchPlan) -> MoEAux:
