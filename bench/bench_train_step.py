@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moekit.config import RunConfig  # noqa: E402
 from moekit.model.transformer import MoETransformer, model_flops  # noqa: E402
 from moekit.runtime import tune_cpu_allocator  # noqa: E402
+from moekit.train.evaluate import lm_loss  # noqa: E402
 from moekit.train.optim import build_optimizer  # noqa: E402
-from moekit.train.trainer import autocast, lm_loss, resolve_device  # noqa: E402
+from moekit.train.run import autocast, resolve_device  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -82,7 +82,7 @@ def main() -> None:
     # correctness: the EP layer against the full layer on this rank's tokens
     y_full, gx_full = step(full)
     y_ep, gx_ep = step(ep)
-    lo, hi = ep.expert_slice
+    lo, hi = ep.expert_range
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(y_ep, y_full, **tol)
     torch.testing.assert_close(gx_ep, gx_full, **tol)

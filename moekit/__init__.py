@@ -9,7 +9,7 @@ Example:
     torch.Size([4, 16, 64])
 """
 
-from moekit.config import MoEConfig
+from moekit.moe.config import MoEConfig
 from moekit.moe import (
     DenseFFN,
     ExpertChoiceRouter,
@@ -24,7 +24,19 @@ from moekit.moe import (
 
 __version__ = "0.1.0"
 
+
+def load_model(path):
+    """(model in eval mode, tokenizer) of a run directory or a ``moekit export`` directory:
+    whatever ``moekit train`` (or a command that makes a model) wrote.
+
+    Example:
+        >>> model, tok = moekit.load_model("runs/e16")   # doctest: +SKIP
+    """
+    from moekit.train.run_dir import load_model as _load
+    return _load(path)
+
+
 __all__ = [
     "DenseFFN", "ExpertChoiceRouter", "GroupedExperts", "LocalDispatcher", "MoEAux",
-    "MoEConfig", "MoELayer", "RouterOutput", "TopKRouter", "reference_moe",
+    "MoEConfig", "MoELayer", "RouterOutput", "TopKRouter", "load_model", "reference_moe",
 ]

@@ -2,9 +2,9 @@
 
 ``tune_cpu_allocator``: glibc serves allocations above a threshold (at most 32 MiB by
 default) with a fresh ``mmap`` and returns them on free, so every large activation of
-every step is page-faulted in again; on the 2-core machines here that cost 1-2 ms per
-16 MiB tensor, a quarter of a dense FFN step. Raising the mmap and trim thresholds keeps
-freed memory in the heap for reuse (the effect people get from jemalloc or tcmalloc).
+every step is page-faulted in again, a sizeable share of a CPU step (docs/benchmarks.md
+has the measurements). Raising the mmap and trim thresholds keeps freed memory in the
+heap for reuse (the effect people get from jemalloc or tcmalloc).
 Memory already returned stays returned; peak resident memory does not go down afterwards.
 """
 

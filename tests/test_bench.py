@@ -50,17 +50,19 @@ def test_expert_parallel_benchmark_runs_two_processes(tmp_path):
     assert data["predicted_bytes_per_rank_per_step"] == 4 * 64 * 2 * 0.5 * 16 * 4
 
 
-def test_ep_device_check_dry_run_on_cpu(tmp_path):
-    """The GPU check's code path with gloo: the EP layer must equal the full layer (the script's
-    assert_close calls raise, failing the run, if it does not)."""
+def test_ep_device_check_dry_run_on_two_gloo_ranks(tmp_path):
+    """The GPU check's code path with gloo on two real processes (at world size 1 the
+    all-to-all moves nothing): the EP layer must equal the full layer on every rank (the
+    script's assert_close calls raise, failing the run, if it does not)."""
     out = tmp_path / "ep.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "ep_device_check.py"), "--device", "cpu",
-           "--dtype", "float32", "--tokens", "64", "--d-model", "16", "--d-ff", "32", "--reps", "1",
-           "--out", str(out)]
-    env = {"MASTER_PORT": str(free_port()), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True, env=env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), str(ROOT / "bench" / "ep_device_check.py"), "--device", "cpu",
+           "--dtype", "float32", "--tokens", "64", "--d-model", "16", "--d-ff", "32", "--experts", "4",
+           "--reps", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "EP layer equals the full layer" in proc.stdout
     data = json.loads(out.read_text())
-    assert data["backend"] == "gloo" and data["world"] == 1 and data["device"] == "cpu"
+    assert data["backend"] == "gloo" and data["world"] == 2 and data["device"] == "cpu"
     assert data["full_layer_ms"] > 0 and data["ep_layer_ms"] > 0 and data["a2a_ms"] > 0
-    assert data["meta"]["tokens"] == 64 and data["meta"]["dtype"] == "float32"
+    assert data["meta"]["tokens"] == 64 and data["meta"]["experts"] == 4

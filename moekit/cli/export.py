@@ -18,7 +18,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from moekit.train.trainer import export_run
+    from moekit.train.run_dir import export_run
     out = export_run(Path(args.run_dir), Path(args.out) if args.out else Path(args.run_dir) / "export")
     print(f"exported {args.run_dir} to {out}")
     return 0

@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import select
 import sys
 
 from moekit.cli import data as data_cmd
@@ -33,6 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A closed stdout pipe (``moekit data list | head -1``) ends it quietly
+    with exit code 141, what a shell reports for a tool killed by SIGPIPE: the output was cut
+    short, so under ``set -o pipefail`` the pipeline says so, as it would for ``cat``."""
+    try:
+        try:
+            return _dispatch(argv)
+        finally:
+            if sys.stdout is not None:
+                sys.stdout.flush()   # a closed pipe surfaces here, not as a second error at exit
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise                    # some other pipe broke: that is a real error, keep its traceback
+        _silence_stdout()
+        return 141
+
+
+def _dispatch(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     args.raw_argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -43,6 +62,33 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"moekit {args.command}: interrupted (the last checkpoint is intact)", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise                                        # main() decides: a closed stdout, or a real error
+    except OSError as err:   # the machine said no (a full disk, a permission): one line, what and where
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"moekit {args.command}: error: {(err.strerror or str(err)).lower()}{where}", file=sys.stderr)
+        return 1
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout's reader has gone (poll reports an error on the write end of such a pipe)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):   # no poll (Windows) or no real stdout: trust the error
+        return True
+
+
+def _silence_stdout() -> None:
+    """Point stdout at devnull, so the interpreter's flush at exit does not fail a second time
+    (the recipe in the Python docs, "Note on SIGPIPE" in the signal module)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

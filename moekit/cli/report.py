@@ -19,7 +19,7 @@ def run(args) -> int:
     from moekit.model.transformer import model_flops
     from moekit.report.html import build_report
     from moekit.report.routing import frequency_class, routing_breakdown
-    from moekit.train.trainer import load_run
+    from moekit.train.run_dir import load_run
     run_dir = Path(args.run_dir)
     model, tok, cfg = load_run(run_dir)
     val = PackedSplit.open(run_dir / "data", "val", cfg.data.seq_len)

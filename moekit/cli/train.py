@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from moekit.config import RunConfig, apply_overrides
+from moekit.train.run_dir import write_json
 from moekit.train.telemetry import routing_summary
 
 
@@ -18,7 +19,8 @@ def register(sub) -> None:
     p.add_argument("--config", help="a TOML recipe (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set train.max_steps=200 --set model.moe.num_experts=16; "
-                        "with --resume only parallel.* (the layout to resume with)")
+                        "with --resume only parallel.* (the layout to resume with) and train.max_steps "
+                        "(train longer), train.eval_every, save_every, log_every")
     p.add_argument("--out", help="the run directory (default: a new runs/<recipe>-<date>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -31,13 +33,16 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _layout_overrides(sets: list[str]) -> dict:
-    """On --resume only parallel.* may change (the layout to resume with)."""
-    other = [s for s in sets if not s.strip().startswith("parallel.")]
+def _resume_overrides(sets: list[str]) -> tuple[dict, dict]:
+    """On --resume: (parallel.* = the layout to resume with, train.* settings that may change)."""
+    from moekit.train.trainer import RESUME_SETTINGS
+    allowed = ("parallel.",) + tuple(f"train.{k}=" for k in RESUME_SETTINGS)
+    other = [s for s in sets if not s.strip().startswith(allowed)]
     if other:
-        raise ValueError(f"--resume continues a run with its saved config; only parallel.* may be set "
-                         f"(the layout), not {other[0]!r}")
-    return apply_overrides({}, sets).get("parallel", {})
+        raise ValueError(f"--resume continues a run with its saved config; only parallel.* (the layout) and "
+                         f"{', '.join('train.' + k for k in RESUME_SETTINGS)} may be set, not {other[0]!r}")
+    raw = apply_overrides({}, sets)
+    return raw.get("parallel", {}), raw.get("train", {})
 
 
 def _config(args) -> RunConfig:
@@ -55,6 +60,8 @@ def _default_out(args) -> Path:
 def run(args) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc}: the number of processes must be >= 1")
+    if args.stop_at is not None and args.stop_at < 1:
+        raise ValueError(f"--stop-at {args.stop_at}: must be a step >= 1")
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:   # not yet under torchrun
         return _torchrun(args)
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -67,8 +74,9 @@ def run(args) -> int:
     if args.resume:
         if args.config:
             raise ValueError("--resume continues a run with its saved config; drop --config")
+        layout, changes = _resume_overrides(args.set)
         summary = train(RunConfig(), Path(args.resume), resume=True, progress=not args.no_progress,
-                        stop_at=args.stop_at, layout=_layout_overrides(args.set))
+                        stop_at=args.stop_at, layout=layout, changes=changes)
         out = Path(args.resume)
     else:
         cfg = _config(args)
@@ -84,7 +92,7 @@ def run(args) -> int:
         if rank != 0:                   # rank 0 reports
             return 0
     short = {k: v for k, v in summary.items() if k not in ("train_losses", "routing_last_interval")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "summary.json", summary)
     print(json.dumps(short, indent=1))
     if summary["routing_last_interval"]:
         loads = {int(i): c for i, c in summary["routing_last_interval"].items()}
@@ -110,12 +118,11 @@ def _torchrun(args) -> int:
             continue
         rest.append(a)
     if args.resume:
-        _layout_overrides(args.set)
+        _resume_overrides(args.set)
     else:                                  # bad layouts: one line here, not one per rank from torchrun
         cfg = _config(args)
-        if cfg.parallel.world_size not in (1, args.nproc):
-            raise ValueError(f"parallel.dp x parallel.ep = {cfg.parallel.world_size} but --nproc "
-                             f"{args.nproc}; make them equal (or leave dp and ep unset for data parallelism)")
+        if cfg.parallel.world_size != 1:
+            cfg.parallel.check_world(args.nproc, "processes asked for (--nproc)")
     if not args.resume and not args.out:   # one run directory for all ranks
         rest += ["--out", str(_default_out(args))]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",

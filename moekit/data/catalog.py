@@ -10,6 +10,13 @@ The user's own data: a text file (cut at blank lines into documents of at least
 ``TEXT_DOC_CHARS`` characters, so that one book still has a train and a validation side), a
 directory of ``.txt``/``.md`` files (one document each, tagged by file name), or JSONL with a
 ``text`` field (and an optional ``tag``/``lang``/``source`` field).
+
+Reading the user's files: a file whose first 8 KiB hold a NUL byte, a UTF-16 byte-order mark,
+or more than 10% control characters is refused as binary. Text is read as UTF-8 (a leading
+BOM dropped). A file that is not valid UTF-8 is still read, with one warning on the
+``moekit`` logger naming it and counting its non-UTF-8 bytes: when most of its non-ASCII
+characters are not UTF-8 it is decoded as cp1252 (latin-1 if it holds a byte cp1252 leaves
+undefined); otherwise (UTF-8 with a few broken bytes) those bytes become U+FFFD.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -27,6 +35,8 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("moekit")
 
 
 @dataclass(frozen=True)
@@ -140,6 +150,10 @@ def fetch(name: str) -> Path:
 
 def load_documents(source: str | Path) -> list[Document]:
     """A catalog name, or a path to the user's own text file / directory / JSONL."""
+    if isinstance(source, str) and not source.strip():
+        raise ValueError(f"data.corpus={source!r} is empty (it would read the current directory); give a "
+                         f"catalog name ({', '.join(sorted(CATALOG))}) or a path to a text file, "
+                         "a directory of .txt/.md files or JSONL")
     path = Path(source)
     if path.exists():
         return _read_user_data(path)
@@ -162,20 +176,68 @@ def load_documents(source: str | Path) -> list[Document]:
 
 def _read_jsonl(path: Path) -> list[Document]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                text = row["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{lineno}: not a JSON object with a 'text' field ({err}); "
-                                 "write one {\"text\": ...} object per line") from None
-            tag = str(row.get("tag") or row.get("lang") or row.get("source") or path.stem)
-            if str(text).strip():
-                docs.append(Document(str(text), tag))
+    # split at "\n" only: str.splitlines would also cut at U+2028 etc., which JSON allows raw
+    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            text = row["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{lineno}: not a JSON object with a 'text' field ({err}); "
+                             "write one {\"text\": ...} object per line") from None
+        tag = str(row.get("tag") or row.get("lang") or row.get("source") or path.stem)
+        if str(text).strip():
+            docs.append(Document(str(text), tag))
     return docs
+
+
+SNIFF_BYTES = 8192
+_CONTROL = re.compile(rb"[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f]")   # C0 controls but \t\n\v\f\r and ESC
+_ESCAPED = re.compile("[\udc80-\udcff]")                         # a non-UTF-8 byte (surrogateescape)
+_NON_ASCII = re.compile("[^\x00-\x7f]")
+
+
+def _binary_reason(head: bytes) -> str | None:
+    """Why the first bytes of a file do not look like text, or None if they do."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "a UTF-16 byte-order mark; save it as UTF-8"
+    if b"\0" in head:
+        return "NUL bytes in the first 8 KiB"
+    odd = len(_CONTROL.findall(head))
+    if odd > 0.1 * len(head):
+        return f"{odd:,} of its first {len(head):,} bytes are control characters"
+    return None
+
+
+def _read_text(path: Path) -> str:
+    """The text of one user file, by the rule in the module docstring, with universal newlines
+    ("\\r\\n" and "\\r" become "\\n", as ``open()`` in text mode does)."""
+    text = _decode(path.read_bytes(), path)
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _decode(data: bytes, path: Path) -> str:
+    why = _binary_reason(data[:SNIFF_BYTES])
+    if why:
+        raise ValueError(f"data {str(path)!r} looks binary ({why}); give a UTF-8 text file, "
+                         "a directory of .txt/.md files or JSONL")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    escaped = data.decode("utf-8-sig", errors="surrogateescape")
+    bad = len(_ESCAPED.findall(escaped))
+    if len(_NON_ASCII.findall(escaped)) - bad >= bad:     # mostly UTF-8: keep it, mark the few bad bytes
+        text, how = data.decode("utf-8-sig", errors="replace"), "replaced them with U+FFFD"
+    else:
+        try:
+            text, how = data.decode("cp1252"), "decoded the file as cp1252"
+        except UnicodeDecodeError:                     # 0x81 0x8d 0x8f 0x90 0x9d: undefined in cp1252
+            text, how = data.decode("latin-1"), "decoded the file as latin-1"
+    log.warning("data %r: %s byte%s of %s were not UTF-8; %s", str(path), f"{bad:,}", "s" * (bad != 1),
+                f"{len(data):,}", how)
+    return text
 
 
 TEXT_DOC_CHARS = 2000
@@ -212,11 +274,11 @@ def split_text(text: str, tag: str, min_chars: int = TEXT_DOC_CHARS) -> list[Doc
 def _read_user_data(path: Path) -> list[Document]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
-        docs = [Document(p.read_text(encoding="utf-8", errors="replace"), p.stem) for p in files]
+        docs = [Document(_read_text(p), p.stem) for p in files]
     elif path.suffix == ".jsonl":
         docs = _read_jsonl(path)
     else:
-        docs = split_text(path.read_text(encoding="utf-8", errors="replace"), path.stem)
+        docs = split_text(_read_text(path), path.stem)
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise ValueError(f"data {str(path)!r} holds no text (empty files, or no .txt/.md files in the "

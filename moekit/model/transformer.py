@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from moekit.config import ModelConfig, MoEConfig  # noqa: F401  (MoEConfig: the doctests)
+from moekit.model.config import ModelConfig
+from moekit.moe.config import MoEConfig  # noqa: F401  (MoEConfig: the doctests)
 from moekit.moe.experts import DenseFFN
 from moekit.moe.layer import MoEAux, MoELayer
 
@@ -106,9 +107,10 @@ class MoETransformer(nn.Module):
     """Example:
         >>> cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=2, d_ff=64,
         ...                   moe_layers="alternate", moe=MoEConfig(d_model=32, d_ff=32, num_experts=4))
-        >>> out = MoETransformer(cfg)(torch.randint(0, 97, (2, 10)))
-        >>> out.logits.shape, sorted(out.moe)
-        (torch.Size([2, 10, 97]), [1])
+        >>> model = MoETransformer(cfg)
+        >>> out = model(torch.randint(0, 97, (2, 10)))
+        >>> out.logits.shape, sorted(out.moe), sorted(model.moe_layers())
+        (torch.Size([2, 10, 97]), [1], [1])
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -164,6 +166,20 @@ class MoETransformer(nn.Module):
                                device=self.embed.weight.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+
+    def moe_layers(self) -> dict[int, MoELayer]:
+        """{block index: MoE layer}, the keys of :attr:`ModelOutput.moe`."""
+        return {i: block.ffn for i, block in enumerate(self.blocks) if isinstance(block.ffn, MoELayer)}
+
+    def _apply(self, fn, recurse=True):
+        # .to(torch.bfloat16) would round the rotary tables: recompute them in float32 instead
+        # (a dtype-preserving move, including to_empty, keeps what it got)
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32:
+            cos, sin = rope_tables(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta,
+                                   device=self.rope_cos.device)
+            self.rope_cos, self.rope_sin = cos, sin
+        return self
 
     @classmethod
     def build(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> MoETransformer:

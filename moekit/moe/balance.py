@@ -18,6 +18,7 @@ Router z-loss (ST-MoE eq. 5): mean over tokens of logsumexp(logits)^2.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -28,23 +29,34 @@ def tokens_per_expert(experts_TK: Tensor, num_experts: int) -> Tensor:
     return torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
 
 
-def load_balancing_loss(probs_TE: Tensor, experts_TK: Tensor,
-                        all_reduce: Callable[[Tensor], None] | None = None, world: int = 1) -> Tensor:
+@dataclass(frozen=True)
+class StatsReducer:
+    """How a layer sums its load-balancing statistics over ranks (``aux_loss_scope="global"``).
+
+    ``all_reduce`` sums a tensor in place over ``world`` ranks; moekit.parallel builds it
+    from torch.distributed, so nothing here depends on it. One process needs none.
+    """
+
+    all_reduce: Callable[[Tensor], None]
+    world: int
+
+
+def load_balancing_loss(probs_TE: Tensor, experts_TK: Tensor, reducer: StatsReducer | None = None) -> Tensor:
     """E * sum_i f_i * P_i with f_i over all K assignments (equals K at perfect balance).
 
-    ``all_reduce`` (a sum over ``world`` ranks, in place): f_i comes from every rank's tokens and
-    P_i is this rank's share of the global mean, so the mean of the ranks' losses (what data
-    parallelism optimizes) is the loss of one process on the global batch, for any token counts.
-    Every rank must call it, with or without tokens."""
+    With a ``reducer``, f_i comes from every rank's tokens and P_i is this rank's share of the
+    global mean, so the mean of the ranks' losses (what data parallelism optimizes) is the loss
+    of one process on the global batch, for any token counts. Every rank must call it, with or
+    without tokens."""
     num_tokens, num_experts = probs_TE.shape
     counts_E = tokens_per_expert(experts_TK, num_experts).to(probs_TE.dtype)
-    if all_reduce is not None:
+    if reducer is not None:
         with torch.no_grad():
             stats = torch.cat([counts_E, counts_E.new_tensor([num_tokens])])
-            all_reduce(stats)
+            reducer.all_reduce(stats)
         # no tokens anywhere: the counts are zero and so is the loss; a tensor total, no host sync
         counts_E, total = stats[:-1], stats[-1].clamp_min(1)
-        return num_experts * torch.dot(counts_E / total, probs_TE.sum(dim=0)) * (world / total)
+        return num_experts * torch.dot(counts_E / total, probs_TE.sum(dim=0)) * (reducer.world / total)
     if num_tokens == 0:   # an empty batch is perfectly uninformative, not NaN
         return probs_TE.sum() * 0.0
     return num_experts * torch.dot(counts_E / num_tokens, probs_TE.mean(dim=0))

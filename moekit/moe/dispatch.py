@@ -45,7 +45,8 @@ class DispatchPlan:
 
 
 def _sum_over_k(x_TKD: Tensor) -> Tensor:
-    """x_TKD.sum(1) as K-1 adds: a reduction over the middle dim ran 3x slower here."""
+    """x_TKD.sum(1) as K-1 adds of contiguous [T, D] slices: a reduction over the middle dim
+    strides through memory (measured slower, docs/benchmarks.md)."""
     out = x_TKD[:, 0]
     for k in range(1, x_TKD.shape[1]):
         out = out + x_TKD[:, k]
@@ -99,8 +100,9 @@ class _CombineTopK(torch.autograd.Function):
         y_TKD, token_R, weight_R = ctx.saved_tensors
         grad_w_TK = grad_y_RD = None
         if ctx.needs_input_grad[1]:
-            # [T, 1, D] @ [T, D, K]: a batched dot product in float32 (this operand layout ran
-            # 3-4x faster here than [T, K, D] @ [T, D, 1] or a multiply-and-sum)
+            # [T, 1, D] @ [T, D, K]: a batched dot product in float32, in the operand layout
+            # that measured fastest (docs/benchmarks.md) of it, [T, K, D] @ [T, D, 1] and a
+            # multiply-and-sum
             grad_w_TK = torch.bmm(grad_TD.float().unsqueeze(1), y_TKD.transpose(1, 2)).squeeze(1)
         if ctx.needs_input_grad[0]:
             grad_y_RD = grad_TD.index_select(0, token_R) * weight_R.to(grad_TD.dtype).unsqueeze(1)

@@ -15,10 +15,10 @@ have no gate), ``w_down_EFD`` [E, F, D]. Backends, all computing the same thing:
   instead would make the backward build a full-size [E, ...] gradient per expert.)
 - ``reference``: the plain autograd loop over experts; slow, for tests only.
 
-``auto`` picks ``grouped_mm`` where torch has it and the dims allow, else ``segment_mm``.
-Measured here (bench/bench_moe_layer.py, CPU, bf16): the two are within noise of each other
-with glibc's allocator tuned (moekit.runtime), and ``grouped_mm`` is 8-11% faster with it
-untuned (``segment_mm`` allocates more large buffers per step).
+``auto`` picks ``grouped_mm`` where torch has it and the dims allow, else ``segment_mm``:
+one call for all experts, and fewer large buffers per step than ``segment_mm`` allocates
+(the two backends' timings are in docs/benchmarks.md). Parameters may be in any floating
+dtype (``layer.to(torch.bfloat16)``): every backend computes in the input's dtype.
 
 ``segment_mm``'s backward is once-differentiable: double backward raises.
 """
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from moekit.config import MoEConfig
+from moekit.moe.config import MoEConfig
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -39,7 +39,7 @@ class _SegmentFFN(torch.autograd.Function):
     """y_RD = act(x_RD @ w_gate[e], x_RD @ w_up[e]) @ w_down[e] over each expert's row block.
 
     Gate and up are separate GEMMs into separate contiguous buffers: elementwise kernels
-    on the strided halves of one fused [R, 2F] output ran 2-3x slower here.
+    on the strided halves of one fused [R, 2F] output measured slower (docs/benchmarks.md).
     ``w_gate_EDF`` is None for GELU experts.
     """
 
@@ -67,7 +67,7 @@ class _SegmentFFN(torch.autograd.Function):
         grad_a_RF, grad_down = _segment_mm_backward(grad_RD, a_RF, w_down, counts, need[3])
         if w_gate is not None:
             grad_up_RF = grad_a_RF * silu_RF
-            # out of place: bf16 in-place mul_ ran 2-3x slower than mul here
+            # out of place: bf16 in-place mul_ measured slower than mul (docs/benchmarks.md)
             grad_gate_RF = torch.ops.aten.silu_backward(grad_a_RF * up_RF, gate_RF)
             grad_x_RD, grad_gate = _segment_mm_backward(grad_gate_RF, x_RD, w_gate, counts, need[1])
         else:

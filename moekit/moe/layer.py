@@ -5,14 +5,13 @@ Shape legend: T tokens (all leading dims flattened), D model dim, E experts, K t
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from moekit.config import MoEConfig
-from moekit.moe.balance import load_balancing_loss, z_loss
+from moekit.moe.balance import StatsReducer, load_balancing_loss, z_loss
+from moekit.moe.config import MoEConfig
 from moekit.moe.dispatch import DispatchPlan, LocalDispatcher
 from moekit.moe.experts import DenseFFN, GroupedExperts
 from moekit.moe.router import RouterOutput, build_router
@@ -36,17 +35,37 @@ class MoEAux:
     logit_max: Tensor
 
 
+_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 class MoELayer(nn.Module):
     """A sparse MoE feed-forward layer.
+
+    Input: ``x`` [..., D], a float32, bfloat16 or float16 tensor with real data (not on the
+    meta device). Returns (y [..., D] in x's dtype, :class:`MoEAux`).
+
+    A NaN (or inf) in one token's input is not contained: that token's output is NaN, and so
+    are the load-balancing and z losses (they average over every token's router scores), so
+    any loss that adds them is NaN. Its backward makes the router's gradient NaN, and those
+    of the experts the token reached; in a model the token's input gradient carries the NaN
+    into every layer below, and one optimizer step into every token. The layer does not look
+    for it (that would be a host sync per forward): check the data, or skip non-finite steps.
+
+    Expert parallelism (moekit.parallel) changes two declared parts, nothing else:
+    ``stats_reducer`` sums the load-balancing statistics over ranks (``aux_loss_scope=
+    "global"``), and :meth:`keep_experts` keeps this rank's ``expert_range`` of the experts.
 
     Example:
         >>> layer = MoELayer(MoEConfig(d_model=32, d_ff=64, num_experts=4, top_k=2))
         >>> y, aux = layer(torch.randn(2, 5, 32))
-        >>> y.shape, int(aux.tokens_per_expert.sum())
-        (torch.Size([2, 5, 32]), 20)
+        >>> y.shape, int(aux.tokens_per_expert.sum()), layer.expert_range
+        (torch.Size([2, 5, 32]), 20, (0, 4))
     """
 
     def __init__(self, cfg: MoEConfig):
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"MoELayer cfg: got {type(cfg).__name__}, expected an MoEConfig; "
+                            "build one with MoEConfig(d_model=..., d_ff=...)")
         super().__init__()
         self.cfg = cfg
         self.router = build_router(cfg)
@@ -54,16 +73,58 @@ class MoELayer(nn.Module):
         self.dispatcher = LocalDispatcher(cfg.num_experts, cfg.top_k, cfg.capacity_factor
                                           if cfg.router != "expert_choice" else None,
                                           cfg.drop_policy)
-        # set by moekit.parallel.parallelize for aux_loss_scope="global": a sum over all ranks
-        self.stats_all_reduce: Callable[[Tensor], None] | None = None
-        self.stats_world = 1
+        self.stats_reducer: StatsReducer | None = None   # None: this process's tokens only
+        self.expert_range: tuple[int, int] = (0, cfg.num_experts)   # the experts this layer holds
         self.shared = (DenseFFN(cfg.d_model, cfg.d_ff * cfg.num_shared_experts, cfg.activation,
                                 cfg.dtype) if cfg.num_shared_experts else None)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
+    @property
+    def experts_sharded(self) -> bool:
+        """True once :meth:`keep_experts` left this layer a strict part of the experts."""
+        return self.expert_range != (0, self.cfg.num_experts)
+
+    @torch.no_grad()
+    def keep_experts(self, lo: int, hi: int, dispatcher: LocalDispatcher) -> None:
+        """Keep experts ``lo .. hi-1`` (as new parameters: build the optimizer afterwards) and
+        route through ``dispatcher``, which must hand the experts exactly the rows of those
+        experts (expert parallelism: an all-to-all dispatcher). The router still scores all
+        E experts, and the statistics in :class:`MoEAux` still count all E."""
+        E = self.cfg.num_experts
+        if self.experts_sharded:
+            raise ValueError(f"MoELayer.keep_experts: the layer already holds experts {self.expert_range}; "
+                             "shard a layer once, from the full one")
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi <= E):
+            raise ValueError(f"MoELayer.keep_experts: ({lo!r}, {hi!r}) is not a non-empty range of the "
+                             f"{E} experts; pass integers 0 <= lo < hi <= num_experts={E}")
+        ex = self.experts
+        for name in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
+            w = getattr(ex, name)
+            if w is not None:
+                setattr(ex, name, nn.Parameter(w[lo:hi].clone(), requires_grad=w.requires_grad))
+        self.dispatcher = dispatcher
+        self.expert_range = (lo, hi)
+
+    def _check_input(self, x) -> None:
+        """Python attribute checks only: nothing here reads tensor data (no host sync)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"MoELayer input x: got {type(x).__name__}, expected a torch.Tensor "
+                            f"[..., d_model={self.cfg.d_model}]; pass torch.as_tensor(x)")
+        if x.dtype not in _INPUT_DTYPES:
+            kind = "is not a floating type" if not x.dtype.is_floating_point else "is not supported"
+            raise ValueError(f"MoELayer input x: dtype {x.dtype} {kind}; pass float32 or bfloat16 "
+                             "(or float16), e.g. x.float()")
+        if x.device.type == "meta":
+            raise ValueError("MoELayer input x: is on the meta device (a shape without data); "
+                             "allocate it on a real device (cpu, cuda)")
+        if x.dim() == 0:
+            raise ValueError(f"MoELayer input x: a 0-d tensor has no model dim; pass shape [..., "
+                             f"d_model={self.cfg.d_model}]")
         if x.shape[-1] != self.cfg.d_model:
             raise ValueError(f"MoELayer input last dim is {x.shape[-1]}, expected d_model="
                              f"{self.cfg.d_model}; reshape the input or fix MoEConfig.d_model")
+
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
+        self._check_input(x)
         x_TD = x.reshape(-1, x.shape[-1])
         # Under autocast the experts run in the autocast dtype; everything else keeps its own
         # dtype: autocast would otherwise turn the float32 router GEMM and combine into bf16.
@@ -85,8 +146,7 @@ class MoELayer(nn.Module):
         counts_E = plan.counts_E
         T = routing.num_tokens
         if routing.experts_TK is not None:
-            lb = load_balancing_loss(routing.probs_TE, routing.experts_TK, self.stats_all_reduce,
-                                     self.stats_world)
+            lb = load_balancing_loss(routing.probs_TE, routing.experts_TK, self.stats_reducer)
         else:  # expert choice is balanced by construction
             lb = routing.probs_TE.new_zeros(())
         with torch.no_grad():
@@ -112,3 +172,14 @@ class MoELayer(nn.Module):
     def update_router_bias(self, tokens_per_expert_E: Tensor) -> None:
         """Aux-loss-free balancing step (DeepSeek-V3); see :meth:`TopKRouter.update_bias`."""
         self.router.update_bias(tokens_per_expert_E)
+
+
+def moe_layers(module: nn.Module) -> dict[str, MoELayer]:
+    """{qualified module name: layer} for every MoELayer in ``module`` ("" for ``module`` itself):
+    the one place that finds them.
+
+    Example:
+        >>> sorted(moe_layers(nn.Sequential(MoELayer(MoEConfig(d_model=8, d_ff=8)), nn.ReLU())))
+        ['0']
+    """
+    return {name: m for name, m in module.named_modules() if isinstance(m, MoELayer)}

@@ -3,19 +3,19 @@
 Shape legend: T tokens, D model dim, E experts, K top-k.
 
 It reads a :class:`MoELayer`'s parameters and recomputes the layer's output with its own
-routing, capacity and combine code (no sort, no permutation, no custom autograd), so
-autograd through it gives reference gradients for the same parameters. Training-time
+routing, dropping and combine code (no sort, no permutation, no custom autograd), so
+autograd through it gives reference gradients for the same parameters. Only the slot count
+is shared: :func:`moekit.moe.router.capacity`, the definition both paths must agree on. Training-time
 noise (noisy gating, jitter) is left out: compare in ``eval()`` mode or with it off.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from moekit.moe.experts import expert_ffn
+from moekit.moe.router import capacity
 
 
 def _top(scores: list[float], k: int) -> list[int]:
@@ -29,7 +29,7 @@ def reference_moe(layer, x: Tensor) -> Tensor:
     E, K = cfg.num_experts, cfg.top_k
     x_TD = x.reshape(-1, cfg.d_model)
     T = x_TD.shape[0]
-    logits_TE = x_TD.to(cfg.router_dtype) @ layer.router.weight_ED.t()
+    logits_TE = x_TD.float() @ layer.router.weight_ED.float().t()   # float32 whatever the weight's dtype
 
     # assignments: (token, expert, weight), in the order they claim capacity
     assignments: list[tuple[int, int, Tensor]] = []
@@ -58,7 +58,7 @@ def reference_moe(layer, x: Tensor) -> Tensor:
         if cfg.capacity_factor is None:
             assignments = ranked
         else:
-            slots = math.ceil(cfg.capacity_factor * T * K / E)
+            slots = capacity(cfg.capacity_factor, T, K, E)   # the fast path's slot count, exactly
             used = [0] * E
             for t, e, w in ranked:
                 if used[e] < slots:

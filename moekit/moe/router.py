@@ -7,6 +7,8 @@ All router math (logits, softmax / sigmoid, top-k, combine weights) runs in floa
 whatever the input dtype (ST-MoE, section 3: bf16 router logits destabilize training).
 Ties in top-k are broken towards the lower expert index (see :func:`topk_stable`:
 ``torch.topk`` gives no such guarantee and on CPU picks arbitrary indices among equals).
+The router's parameters may be in any dtype (``layer.to(torch.bfloat16)``): they are cast
+to float32 where they are used, and the aux-loss-free bias stays a float32 buffer.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.config import MoEConfig
+from moekit.moe.config import MoEConfig
 
 
 @dataclass
@@ -40,9 +42,10 @@ class RouterOutput:
 def topk_stable(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k along the last dim of a float32 tensor; among equal scores the lower index wins.
 
-    ``torch.topk`` alone breaks ties arbitrarily, and a stable sort is 2-3x slower at 64
-    experts, so we take the top-k of an int64 key: the float's bits made order-preserving
-    (negative floats have their magnitude bits flipped), then the reversed index below them.
+    ``torch.topk`` alone breaks ties arbitrarily, and a stable sort costs far more than a
+    top-k at many experts (docs/benchmarks.md), so we take the top-k of an int64 key: the
+    float's bits made order-preserving (negative floats have their magnitude bits flipped),
+    then the reversed index below them.
     """
     n = scores.shape[-1]
     bits = (scores.detach().float() + 0.0).view(torch.int32).to(torch.int64)  # -0.0 -> +0.0
@@ -59,6 +62,14 @@ def capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: i
     does not add a slot: 1.1 * 100 / 10 is 11.000000000000002 in floats, and 11 slots here.
     """
     return math.ceil(round(capacity_factor * num_tokens * top_k / num_experts, 9))
+
+
+def jitter(x_TD: Tensor, eps: float, training: bool) -> Tensor:
+    """Switch's router-input jitter: x * U(1 - eps, 1 + eps) elementwise, in training only
+    (eval and ``eps = 0`` return ``x_TD`` itself)."""
+    if not training or eps == 0:
+        return x_TD
+    return x_TD * torch.empty_like(x_TD).uniform_(1 - eps, 1 + eps)
 
 
 class TopKRouter(nn.Module):
@@ -82,7 +93,7 @@ class TopKRouter(nn.Module):
         self.jitter_eps = cfg.jitter_eps
         self.aux_loss_free = cfg.aux_loss_free
         self.bias_update_rate = cfg.bias_update_rate
-        self.dtype = cfg.router_dtype
+        self.dtype = torch.float32   # router math is float32 (ST-MoE)
         self.weight_ED = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model, dtype=self.dtype))
         self.noise_ED = (nn.Parameter(torch.zeros(cfg.num_experts, cfg.d_model, dtype=self.dtype))
                          if cfg.noisy_gating else None)
@@ -96,16 +107,26 @@ class TopKRouter(nn.Module):
             nn.init.zeros_(self.noise_ED)
         self.expert_bias_E.zero_()
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .bfloat16() cast every floating buffer; the bias is a counter moved in
+        # steps of bias_update_rate, which bf16 rounds away once |bias| is large: keep the
+        # float32 values (on whatever device the buffer moved to)
+        bias_E = self.expert_bias_E
+        super()._apply(fn, recurse)
+        if self.expert_bias_E.dtype != torch.float32:
+            self.expert_bias_E = bias_E.to(self.expert_bias_E.device)
+        return self
+
     def logits(self, x_TD: Tensor) -> Tensor:
         with torch.autocast(x_TD.device.type, enabled=False):   # float32 even under autocast
             return self._logits(x_TD.to(self.dtype))
 
     def _logits(self, x_TD: Tensor) -> Tensor:
-        if self.training and self.jitter_eps > 0:
-            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
-        logits_TE = F.linear(x_TD, self.weight_ED)
+        x_TD = jitter(x_TD, self.jitter_eps, self.training)
+        # .float(): a no-op for float32 weights, a cast for weights .to() made bf16
+        logits_TE = F.linear(x_TD, self.weight_ED.float())
         if self.training and self.noise_ED is not None:
-            std_TE = F.softplus(F.linear(x_TD, self.noise_ED))
+            std_TE = F.softplus(F.linear(x_TD, self.noise_ED.float()))
             logits_TE = logits_TE + torch.randn_like(logits_TE) * std_TE
         return logits_TE
 
@@ -143,6 +164,13 @@ class TopKRouter(nn.Module):
         if not self.aux_loss_free:
             raise ValueError("update_bias: router has aux_loss_free=False; set aux_loss_free=True "
                              "(with router='sigmoid') to use the bias")
+        if not isinstance(tokens_per_expert_E, Tensor):
+            raise TypeError(f"update_bias tokens_per_expert_E: got {type(tokens_per_expert_E).__name__}, "
+                            "expected a tensor; pass MoEAux.tokens_per_expert (summed over the step)")
+        if tuple(tokens_per_expert_E.shape) != (self.num_experts,):
+            raise ValueError(f"update_bias tokens_per_expert_E: shape {tuple(tokens_per_expert_E.shape)} is "
+                             f"not ({self.num_experts},), one count per expert; pass "
+                             "MoEAux.tokens_per_expert (summed over the step)")
         load_E = tokens_per_expert_E.to(self.expert_bias_E)
         self.expert_bias_E.add_(self.bias_update_rate * torch.sign(load_E.mean() - load_E))
 
@@ -160,7 +188,7 @@ class ExpertChoiceRouter(nn.Module):
         super().__init__()
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.capacity_factor = cfg.capacity_factor if cfg.capacity_factor is not None else 1.0
-        self.dtype = cfg.router_dtype
+        self.dtype = torch.float32   # router math is float32 (ST-MoE)
         self.jitter_eps = cfg.jitter_eps
         self.weight_ED = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model, dtype=self.dtype))
         self.reset_parameters()
@@ -184,9 +212,8 @@ class ExpertChoiceRouter(nn.Module):
             return self._route(x_TD.to(self.dtype))
 
     def _route(self, x_TD: Tensor) -> RouterOutput:
-        if self.training and self.jitter_eps > 0:
-            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
-        logits_TE = F.linear(x_TD, self.weight_ED)
+        x_TD = jitter(x_TD, self.jitter_eps, self.training)
+        logits_TE = F.linear(x_TD, self.weight_ED.float())   # float32 whatever .to() made the weight
         probs_TE = torch.softmax(logits_TE, dim=-1)
         weights_EC, tokens_EC = topk_stable(probs_TE.t(), self.capacity(x_TD.shape[0]))   # C = 0: [E, 0]
         return RouterOutput(probs_TE=probs_TE, logits_TE=logits_TE, tokens_EC=tokens_EC,

@@ -11,12 +11,15 @@ from torch import Tensor
 
 @torch.no_grad()
 def load_cv(tokens_per_expert_E: Tensor) -> Tensor:
-    """Coefficient of variation of the expert loads, std / mean (0 = perfectly balanced)."""
+    """Coefficient of variation of the expert loads, std / mean (0 = perfectly balanced, and 0
+    for no load at all).
+
+    No branch on the values: a Python ``if`` on a tensor would wait for the device on every
+    layer of every forward. All-zero loads have std 0, and 0 / tiny is 0; a mean of at least
+    ``tiny`` (any real count) is divided by unchanged.
+    """
     load_E = tokens_per_expert_E.float()
-    mean = load_E.mean()
-    if mean == 0:
-        return torch.zeros((), device=load_E.device)
-    return load_E.std(unbiased=False) / mean
+    return load_E.std(unbiased=False) / load_E.mean().clamp_min(torch.finfo(torch.float32).tiny)
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from moekit.moe.layer import MoELayer
+from moekit.moe.layer import moe_layers
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -33,10 +33,10 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 def expert_parallel_names(model: nn.Module) -> dict[str, int]:
     """{parameter name: global number of experts} for the expert weights of EP-sharded layers."""
     out = {}
-    for prefix, layer in model.named_modules():
-        if isinstance(layer, MoELayer) and hasattr(layer, "expert_slice"):
+    for prefix, layer in moe_layers(model).items():
+        if layer.experts_sharded:
             for name, _ in layer.experts.named_parameters():
-                out[f"{prefix}.experts.{name}"] = layer.cfg.num_experts
+                out[f"{prefix}.experts.{name}" if prefix else f"experts.{name}"] = layer.cfg.num_experts
     return out
 
 

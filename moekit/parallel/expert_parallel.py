@@ -17,8 +17,9 @@ waits on a message that never comes. Capacity, when set, is computed per source 
 its own T (GShard's per-group capacity). The aux losses use, by default
 (``MoEConfig.aux_loss_scope="local"``), each rank's own routing statistics: exactly what the
 single-process layer computes on that rank's tokens. With ``aux_loss_scope="global"`` the
-expert fractions f_i are all-reduced over every rank (parallelize sets this up), so the mean
-of the ranks' load-balancing losses is what one process computes on the global batch.
+expert fractions f_i are all-reduced over every rank (parallelize gives each layer a
+``StatsReducer``), so the mean of the ranks' load-balancing losses is what one process computes
+on the global batch.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from torch.distributed.nn.functional import all_to_all_single as _all_to_all_single
 
 from moekit.moe.dispatch import DispatchPlan, LocalDispatcher
@@ -111,20 +112,13 @@ class AllToAllDispatcher(LocalDispatcher):
         return super().combine(y_RD, plan.local)
 
 
-@torch.no_grad()
 def shard_experts(layer: MoELayer, group: dist.ProcessGroup | None = None) -> None:
-    """Keep this rank's E / ep experts in ``layer`` and give it the all-to-all dispatcher."""
+    """Keep this rank's E / ep experts in ``layer`` and give it the all-to-all dispatcher
+    (:meth:`MoELayer.keep_experts`; ``layer.expert_range`` then says which experts)."""
     cfg = layer.cfg
     if cfg.router == "expert_choice":      # also checked by check_layout; this is for direct callers
         raise ValueError("expert parallelism supports token-choice routers; router='expert_choice' "
                          "needs every token on every rank (use ep=1)")
     dispatcher = AllToAllDispatcher(cfg.num_experts, cfg.top_k, cfg.capacity_factor, cfg.drop_policy, group)
-    rank = dist.get_rank(group)
-    lo, hi = rank * dispatcher.num_local, (rank + 1) * dispatcher.num_local
-    ex = layer.experts
-    for name in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
-        w = getattr(ex, name)
-        if w is not None:
-            setattr(ex, name, nn.Parameter(w[lo:hi].clone()))
-    layer.dispatcher = dispatcher
-    layer.expert_slice = (lo, hi)
+    lo = dist.get_rank(group) * dispatcher.num_local
+    layer.keep_experts(lo, lo + dispatcher.num_local, dispatcher)

@@ -28,16 +28,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from moekit.config import ModelConfig, ParallelConfig, check_layout
-from moekit.moe.layer import MoELayer
+from moekit.config import ParallelConfig, check_layout
+from moekit.model.config import ModelConfig
+from moekit.moe.balance import StatsReducer
+from moekit.moe.layer import moe_layers
 from moekit.parallel.expert_parallel import shard_experts
 
 
 def build_mesh(cfg: ParallelConfig, device_type: str = "cpu") -> DeviceMesh:
-    world = dist.get_world_size()
-    if cfg.world_size != world:
-        raise ValueError(f"parallel.dp x parallel.ep = {cfg.dp} x {cfg.ep} = {cfg.world_size} but "
-                         f"{world} processes were launched; set dp*ep to the number of processes")
+    cfg.check_world(dist.get_world_size(), "processes were launched")
     return init_device_mesh(device_type, (cfg.dp, cfg.ep), mesh_dim_names=("dp", "ep"))
 
 
@@ -52,7 +51,7 @@ def leave_process_group() -> None:
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for m in model.modules() if isinstance(m, MoELayer) for p in m.experts.parameters()]
+    return [p for m in moe_layers(model).values() for p in m.experts.parameters()]
 
 
 @dataclass
@@ -79,19 +78,18 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, *,
     if isinstance(getattr(model, "cfg", None), ModelConfig):
         check_layout(cfg, model.cfg)        # one clear line instead of an error deep in FSDP or EP
     world = mesh.size()
-    global_stats = [m for m in model.modules()
-                    if isinstance(m, MoELayer) and m.cfg.aux_loss_scope == "global"]
+    layers = moe_layers(model)
+    global_stats = [m for m in layers.values() if m.cfg.aux_loss_scope == "global"]
     if global_stats and world > 1:
         # global load-balancing statistics: a sum over all ranks, on a group of their own so
         # they never interleave with DDP/FSDP traffic (activation checkpointing recomputes them)
-        group = dist.new_group()
+        reducer = StatsReducer(partial(dist.all_reduce, group=dist.new_group()), world)
         for m in global_stats:
-            m.stats_all_reduce, m.stats_world = partial(dist.all_reduce, group=group), world
+            m.stats_reducer = reducer
     # 1. expert parallelism
     if cfg.ep > 1:
-        for m in model.modules():
-            if isinstance(m, MoELayer):
-                shard_experts(m, group=mesh["ep"].get_group())
+        for m in layers.values():
+            shard_experts(m, group=mesh["ep"].get_group())
     # 2. activation checkpointing
     if hasattr(model, "activation_checkpointing"):
         model.activation_checkpointing = activation_checkpointing
@@ -125,14 +123,13 @@ def _fully_shard(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig) -> Non
     world_mesh = mesh["dp"] if cfg.ep == 1 else init_device_mesh(
         mesh.device_type, (mesh.size(),), mesh_dim_names=("world",))
     if cfg.ep > 1:
-        for m in model.modules():
-            if isinstance(m, MoELayer):
-                fully_shard(m.experts, mesh=mesh["dp"], shard_placement_fn=lambda p: Shard(1))
-                # reduced expert grad = sum over "dp" / world size. With dp > 1: sum, then divide
-                # (gloo has no PREMUL_SUM); with dp = 1 FSDP divides once by itself (forcing the
-                # sum there divides twice in torch 2.13).
-                m.experts.set_force_sum_reduction_for_comms(cfg.dp > 1)
-                m.experts.set_gradient_divide_factor(float(mesh.size()))
+        for m in moe_layers(model).values():
+            fully_shard(m.experts, mesh=mesh["dp"], shard_placement_fn=lambda p: Shard(1))
+            # reduced expert grad = sum over "dp" / world size. With dp > 1: sum, then divide
+            # (gloo has no PREMUL_SUM); with dp = 1 FSDP divides once by itself (forcing the
+            # sum there divides twice in torch 2.13).
+            m.experts.set_force_sum_reduction_for_comms(cfg.dp > 1)
+            m.experts.set_gradient_divide_factor(float(mesh.size()))
     for block in getattr(model, "blocks", []):
         fully_shard(block, mesh=world_mesh)
     fully_shard(model, mesh=world_mesh)

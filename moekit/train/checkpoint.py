@@ -88,15 +88,43 @@ def _remove_dir(path: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+class _WriteErrors:
+    """A binary file that remembers the first OSError of its writes (ENOSPC, EFBIG, EIO), which
+    torch.save would otherwise turn into a RuntimeError that does not say what happened."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_checkpoint(run_dir: Path, state: dict, meta: dict) -> Path:
     """Single process: write ``checkpoint.pt`` (to a temporary file, flushed to disk, then
     renamed over the old one)."""
     path, tmp = run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({**state, "meta": json.dumps(meta), "rng": {"rank0": rng_state()}}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            out = _WriteErrors(f)
+            try:
+                torch.save({**state, "meta": json.dumps(meta), "rng": {"rank0": rng_state()}}, out)
+            except RuntimeError:
+                if out.error is not None:   # torch's zip writer reports a failed write as "unexpected pos"
+                    raise out.error from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:      # a full disk (or a kill signal turned exception): no partial file left
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(run_dir)
     _remove_dir(run_dir / SHARDED)                            # superseded
     return path
@@ -110,7 +138,14 @@ def save_sharded_checkpoint(run_dir: Path, state: dict, meta: dict) -> Path:
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    dcp.save({**state, "meta": json.dumps(meta), "rng": {f"rank{rank}": rng_state()}}, checkpoint_id=tmp)
+    try:
+        dcp.save({**state, "meta": json.dumps(meta), "rng": {f"rank{rank}": rng_state()}}, checkpoint_id=tmp)
+    except CheckpointException as err:      # every rank raises it; the message is torch's traceback dump
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        errno_ = 28 if "No space left" in str(err) else None
+        raise OSError(errno_, "no space left on device" if errno_ else "a rank could not write its shard",
+                      str(tmp)) from None
     if rank == 0:
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)            # a leftover from a crash mid-delete

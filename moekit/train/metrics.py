@@ -3,24 +3,36 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 PEAK_FLOPS = {   # the denominator of MFU, per (device, precision)
-    ("cpu", "bf16"): 2.9e12,    # best large bf16 GEMM measured on the 2-core AMX machine (bench_expert_gemm)
-    ("cpu", "fp32"): 0.30e12,   # best large f32 GEMM measured there (bench_moe_layer, dense f32)
+    ("cpu", "bf16"): 2.9e12,    # the best large bf16 GEMM measured on a 2-core AMX machine
+                                # (docs/benchmarks.md)
+    ("cpu", "fp32"): 0.30e12,   # the best large f32 GEMM measured there
     ("cuda", "bf16"): 989e12,   # H100 SXM dense bf16 tensor cores (datasheet)
     ("cuda", "fp32"): 67e12,    # H100 SXM fp32 without TF32 (datasheet)
 }
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+    """``metrics.jsonl`` (one JSON object per logged step) and TensorBoard event files.
+
+    ``purge_after``: a resumed run's checkpoint step. What the interrupted run logged after it
+    is dropped, from the JSONL (rewritten atomically) and from TensorBoard (``purge_step``), so
+    every step appears once when the resumed run logs it again."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_after: int | None = None):
+        path = run_dir / "metrics.jsonl"
+        if purge_after is not None and path.exists():
+            _truncate_after(path, purge_after)
+        self.jsonl = open(path, "a", encoding="utf-8")
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+                self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+                                        purge_step=None if purge_after is None else purge_after + 1)
             except ImportError:   # tensorboard not installed: JSONL only
                 self.tb = None
 
@@ -49,6 +61,21 @@ class MetricsWriter:
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep the records of steps <= ``step`` (a torn last line from a kill goes too)."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, device: str, precision: str) -> float:

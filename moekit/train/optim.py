@@ -29,10 +29,18 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine to cfg.lr * min_lr_ratio at max_steps. A pure
-    function of the step, so a resumed run follows the same schedule exactly."""
+    """Linear warmup to cfg.lr, then cosine to cfg.lr * min_lr_ratio at ``decay_steps``
+    (= max_steps unless a run was extended), then that floor. A pure function of the step,
+    so a resumed run follows the same schedule exactly.
+
+    Example:
+        >>> cfg = TrainConfig(lr=1.0, warmup_steps=2, max_steps=10, min_lr_ratio=0.1)
+        >>> [round(lr_at(s, cfg), 3) for s in (0, 1, 2, 10, 20)]
+        [0.5, 1.0, 1.0, 0.1, 0.1]
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    end = cfg.max_steps if cfg.decay_steps is None else cfg.decay_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, end - cfg.warmup_steps))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))

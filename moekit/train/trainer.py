@@ -1,385 +1,267 @@
-"""The training loop: data -> model -> loss -> backward -> optimizer -> metrics, checkpoint.
+"""``moekit train``: set a run up, then step it, with logging, evaluation and checkpoints.
 
     loss = lm + aux_loss_coef * sum_layers(load-balancing loss) + z_loss_coef * sum_layers(z-loss)
 
-One process, one device; the aux-loss-free bias update (DeepSeek-V3) runs after the
-optimizer step with the expert counts summed over the step's micro-batches. A resumed
-run restores model, optimizer, data position and RNG states and follows the uninterrupted
-run's losses exactly (on the same machine and thread count).
+One process or many (torchrun): :func:`moekit.train.run.setup` builds the run in any
+layout and :func:`moekit.train.step.train_step` takes each step with an objective
+(pretraining here). A resumed run restores model, optimizer, data position and RNG
+states and follows the uninterrupted run's losses exactly (on the same machine and thread
+count); the steps logged after the checkpoint by the interrupted run are dropped, so every
+step appears once in metrics.jsonl and TensorBoard.
+
+Faults: a non-finite loss or gradient norm skips the step (no update; at most
+``train.max_bad_steps`` of them), then the run stops with one line; weights that are not
+finite are never saved. A full disk or another write error while saving stops the run with
+one line that names the step and the checkpoint left intact (temporary files removed).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from tokenizers import Tokenizer
 
-from moekit.config import RunConfig, check_layout
-from moekit.data.catalog import load_documents
-from moekit.data.stream import BatchSampler, PackedSplit, build_token_cache, is_val_doc
-from moekit.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-from moekit.model.transformer import MoETransformer, model_flops
-from moekit.moe.layer import MoELayer
-from moekit.parallel.checkpointing import training_state
-from moekit.parallel.parallelize import build_mesh, clip_grad_norm, parallelize
-from moekit.runtime import tune_cpu_allocator
-from moekit.train.checkpoint import Checkpoint, find_checkpoint, save_checkpoint, save_sharded_checkpoint
+from moekit.config import RunConfig
+from moekit.model.transformer import model_flops
+from moekit.train import run_dir as rd
+from moekit.train.checkpoint import Checkpoint, save_checkpoint, save_sharded_checkpoint
+from moekit.train.evaluate import evaluate
 from moekit.train.metrics import MetricsWriter, mfu
-from moekit.train.optim import build_optimizer, lr_at
-from moekit.train.telemetry import RoutingTelemetry
+from moekit.train.run import Run, distributed_context, precision_of, resolve_layout, setup
+from moekit.train.step import Batch, Pretraining, StepStats, train_step
 
 log = logging.getLogger("moekit")
 
-
-def distributed_context() -> tuple[int, int]:
-    """(rank, world size); under torchrun (WORLD_SIZE > 1) this joins the process group:
-    gloo on CPU, NCCL on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("cpu:gloo,cuda:nccl")   # CPU tensors (losses, counts) too
-        else:
-            dist.init_process_group("gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+# train.* settings a resume may change: they move neither the trajectory nor its exactness
+RESUME_SETTINGS = ("max_steps", "eval_every", "save_every", "log_every")
 
 
-def _reduce_step(losses: list[float], counts: dict, world: int) -> tuple[list[float], dict]:
-    """One all-reduce per step: the losses averaged over ranks and the per-expert token counts
-    (aux-loss-free layers: every rank must move its router bias the same way) summed."""
-    parts = [torch.tensor(losses, dtype=torch.float64)] + [c.double().cpu() for c in counts.values()]
-    flat = torch.cat(parts)
-    dist.all_reduce(flat)
-    pieces = flat.split([len(t) for t in parts])
-    summed = {i: t.to(c.device, c.dtype) for (i, c), t in zip(counts.items(), pieces[1:])}
-    return (pieces[0] / world).tolist(), summed
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("TrainConfig.device='cuda' but no CUDA device is visible; "
-                         "use device='cpu' or 'auto'")
-    return torch.device(name)
-
-
-def prepare_data(cfg: RunConfig, run_dir: Path):
-    """(tokenizer, train split, val split, token-cache meta); the tokenizer is trained once
-    on the training documents and saved in the run directory."""
-    docs = load_documents(cfg.data.corpus)
-    if cfg.data.max_docs is not None:
-        docs = docs[: cfg.data.max_docs]
-    tok_path = run_dir / "tokenizer.json"
-    if tok_path.exists():
-        tok = load_tokenizer(tok_path)
-    else:
-        train_texts = (d.text for i, d in enumerate(docs) if not is_val_doc(i, cfg.data.val_fraction))
-        tok = train_tokenizer(train_texts, cfg.data.vocab_size)
-        save_tokenizer(tok, tok_path)
-    meta = build_token_cache(docs, tok, run_dir / "data", cfg.data.val_fraction)
-    train = PackedSplit.open(run_dir / "data", "train", cfg.data.seq_len)
-    val = PackedSplit.open(run_dir / "data", "val", cfg.data.seq_len)
-    if len(val) == 0:
-        raise ValueError(f"the validation split of {cfg.data.corpus!r} has fewer than seq_len+1="
-                         f"{cfg.data.seq_len + 1} tokens; use more documents or a larger val_fraction")
-    return tok, train, val, meta
-
-
-def model_config_for(cfg: RunConfig, vocab_size: int):
-    return dataclasses.replace(cfg.model, vocab_size=vocab_size,
-                               max_seq_len=max(cfg.model.max_seq_len, cfg.data.seq_len))
-
-
-def precision_of(cfg: RunConfig, device: torch.device) -> str:
-    """"bf16" or "fp32"; "auto" is bf16 on CUDA and fp32 on CPU (faster at the recipes' size)."""
-    if cfg.train.precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return cfg.train.precision
-
-
-def autocast(cfg: RunConfig, device: torch.device):
-    if precision_of(cfg, device) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
-
-
-@torch.no_grad()
-def evaluate(model, val: PackedSplit, cfg: RunConfig, device: torch.device, batches: int | None,
-             rank: int = 0, world: int = 1) -> float:
-    """Mean LM loss over the first ``batches`` x batch_size windows of the validation split
-    (all whole batches if None). The same windows for every layout: with several ranks, rank
-    r takes windows r, r + world, ... and the sums are all-reduced. Every rank runs the same
-    number of forward passes (a rank out of windows runs one with weight 0), since FSDP and
-    expert parallelism communicate inside the forward."""
-    was_training = model.training
-    model.eval()
-    B = cfg.train.batch_size
-    n = len(val) // B if batches is None else min(batches, max(1, len(val) // B))
-    windows = min(max(n, 1) * B, len(val))
-    mine = list(range(rank, windows, world))
-    calls = math.ceil(math.ceil(windows / world) / B)
-    total, count = 0.0, 0
-    for b in range(calls):
-        idx = mine[b * B:(b + 1) * B]
-        weight = len(idx)
-        x, y, _ = val.batch(idx or [0])
-        with autocast(cfg, device):
-            out = model(x.to(device))
-        total += float(lm_loss(out.logits, y.to(device))) * weight
-        count += weight
-    if world > 1:
-        sums = torch.tensor([total, count], dtype=torch.float64)
-        dist.all_reduce(sums)
-        total, count = sums.tolist()
-    model.train(was_training)
-    return total / count
+class RunStopped(ValueError):
+    """The run cannot go on (diverged, disk full); the message is one line and says what is intact."""
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
-          stop_at: int | None = None, layout: dict | None = None) -> dict:
+          stop_at: int | None = None, layout: dict | None = None, changes: dict | None = None) -> dict:
     """Train (or resume) the run in ``run_dir``; returns a summary dict.
 
     ``stop_at``: stop after that step with a checkpoint, as if preempted (the schedule still
     runs to ``max_steps``, so a resume continues the same trajectory).
     ``layout``: on resume, ParallelConfig fields to use instead of the saved ones (e.g.
-    {"dp": 2, "ep": 1}); without it a different number of processes picks a layout itself."""
+    {"dp": 2, "ep": 1}); without it a different number of processes picks a layout itself.
+    ``changes``: on resume, train.* settings to change (:data:`RESUME_SETTINGS`), e.g.
+    {"max_steps": 2000} to train a finished run longer."""
     run_dir = Path(run_dir)
     rank, world = distributed_context()
-    main = rank == 0
-    ckpt = None
+    if stop_at is not None and stop_at < 1:
+        raise ValueError(f"--stop-at {stop_at}: must be a step >= 1")
+    cfg, ckpt, created = _open(cfg, run_dir, resume, layout, changes or {}, world, rank)
+    try:
+        run = setup(cfg, run_dir, ckpt)
+    except BaseException:
+        if not resume and rank == 0:        # a fresh run that failed to start leaves nothing
+            rd.discard(run_dir, created)
+        raise
+    del ckpt                                # release a consolidated state's memory
+    return _loop(run, Pretraining(cfg.train.aux_loss_coef, cfg.train.z_loss_coef), resume, stop_at, progress)
+
+
+def _open(cfg, run_dir: Path, resume: bool, layout: dict | None, changes: dict, world: int, rank: int):
+    """(config in use, checkpoint or None, whether the directory was created). Writes config.json."""
+    ckpt, created = None, False
     if resume:
         ckpt = Checkpoint(run_dir)
-        cfg = RunConfig.from_dict(ckpt.meta["config"])
-    elif (found := find_checkpoint(run_dir)) is not None:
-        raise ValueError(f"{str(run_dir)!r} already holds a run ({found.name}); resume it with "
-                         f"--resume {run_dir} or choose another --out")
-    parallel = cfg.parallel
-    if resume and layout:                           # checkpoints reshard: any layout resumes any other
-        unknown = set(layout) - {f.name for f in dataclasses.fields(parallel)}
-        if unknown:
-            raise ValueError(f"--set parallel.{sorted(unknown)[0]}: not a parallel setting; use "
-                             "parallel.dp, parallel.ep or parallel.sharding")
-        parallel = dataclasses.replace(parallel, **layout)
-    elif resume and parallel.world_size != world:
-        ep = math.gcd(world, parallel.ep)
-        parallel = dataclasses.replace(parallel, dp=world // ep, ep=ep)
-        try:
-            check_layout(parallel, cfg.model)
-        except ValueError:      # FSDP+EP shards the experts' dims by dp: fall back to DDP
-            parallel = dataclasses.replace(parallel, sharding="none")
-    if world > 1 and parallel.world_size == 1:      # plain torchrun: data parallel over all ranks
-        parallel = dataclasses.replace(parallel, dp=world)
-    elif parallel.world_size != world:
-        raise ValueError(f"parallel.dp x parallel.ep = {parallel.world_size} but {world} process(es) run; "
-                         f"launch {parallel.world_size} (torchrun --nproc-per-node) or change parallel.dp/ep")
+        cfg = _resumed_config(RunConfig.from_dict(ckpt.meta["config"]), ckpt.meta["step"], changes)
+        if rank == 0 and (removed := rd.remove_leftovers(run_dir)):
+            log.info("removed what an interrupted save left: %s", ", ".join(removed))
+    elif rank == 0:
+        rd.check_fresh(run_dir)
     saved = cfg.parallel
-    if parallel != saved:
-        cfg = dataclasses.replace(cfg, parallel=parallel)   # checks the layout; config.json and every
-        # checkpoint record the layout in use
-        if resume and main:
-            log.info("resuming a %d-process run on %d process(es)%s; the global batch is "
-                     "batch_size x %d = %d sequences (it was %d)", saved.world_size, world,
-                     f": parallel = {parallel}" if world > 1 else "", world, cfg.train.batch_size * world,
-                     cfg.train.batch_size * saved.world_size)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    tune_cpu_allocator()
-    torch.manual_seed(cfg.train.seed)           # the same initial weights on every rank
-    device = resolve_device(cfg.train.device)
-    if main:                                   # rank 0 trains the tokenizer and builds the cache
-        tok, train_split, val_split, meta = prepare_data(cfg, run_dir)
-    if world > 1:
-        dist.barrier()
-    if not main:                               # the others find both and read them
-        tok, train_split, val_split, meta = prepare_data(cfg, run_dir)
-    mcfg = model_config_for(cfg, tok.get_vocab_size())
-    model = MoETransformer.build(mcfg, device=device)
-    ep_group = mesh = None
-    if world > 1:
-        mesh = build_mesh(parallel, device.type)
-        par = parallelize(model, mesh, parallel, activation_checkpointing=cfg.train.activation_checkpointing,
-                          compile=cfg.train.compile)
-        forward, sync_expert_grads, accumulate = par.forward, par.sync_expert_grads, par.accumulate
-        ep_group = mesh["ep"].get_group() if parallel.ep > 1 else None
-    else:
-        model.activation_checkpointing = cfg.train.activation_checkpointing
-        # compiled forward, plain module for state dicts (no "_orig_mod." prefixes in checkpoints)
-        forward = torch.compile(model) if cfg.train.compile else model
-        sync_expert_grads = lambda: None  # noqa: E731
-        accumulate = lambda last: nullcontext()  # noqa: E731
-    if world > 1:       # the same initial weights everywhere, then each rank its own stream (jitter, noise)
-        torch.manual_seed(cfg.train.seed + 1_000_003 * rank)
-    opt = build_optimizer(model, cfg.train)
-    sampler = BatchSampler(len(train_split), cfg.train.batch_size, cfg.train.seed, rank, world)
-    step = 0
-    if ckpt is not None:
-        if not ckpt.load_into(training_state(model, opt, mesh), rank):
-            log.info("rank %d: the checkpoint has no RNG state for this rank; random streams restart", rank)
-        sampler.load_state_dict(ckpt.meta["sampler"])
-        step = ckpt.meta["step"]
-        ckpt = None                            # release a consolidated state's memory
-    moe_layers = {i: b.ffn for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoELayer)}
-    flops = model_flops(mcfg, cfg.data.seq_len)
-    writer = MetricsWriter(run_dir) if main else None
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len * world   # all ranks
+    cfg = resolve_layout(cfg, world, resume, layout)
+    if resume and rank == 0 and cfg.parallel != saved:
+        log.info("resuming a %d-process run on %d process(es)%s; the global batch is batch_size x %d = %d "
+                 "sequences (it was %d)", saved.world_size, world, f": parallel = {cfg.parallel}"
+                 if world > 1 else "", world, cfg.train.batch_size * world,
+                 cfg.train.batch_size * saved.world_size)
+    if rank == 0:                           # config.json and every checkpoint record the layout in use
+        created = rd.create(run_dir)
+        rd.write_json(run_dir / "config.json", cfg.to_dict())
+    return cfg, ckpt, created
+
+
+def _resumed_config(cfg: RunConfig, step: int, changes: dict) -> RunConfig:
+    unknown = sorted(set(changes) - set(RESUME_SETTINGS))
+    if unknown:
+        raise ValueError(f"--resume continues a run with its saved config; train.{unknown[0]} cannot change "
+                         f"(it would break the exact trajectory); settable: parallel.*, "
+                         + ", ".join(f"train.{k}" for k in RESUME_SETTINGS))
+    if not changes:
+        return cfg
+    t = cfg.train
+    new = dataclasses.replace(t, **changes)         # the fields check their own values
+    if new.max_steps < step:
+        raise ValueError(f"train.max_steps={new.max_steps}: the run is already at step {step}; "
+                         f"give max_steps >= {step}")
+    if new.max_steps > t.max_steps and t.decay_steps is None:
+        new = dataclasses.replace(new, decay_steps=t.max_steps)
+        log.info("extending the run from max_steps=%d to %d: the cosine schedule still ends at step %d, "
+                 "later steps run at its final LR (lr x min_lr_ratio = %.3g)", t.max_steps, new.max_steps,
+                 t.max_steps, t.lr * t.min_lr_ratio)
+    return dataclasses.replace(cfg, train=new)
+
+
+def _loop(run: Run, objective, resumed: bool, stop_at: int | None, progress: bool) -> dict:
+    t = run.cfg.train
+    writer = MetricsWriter(run.run_dir, purge_after=run.step if resumed else None) if run.main else None
     bar = None
-    if progress and main:
+    if progress and run.main:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.train.max_steps, initial=step, unit="step", dynamic_ncols=True)
-    model.train()
-    history, val_loss = [], None
-    train_time, interval_steps = 0.0, 0    # this log interval's step time (no eval/saving) and steps
-    telemetry = (RoutingTelemetry(moe_layers, all_reduce=dist.all_reduce if world > 1 else None, world=world)
-                 if cfg.train.telemetry and moe_layers else None)   # totals over all ranks' tokens
-    last_loads: dict[int, list[float]] = {}
+        bar = tqdm(total=t.max_steps, initial=run.step, unit="step", dynamic_ncols=True)
+    state = _LoopState(saved_step=run.step if resumed else None)
+    end = t.max_steps if stop_at is None else min(stop_at, t.max_steps)
     try:
-        end = cfg.train.max_steps if stop_at is None else min(stop_at, cfg.train.max_steps)
-        while step < end:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg.train)
-            t_step = time.perf_counter()
-            counts = {i: 0 for i, layer in moe_layers.items() if layer.cfg.aux_loss_free}
-            lm_sum = aux_sum = z_sum = 0.0
-            for micro in range(cfg.train.grad_accum):
-                x, y, _ = train_split.batch(sampler.next())
-                with accumulate(micro == cfg.train.grad_accum - 1):   # one gradient reduction per step
-                    with autocast(cfg, device):
-                        out = forward(x.to(device))
-                    lm = lm_loss(out.logits, y.to(device))
-                    loss = lm + cfg.train.aux_loss_coef * out.aux_loss + cfg.train.z_loss_coef * out.z_loss
-                    (loss / cfg.train.grad_accum).backward()
-                lm_sum += float(lm.detach())
-                aux_sum += float(out.aux_loss.detach())
-                z_sum += float(out.z_loss.detach())
-                for i in counts:            # aux-loss-free layers: tokens per expert for the bias
-                    counts[i] = counts[i] + out.moe[i].tokens_per_expert
-                if telemetry is not None:
-                    telemetry.update(out.moe)
-            sync_expert_grads()
-            if world > 1:
-                (lm_sum, aux_sum, z_sum), counts = _reduce_step([lm_sum, aux_sum, z_sum], counts, world)
-                # sharded and expert-parallel gradients: a global norm
-                grad_norm = clip_grad_norm(model, cfg.train.grad_clip, ep_group)
-            else:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            for i, c in counts.items():
-                moe_layers[i].update_router_bias(c)
-            step += 1
-            train_time += time.perf_counter() - t_step
-            interval_steps += 1
-            k = cfg.train.grad_accum
-            history.append(lm_sum / k)
+        while run.step < end:
+            t0 = time.perf_counter()
+            micro = [Batch(*run.train_split.batch(run.sampler.next())) for _ in range(t.grad_accum)]
+            stats = train_step(run, micro, objective)
+            state.train_time += time.perf_counter() - t0
+            state.interval_steps += 1
+            _watch(run, stats, state)
             if bar is not None:
                 bar.update(1)
                 rate = bar.format_dict.get("rate") or 0.0
-                bar.set_postfix(loss=f"{lm_sum / k:.3f}", aux=f"{aux_sum / k:.3f}",
-                                tok_s=f"{rate * tokens_per_step:,.0f}")
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                tps = tokens_per_step * interval_steps / train_time   # evaluation and saving excluded
-                train_time, interval_steps = 0.0, 0
-                metrics = {"loss/lm": lm_sum / k, "loss/aux": aux_sum / k, "loss/z": z_sum / k,
-                           "optim/lr": lr_at(step - 1, cfg.train), "optim/grad_norm": grad_norm,
-                           "perf/tokens_per_s": tps, "perf/tokens_per_s_per_rank": tps / world,
-                           "perf/mfu": mfu(flops["flops_per_token"], tps / world, device.type,
-                                           precision_of(cfg, device))}
-                if telemetry is not None:
-                    routing, loads, warnings = telemetry.flush()
-                    metrics.update(routing)
-                    metrics.update({f"moe/layer{i}/load": c for i, c in loads.items()})
-                    if writer is not None:
-                        writer.histograms(step, {f"moe/layer{i}/tokens_per_expert": c
-                                                 for i, c in loads.items()})
-                    last_loads = loads or last_loads
-                    for w in warnings if main else ():
-                        log.warning("step %d: %s", step, w)
+                bar.set_postfix(loss=f"{stats.losses['lm']:.3f}", aux=f"{stats.losses['aux']:.3f}",
+                                tok_s=f"{rate * stats.tokens:,.0f}")
+            if run.step % t.log_every == 0 or run.step == t.max_steps:
+                _log(run, writer, stats, state)
+            if run.step % t.eval_every == 0 or run.step == t.max_steps:
+                state.val_loss = evaluate(run.model, run.val_split, t.batch_size, run.device, t.eval_batches,
+                                          run.rank, run.world, run.autocast)
                 if writer is not None:
-                    writer.log(step, metrics)
-            if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
-                val_loss = evaluate(model, val_split, cfg, device, cfg.train.eval_batches, rank, world)
-                if writer is not None:
-                    writer.log(step, {"loss/val": val_loss, "loss/val_ppl": math.exp(min(val_loss, 50))})
-            if step % cfg.train.save_every == 0 or step in (cfg.train.max_steps, end):
-                ckpt_meta = {"step": step, "sampler": sampler.state_dict(), "config": cfg.to_dict(),
-                        "tokenizer": tok.to_str()}
-                if world > 1:   # sharded: every rank writes its own pieces
-                    save_sharded_checkpoint(run_dir, training_state(model, opt, mesh), ckpt_meta)
-                else:
-                    save_checkpoint(run_dir, training_state(model, opt), ckpt_meta)
+                    writer.log(run.step, {"loss/val": state.val_loss,
+                                          "loss/val_ppl": math.exp(min(state.val_loss, 50))})
+            if run.step % t.save_every == 0 or run.step in (t.max_steps, end):
+                _save(run, state)
+    except OSError as err:      # a full disk, a permission change: one line, what is intact
+        raise RunStopped(f"{_reason(err)} at step {run.step}; {state.intact()}") from None
     finally:
+        for closing in (writer, bar):
+            if closing is not None:
+                try:
+                    closing.close()
+                except OSError:
+                    pass
+    return _summary(run, state)
+
+
+@dataclasses.dataclass
+class _LoopState:
+    saved_step: int | None                  # the newest checkpoint's step (None: none yet)
+    train_time: float = 0.0                 # this log interval's step time (no eval/saving)
+    interval_steps: int = 0
+    val_loss: float | None = None
+    bad_steps: list[int] = dataclasses.field(default_factory=list)
+    loss_ema: float | None = None
+    last_loads: dict = dataclasses.field(default_factory=dict)
+
+    def intact(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was saved yet"
+        return f"the checkpoint of step {self.saved_step} is intact"
+
+
+# a loss this many times its recent mean (an EMA) is reported as a spike
+SPIKE_RATIO, SPIKE_EMA = 1.5, 0.9
+
+
+def _watch(run: Run, stats: StepStats, state: _LoopState) -> None:
+    """Non-finite steps (skipped, bounded) and loss spikes (warned)."""
+    t = run.cfg.train
+    if stats.skipped:
+        state.bad_steps.append(run.step)
+        if run.main:
+            log.warning("step %d: non-finite loss (%.4g) or gradient norm (%.4g): step skipped, no update "
+                        "(%d of train.max_bad_steps=%d)", run.step, stats.losses["total"], stats.grad_norm,
+                        len(state.bad_steps), t.max_bad_steps)
+        if len(state.bad_steps) > t.max_bad_steps:
+            raise RunStopped(f"training diverged: the loss or gradient norm was not finite at steps "
+                             f"{state.bad_steps[:5]} (lr={t.lr:g}, aux_loss_coef={t.aux_loss_coef:g}); lower "
+                             f"train.lr, raise train.warmup_steps or check the data; {state.intact()}")
+        return
+    run.history.append(stats.losses["lm"])
+    lm, ema = stats.losses["lm"], state.loss_ema
+    if ema is not None and run.step > t.warmup_steps and lm > SPIKE_RATIO * ema and run.main:
+        log.warning("step %d: loss spike: %.3f against a recent mean of %.3f; if this repeats lower train.lr "
+                    "or train.grad_clip", run.step, lm, ema)
+    state.loss_ema = lm if ema is None else SPIKE_EMA * ema + (1 - SPIKE_EMA) * lm
+
+
+def _log(run: Run, writer: MetricsWriter | None, stats: StepStats, state: _LoopState) -> None:
+    """Losses, LR, gradient norm, throughput and routing telemetry of the log interval."""
+    tps = stats.tokens * state.interval_steps / state.train_time      # evaluation and saving excluded
+    state.train_time, state.interval_steps = 0.0, 0
+    flops = model_flops(run.model.cfg, run.cfg.data.seq_len)["flops_per_token"]
+    metrics = {f"loss/{k}": v for k, v in stats.losses.items() if k != "total"}
+    metrics.update({"optim/lr": stats.lr, "optim/grad_norm": stats.grad_norm, "perf/tokens_per_s": tps,
+                    "perf/tokens_per_s_per_rank": tps / run.world,
+                    "perf/mfu": mfu(flops, tps / run.world, run.device.type,
+                                    precision_of(run.cfg, run.device))})
+    if state.bad_steps:
+        metrics["optim/skipped_steps"] = float(len(state.bad_steps))
+    if run.telemetry is not None:
+        routing, loads, warnings = run.telemetry.flush()
+        metrics.update(routing)
+        metrics.update({f"moe/layer{i}/load": c for i, c in loads.items()})
         if writer is not None:
-            writer.close()
-        if bar is not None:
-            bar.close()
-    return {"steps": step, "final_train_loss": history[-1] if history else None, "final_val_loss": val_loss,
-            "train_losses": history, "params": flops, "train_tokens": meta["train_tokens"],
-            "routing_last_interval": {str(i): c for i, c in last_loads.items()}}
+            writer.histograms(run.step, {f"moe/layer{i}/tokens_per_expert": c for i, c in loads.items()})
+        state.last_loads = loads or state.last_loads
+        for w in warnings if run.main else ():
+            log.warning("step %d: %s", run.step, w)
+    if writer is not None:
+        writer.log(run.step, metrics)
 
 
-def load_run(run_dir: Path):
-    """(model in eval mode, tokenizer, config) of a run directory (either checkpoint container)
-    or of a ``moekit export`` directory, on one process."""
-    run_dir = Path(run_dir)
-    if (run_dir / EXPORT_WEIGHTS).exists():
-        return _load_export(run_dir)
-    ckpt = Checkpoint(run_dir)
-    cfg = RunConfig.from_dict(ckpt.meta["config"])
-    if (run_dir / "tokenizer.json").exists():
-        tok = load_tokenizer(run_dir / "tokenizer.json")
-    else:   # the checkpoint carries its tokenizer too
-        tok = Tokenizer.from_str(ckpt.meta["tokenizer"])
-    model = MoETransformer.build(model_config_for(cfg, tok.get_vocab_size()), device="cpu")
-    model.load_state_dict(ckpt.model_state(model.state_dict()))
-    return model.eval(), tok, cfg
+def _weights_finite(run: Run) -> bool:
+    """Every rank's parameters finite (all ranks agree: one all-reduce in a parallel run)."""
+    from torch.distributed.tensor import DTensor
+    ok = all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
+             for p in run.model.parameters())
+    if run.world > 1:
+        flag = torch.tensor([0.0 if ok else 1.0])
+        dist.all_reduce(flag)
+        ok = float(flag) == 0.0
+    return ok
 
 
-EXPORT_WEIGHTS = "model.safetensors"
+def _save(run: Run, state: _LoopState) -> None:
+    if not _weights_finite(run):
+        raise RunStopped(f"the weights are not finite at step {run.step}; not saving them; lower train.lr "
+                         f"or check the data; {state.intact()}")
+    meta = {"step": run.step, "sampler": run.sampler.state_dict(), "config": run.cfg.to_dict(),
+            "tokenizer": run.tokenizer.to_str()}
+    try:
+        if run.world > 1:   # sharded: every rank writes its own pieces
+            save_sharded_checkpoint(run.run_dir, run.training_state(), meta)
+        else:
+            save_checkpoint(run.run_dir, run.training_state(), meta)
+    except OSError as err:
+        raise RunStopped(f"{_reason(err)} while saving step {run.step} to {str(run.run_dir)!r} (temporary "
+                         f"files removed); {state.intact()}; free space and resume with "
+                         f"--resume {run.run_dir}") from None
+    state.saved_step = run.step
 
 
-def export_run(run_dir: Path, out_dir: Path) -> Path:
-    """A consolidated single-device copy of a run's model (from either checkpoint container):
-    ``model.safetensors``, ``config.json`` and ``tokenizer.json`` in ``out_dir``, which
-    ``load_run`` (so ``moekit generate`` / ``eval``) reads like a run directory."""
-    from safetensors.torch import save_file
-    model, tok, cfg = load_run(run_dir)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # tied embeddings share storage: safetensors stores each tensor once, so save the
-    # untied keys and let the model re-tie on load
-    state = {k: v.contiguous() for k, v in model.state_dict().items()
-             if not (cfg.model.tie_embeddings and k == "lm_head.weight")}
-    save_file(state, str(out_dir / EXPORT_WEIGHTS), metadata={"format": "moekit"})
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    save_tokenizer(tok, out_dir / "tokenizer.json")
-    return out_dir
+def _reason(err: OSError) -> str:
+    return (err.strerror or str(err) or type(err).__name__).lower()
 
 
-def _load_export(out_dir: Path):
-    from safetensors.torch import load_file
-    cfg = RunConfig.from_dict(json.loads((out_dir / "config.json").read_text()))
-    tok = load_tokenizer(out_dir / "tokenizer.json")
-    model = MoETransformer.build(model_config_for(cfg, tok.get_vocab_size()), device="cpu")
-    state = load_file(str(out_dir / EXPORT_WEIGHTS))
-    if cfg.model.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]
-    model.load_state_dict(state)
-    return model.eval(), tok, cfg
+def _summary(run: Run, state: _LoopState) -> dict:
+    return {"steps": run.step, "final_train_loss": run.history[-1] if run.history else None,
+            "final_val_loss": state.val_loss, "train_losses": run.history, "skipped_steps": state.bad_steps,
+            "params": model_flops(run.model.cfg, run.cfg.data.seq_len),
+            "train_tokens": run.data_meta["train_tokens"],
+            "routing_last_interval": {str(i): c for i, c in state.last_loads.items()}}

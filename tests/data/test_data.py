@@ -109,3 +109,91 @@ def test_batch_sampler_resumes_on_another_world_size_without_repeats():
         s.load_state_dict(one.state_dict())
     assert all(s.epoch == 1 or s.step_in_epoch == 10 for s in back)
     assert back[0].next() != [] and back[1].next() != []
+
+
+def _binary_bytes() -> bytes:
+    """A real executable (ELF/Mach-O: NUL bytes near the start)."""
+    import shutil
+    import sys
+    from pathlib import Path
+    exe = Path(shutil.which("ls") or sys.executable).resolve()
+    return exe.read_bytes()[:65536]
+
+
+def test_binary_user_data_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "ls").write_bytes(_binary_bytes())
+    with pytest.raises(ValueError, match=r"'.*/ls' looks binary \(NUL bytes in the first 8 KiB\)") as err:
+        load_documents(tmp_path / "ls")
+    assert "\n" not in str(err.value)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "good.md").write_text("some text")
+    (tmp_path / "d" / "ls.txt").write_bytes(_binary_bytes())
+    with pytest.raises(ValueError, match=r"ls\.txt' looks binary"):
+        load_documents(tmp_path / "d")
+    (tmp_path / "ctl.txt").write_bytes(bytes(range(1, 32)) * 10)     # control bytes, no NUL
+    with pytest.raises(ValueError, match="control characters"):
+        load_documents(tmp_path / "ctl.txt")
+    (tmp_path / "u16.txt").write_bytes("Präsident".encode("utf-16"))
+    with pytest.raises(ValueError, match="UTF-16"):
+        load_documents(tmp_path / "u16.txt")
+    (tmp_path / "nul.jsonl").write_bytes(b'{"text": "a\x00b"}\n')
+    with pytest.raises(ValueError, match="nul.jsonl' looks binary"):
+        load_documents(tmp_path / "nul.jsonl")
+
+
+def _moekit_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "moekit" and r.levelname == "WARNING"]
+
+
+def test_latin1_text_is_decoded_as_cp1252_with_one_warning(tmp_path, caplog):
+    text = "Der Präsident grüßt die Abgeordneten. Ein Euro: €.\n"
+    raw = text.encode("cp1252")                                            # ä ü ß €: 4 non-UTF-8 bytes
+    (tmp_path / "de.txt").write_bytes(raw)
+    with caplog.at_level("WARNING", logger="moekit"):
+        docs = load_documents(tmp_path / "de.txt")
+    assert docs == [Document(text, "de")]
+    assert "Präsident" in docs[0].text and "\ufffd" not in docs[0].text
+    [msg] = _moekit_warnings(caplog)
+    assert "de.txt" in msg and f"4 bytes of {len(raw)} were not UTF-8; decoded the file as cp1252" in msg
+    caplog.clear()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.txt").write_bytes("Präsident \x81".encode("latin-1"))   # 0x81: not cp1252
+    with caplog.at_level("WARNING", logger="moekit"):
+        assert load_documents(tmp_path / "d")[0].text == "Präsident \x81"
+    [msg] = _moekit_warnings(caplog)
+    assert "x.txt" in msg and "2 bytes of 11 were" in msg and "latin-1" in msg
+
+
+def test_utf8_with_a_few_broken_bytes_keeps_utf8_and_marks_them(tmp_path, caplog):
+    (tmp_path / "m.txt").write_bytes("Präsident Señorías ".encode() + b"\xff")
+    with caplog.at_level("WARNING", logger="moekit"):
+        [doc] = load_documents(tmp_path / "m.txt")
+    assert doc.text == "Präsident Señorías \ufffd"
+    [msg] = _moekit_warnings(caplog)
+    assert "1 byte of 23 were not UTF-8; replaced them with U+FFFD" in msg
+
+
+def test_jsonl_with_invalid_utf8_follows_the_same_rule(tmp_path, caplog):
+    (tmp_path / "c.jsonl").write_bytes('{"text": "Señorías", "lang": "es"}\r\n'.encode("latin-1"))
+    with caplog.at_level("WARNING", logger="moekit"):
+        assert load_documents(tmp_path / "c.jsonl") == [Document("Señorías", "es")]
+    [msg] = _moekit_warnings(caplog)
+    assert "c.jsonl" in msg and "2 bytes of" in msg
+
+
+def test_utf8_bom_and_crlf_read_like_plain_utf8(tmp_path, caplog):
+    paras = [f"Párrafo {i}: " + "palabra " * 100 for i in range(10)]
+    (tmp_path / "lf.txt").write_text("\n\n".join(paras), encoding="utf-8")
+    (tmp_path / "crlf.txt").write_bytes(b"\xef\xbb\xbf" + "\r\n\r\n".join(paras).encode())
+    with caplog.at_level("WARNING", logger="moekit"):
+        crlf = load_documents(tmp_path / "crlf.txt")
+    assert [d.text for d in crlf] == [d.text for d in load_documents(tmp_path / "lf.txt")]
+    assert len(crlf) > 1 and not _moekit_warnings(caplog)
+
+
+def test_empty_corpus_name_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("not meant as training data")
+    monkeypatch.chdir(tmp_path)
+    for blank in ("", "  "):
+        with pytest.raises(ValueError, match="data.corpus=.* is empty"):
+            load_documents(blank)

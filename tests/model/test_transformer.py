@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from moekit import MoEConfig
+from moekit import MoEConfig, MoELayer
 from moekit.model import ModelConfig, MoETransformer, model_flops
 
 
@@ -11,14 +11,18 @@ def small(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("pattern, ids", [("all", [0, 1, 2, 3]), ("alternate", [1, 3]), ("none", []),
-                                          ([0, 2], [0, 2])])
-def test_layer_pattern_and_outputs(pattern, ids):
+@pytest.mark.parametrize("kw, ids", [(dict(moe_layers="all"), [0, 1, 2, 3]),
+                                     (dict(moe_layers="alternate"), [1, 3]),
+                                     (dict(moe=None), []), (dict(moe_layers=[0, 2]), [0, 2])])
+def test_layer_pattern_and_outputs(kw, ids):
     torch.manual_seed(0)
-    model = MoETransformer(small(moe_layers=pattern))
+    model = MoETransformer(small(**kw))
     out = model(torch.randint(0, 101, (2, 12)))
     assert out.logits.shape == (2, 12, 101)
     assert sorted(out.moe) == ids
+    layers = model.moe_layers()
+    assert list(layers) == ids and all(layers[i] is model.blocks[i].ffn for i in ids)
+    assert all(isinstance(m, MoELayer) for m in layers.values())
     expected_aux = sum(float(a.load_balancing_loss.detach()) for a in out.moe.values())
     assert float(out.aux_loss.detach()) == pytest.approx(expected_aux)
     if ids:
@@ -115,3 +119,29 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("cast", ["to", "bfloat16"])
+def test_model_cast_to_bf16_trains(cast):
+    """``model.to(torch.bfloat16)``: forward and backward run, every parameter gets a finite bf16
+    gradient; the router logits stay float32, and so do the rotary tables (recomputed, not
+    rounded) and the aux-loss-free bias."""
+    torch.manual_seed(0)
+    cfg = small(moe=MoEConfig(d_model=32, d_ff=48, num_experts=4, top_k=2, router="sigmoid",
+                              aux_loss_free=True, num_shared_experts=1, jitter_eps=0.01))
+    model = MoETransformer(cfg)
+    rope_cos = model.rope_cos.clone()
+    model = model.to(torch.bfloat16) if cast == "to" else model.bfloat16()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.rope_cos.dtype == torch.float32 and torch.equal(model.rope_cos, rope_cos)
+    assert model.blocks[0].ffn.router.expert_bias_E.dtype == torch.float32
+    seen = []
+    hook = model.blocks[0].ffn.router.register_forward_hook(lambda m, args, out: seen.append(out))
+    out = model(torch.randint(0, 101, (2, 12)))
+    hook.remove()
+    assert out.logits.dtype == torch.bfloat16 and seen[0].logits_TE.dtype == torch.float32
+    assert out.aux_loss.dtype == out.z_loss.dtype == torch.float32
+    (out.logits.float().square().mean() + out.aux_loss + out.z_loss).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.bfloat16, name
+        assert torch.isfinite(p.grad.float()).all(), name

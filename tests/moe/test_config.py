@@ -23,7 +23,14 @@ from moekit import MoEConfig
         (dict(aux_loss_free=True), "aux_loss_free"),
         (dict(dtype=torch.bfloat16, d_model=100), "d_model"),
         (dict(dtype="bfloat16", d_ff=1001), "d_ff"),
-        (dict(router_dtype=torch.bfloat16), "router_dtype"),
+        (dict(capacity_factor="1.25"), "capacity_factor"),
+        (dict(capacity_factor=float("inf")), "capacity_factor"),
+        (dict(jitter_eps=None), "jitter_eps"),
+        (dict(jitter_eps=float("nan")), "jitter_eps"),
+        (dict(num_shared_experts=1.5), "num_shared_experts"),
+        (dict(bias_update_rate=float("nan")), "bias_update_rate"),
+        (dict(noisy_gating=True, router="expert_choice"), "noisy_gating"),
+        (dict(dtype="fp8"), "dtype"),
     ],
 )
 def test_bad_config_names_field_value_and_fix(kwargs, field):
@@ -43,8 +50,14 @@ def test_bf16_dims_suggest_next_multiple_of_8():
 
 def test_defaults_and_dtype_strings():
     cfg = MoEConfig(d_model=512, d_ff=1024, num_experts=8, top_k=2)
-    assert cfg.capacity_factor is None and cfg.router == "softmax" and cfg.router_dtype == torch.float32
+    assert cfg.capacity_factor is None and cfg.router == "softmax" and cfg.dtype == torch.float32
     assert MoEConfig(d_model=8, d_ff=8, dtype="bfloat16").dtype == torch.bfloat16
+
+
+def test_router_dtype_is_gone():
+    # router math is always float32: the old key is an unknown keyword, not a silent no-op
+    with pytest.raises(TypeError, match="router_dtype"):
+        MoEConfig(d_model=8, d_ff=8, router_dtype=torch.float32)
 
 
 def test_granularity_keeps_params_and_active_flops():

@@ -2,7 +2,6 @@
 (token-by-token loops), in outputs and in every gradient: input, router, experts, shared."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -66,7 +65,9 @@ def check_against_reference(layer: MoELayer, x: torch.Tensor, tol: float):
 
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @example(T=2, E=3, k_frac=0.0, d8=2, f8=1, backend="segment_mm", activation="swiglu",
-         dtype=torch.bfloat16, seed=3)   # a 2-token bf16 router gradient (see the docstring above)
+         dtype=torch.bfloat16, cf=None, policy="position", seed=3)   # a 2-token bf16 router gradient
+@example(T=20, E=4, k_frac=0.0, d8=1, f8=1, backend="segment_mm", activation="swiglu",
+         dtype=torch.float32, cf=1.1, policy="position", seed=0)     # 1.1 * 20 / 4 = 5.5: 6 slots
 @given(
     T=st.integers(1, 24),
     E=st.integers(1, 8),
@@ -76,16 +77,55 @@ def check_against_reference(layer: MoELayer, x: torch.Tensor, tol: float):
     backend=st.sampled_from(BACKENDS),
     activation=st.sampled_from(["swiglu", "gelu"]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    # None: dropless; decimal factors whose slot count floats could round up (1.1, 1.3)
+    cf=st.sampled_from([None, 0.5, 1.0, 1.1, 1.25, 1.3, 1.5, 2.0]),
+    policy=st.sampled_from(["position", "probability"]),
     seed=st.integers(0, 2**16),
 )
-def test_dropless_matches_reference(T, E, k_frac, d8, f8, backend, activation, dtype, seed):
+def test_fast_path_matches_reference(T, E, k_frac, d8, f8, backend, activation, dtype, cf, policy, seed):
     torch.manual_seed(seed)
     K = 1 + int(k_frac * (E - 1))     # 1..E, including top_k == num_experts
     cfg = MoEConfig(d_model=8 * d8, d_ff=8 * f8, num_experts=E, top_k=K, backend=backend,
-                    activation=activation, dtype=dtype)
+                    activation=activation, dtype=dtype, capacity_factor=cf, drop_policy=policy)
     layer = MoELayer(cfg)
     x = torch.randn(T, cfg.d_model, dtype=dtype)
     check_against_reference(layer, x, 1e-5 if dtype == torch.float32 else 3e-2)
+
+
+@pytest.mark.parametrize("policy", ["position", "probability"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reference_capacity_is_the_fast_paths(policy, backend):
+    """cf=1.1, T=100, K=1, E=10: 1.1 * 100 / 10 is 11.000000000000002 in floats; both paths
+    keep 11 slots (a plain ceil gave the reference 12, and it disagreed with the fast path)."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=8, d_ff=8, num_experts=10, top_k=1, capacity_factor=1.1,
+                    drop_policy=policy, backend=backend)
+    layer = MoELayer(cfg)
+    with torch.no_grad():
+        layer.router.weight_ED[0] += 0.5       # expert 0 is wanted by far more than 11 tokens
+    aux = check_against_reference(layer, torch.randn(100, 8) + 0.3, 1e-5)
+    assert int(aux.tokens_per_expert[0]) == 11 == int(aux.tokens_per_expert.max())
+
+
+@pytest.mark.parametrize("d_model, d_ff", [(6, 16), (16, 10), (2, 8)])
+def test_auto_backend_with_unaligned_float32_dims_matches_reference(d_model, d_ff):
+    """grouped_mm needs 16-byte rows (4 float32s): auto falls back to segment_mm, and the
+    output and every gradient (input, experts, router) are the reference's."""
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=4, top_k=2))
+    x = torch.randn(5, d_model)
+    assert layer.experts.resolve_backend(x) == "segment_mm"
+    check_against_reference(layer, x, 1e-5)
+
+
+def test_probability_policy_ties_follow_gshard_priority_like_the_reference():
+    cfg = MoEConfig(d_model=2, d_ff=8, num_experts=3, top_k=2, capacity_factor=0.75,
+                    drop_policy="probability", backend="segment_mm")
+    layer = MoELayer(cfg).eval()
+    with torch.no_grad():
+        layer.router.weight_ED.copy_(torch.tensor([[0.0, -20.0], [0.0, 0.0], [-20.0, 0.0]]))
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])       # every weight is exactly 0.5: all ties
+    check_against_reference(layer, x, 1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -137,7 +177,7 @@ def test_capacity_matches_reference(policy, backend, cf):
     with torch.no_grad():
         layer.router.weight_ED[0] += 0.5   # make it skewed so something is dropped
     aux = check_against_reference(layer, torch.randn(30, 16) + 0.2, 1e-5)
-    slots = math.ceil(cf * 30 * 2 / 4)
+    slots = {0.25: 4, 0.6: 9, 1.0: 15}[cf]      # ceil(cf * 30 tokens * top-2 / 4 experts)
     assert aux.tokens_per_expert.max() <= slots
     assert float(aux.dropped_fraction) == pytest.approx(1 - int(aux.tokens_per_expert.sum()) / 60)
     assert float(aux.dropped_fraction) > 0

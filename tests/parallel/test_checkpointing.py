@@ -12,7 +12,7 @@ from torch.distributed.tensor import DTensor
 
 from moekit.config import ModelConfig, MoEConfig, ParallelConfig
 from moekit.model.transformer import MoETransformer
-from moekit.parallel.checkpointing import training_state
+from moekit.parallel.checkpointing import expert_parallel_names, training_state
 from moekit.parallel.parallelize import build_mesh, parallelize
 from moekit.train.checkpoint import Checkpoint, save_checkpoint, save_sharded_checkpoint
 
@@ -26,6 +26,17 @@ def _model() -> MoETransformer:
     cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=S,
                       moe=MoEConfig(d_model=32, d_ff=32, num_experts=4, top_k=2))
     return MoETransformer(cfg)
+
+
+def test_expert_parallel_names_are_the_sharded_layers_expert_weights():
+    model = _model()
+    assert expert_parallel_names(model) == {}               # one process: nothing is sharded
+    layer = model.moe_layers()[1]
+    layer.keep_experts(2, 4, layer.dispatcher)
+    assert expert_parallel_names(model) == {f"blocks.1.ffn.experts.{n}": 4
+                                            for n in ("w_gate_EDF", "w_up_EDF", "w_down_EFD")}
+    with pytest.raises(ValueError, match="pass the"):
+        training_state(model, torch.optim.AdamW(model.parameters()))
 
 
 def _flat(state: dict, prefix: str = "") -> dict:

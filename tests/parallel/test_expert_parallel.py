@@ -8,7 +8,10 @@ import torch
 import torch.distributed as dist
 
 from moekit import MoEConfig, MoELayer
+from moekit.config import ParallelConfig
+from moekit.moe import StatsReducer
 from moekit.parallel.expert_parallel import shard_experts
+from moekit.parallel.parallelize import build_mesh
 
 from ..conftest import run_ranks
 
@@ -42,7 +45,8 @@ def _worker(rank: int, world: int, case: str, cfg_kw: dict):
     start = sum(counts[:rank])
     torch.testing.assert_close(y, y_all[start:start + counts[rank]].detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x_all.grad[start:start + counts[rank]], rtol=1e-5, atol=1e-5)
-    lo, hi = ep.expert_slice
+    lo, hi = ep.expert_range
+    assert (lo, hi) == (rank * cfg.num_experts // world, (rank + 1) * cfg.num_experts // world)
     for name in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
         if getattr(ref.experts, name) is None:   # GELU experts have no gate
             continue
@@ -55,7 +59,7 @@ def _worker(rank: int, world: int, case: str, cfg_kw: dict):
     assert aux.tokens_per_expert.shape == (cfg.num_experts,)
     # aux_loss_scope="global": the mean of the ranks' load-balancing losses is the loss of
     # the whole batch, and so is the summed router gradient (uneven and empty ranks too)
-    ep.stats_all_reduce, ep.stats_world = dist.all_reduce, world
+    ep.stats_reducer = StatsReducer(dist.all_reduce, world)
     ref.router.weight_ED.grad = ep.router.weight_ED.grad = None
     lb_all = ref(x_all.detach())[1].load_balancing_loss
     lb_all.backward()
@@ -98,7 +102,7 @@ def _drops_worker(rank: int, world: int, cfg_kw: dict):
     torch.testing.assert_close(y_ep, y_ref.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x_ep.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
     assert float(aux_ep.dropped_fraction) == float(aux_ref.dropped_fraction)
-    lo, hi = ep.expert_slice
+    lo, hi = ep.expert_range
     for name in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
         full = getattr(ref.experts, name).grad.clone()
         dist.all_reduce(full)
@@ -112,3 +116,19 @@ def _drops_worker(rank: int, world: int, cfg_kw: dict):
 @pytest.mark.parametrize("policy", ["position", "probability"])
 def test_ep4_with_capacity_drops_and_uneven_ranks(policy):
     run_ranks(_drops_worker, 4, dict(num_experts=8, top_k=2, capacity_factor=0.6, drop_policy=policy))
+
+
+def _mesh_worker(rank: int, world: int) -> str:
+    try:
+        build_mesh(ParallelConfig(dp=2, ep=2))
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def test_build_mesh_with_the_wrong_process_count_is_the_layout_check():
+    """build_mesh says what ParallelConfig.check_world says everywhere else: one line with
+    the layout, the processes launched and the fix."""
+    (msg,) = run_ranks(_mesh_worker, 1)
+    assert msg.startswith("parallel.dp x parallel.ep = 2 x 2 = 4 but 1 processes were launched; "), msg
+    assert "torchrun --nproc-per-node" in msg and "\n" not in msg

@@ -125,14 +125,14 @@ def test_world_size_mismatch_is_a_clear_error():
 
 
 def _reduce_step_worker(rank, world):
-    from moekit.train.trainer import _reduce_step
+    from moekit.train.step import _reduce
     counts = {0: torch.tensor([3, 0, 1 + rank]), 2: torch.tensor([rank, 5])}   # int64, like the router's
-    return _reduce_step([1.0 + rank, 2.0 * rank, 0.5], counts, world)
+    return _reduce({"lm": 1.0 + rank, "aux": 2.0 * rank, "z": 0.5}, counts, world)
 
 
 def test_one_all_reduce_per_step_averages_losses_and_sums_expert_counts():
     for losses, counts in run_ranks(_reduce_step_worker, 2):
-        assert losses == [1.5, 1.0, 0.5]
+        assert losses == {"lm": 1.5, "aux": 1.0, "z": 0.5}
         assert list(counts) == [0, 2]
         assert counts[0].dtype == torch.int64 and counts[0].tolist() == [6, 0, 3]
         assert counts[2].tolist() == [1, 10]

@@ -81,7 +81,7 @@ def test_sharded_resume_is_exact_and_exports(tmp_path, parl_subset):
     # a consolidated copy for one device: the same model
     _moekit("export", str(resumed), "--out", str(tmp_path / "export"))
     assert (tmp_path / "export" / "model.safetensors").exists()
-    from moekit.train.trainer import load_run
+    from moekit.train.run_dir import load_run
     model, tok, _ = load_run(resumed)
     exported, _, _ = load_run(tmp_path / "export")
     x = torch.tensor([tok.encode("Frau Präsidentin, meine Damen und Herren").ids])

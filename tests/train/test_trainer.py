@@ -70,10 +70,11 @@ def test_cli_train_generate_eval(tmp_path, parl_subset, capsys):
     (["train", "--set", "train.max_steps=0"], "TrainConfig.max_steps=0"),
     (["eval", "no/such/run"], "no checkpoint"),
     (["export", "no/such/run"], "no checkpoint"),
-    (["train", "--nproc", "2", "--set", "parallel.dp=3"], "parallel.dp x parallel.ep = 3 but --nproc 2"),
+    (["train", "--nproc", "2", "--set", "parallel.dp=3"],
+     "parallel.dp x parallel.ep = 3 x 1 = 3 but 2 processes"),
     (["train", "--nproc", "0"], "--nproc 0"),
     (["train", "--set", "parallel.ep=3"], "does not divide model.moe.num_experts=8"),
-    (["train", "--resume", "no/such/run", "--set", "train.max_steps=9"], "only parallel.* may be set"),
+    (["train", "--resume", "no/such/run", "--set", "train.lr=9"], "only parallel.* (the layout)"),
 ])
 def test_bad_input_is_one_line(args, message, capsys):
     assert cli(args) == 2
@@ -94,6 +95,7 @@ def test_empty_corpus_and_corrupt_checkpoint_lose_nothing(tmp_path, capsys):
     (empty / "a.txt").write_text("")
     assert cli(["train", "--out", str(tmp_path / "r"), "--set", f'data.corpus="{empty}"']) == 2
     assert "holds no text" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()            # a run that could not start leaves no directory
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
@@ -119,7 +121,7 @@ def test_a_crash_between_the_sharded_swap_renames_keeps_the_old_checkpoint(tmp_p
 
     from moekit.parallel.checkpointing import training_state
     from moekit.train.checkpoint import Checkpoint
-    from moekit.train.trainer import load_run
+    from moekit.train.run_dir import load_run
     run = tmp_path / "run"
     train(tiny(parl_subset, max_steps=2, eval_every=2), run, progress=False)
     model, _, cfg = load_run(run)

@@ -1,0 +1,59 @@
+"""Field checks shared by every config: one error format,
+
+    Owner.field=value: constraint; fix
+
+so a bad value is one line naming the field, the value, what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def bad(owner: str, name: str, value, constraint: str, fix: str) -> ValueError:
+    """The one error format for a bad config value."""
+    return ValueError(f"{owner}.{name}={value!r}: {constraint}; {fix}")
+
+
+def is_int(value) -> bool:
+    """An int that is not a bool (TOML ``true`` must not pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_int(owner: str, name: str, value, minimum: int = 1, fix: str | None = None) -> None:
+    """``value`` must be an integer >= ``minimum``."""
+    if not is_int(value) or value < minimum:
+        raise bad(owner, name, value, f"must be an integer >= {minimum}",
+                  fix or f"set {name} to an integer >= {minimum}")
+
+
+def check_real(owner: str, name: str, value, low: float | None = None, high: float | None = None, *,
+               low_open: bool = False, high_open: bool = False, fix: str) -> None:
+    """``value`` must be a finite number in the range given (open or closed at each end)."""
+    ok = is_real(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+        where = (f" in {lo}, {hi}" if low is not None and high is not None
+                 else f" {'>' if low_open else '>='} {low:g}" if low is not None
+                 else f" {'<' if high_open else '<='} {high:g}" if high is not None else "")
+        raise bad(owner, name, value, f"must be a finite number{where}", fix)
+
+
+def check_choice(owner: str, name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise bad(owner, name, value, f"is not one of {choices}", "pick one of those")
+
+
+def check_bool(owner: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise bad(owner, name, value, "must be true or false", f"set {name} to true or false")

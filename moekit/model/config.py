@@ -1,0 +1,103 @@
+"""ModelConfig: the decoder-only LM, dense or MoE, checked when built."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from moekit.checks import bad, check_bool, check_int, check_real, is_int
+from moekit.moe.config import MoEConfig
+
+_OWN = "ModelConfig"
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only LM. ``moe`` configures the MoE layers (its d_model is the model's);
+    ``moe = None`` (``moe = false`` in TOML) is the one switch for a dense model.
+    ``moe_layers`` says which layers of an MoE model get one: "all", "alternate" (GShard:
+    every other layer, starting with the second) or an explicit list of layer indices.
+    ``vocab_size`` is the tokenizer's: a run trained on a corpus sets it from the BPE it trains.
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, d_ff=128,
+        ...                   moe=MoEConfig(d_model=64, d_ff=64, num_experts=4, top_k=2))
+        >>> cfg.moe_layer_ids()
+        [0, 1]
+    """
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None       # None = n_heads (no grouped-query attention)
+    d_ff: int = 1024                    # width of the dense FFN layers
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    moe_layers: str | list[int] = "all"
+    moe: MoEConfig | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            check_int(_OWN, name, getattr(self, name))
+        check_real(_OWN, "rope_theta", self.rope_theta, 0, low_open=True, fix="use e.g. 10000.0")
+        check_real(_OWN, "norm_eps", self.norm_eps, 0, low_open=True, fix="use e.g. 1e-5")
+        check_bool(_OWN, "tie_embeddings", self.tie_embeddings)
+        if self.d_model % self.n_heads:
+            raise bad(_OWN, "n_heads", self.n_heads, f"must divide d_model={self.d_model}",
+                      "pick a divisor of d_model")
+        if (self.d_model // self.n_heads) % 2:
+            raise bad(_OWN, "n_heads", self.n_heads, f"head dim {self.d_model // self.n_heads} must be even "
+                      "for RoPE", "pick n_heads so that d_model / n_heads is even")
+        kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        if not is_int(kv) or kv <= 0 or self.n_heads % kv:
+            raise bad(_OWN, "n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}",
+                      "use a divisor of n_heads, or None")
+        if isinstance(self.moe_layers, str):
+            if self.moe_layers not in ("all", "alternate"):
+                raise bad(_OWN, "moe_layers", self.moe_layers, "is not 'all', 'alternate' or a list",
+                          "use one of those or a list of layer indices (a dense model: moe = false)")
+        elif (not isinstance(self.moe_layers, list)
+              or any(not is_int(i) or not 0 <= i < self.n_layers for i in self.moe_layers)):
+            raise bad(_OWN, "moe_layers", self.moe_layers, f"indices must be in [0, {self.n_layers})",
+                      "list existing layer indices")
+        if self.moe is not None and not isinstance(self.moe, MoEConfig):
+            raise bad(_OWN, "moe", self.moe, "must be an MoEConfig or None", "pass MoEConfig(...) or None")
+        if self.moe is not None and self.moe.d_model != self.d_model:
+            raise bad(_OWN, "moe.d_model", self.moe.d_model, f"differs from d_model={self.d_model}",
+                      "set them equal")
+
+    @property
+    def dense(self) -> bool:
+        return self.moe is None
+
+    def moe_layer_ids(self) -> list[int]:
+        """Indices of the MoE layers (none for a dense model)."""
+        if self.moe is None:
+            return []
+        if self.moe_layers == "all":
+            return list(range(self.n_layers))
+        if self.moe_layers == "alternate":
+            return list(range(1, self.n_layers, 2))
+        return sorted(set(self.moe_layers))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def dense_baseline(self) -> ModelConfig:
+        """The dense model with the same active parameters per token: every MoE layer becomes
+        a dense FFN of width top_k * d_ff_expert + shared experts' width (the FLOPs a token
+        sees); router parameters are not counted (E * D per layer, small)."""
+        if self.moe is None:
+            return self
+        m = self.moe
+        active_ff = m.d_ff * (m.top_k + m.num_shared_experts)
+        if len(self.moe_layer_ids()) == self.n_layers:
+            return dataclasses.replace(self, d_ff=active_ff, moe=None, moe_layers="all")
+        if active_ff != self.d_ff:
+            raise ValueError(f"dense_baseline: MoE layers are active-width {active_ff} but dense layers "
+                             f"are d_ff={self.d_ff}; one dense width cannot match both, set d_ff={active_ff}")
+        return dataclasses.replace(self, moe=None, moe_layers="all")

@@ -1,0 +1,122 @@
+"""MoEConfig: one MoE layer's router, experts, dispatch and balancing, checked when built."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from moekit.checks import bad, check_bool, check_choice, check_int, check_real
+
+ROUTERS = ("softmax", "sigmoid", "expert_choice")
+DROP_POLICIES = ("position", "probability")
+ACTIVATIONS = ("swiglu", "gelu")
+BACKENDS = ("auto", "segment_mm", "grouped_mm", "reference")
+SCOPES = ("local", "global")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def as_dtype(value, owner: str = "MoEConfig", name: str = "dtype") -> torch.dtype:
+    """'bfloat16' | torch.bfloat16 -> torch.bfloat16 (configs come from TOML as strings)."""
+    if isinstance(value, torch.dtype) and value in _DTYPES.values():
+        return value
+    if isinstance(value, str) and value in _DTYPES:
+        return _DTYPES[value]
+    raise bad(owner, name, value, f"is not one of {sorted(_DTYPES)}", "pick one of those")
+
+
+@dataclass
+class MoEConfig:
+    """One MoE layer: router, experts, dispatch and balancing. Router math is always float32
+    (ST-MoE), so it has no dtype of its own.
+
+    Example:
+        >>> cfg = MoEConfig(d_model=512, d_ff=1024, num_experts=8, top_k=2)
+        >>> cfg.capacity_factor is None   # dropless by default
+        True
+    """
+
+    d_model: int
+    d_ff: int
+    num_experts: int = 8
+    top_k: int = 2
+
+    # routing
+    router: str = "softmax"            # "softmax" | "sigmoid" | "expert_choice"
+    normalize_topk: bool = True        # renormalize the k chosen weights to sum to 1 (k > 1;
+                                       # k = 1 keeps the Switch weight, the probability)
+    noisy_gating: bool = False         # learned noise std (Shazeer et al. 2017), training only
+    jitter_eps: float = 0.0            # multiplicative router-input jitter (Switch), training only
+    # aux-loss-free balancing (DeepSeek-V3): a per-expert selection bias, sigmoid router only
+    aux_loss_free: bool = False
+    bias_update_rate: float = 1e-3
+    # load-balancing statistics in a parallel run: "local" = each rank's own tokens (what one
+    # process computes on that rank's batch); "global" = the expert fractions of all ranks'
+    # tokens (one all-reduce per layer), so the loss equals one process's on the global batch
+    aux_loss_scope: str = "local"
+
+    # capacity: None = dropless (every assignment is computed)
+    capacity_factor: float | None = None
+    drop_policy: str = "position"      # "position" | "probability"
+
+    # experts
+    num_shared_experts: int = 0        # always-on experts (DeepSeek-MoE), each of width d_ff
+    activation: str = "swiglu"         # "swiglu" | "gelu"
+    backend: str = "auto"              # "auto" | "segment_mm" | "grouped_mm" | "reference"
+    dtype: torch.dtype | str = torch.float32   # parameter dtype
+
+    def __post_init__(self) -> None:
+        own = "MoEConfig"
+        self.dtype = as_dtype(self.dtype)
+        for name in ("d_model", "d_ff", "num_experts", "top_k"):
+            check_int(own, name, getattr(self, name))
+        check_int(own, "num_shared_experts", self.num_shared_experts, 0, "use 0 for none")
+        if self.top_k > self.num_experts:
+            raise bad(own, "top_k", self.top_k, f"exceeds num_experts={self.num_experts}",
+                      f"use top_k <= {self.num_experts} or add experts")
+        for name, choices in (("router", ROUTERS), ("drop_policy", DROP_POLICIES),
+                              ("aux_loss_scope", SCOPES), ("activation", ACTIVATIONS),
+                              ("backend", BACKENDS)):
+            check_choice(own, name, getattr(self, name), choices)
+        for name in ("normalize_topk", "noisy_gating", "aux_loss_free"):
+            check_bool(own, name, getattr(self, name))
+        if self.capacity_factor is not None:
+            check_real(own, "capacity_factor", self.capacity_factor, 0, low_open=True,
+                       fix="use a value such as 1.25, or None for dropless routing")
+        check_real(own, "jitter_eps", self.jitter_eps, 0, 1, high_open=True,
+                   fix="use 0 to disable or e.g. 0.01")
+        check_real(own, "bias_update_rate", self.bias_update_rate, 0, fix="use e.g. 1e-3")
+        if self.noisy_gating and self.router == "expert_choice":
+            raise bad(own, "noisy_gating", True, "is a token-choice option; expert choice has no noise",
+                      "set noisy_gating=False or use router='softmax'")
+        if self.aux_loss_free and self.router != "sigmoid":
+            raise bad(own, "aux_loss_free", True, f"needs router='sigmoid', got router={self.router!r}",
+                      "set router='sigmoid' or aux_loss_free=False")
+        if self.dtype in (torch.bfloat16, torch.float16):
+            # torch._grouped_mm needs 16-byte aligned row strides: 8 elements of 2 bytes.
+            for name in ("d_model", "d_ff"):
+                value = getattr(self, name)
+                if value % 8:
+                    raise bad(own, name, value, f"must be a multiple of 8 for {self.dtype} grouped GEMM",
+                              f"use {value + (-value) % 8} or dtype=torch.float32")
+
+    def with_granularity(self, m: int) -> MoEConfig:
+        """Fine-grained experts (DeepSeek-MoE): split each expert into ``m`` experts of width
+        ``d_ff // m`` and route to ``m * top_k`` of them, keeping parameters and active FLOPs.
+
+        Example:
+            >>> MoEConfig(d_model=64, d_ff=256, num_experts=8, top_k=2).with_granularity(4).num_experts
+            32
+        """
+        if not isinstance(m, int) or isinstance(m, bool) or m < 1 or self.d_ff % m:
+            raise ValueError(f"granularity m={m!r}: must be a positive integer dividing d_ff={self.d_ff}; "
+                             f"pick a divisor of {self.d_ff}")
+        return dataclasses.replace(self, d_ff=self.d_ff // m, num_experts=self.num_experts * m,
+                                   top_k=self.top_k * m)
+
+
+def default_moe(d_model: int) -> MoEConfig:
+    """The recipes' MoE: 8 experts of width d_model, top-2 (fine-grained relative to a
+    4 x d_model dense FFN: active FFN width 2 * d_model)."""
+    return MoEConfig(d_model=d_model, d_ff=d_model, num_experts=8, top_k=2)

@@ -1,0 +1,115 @@
+"""Recipes: TOML files and ``--set key=value`` overrides -> a checked RunConfig.
+
+    raw = load_toml("configs/tiny-moe.toml")                 # nested dict
+    raw = apply_overrides(raw, ["train.max_steps=200"])      # values parsed as TOML
+    cfg = build(RunConfig, raw)                              # typed and checked
+
+A section left out takes its defaults; an MoE section given in part takes the recipe's
+default MoE (``default_moe``) for the rest. Keys written by older moekit versions are
+translated (``router_dtype``, which had one legal value; ``moe_layers = "none"``, now
+``moe = false``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def load_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} not found; give an existing .toml "
+                                "(see configs/)")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}; fix the syntax") from None
+
+
+def parse_set(item: str) -> tuple[str, object]:
+    """``"train.lr=1e-3"`` -> ("train.lr", 0.001); values are TOML, else kept as strings."""
+    if "=" not in item:
+        raise ValueError(f"--set {item!r}: expected key=value, e.g. train.max_steps=200")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ValueError(f"--set {item!r}: the key is empty; write section.field=value, e.g. train.lr=1e-3")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``["train.max_steps=200", "model.moe.num_experts=16"]`` onto a nested dict (a copy).
+    A key given twice is refused: which one was meant is not ours to guess."""
+    raw = json.loads(json.dumps(raw))   # a deep copy of plain data
+    seen: dict[str, str] = {}
+    for item in overrides:
+        key, value = parse_set(item)
+        if key in seen:
+            raise ValueError(f"--set {key} given twice ({seen[key]!r} and {item!r}); give each key once")
+        seen[key] = item
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {p!r} is a value, not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def _legacy(cls_name: str, raw: dict) -> dict:
+    """Keys of configs saved by older moekit versions, in today's terms."""
+    raw = dict(raw)
+    if cls_name == "MoEConfig" and raw.get("router_dtype", "float32") in ("float32", "torch.float32"):
+        raw.pop("router_dtype", None)
+    if cls_name == "ModelConfig" and raw.get("moe_layers") == "none":
+        raw["moe"], raw["moe_layers"] = None, "all"
+    return raw
+
+
+def build(cls, raw: dict, prefix: str = ""):
+    """A dataclass (RunConfig and its sections) from a nested dict, naming unknown keys."""
+    from moekit.config import DataConfig, ModelConfig, MoEConfig, ParallelConfig, RunConfig, TrainConfig
+    from moekit.moe.config import default_moe
+    if not isinstance(raw, dict):
+        raise ValueError(f"config section {prefix.rstrip('.') or '(top)'} must be a table, got {raw!r}")
+    raw = _legacy(cls.__name__, raw)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ValueError(f"unknown config key {prefix + unknown[0]!r}; known keys in "
+                         f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}")
+    sections = {RunConfig: {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+                            "parallel": ParallelConfig},
+                ModelConfig: {"moe": MoEConfig}}.get(cls, {})
+    kwargs = {}
+    d_model = raw.get("d_model", names["d_model"].default) if cls is ModelConfig else None
+    for key, value in raw.items():
+        sub = sections.get(key)
+        if sub is MoEConfig:
+            if value is None or value is False:
+                kwargs[key] = None
+                continue
+            if isinstance(value, dict):
+                defaults = dataclasses.asdict(default_moe(d_model)) if isinstance(d_model, int) else {}
+                value = {k: defaults[k] for k in ("d_model", "d_ff", "num_experts", "top_k")
+                         if k in defaults} | value
+        kwargs[key] = build(sub, value, f"{prefix}{key}.") if sub else value
+    if cls is ModelConfig and "moe" not in raw and isinstance(d_model, int):   # the recipe default is MoE
+        kwargs["moe"] = default_moe(d_model) if d_model > 0 else None
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"config section {prefix.rstrip('.') or '(top)'}: {err}") from None

@@ -1,0 +1,5 @@
+"""Serving trained models: sampling text (``generate``)."""
+
+from moekit.serve.generate import generate, sample
+
+__all__ = ["generate", "sample"]

@@ -1,0 +1,65 @@
+"""Sampling text from a model: greedy, temperature and top-k.
+
+No KV cache yet: every new token recomputes the window of the last ``max_seq_len`` tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer
+
+from moekit.data.tokenizer import eos_id
+
+
+def _check(max_new_tokens: int, temperature: float, top_k: int) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 0")
+    if not (isinstance(temperature, (int, float)) and 0 <= temperature < float("inf")):
+        raise ValueError(f"temperature={temperature!r}: must be a finite number >= 0 (0 = greedy)")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"top_k={top_k!r}: must be an integer >= 0 (0 = no cut)")
+
+
+@torch.no_grad()
+def sample(model, ids: list[int], max_new_tokens: int, temperature: float = 0.8, top_k: int = 50,
+           eos: int | None = None) -> list[int]:
+    """Autoregressive sampling: the new token ids (stopping after ``eos`` if it is drawn).
+
+    ``temperature`` 0 is greedy (argmax); ``top_k`` 0 keeps the whole vocabulary.
+    """
+    _check(max_new_tokens, temperature, top_k)
+    if not ids:
+        raise ValueError("sample: the prompt has no tokens; pass at least one id (e.g. end-of-text)")
+    S = model.cfg.max_seq_len
+    device = next(model.parameters()).device
+    out = list(ids)
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([out[-S:]], device=device)).logits[0, -1].float()
+        if temperature == 0:
+            nxt = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1))
+        out.append(nxt)
+        if nxt == eos:
+            break
+    return out[len(ids):]
+
+
+def generate(model, tok: Tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
+             top_k: int = 50, seed: int | None = None) -> str:
+    """The prompt followed by what the model writes after it (an empty prompt starts from
+    end-of-text).
+
+    Example:
+        >>> model, tok = moekit.load_model("runs/e16")                     # doctest: +SKIP
+        >>> generate(model, tok, "Mr Speaker,", max_new_tokens=20, temperature=0)   # doctest: +SKIP
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    eos = eos_id(tok)
+    ids = tok.encode(prompt).ids if prompt else [eos]
+    return prompt + tok.decode(sample(model, ids, max_new_tokens, temperature, top_k, eos))

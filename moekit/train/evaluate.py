@@ -1,0 +1,63 @@
+"""Evaluation: the language-model loss, and the mean validation loss of a model.
+
+Shape legend: B batch, S sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from moekit.data.stream import PackedSplit
+
+
+def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in float32; targets of -100 are ignored.
+
+    Example:
+        >>> round(float(lm_loss(torch.zeros(1, 2, 4), torch.tensor([[0, 3]]))), 4)   # ln 4
+        1.3863
+    """
+    return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+
+
+@torch.no_grad()
+def evaluate(model, val: PackedSplit, batch_size: int, device: torch.device, batches: int | None,
+             rank: int = 0, world: int = 1, autocast=nullcontext) -> float:
+    """Mean LM loss over the first ``batches`` x batch_size windows of the validation split
+    (all whole batches if None). The same windows for every layout: with several ranks, rank
+    r takes windows r, r + world, ... and the sums are all-reduced. Every rank runs the same
+    number of forward passes (a rank out of windows runs one with weight 0), since FSDP and
+    expert parallelism communicate inside the forward. ``autocast``: a context factory
+    (the run's precision)."""
+    if batches is not None and batches < 1:
+        raise ValueError(f"evaluate: batches={batches}: must be >= 1 (or None for the whole split)")
+    if len(val) == 0:
+        raise ValueError("evaluate: the validation split has no whole window; use a shorter seq_len "
+                         "or more validation text")
+    was_training = model.training
+    model.eval()
+    B = batch_size
+    n = len(val) // B if batches is None else min(batches, max(1, len(val) // B))
+    windows = min(max(n, 1) * B, len(val))
+    mine = list(range(rank, windows, world))
+    calls = math.ceil(math.ceil(windows / world) / B)
+    total, count = 0.0, 0
+    for b in range(calls):
+        idx = mine[b * B:(b + 1) * B]
+        weight = len(idx)
+        x, y, _ = val.batch(idx or [0])
+        with autocast():
+            out = model(x.to(device))
+        total += float(lm_loss(out.logits, y.to(device))) * weight
+        count += weight
+    if world > 1:
+        sums = torch.tensor([total, count], dtype=torch.float64)
+        dist.all_reduce(sums)
+        total, count = sums.tolist()
+    model.train(was_training)
+    return total / count

@@ -1,0 +1,216 @@
+"""Setting a run up: the layout, then everything a step needs, in one :class:`Run`.
+
+    cfg = resolve_layout(cfg, world, ...)          # dp x ep for the processes that run
+    run = setup(cfg, run_dir)                      # data, model, parallel forward, optimizer, ...
+    stats = train_step(run, micro_batches, objective)   # moekit.train.step
+
+Every command that trains composes these two with its own objective (moekit.train.step).
+One process or many: under torchrun the process group is joined here, the model is
+parallelized from outside (moekit.parallel.parallelize), and every rank gets its own data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moekit.config import RunConfig, check_layout
+from moekit.data.stream import BatchSampler, PackedSplit
+from moekit.model.transformer import MoETransformer
+from moekit.moe.layer import MoELayer
+from moekit.parallel.checkpointing import training_state
+from moekit.parallel.parallelize import build_mesh, clip_grad_norm, parallelize
+from moekit.runtime import tune_cpu_allocator
+from moekit.train import run_dir as rd
+from moekit.train.checkpoint import Checkpoint
+from moekit.train.optim import build_optimizer
+from moekit.train.telemetry import RoutingTelemetry
+
+log = logging.getLogger("moekit")
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size); under torchrun (WORLD_SIZE > 1) this joins the process group:
+    gloo on CPU, NCCL on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("cpu:gloo,cuda:nccl")   # CPU tensors (losses, counts) too
+        else:
+            dist.init_process_group("gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("TrainConfig.device='cuda' but no CUDA device is visible; "
+                         "use device='cpu' or 'auto'")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(name)
+
+
+def precision_of(cfg: RunConfig, device: torch.device) -> str:
+    """"bf16" or "fp32"; "auto" is bf16 on CUDA and fp32 on CPU (faster at the recipes' size,
+    docs/benchmarks.md)."""
+    if cfg.train.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return cfg.train.precision
+
+
+def autocast(cfg: RunConfig, device: torch.device):
+    if precision_of(cfg, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def resolve_layout(cfg: RunConfig, world: int, resume: bool = False, layout: dict | None = None) -> RunConfig:
+    """The config with the layout the ``world`` processes use.
+
+    A fresh run: plain torchrun (dp = ep = 1 in the recipe) is data parallel over all ranks;
+    otherwise dp x ep must equal ``world``. A resume (``cfg`` holds the saved layout):
+    ``layout`` (ParallelConfig fields from ``--set parallel.*``) replaces the saved one;
+    without it a different world size keeps ep where it divides (gcd) and falls back from
+    FSDP+EP to DDP when dp would not divide the experts' dims. Checkpoints reshard, so any
+    layout resumes any other."""
+    parallel = cfg.parallel
+    if layout:
+        unknown = set(layout) - {f.name for f in dataclasses.fields(parallel)}
+        if unknown:
+            raise ValueError(f"--set parallel.{sorted(unknown)[0]}: not a parallel setting; use "
+                             "parallel.dp, parallel.ep or parallel.sharding")
+        parallel = dataclasses.replace(parallel, **layout)
+    elif resume and parallel.world_size != world:
+        ep = math.gcd(world, parallel.ep)
+        parallel = dataclasses.replace(parallel, dp=world // ep, ep=ep)
+        try:
+            check_layout(parallel, cfg.model)
+        except ValueError:      # FSDP+EP shards the experts' dims by dp: fall back to DDP
+            parallel = dataclasses.replace(parallel, sharding="none")
+    if world > 1 and parallel.world_size == 1:      # plain torchrun: data parallel over all ranks
+        parallel = dataclasses.replace(parallel, dp=world)
+    parallel.check_world(world)
+    return cfg if parallel == cfg.parallel else dataclasses.replace(cfg, parallel=parallel)
+
+
+@dataclass
+class Run:
+    """Everything a training step needs, built once by :func:`setup`."""
+
+    cfg: RunConfig
+    run_dir: Path
+    rank: int
+    world: int
+    device: torch.device
+    model: MoETransformer                       # the module itself: state dicts, eval
+    forward: Callable                           # what training calls (DDP / compiled / the model)
+    optimizer: torch.optim.Optimizer
+    sampler: BatchSampler
+    train_split: PackedSplit
+    val_split: PackedSplit
+    tokenizer: object
+    data_meta: dict
+    moe_layers: dict[int, MoELayer]
+    telemetry: RoutingTelemetry | None
+    mesh: object = None
+    ep_group: object = None
+    step: int = 0                               # optimizer steps done
+    accumulate: Callable = lambda last: nullcontext()   # one gradient reduction per step
+    sync_expert_grads: Callable = lambda: None
+    history: list[float] = field(default_factory=list)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        return autocast(self.cfg, self.device)
+
+    def clip_grad_norm(self) -> float:
+        """Clip to train.grad_clip; returns the global norm before clipping (any layout)."""
+        if self.world > 1:
+            return clip_grad_norm(self.model, self.cfg.train.grad_clip, self.ep_group)
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip))
+
+    def training_state(self) -> dict:
+        return training_state(self.model, self.optimizer, self.mesh)
+
+
+def _data(cfg: RunConfig, run_dir: Path, rank: int, world: int):
+    """Rank 0 trains the tokenizer and builds the token cache; the others then read both."""
+    if rank == 0:
+        data = rd.prepare_data(cfg, run_dir)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        data = rd.prepare_data(cfg, run_dir)
+    return data
+
+
+def _parallel_model(run_cfg: RunConfig, model: MoETransformer, world: int, rank: int, device):
+    """(forward, accumulate, sync_expert_grads, mesh, ep_group): parallelized from outside."""
+    cfg = run_cfg.train
+    if world == 1:
+        model.activation_checkpointing = cfg.activation_checkpointing
+        # compiled forward, plain module for state dicts (no "_orig_mod." prefixes in checkpoints)
+        forward = torch.compile(model) if cfg.compile else model
+        return forward, lambda last: nullcontext(), lambda: None, None, None
+    mesh = build_mesh(run_cfg.parallel, device.type)
+    par = parallelize(model, mesh, run_cfg.parallel, activation_checkpointing=cfg.activation_checkpointing,
+                      compile=cfg.compile)
+    # the same initial weights everywhere, then each rank its own stream (jitter, noise)
+    torch.manual_seed(cfg.seed + 1_000_003 * rank)
+    ep_group = mesh["ep"].get_group() if run_cfg.parallel.ep > 1 else None
+    return par.forward, par.accumulate, par.sync_expert_grads, mesh, ep_group
+
+
+def setup(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None = None) -> Run:
+    """Data, model, parallel forward, optimizer, sampler and telemetry for ``cfg`` (its layout
+    already resolved, see :func:`resolve_layout`) in ``run_dir``; with ``ckpt`` the state is
+    loaded from it (a resume). Writes no config or metrics: :func:`moekit.train.trainer.train`
+    does, around its loop.
+
+    Example:
+        >>> cfg = RunConfig.from_dict({"data": {"corpus": "shakespeare"}})    # doctest: +SKIP
+        >>> run = setup(cfg, Path("runs/api"))                                # doctest: +SKIP
+        >>> from moekit.train.step import Batch, Pretraining, train_step
+        >>> batch = Batch(*run.train_split.batch(run.sampler.next()))          # doctest: +SKIP
+        >>> train_step(run, [batch], Pretraining()).losses["lm"]               # doctest: +SKIP
+    """
+    rank, world = distributed_context()
+    if rank == 0:
+        rd.create(Path(run_dir))                # the tokenizer and the token cache go there
+    tune_cpu_allocator()
+    torch.manual_seed(cfg.train.seed)           # the same initial weights on every rank
+    device = resolve_device(cfg.train.device)
+    tok, train_split, val_split, meta = _data(cfg, run_dir, rank, world)
+    model = MoETransformer.build(rd.model_config_for(cfg, tok.get_vocab_size()), device=device)
+    forward, accumulate, sync, mesh, ep_group = _parallel_model(cfg, model, world, rank, device)
+    opt = build_optimizer(model, cfg.train)
+    sampler = BatchSampler(len(train_split), cfg.train.batch_size, cfg.train.seed, rank, world)
+    moe_layers = model.moe_layers()
+    telemetry = (RoutingTelemetry(moe_layers, all_reduce=dist.all_reduce if world > 1 else None, world=world)
+                 if cfg.train.telemetry and moe_layers else None)   # totals over all ranks' tokens
+    run = Run(cfg=cfg, run_dir=Path(run_dir), rank=rank, world=world, device=device, model=model,
+              forward=forward, optimizer=opt, sampler=sampler, train_split=train_split, val_split=val_split,
+              tokenizer=tok, data_meta=meta, moe_layers=moe_layers, telemetry=telemetry, mesh=mesh,
+              ep_group=ep_group, accumulate=accumulate, sync_expert_grads=sync)
+    if ckpt is not None:
+        if not ckpt.load_into(run.training_state(), rank):
+            log.info("rank %d: the checkpoint has no RNG state for this rank; random streams restart", rank)
+        sampler.load_state_dict(ckpt.meta["sampler"])
+        run.step = ckpt.meta["step"]
+    model.train()
+    return run

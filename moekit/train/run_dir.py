@@ -1,0 +1,206 @@
+"""Run directories: what one holds, and the one loader every command that reads a model uses.
+
+A run directory (``moekit train``)::
+
+    config.json      the RunConfig in use (layout included)
+    tokenizer.json   the BPE the model reads
+    checkpoint.pt    single process: model, optimizer, data position, RNG (or checkpoint/,
+                     a sharded torch.distributed.checkpoint directory, from a parallel run)
+    metrics.jsonl    one JSON object per logged step;  tensorboard/  the same as event files
+    data/            the token cache of the corpus;    summary.json  written at the end
+
+An export directory (``moekit export``) holds ``model.safetensors``, ``config.json`` and
+``tokenizer.json``. :func:`load_model` and :func:`load_run` read either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from moekit.config import RunConfig
+from moekit.data.catalog import load_documents
+from moekit.data.stream import PackedSplit, build_token_cache, is_val_doc
+from moekit.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from moekit.model.transformer import MoETransformer
+from moekit.train.checkpoint import CHECKPOINT, SHARDED, Checkpoint, find_checkpoint
+
+EXPORT_WEIGHTS = "model.safetensors"
+# everything a run writes: a directory holding any of these belongs to a run
+RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "summary.json", "tensorboard", "data",
+             "report.html", CHECKPOINT, CHECKPOINT + ".tmp", SHARDED, SHARDED + ".tmp", SHARDED + ".old",
+             SHARDED + ".trash", EXPORT_WEIGHTS)
+# what a kill mid-save leaves behind (checkpoint.old/ is not among them: it may be the newest)
+LEFTOVERS = (CHECKPOINT + ".tmp", SHARDED + ".tmp", SHARDED + ".trash")
+
+
+def _unwritable(run_dir: Path, err: OSError) -> ValueError:
+    return ValueError(f"--out {str(run_dir)!r}: cannot write the run directory ({err.strerror or err}); "
+                      "choose a writable path")
+
+
+def check_fresh(run_dir: Path) -> None:
+    """A new run may not go into a directory that holds another run (or its leftovers), nor
+    onto a file. Creates nothing."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {str(run_dir)!r} is a file, not a directory; choose another --out")
+    if (found := find_checkpoint(run_dir)) is not None:
+        raise ValueError(f"{str(run_dir)!r} already holds a run ({found.name}); resume it with "
+                         f"--resume {run_dir} or choose another --out")
+    if run_dir.is_dir():
+        held = [name for name in RUN_FILES if (run_dir / name).exists()]
+        if held:
+            raise ValueError(f"--out {str(run_dir)!r} holds files of another run ({', '.join(held[:4])}) but "
+                             "no checkpoint to resume; remove them or choose another --out")
+
+
+def create(run_dir: Path) -> bool:
+    """Make the run directory (and its parents); True when it did not exist before. An
+    unwritable place (under a file, read-only, /proc) is one clear line."""
+    run_dir = Path(run_dir)
+    existed = run_dir.is_dir()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".moekit-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise _unwritable(run_dir, err) from None
+    return not existed
+
+
+def discard(run_dir: Path, created: bool) -> None:
+    """Undo a fresh run's setup that failed: what it wrote goes (the directory too if it made it)."""
+    run_dir = Path(run_dir)
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink(missing_ok=True)
+
+
+def remove_leftovers(run_dir: Path) -> list[str]:
+    """Temporary checkpoint files a kill or a full disk left behind (they can keep a disk full)."""
+    removed = []
+    for name in LEFTOVERS:
+        path = Path(run_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomically: a temporary file, then a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def prepare_data(cfg: RunConfig, run_dir: Path):
+    """(tokenizer, train split, val split, token-cache meta); the tokenizer is trained once
+    on the training documents and saved in the run directory."""
+    docs = load_documents(cfg.data.corpus)
+    if cfg.data.max_docs is not None:
+        docs = docs[: cfg.data.max_docs]
+    tok_path = run_dir / "tokenizer.json"
+    if tok_path.exists():
+        tok = load_tokenizer(tok_path)
+    else:
+        train_texts = (d.text for i, d in enumerate(docs) if not is_val_doc(i, cfg.data.val_fraction))
+        tok = train_tokenizer(train_texts, cfg.data.vocab_size)
+        save_tokenizer(tok, tok_path)
+    meta = build_token_cache(docs, tok, run_dir / "data", cfg.data.val_fraction)
+    train = PackedSplit.open(run_dir / "data", "train", cfg.data.seq_len)
+    val = PackedSplit.open(run_dir / "data", "val", cfg.data.seq_len)
+    if len(val) == 0:
+        raise ValueError(f"the validation split of {cfg.data.corpus!r} has fewer than seq_len+1="
+                         f"{cfg.data.seq_len + 1} tokens; use more documents or a larger val_fraction")
+    return tok, train, val, meta
+
+
+def model_config_for(cfg: RunConfig, vocab_size: int):
+    """The model a run builds: the recipe's, with the tokenizer's vocabulary and room for seq_len."""
+    return dataclasses.replace(cfg.model, vocab_size=vocab_size,
+                               max_seq_len=max(cfg.model.max_seq_len, cfg.data.seq_len))
+
+
+def load_run(run_dir: Path):
+    """(model in eval mode, tokenizer, config) of a run directory (either checkpoint container)
+    or of a ``moekit export`` directory, on one process."""
+    run_dir = Path(run_dir)
+    if (run_dir / EXPORT_WEIGHTS).exists():
+        return _load_export(run_dir)
+    ckpt = Checkpoint(run_dir)
+    cfg = RunConfig.from_dict(ckpt.meta["config"])
+    if (run_dir / "tokenizer.json").exists():
+        tok = load_tokenizer(run_dir / "tokenizer.json")
+    else:   # the checkpoint carries its tokenizer too
+        tok = Tokenizer.from_str(ckpt.meta["tokenizer"])
+    model = MoETransformer.build(model_config_for(cfg, tok.get_vocab_size()), device="cpu")
+    model.load_state_dict(ckpt.model_state(model.state_dict()))
+    return model.eval(), tok, cfg
+
+
+def load_model(path: str | Path) -> tuple[MoETransformer, Tokenizer]:
+    """The model (eval mode, CPU) and tokenizer of any run or export directory.
+
+    Example:
+        >>> model, tok = load_model("runs/tiny-moe-20261201-101500")     # doctest: +SKIP
+        >>> model(torch.tensor([tok.encode("Mr Speaker,").ids])).logits.shape   # doctest: +SKIP
+    """
+    model, tok, _ = load_run(Path(path))
+    return model, tok
+
+
+def export_run(run_dir: Path, out_dir: Path) -> Path:
+    """A consolidated single-device copy of a run's model (from either checkpoint container):
+    ``model.safetensors``, ``config.json`` and ``tokenizer.json`` in ``out_dir``, which
+    :func:`load_run` (so ``moekit generate`` / ``eval``) reads like a run directory."""
+    from safetensors.torch import save_file
+    model, tok, cfg = load_run(run_dir)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"export --out {str(out_dir)!r} is a file, not a directory; choose another --out")
+    create(out_dir)
+    # tied embeddings share storage: safetensors stores each tensor once, so save the
+    # untied keys and let the model re-tie on load
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (cfg.model.tie_embeddings and k == "lm_head.weight")}
+    try:
+        tmp = out_dir / (EXPORT_WEIGHTS + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "moekit"})
+        os.replace(tmp, out_dir / EXPORT_WEIGHTS)
+        write_json(out_dir / "config.json", cfg.to_dict())
+        save_tokenizer(tok, out_dir / "tokenizer.json")
+    except OSError as err:
+        (out_dir / (EXPORT_WEIGHTS + ".tmp")).unlink(missing_ok=True)
+        raise ValueError(f"export to {str(out_dir)!r} failed: {err.strerror or err}; free space or "
+                         "choose another --out") from None
+    return out_dir
+
+
+def _load_export(out_dir: Path):
+    from safetensors.torch import load_file
+    cfg = RunConfig.from_dict(json.loads((out_dir / "config.json").read_text()))
+    tok = load_tokenizer(out_dir / "tokenizer.json")
+    model = MoETransformer.build(model_config_for(cfg, tok.get_vocab_size()), device="cpu")
+    state = load_file(str(out_dir / EXPORT_WEIGHTS))
+    if cfg.model.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    model.load_state_dict(state)
+    return model.eval(), tok, cfg

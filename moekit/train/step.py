@@ -1,0 +1,132 @@
+"""One optimizer step, for any objective.
+
+    stats = train_step(run, micro_batches, objective)
+
+An *objective* maps (model output, batch) to a :class:`Loss`: the scalar that backward sees
+and its named parts (logged as ``loss/<name>``). Pretraining is :class:`Pretraining`
+(LM + aux_loss_coef x load balancing + z_loss_coef x z-loss); fine-tuning, distillation and
+federated rounds bring their own, and get gradient accumulation, every parallel layout,
+clipping, the aux-loss-free bias update, telemetry and non-finite protection from here.
+
+Gradient accumulation over k micro-batches is the mean of their losses: each backward
+sees loss / k, so k micro-batches of B give the gradient of one batch of k*B (when the
+objective is a mean over equally many tokens per micro-batch), and the gradients are
+reduced across ranks in the last micro-batch only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moekit.model.transformer import ModelOutput
+from moekit.train.evaluate import lm_loss
+from moekit.train.optim import lr_at
+
+
+@dataclass
+class Batch:
+    """One micro-batch: inputs [B, S] and next-token targets [B, S] (-100 = no loss)."""
+
+    inputs: Tensor
+    targets: Tensor
+    tags: Tensor | None = None          # [B] per-window tags (language, source), if any
+
+
+@dataclass
+class Loss:
+    total: Tensor                       # the differentiable scalar to minimize
+    parts: dict[str, Tensor]            # named parts, logged as loss/<name> (detached by the step)
+
+
+class Objective(Protocol):
+    def __call__(self, out: ModelOutput, batch: Batch) -> Loss: ...
+
+
+@dataclass
+class Pretraining:
+    """Next-token LM loss plus the MoE balancing terms (README: "Load-balancing loss")."""
+
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 1e-3
+
+    def __call__(self, out: ModelOutput, batch: Batch) -> Loss:
+        lm = lm_loss(out.logits, batch.targets)
+        total = lm + self.aux_loss_coef * out.aux_loss + self.z_loss_coef * out.z_loss
+        return Loss(total, {"lm": lm, "aux": out.aux_loss, "z": out.z_loss})
+
+
+@dataclass
+class StepStats:
+    losses: dict[str, float]            # each part's mean over micro-batches (and ranks)
+    grad_norm: float                    # global, before clipping
+    lr: float
+    tokens: int                         # input tokens of the step, all ranks
+    skipped: bool = False               # non-finite loss or gradient: no update was made
+
+
+def _reduce(losses: dict[str, float], counts: dict, world: int) -> tuple[dict[str, float], dict]:
+    """One all-reduce per step: the losses averaged over ranks and the per-expert token counts
+    (aux-loss-free layers: every rank must move its router bias the same way) summed."""
+    names = list(losses)
+    parts = [torch.tensor([losses[n] for n in names], dtype=torch.float64)]
+    parts += [c.double().cpu() for c in counts.values()]
+    flat = torch.cat(parts)
+    dist.all_reduce(flat)
+    pieces = flat.split([len(t) for t in parts])
+    summed = {i: t.to(c.device, c.dtype) for (i, c), t in zip(counts.items(), pieces[1:])}
+    return dict(zip(names, (pieces[0] / world).tolist())), summed
+
+
+def train_step(run, micro_batches: list[Batch], objective: Objective) -> StepStats:
+    """Forward and backward every micro-batch, reduce, clip, and (if the loss and gradient
+    norm are finite) take the optimizer step and the aux-loss-free bias update; the step
+    counter advances either way. ``run``: a moekit.train.run.Run."""
+    if not micro_batches:
+        raise ValueError("train_step: no micro-batches; pass at least one Batch")
+    lr = lr_at(run.step, run.cfg.train)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    k = len(micro_batches)
+    counts = {i: 0 for i, layer in run.moe_layers.items() if layer.cfg.aux_loss_free}
+    sums: dict[str, float] = {}
+    stats = StepStats(losses={}, grad_norm=0.0, lr=lr, tokens=0)
+    for j, batch in enumerate(micro_batches):
+        with run.accumulate(j == k - 1):
+            with run.autocast():
+                out = run.forward(batch.inputs.to(run.device))
+            loss = objective(out, _on(batch, run.device))
+            (loss.total / k).backward()
+        for name, value in loss.parts.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        sums["total"] = sums.get("total", 0.0) + float(loss.total.detach())
+        for i in counts:            # aux-loss-free layers: tokens per expert for the bias
+            counts[i] = counts[i] + out.moe[i].tokens_per_expert
+        if run.telemetry is not None:
+            run.telemetry.update(out.moe)
+        stats.tokens += batch.inputs.numel() * run.world
+    run.sync_expert_grads()
+    losses = {name: s / k for name, s in sums.items()}
+    if run.world > 1:
+        losses, counts = _reduce(losses, counts, run.world)
+    stats.losses = losses
+    stats.grad_norm = run.clip_grad_norm()
+    stats.skipped = not (math.isfinite(losses["total"]) and math.isfinite(stats.grad_norm))
+    if not stats.skipped:
+        run.optimizer.step()
+        for i, c in counts.items():
+            run.moe_layers[i].update_router_bias(c)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return stats
+
+
+def _on(batch: Batch, device: torch.device) -> Batch:
+    if batch.targets.device == device:
+        return batch
+    return Batch(batch.inputs.to(device), batch.targets.to(device), batch.tags)

@@ -1,0 +1,263 @@
+"""What users throw at a run: kills, divergence, bad values, bad places, full disks, reuse."""
+
+import json
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from moekit.cli.main import main as cli
+from moekit.config import RunConfig
+from moekit.train.trainer import train
+
+
+def small(corpus, max_steps=12, **train_kw):
+    return ["--set", f'data.corpus="{corpus}"', "--set", "data.vocab_size=512", "--set", "data.seq_len=32",
+            "--set", "model.d_model=64", "--set", "model.n_layers=1", "--set", "model.d_ff=128",
+            "--set", "model.moe.d_ff=64", "--set", "model.moe.num_experts=4", "--set", "train.batch_size=4",
+            "--set", "train.eval_batches=1", "--set", f"train.max_steps={max_steps}",
+            "--set", "train.log_every=1", "--set", "train.warmup_steps=2",
+            *[a for k, v in train_kw.items() for a in ("--set", f"train.{k}={v}")]]
+
+
+def steps_logged(run_dir, key="loss/lm"):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if key in r]
+
+
+def tensorboard_steps(run_dir, tag="loss/lm"):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def one_line_error(capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_resume_after_kill_9_logs_every_step_once(tmp_path, parl_subset):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "moekit", "train", "--out", str(run), "--no-progress",
+           *small(parl_subset, max_steps=400, save_every=4, eval_every=1000)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:           # kill -9 once two steps past the first checkpoint
+        if (run / "metrics.jsonl").exists() and max(steps_logged(run) or [0]) >= 6:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = json.loads(torch.load(run / "checkpoint.pt", weights_only=False)["meta"])["step"]
+    assert max(steps_logged(run)) > saved          # the killed run logged past its checkpoint
+    assert cli(["train", "--resume", str(run), "--no-progress", "--stop-at", str(saved + 6)]) == 0
+    expected = list(range(1, saved + 7))
+    assert steps_logged(run) == expected
+    assert tensorboard_steps(run) == expected
+
+
+def test_non_finite_training_stops_with_one_line_and_never_saves_non_finite_weights(tmp_path, parl_subset,
+                                                                                     capsys):
+    run = tmp_path / "run"
+    # lr 1e4 blows the weights up within a few steps; every finite step is saved (save_every=1)
+    code = cli(["train", "--out", str(run), "--no-progress",
+                *small(parl_subset, max_steps=40, lr=1e4, save_every=1, eval_every=1000)])
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("moekit train: error")]
+    assert code == 2 and len(errors) == 1, err
+    assert "diverged" in errors[0] or "not finite" in errors[0]
+    assert "Traceback" not in err
+    if (run / "checkpoint.pt").exists():        # what was saved is finite, and readable
+        state = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+        step = json.loads(torch.load(run / "checkpoint.pt", weights_only=False)["meta"])["step"]
+        assert f"step {step} is intact" in errors[0]
+    else:
+        assert "no checkpoint was saved yet" in errors[0]
+
+
+def test_a_nan_aux_coefficient_is_refused_before_training(capsys):
+    assert cli(["train", "--set", "train.aux_loss_coef=nan"]) == 2
+    one_line_error(capsys, "TrainConfig.aux_loss_coef=nan")
+
+
+@pytest.mark.parametrize("setting, field", [
+    ("train.lr=inf", "TrainConfig.lr=inf"),
+    ("train.lr=-1", "TrainConfig.lr=-1"),
+    ("train.z_loss_coef=nan", "TrainConfig.z_loss_coef=nan"),
+    ("train.grad_clip=-1", "TrainConfig.grad_clip=-1"),
+    ("train.weight_decay=-0.1", "TrainConfig.weight_decay=-0.1"),
+    ("train.min_lr_ratio=2", "TrainConfig.min_lr_ratio=2"),
+    ("train.warmup_steps=-1", "TrainConfig.warmup_steps=-1"),
+    ("train.max_steps=true", "TrainConfig.max_steps=True"),
+    ("train.max_steps='ten'", "TrainConfig.max_steps='ten'"),
+    ("train.lr='fast'", "TrainConfig.lr='fast'"),
+    ("train.beta1=2", "TrainConfig.beta1=2"),
+    ("train.compile=1", "TrainConfig.compile=1"),
+    ("data.max_docs=-1", "DataConfig.max_docs=-1"),
+    ("data.max_docs=0", "DataConfig.max_docs=0"),
+    ("data.corpus=''", "DataConfig.corpus=''"),
+    ("data.seq_len='long'", "DataConfig.seq_len='long'"),
+    ("model.d_model='big'", "ModelConfig.d_model='big'"),
+    ("model.moe.top_k=0", "MoEConfig.top_k=0"),
+    ("model.moe_layers='some'", "ModelConfig.moe_layers='some'"),
+])
+def test_bad_values_are_one_line_naming_the_field(setting, field, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert cli(["train", "--out", str(out), "--set", setting]) == 2
+    one_line_error(capsys, field)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--stop-at", "-1"], "--stop-at -1"),
+    (["train", "--stop-at", "0"], "--stop-at 0"),
+    (["eval", "RUN", "--batches", "0"], "--batches 0"),
+    (["eval", "RUN", "--batches", "-1"], "--batches -1"),
+    (["generate", "RUN", "--max-new-tokens", "-5"], "--max-new-tokens=-5"),
+    (["generate", "RUN", "--temperature", "-1"], "--temperature=-1"),
+    (["generate", "RUN", "--top-k", "-2"], "--top-k=-2"),
+    (["train", "--set", "train.lr=1e-3", "--set", "train.lr=2e-3"], "--set train.lr given twice"),
+])
+def test_bad_flags_are_one_line(args, needle, tmp_path, capsys):
+    assert cli([str(tmp_path) if a == "RUN" else a for a in args]) == 2
+    one_line_error(capsys, needle)
+
+
+def test_unwritable_places_are_one_line(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert cli(["train", "--out", str(a_file / "run")]) == 2
+    one_line_error(capsys, "cannot write the run directory")
+    assert cli(["train", "--out", str(a_file)]) == 2
+    one_line_error(capsys, "is a file, not a directory")
+    assert cli(["train", "--out", "/proc/moekit-run"]) == 2
+    one_line_error(capsys, "cannot write the run directory")
+    assert a_file.read_text() == "x"
+
+
+def test_export_onto_a_file_is_one_line(tmp_path, parl_subset, capsys):
+    run = tmp_path / "run"
+    assert cli(["train", "--out", str(run), "--no-progress", *small(parl_subset, max_steps=1)]) == 0
+    target = tmp_path / "taken"
+    target.write_text("mine")
+    assert cli(["export", str(run), "--out", str(target)]) == 2
+    one_line_error(capsys, "is a file, not a directory")
+    assert target.read_text() == "mine"
+    assert cli(["export", str(run), "--out", str(target / "sub")]) == 2
+    one_line_error(capsys, "cannot write")
+
+
+def test_a_directory_left_by_another_run_is_refused_and_failures_leave_no_directory(tmp_path, parl_subset,
+                                                                                     capsys):
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "tokenizer.json").write_text("{}")            # a killed run's, before its first checkpoint
+    (stale / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert cli(["train", "--out", str(stale), *small(parl_subset)]) == 2
+    one_line_error(capsys, "holds files of another run", "tokenizer.json")
+    assert (stale / "tokenizer.json").read_text() == "{}"
+    # a run that fails in setup (no validation text at this seq_len) leaves nothing behind
+    fresh = tmp_path / "fresh"
+    assert cli(["train", "--out", str(fresh), *small(parl_subset), "--set", "data.max_docs=1"]) == 2
+    capsys.readouterr()
+    assert not fresh.exists()
+    empty = tmp_path / "empty"                           # an empty directory stays, emptied again
+    empty.mkdir()
+    assert cli(["train", "--out", str(empty), *small(parl_subset), "--set", "data.max_docs=1"]) == 2
+    assert empty.is_dir() and list(empty.iterdir()) == []
+
+
+def _limit_file_size(limit):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)    # EFBIG from write() instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_write_that_fails_mid_save_is_one_line_and_leaves_the_last_checkpoint(tmp_path, parl_subset):
+    """A real OS write error (the kernel's file-size limit) while writing checkpoint.pt.tmp."""
+    run = tmp_path / "run"
+    assert cli(["train", "--out", str(run), "--no-progress", *small(parl_subset, max_steps=3)]) == 0
+    good = (run / "checkpoint.pt").read_bytes()
+    limit = len(good) // 2                              # the next checkpoint cannot be written
+    cmd = [sys.executable, "-m", "moekit", "train", "--resume", str(run), "--no-progress",
+           "--set", "train.max_steps=5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limit_file_size(limit))
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(errors) == 1 and "while saving step 5" in errors[0] and "step 3 is intact" in errors[0], errors
+    assert (run / "checkpoint.pt").read_bytes() == good
+    assert not (run / "checkpoint.pt.tmp").exists()
+
+
+def test_a_full_disk_during_save_removes_the_partial_file(tmp_path):
+    """/dev/full answers every write with ENOSPC: the kernel's own 'no space left on device'."""
+    from moekit.train.checkpoint import save_checkpoint
+    (tmp_path / "checkpoint.pt").write_bytes(b"previous")
+    (tmp_path / "checkpoint.pt.tmp").symlink_to("/dev/full")
+    with pytest.raises(OSError, match="No space left on device"):
+        save_checkpoint(tmp_path, {"model": {"w": torch.zeros(1000)}}, {"step": 1})
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"previous"
+
+
+def test_leftover_temporary_checkpoints_are_removed_on_resume(tmp_path, parl_subset):
+    run = tmp_path / "run"
+    assert cli(["train", "--out", str(run), "--no-progress", *small(parl_subset, max_steps=2)]) == 0
+    (run / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")
+    (run / "checkpoint.tmp").mkdir()
+    (run / "checkpoint.tmp" / "__0_0.distcp").write_bytes(b"x")
+    assert cli(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert not (run / "checkpoint.pt.tmp").exists() and not (run / "checkpoint.tmp").exists()
+
+
+def test_a_finished_run_trains_longer_at_its_final_lr(tmp_path, parl_subset, capsys):
+    run = tmp_path / "run"
+    assert cli(["train", "--out", str(run), "--no-progress", *small(parl_subset, max_steps=6)]) == 0
+    assert cli(["train", "--resume", str(run), "--no-progress", "--set", "train.max_steps=9"]) == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["step"]: r["optim/lr"] for r in rows if "optim/lr" in r}
+    assert sorted(lr) == list(range(1, 10))
+    floor = 3e-3 * 0.1
+    # step s is logged with the LR it used, lr_at(s - 1): the cosine reaches its floor at step 6
+    assert all(abs(lr[s] - floor) < 1e-12 for s in (7, 8, 9))
+    assert lr[3] > lr[5] > lr[6] > floor                  # the first 6 steps kept their cosine
+    cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    assert cfg.train.max_steps == 9 and cfg.train.decay_steps == 6
+    capsys.readouterr()
+    assert cli(["train", "--resume", str(run), "--set", "train.max_steps=4"]) == 2
+    one_line_error(capsys, "train.max_steps=4", "already at step 9")
+    assert cli(["train", "--resume", str(run), "--set", "train.lr=1"]) == 2
+    one_line_error(capsys, "only parallel.*")
+
+
+def test_training_longer_resumes_exactly(tmp_path, parl_subset):
+    """Stopping, then extending: the extended run equals one started with decay_steps set."""
+    base = [*small(parl_subset, max_steps=6)]
+    cut, whole = tmp_path / "cut", tmp_path / "whole"
+    assert cli(["train", "--out", str(cut), "--no-progress", *base]) == 0
+    assert cli(["train", "--resume", str(cut), "--no-progress", "--set", "train.max_steps=9"]) == 0
+    assert cli(["train", "--out", str(whole), "--no-progress", *small(parl_subset, max_steps=9),
+                "--set", "train.decay_steps=6"]) == 0
+    rows = {d: map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) for d in (cut, whole)}
+    lm = {d: {r["step"]: r["loss/lm"] for r in rows[d] if "loss/lm" in r} for d in rows}
+    assert lm[cut] == lm[whole] and len(lm[cut]) == 9
+
+
+def test_train_longer_in_the_library(tmp_path, parl_subset):
+    cfg = RunConfig.from_dict({"data": {"corpus": str(parl_subset), "vocab_size": 512, "seq_len": 32},
+                               "model": {"d_model": 64, "n_layers": 1, "d_ff": 128, "moe": {"d_ff": 64}},
+                               "train": {"batch_size": 4, "max_steps": 2, "eval_batches": 1}})
+    train(cfg, tmp_path / "r", progress=False)
+    summary = train(cfg, tmp_path / "r", resume=True, progress=False, changes={"max_steps": 3})
+    assert summary["steps"] == 3
