@@ -9,7 +9,6 @@ Example:
     torch.Size([4, 16, 64])
 """
 
-from moekit.moe.config import MoEConfig
 from moekit.moe import (
     DenseFFN,
     ExpertChoiceRouter,
@@ -21,6 +20,7 @@ from moekit.moe import (
     TopKRouter,
     reference_moe,
 )
+from moekit.moe.config import MoEConfig
 
 __version__ = "0.1.0"
 

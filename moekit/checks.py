@@ -20,9 +20,14 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def is_real(value) -> bool:
-    """A finite int or float that is not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float that is not a bool, and that float32 can hold (values become
+    float32 tensors: 1e39 would overflow to inf there)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and abs(value) <= FLOAT32_MAX)
 
 
 def check_int(owner: str, name: str, value, minimum: int = 1, fix: str | None = None) -> None:
@@ -46,7 +51,9 @@ def check_real(owner: str, name: str, value, low: float | None = None, high: flo
         where = (f" in {lo}, {hi}" if low is not None and high is not None
                  else f" {'>' if low_open else '>='} {low:g}" if low is not None
                  else f" {'<' if high_open else '<='} {high:g}" if high is not None else "")
-        raise bad(owner, name, value, f"must be a finite number{where}", fix)
+        huge = isinstance(value, (int, float)) and math.isfinite(value) and abs(value) > FLOAT32_MAX
+        raise bad(owner, name, value, f"must be a finite number{where}"
+                  + (" that float32 can hold (|x| <= 3.4e38)" if huge else ""), fix)
 
 
 def check_choice(owner: str, name: str, value, choices: tuple) -> None:

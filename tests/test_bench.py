@@ -55,10 +55,11 @@ def test_ep_device_check_dry_run_on_two_gloo_ranks(tmp_path):
     all-to-all moves nothing): the EP layer must equal the full layer on every rank (the
     script's assert_close calls raise, failing the run, if it does not)."""
     out = tmp_path / "ep.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), str(ROOT / "bench" / "ep_device_check.py"), "--device", "cpu",
-           "--dtype", "float32", "--tokens", "64", "--d-model", "16", "--d-ff", "32", "--experts", "4",
-           "--reps", "1", "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           str(ROOT / "bench" / "ep_device_check.py"), "--device", "cpu", "--dtype", "float32",
+           "--tokens", "64", "--d-model", "16", "--d-ff", "32", "--experts", "4", "--reps", "1",
+           "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "EP layer equals the full layer" in proc.stdout

@@ -91,6 +91,10 @@ def run(args) -> int:
         leave_process_group()
         if rank != 0:                   # rank 0 reports
             return 0
+    if summary["steps_run"] == 0:       # keep the summary of the steps that did run
+        print(f"nothing to do: {out} is at step {summary['steps']}; raise train.max_steps "
+              f"(--set train.max_steps=N) to train longer")
+        return 0
     short = {k: v for k, v in summary.items() if k not in ("train_losses", "routing_last_interval")}
     write_json(out / "summary.json", summary)
     print(json.dumps(short, indent=1))
@@ -117,14 +121,28 @@ def _torchrun(args) -> int:
         if a.startswith("--nproc="):
             continue
         rest.append(a)
-    if args.resume:
-        _resume_overrides(args.set)
-    else:                                  # bad layouts: one line here, not one per rank from torchrun
-        cfg = _config(args)
-        if cfg.parallel.world_size != 1:
-            cfg.parallel.check_world(args.nproc, "processes asked for (--nproc)")
+    _precheck(args)
     if not args.resume and not args.out:   # one run directory for all ranks
         rest += ["--out", str(_default_out(args))]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", "moekit", "train", *rest]
     return subprocess.call(cmd)
+
+
+def _precheck(args) -> None:
+    """What can be wrong before the ranks start, checked here: one line, not one error per rank
+    plus torchrun's traceback (the layout, the run directory, the corpus, the checkpoint)."""
+    from moekit.data.catalog import load_documents
+    from moekit.train import run_dir as rd
+    from moekit.train.checkpoint import Checkpoint
+    if args.resume:
+        _resume_overrides(args.set)
+        Checkpoint(Path(args.resume))      # exists and is readable
+        return
+    cfg = _config(args)
+    if cfg.parallel.world_size != 1:
+        cfg.parallel.check_world(args.nproc, "processes asked for (--nproc)")
+    if args.out:
+        rd.check_fresh(Path(args.out))
+        rd.discard(Path(args.out), rd.create(Path(args.out)))   # writable: made, then gone again
+    load_documents(cfg.data.corpus)        # a missing, empty or binary corpus

@@ -272,6 +272,9 @@ def split_text(text: str, tag: str, min_chars: int = TEXT_DOC_CHARS) -> list[Doc
 
 
 def _read_user_data(path: Path) -> list[Document]:
+    if not path.is_dir() and not path.is_file():     # /dev/zero, a FIFO, a socket: no end or no text
+        raise ValueError(f"data {str(path)!r} is not a regular file or a directory; give a text file, "
+                         "a directory of .txt/.md files or JSONL")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
         docs = [Document(_read_text(p), p.stem) for p in files]

@@ -6,6 +6,7 @@ The tokenizer is saved in the run directory and reused on resume.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -35,16 +36,30 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
 
 
 def save_tokenizer(tok: Tokenizer, path: Path) -> None:
+    """Atomically (a temporary file, then a rename). A failed write (a full disk) is an OSError
+    with the temporary file removed: ``tokenizers`` raises a bare Exception."""
     tmp = Path(str(path) + ".tmp")
-    tok.save(str(tmp))
-    tmp.replace(path)
+    try:
+        tok.save(str(tmp))
+        tmp.replace(path)
+    except Exception as err:  # noqa: BLE001 - tokenizers' errors are plain Exceptions
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise
+        nospace = "No space left" in str(err)
+        raise OSError(errno.ENOSPC if nospace else errno.EIO, "no space left on device" if nospace
+                      else f"could not write the tokenizer ({err})", str(path)) from None
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
     if not Path(path).exists():
         raise FileNotFoundError(f"tokenizer {str(path)!r} not found; the run directory should hold "
                                 "tokenizer.json (was it written by moekit train?)")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # noqa: BLE001 - tokenizers' errors are plain Exceptions
+        raise ValueError(f"tokenizer {str(path)!r} is corrupt or not a tokenizers file ({str(err)[:120]}); "
+                         "restore it from a copy (the checkpoint carries the tokenizer too)") from None
 
 
 def eos_id(tok: Tokenizer) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 PEAK_FLOPS = {   # the denominator of MFU, per (device, precision)
@@ -26,6 +27,8 @@ class MetricsWriter:
         path = run_dir / "metrics.jsonl"
         if purge_after is not None and path.exists():
             _truncate_after(path, purge_after)
+        if purge_after is not None:
+            _after_older_event_files(run_dir / "tensorboard")
         self.jsonl = open(path, "a", encoding="utf-8")
         self.tb = None
         if tensorboard:
@@ -61,6 +64,21 @@ class MetricsWriter:
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _after_older_event_files(tb_dir: Path) -> None:
+    """TensorBoard reads a run's event files in name order, and a name starts with the second
+    it was made in, then the host and the pid. A resumed writer whose file sorted before the
+    interrupted run's (the same second, a lower pid) would have its purge read first and the
+    old steps after it: wait until the clock has passed every existing file's second."""
+    newest = 0
+    for f in tb_dir.glob("events.out.tfevents.*"):
+        try:
+            newest = max(newest, int(f.name.split(".")[3]))
+        except (IndexError, ValueError):
+            continue
+    while time.time() < newest + 1:
+        time.sleep(0.05)
 
 
 def _truncate_after(path: Path, step: int) -> None:

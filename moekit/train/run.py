@@ -191,6 +191,8 @@ def setup(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None = None) -> Run:
     """
     rank, world = distributed_context()
     if rank == 0:
+        if ckpt is None:                        # a new run: not over another run's tokenizer or cache
+            rd.check_fresh(Path(run_dir))
         rd.create(Path(run_dir))                # the tokenizer and the token cache go there
     tune_cpu_allocator()
     torch.manual_seed(cfg.train.seed)           # the same initial weights on every rank

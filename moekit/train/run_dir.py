@@ -35,6 +35,7 @@ EXPORT_WEIGHTS = "model.safetensors"
 RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "summary.json", "tensorboard", "data",
              "report.html", CHECKPOINT, CHECKPOINT + ".tmp", SHARDED, SHARDED + ".tmp", SHARDED + ".old",
              SHARDED + ".trash", EXPORT_WEIGHTS)
+EXPORT_FILES = (EXPORT_WEIGHTS, "config.json", "tokenizer.json")
 # what a kill mid-save leaves behind (checkpoint.old/ is not among them: it may be the newest)
 LEFTOVERS = (CHECKPOINT + ".tmp", SHARDED + ".tmp", SHARDED + ".trash")
 
@@ -60,26 +61,33 @@ def check_fresh(run_dir: Path) -> None:
                              "no checkpoint to resume; remove them or choose another --out")
 
 
-def create(run_dir: Path) -> bool:
-    """Make the run directory (and its parents); True when it did not exist before. An
-    unwritable place (under a file, read-only, /proc) is one clear line."""
+def create(run_dir: Path) -> Path | None:
+    """Make the run directory (and its parents); returns the outermost directory it made (None
+    if the run directory existed), which :func:`discard` removes again. An unwritable place
+    (under a file, read-only, /proc) is one clear line."""
     run_dir = Path(run_dir)
-    existed = run_dir.is_dir()
+    made = None
+    for candidate in (run_dir, *run_dir.parents):
+        if candidate.exists():
+            break
+        made = candidate
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".moekit-write-test"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
         raise _unwritable(run_dir, err) from None
-    return not existed
+    return made
 
 
-def discard(run_dir: Path, created: bool) -> None:
-    """Undo a fresh run's setup that failed: what it wrote goes (the directory too if it made it)."""
+def discard(run_dir: Path, created: Path | None) -> None:
+    """Undo a fresh run's setup that failed: what it wrote goes, and the directories it made."""
     run_dir = Path(run_dir)
-    if created:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
         return
     for name in RUN_FILES:
         path = run_dir / name
@@ -107,8 +115,12 @@ def remove_leftovers(run_dir: Path) -> list[str]:
 def write_json(path: Path, obj) -> None:
     """Atomically: a temporary file, then a rename."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def prepare_data(cfg: RunConfig, run_dir: Path):
@@ -143,7 +155,7 @@ def load_run(run_dir: Path):
     """(model in eval mode, tokenizer, config) of a run directory (either checkpoint container)
     or of a ``moekit export`` directory, on one process."""
     run_dir = Path(run_dir)
-    if (run_dir / EXPORT_WEIGHTS).exists():
+    if (run_dir / EXPORT_WEIGHTS).exists() and find_checkpoint(run_dir) is None:
         return _load_export(run_dir)
     ckpt = Checkpoint(run_dir)
     cfg = RunConfig.from_dict(ckpt.meta["config"])
@@ -176,6 +188,11 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"export --out {str(out_dir)!r} is a file, not a directory; choose another --out")
+    if out_dir.is_dir():       # an earlier export may be replaced; a run directory may not
+        held = [n for n in RUN_FILES if n not in EXPORT_FILES and (out_dir / n).exists()]
+        if held:
+            raise ValueError(f"export --out {str(out_dir)!r} holds a run ({', '.join(held[:3])}); exporting "
+                             "there would overwrite it: choose an empty or new --out")
     create(out_dir)
     # tied embeddings share storage: safetensors stores each tensor once, so save the
     # untied keys and let the model re-tie on load
@@ -196,11 +213,20 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
 
 def _load_export(out_dir: Path):
     from safetensors.torch import load_file
-    cfg = RunConfig.from_dict(json.loads((out_dir / "config.json").read_text()))
+    try:
+        cfg = RunConfig.from_dict(json.loads((out_dir / "config.json").read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(out_dir / 'config.json')!r} is missing or not JSON ({type(err).__name__}); "
+                         "export the run again") from None
     tok = load_tokenizer(out_dir / "tokenizer.json")
     model = MoETransformer.build(model_config_for(cfg, tok.get_vocab_size()), device="cpu")
-    state = load_file(str(out_dir / EXPORT_WEIGHTS))
-    if cfg.model.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]
-    model.load_state_dict(state)
+    try:
+        state = load_file(str(out_dir / EXPORT_WEIGHTS))
+        if cfg.model.tie_embeddings:
+            state["lm_head.weight"] = state["embed.weight"]
+        model.load_state_dict(state)
+    except Exception as err:  # noqa: BLE001 - safetensors' and load_state_dict's errors mean the same here
+        raise ValueError(f"{str(out_dir / EXPORT_WEIGHTS)!r} is corrupt or not this model's "
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                         "export the run again") from None
     return model.eval(), tok, cfg

@@ -59,20 +59,25 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     rank, world = distributed_context()
     if stop_at is not None and stop_at < 1:
         raise ValueError(f"--stop-at {stop_at}: must be a step >= 1")
-    cfg, ckpt, created = _open(cfg, run_dir, resume, layout, changes or {}, world, rank)
+    cfg, ckpt = _open(cfg, run_dir, resume, layout, changes or {}, world, rank)
+    made = None
     try:
+        if rank == 0:
+            made = rd.create(run_dir)
         run = setup(cfg, run_dir, ckpt)
+        if rank == 0:                       # config.json and every checkpoint record the layout in use
+            rd.write_json(run_dir / "config.json", cfg.to_dict())
     except BaseException:
         if not resume and rank == 0:        # a fresh run that failed to start leaves nothing
-            rd.discard(run_dir, created)
+            rd.discard(run_dir, made)
         raise
     del ckpt                                # release a consolidated state's memory
     return _loop(run, Pretraining(cfg.train.aux_loss_coef, cfg.train.z_loss_coef), resume, stop_at, progress)
 
 
 def _open(cfg, run_dir: Path, resume: bool, layout: dict | None, changes: dict, world: int, rank: int):
-    """(config in use, checkpoint or None, whether the directory was created). Writes config.json."""
-    ckpt, created = None, False
+    """(config in use, checkpoint or None): the checks before anything is written."""
+    ckpt = None
     if resume:
         ckpt = Checkpoint(run_dir)
         cfg = _resumed_config(RunConfig.from_dict(ckpt.meta["config"]), ckpt.meta["step"], changes)
@@ -87,10 +92,7 @@ def _open(cfg, run_dir: Path, resume: bool, layout: dict | None, changes: dict, 
                  "sequences (it was %d)", saved.world_size, world, f": parallel = {cfg.parallel}"
                  if world > 1 else "", world, cfg.train.batch_size * world,
                  cfg.train.batch_size * saved.world_size)
-    if rank == 0:                           # config.json and every checkpoint record the layout in use
-        created = rd.create(run_dir)
-        rd.write_json(run_dir / "config.json", cfg.to_dict())
-    return cfg, ckpt, created
+    return cfg, ckpt
 
 
 def _resumed_config(cfg: RunConfig, step: int, changes: dict) -> RunConfig:
@@ -106,11 +108,15 @@ def _resumed_config(cfg: RunConfig, step: int, changes: dict) -> RunConfig:
     if new.max_steps < step:
         raise ValueError(f"train.max_steps={new.max_steps}: the run is already at step {step}; "
                          f"give max_steps >= {step}")
-    if new.max_steps > t.max_steps and t.decay_steps is None:
+    if new.max_steps != t.max_steps and t.decay_steps is None:   # the schedule keeps its shape
         new = dataclasses.replace(new, decay_steps=t.max_steps)
-        log.info("extending the run from max_steps=%d to %d: the cosine schedule still ends at step %d, "
-                 "later steps run at its final LR (lr x min_lr_ratio = %.3g)", t.max_steps, new.max_steps,
-                 t.max_steps, t.lr * t.min_lr_ratio)
+        if new.max_steps > t.max_steps:
+            log.info("extending the run from max_steps=%d to %d: the cosine schedule still ends at step %d, "
+                     "later steps run at its final LR (lr x min_lr_ratio = %.3g)", t.max_steps, new.max_steps,
+                     t.max_steps, t.lr * t.min_lr_ratio)
+        else:
+            log.info("stopping the run at step %d instead of %d: the LR follows the schedule of %d steps "
+                     "(it will not reach its floor)", new.max_steps, t.max_steps, t.max_steps)
     return dataclasses.replace(cfg, train=new)
 
 
@@ -121,7 +127,7 @@ def _loop(run: Run, objective, resumed: bool, stop_at: int | None, progress: boo
     if progress and run.main:
         from tqdm import tqdm
         bar = tqdm(total=t.max_steps, initial=run.step, unit="step", dynamic_ncols=True)
-    state = _LoopState(saved_step=run.step if resumed else None)
+    state = _LoopState(saved_step=run.step if resumed else None, first_step=run.step)
     end = t.max_steps if stop_at is None else min(stop_at, t.max_steps)
     try:
         while run.step < end:
@@ -161,6 +167,7 @@ def _loop(run: Run, objective, resumed: bool, stop_at: int | None, progress: boo
 @dataclasses.dataclass
 class _LoopState:
     saved_step: int | None                  # the newest checkpoint's step (None: none yet)
+    first_step: int = 0                     # where this invocation started
     train_time: float = 0.0                 # this log interval's step time (no eval/saving)
     interval_steps: int = 0
     val_loss: float | None = None
@@ -260,7 +267,8 @@ def _reason(err: OSError) -> str:
 
 
 def _summary(run: Run, state: _LoopState) -> dict:
-    return {"steps": run.step, "final_train_loss": run.history[-1] if run.history else None,
+    return {"steps": run.step, "steps_run": run.step - state.first_step,
+            "final_train_loss": run.history[-1] if run.history else None,
             "final_val_loss": state.val_loss, "train_losses": run.history, "skipped_steps": state.bad_steps,
             "params": model_flops(run.model.cfg, run.cfg.data.seq_len),
             "train_tokens": run.data_meta["train_tokens"],

@@ -261,3 +261,135 @@ def test_train_longer_in_the_library(tmp_path, parl_subset):
     train(cfg, tmp_path / "r", progress=False)
     summary = train(cfg, tmp_path / "r", resume=True, progress=False, changes={"max_steps": 3})
     assert summary["steps"] == 3
+
+
+def test_export_refuses_a_run_directory_and_a_run_loads_its_checkpoint_first(tmp_path, parl_subset, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run in (a, b):
+        assert cli(["train", "--out", str(run), "--no-progress", *small(parl_subset, max_steps=2)]) == 0
+    config_b = (b / "config.json").read_bytes()
+    capsys.readouterr()
+    assert cli(["export", str(a), "--out", str(b)]) == 2
+    one_line_error(capsys, "holds a run")
+    assert (b / "config.json").read_bytes() == config_b and not (b / "model.safetensors").exists()
+    assert cli(["export", str(a), "--out", str(tmp_path / "x")]) == 0
+    assert cli(["export", str(a), "--out", str(tmp_path / "x")]) == 0     # an export may be replaced
+    # a stale model.safetensors in a run directory never hides its newer checkpoint
+    from moekit.train.run_dir import load_run
+    (a / "model.safetensors").write_bytes((tmp_path / "x" / "model.safetensors").read_bytes())
+    assert cli(["train", "--resume", str(a), "--no-progress", "--set", "train.max_steps=4"]) == 0
+    model, _, _ = load_run(a)
+    ckpt = torch.load(a / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(v, ckpt[k]) for k, v in model.state_dict().items())
+
+
+def test_corrupt_exports_and_tokenizers_are_one_line(tmp_path, parl_subset, capsys):
+    run = tmp_path / "run"
+    assert cli(["train", "--out", str(run), "--no-progress", *small(parl_subset, max_steps=1)]) == 0
+    assert cli(["export", str(run), "--out", str(tmp_path / "x")]) == 0
+    (tmp_path / "x" / "model.safetensors").write_bytes(b"garbage")
+    capsys.readouterr()
+    assert cli(["eval", str(tmp_path / "x")]) == 2
+    one_line_error(capsys, "model.safetensors", "corrupt")
+    (run / "tokenizer.json").write_text("{")
+    assert cli(["generate", str(run), "--max-new-tokens", "2"]) == 2
+    one_line_error(capsys, "tokenizer.json", "corrupt")
+
+
+def test_parallel_launch_reports_bad_input_in_one_line(tmp_path, parl_subset):
+    taken = tmp_path / "taken"
+    assert cli(["train", "--out", str(taken), "--no-progress", *small(parl_subset, max_steps=1)]) == 0
+    binary = tmp_path / "data.bin"
+    binary.write_bytes(bytes(range(256)) * 64)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = [(["--out", str(taken)], "already holds a run"),
+             (["--out", str(tmp_path / "new"), "--set", f'data.corpus="{binary}"'], "looks binary"),
+             (["--out", str(a_file)], "is a file")]
+    for extra, needle in cases:
+        args = [*small(parl_subset, max_steps=1), *extra]
+        if "data.corpus" in " ".join(extra):
+            args = args[2:]                                   # replace small()'s corpus
+        proc = subprocess.run([sys.executable, "-m", "moekit", "train", "--nproc", "2", *args],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_resumed_event_file_sorts_after_the_interrupted_ones(tmp_path):
+    """TensorBoard reads event files in name order (second, host, pid): a resume in the same
+    second as the killed run, with a lower pid, must still come last."""
+    from moekit.train.metrics import MetricsWriter
+    tb = tmp_path / "tensorboard"
+    tb.mkdir()
+    old = tb / f"events.out.tfevents.{int(time.time())}.host.99999999.0"
+    old.write_bytes(b"")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    writer = MetricsWriter(tmp_path, purge_after=1)
+    writer.close()
+    names = sorted(p.name for p in tb.iterdir())
+    assert names[0] == old.name and len(names) == 2
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_lowering_max_steps_keeps_the_schedule(tmp_path, parl_subset):
+    run = tmp_path / "run"
+    assert cli(["train", "--out", str(run), "--no-progress", "--stop-at", "3",
+                *small(parl_subset, max_steps=12)]) == 0
+    assert cli(["train", "--resume", str(run), "--no-progress", "--set", "train.max_steps=5"]) == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["step"]: r["optim/lr"] for r in rows if "optim/lr" in r}
+    from moekit.train.optim import lr_at
+    original = RunConfig.from_dict({"train": {"max_steps": 12, "warmup_steps": 2}}).train
+    assert sorted(lr) == [1, 2, 3, 4, 5]
+    assert all(abs(lr[s] - lr_at(s - 1, original)) < 1e-12 for s in lr)
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, parl_subset, capsys):
+    run = tmp_path / "run"
+    assert cli(["train", "--out", str(run), "--no-progress", *small(parl_subset, max_steps=2)]) == 0
+    summary = (run / "summary.json").read_bytes()
+    capsys.readouterr()
+    assert cli(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (run / "summary.json").read_bytes() == summary
+
+
+def test_setup_refuses_a_directory_of_another_run(tmp_path, parl_subset):
+    from moekit.train.run import setup
+    cfg = RunConfig.from_dict({"data": {"corpus": str(parl_subset), "vocab_size": 512, "seq_len": 32},
+                               "model": {"d_model": 64, "n_layers": 1, "d_ff": 128, "moe": {"d_ff": 64}}})
+    setup(cfg, tmp_path / "api")
+    with pytest.raises(ValueError, match="holds files of another run"):
+        setup(cfg, tmp_path / "api")
+
+
+def test_full_disk_while_writing_the_tokenizer_or_config(tmp_path):
+    from moekit.data.tokenizer import save_tokenizer, train_tokenizer
+    from moekit.train.run_dir import write_json
+    (tmp_path / "tokenizer.json.tmp").symlink_to("/dev/full")
+    with pytest.raises(OSError, match="no space left on device"):
+        save_tokenizer(train_tokenizer(["hello world"] * 4, 300), tmp_path / "tokenizer.json")
+    (tmp_path / "config.json.tmp").symlink_to("/dev/full")
+    with pytest.raises(OSError):
+        write_json(tmp_path / "config.json", {"a": 1})
+    assert list(tmp_path.iterdir()) == []                  # no temporary file left
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ("train.lr=1e39", "TrainConfig.lr=1e+39: must be a finite number > 0 that float32 can hold"),
+    ('data.corpus="/dev/zero"', "is not a regular file or a directory"),
+])
+def test_values_that_looked_valid(setting, needle, tmp_path, capsys):
+    out = tmp_path / "a" / "b" / "c"
+    assert cli(["train", "--out", str(out), "--set", setting]) == 2
+    one_line_error(capsys, needle)
+    assert list(tmp_path.iterdir()) == []                  # no directory made, parents included
+
+
+def test_a_failed_fresh_run_removes_the_parents_it_made(tmp_path, parl_subset, capsys):
+    out = tmp_path / "new" / "a" / "b"
+    assert cli(["train", "--out", str(out), *small(parl_subset), "--set", "data.max_docs=1"]) == 2
+    capsys.readouterr()
+    assert not (tmp_path / "new").exists()
