@@ -92,8 +92,9 @@ def run(args) -> int:
         if rank != 0:                   # rank 0 reports
             return 0
     if summary["steps_run"] == 0:       # keep the summary of the steps that did run
-        print(f"nothing to do: {out} is at step {summary['steps']}; raise train.max_steps "
-              f"(--set train.max_steps=N) to train longer")
+        why = (f"--stop-at {args.stop_at}" if args.stop_at is not None and args.stop_at < summary["max_steps"]
+               else f"max_steps {summary['max_steps']}; raise it (--set train.max_steps=N) to train longer")
+        print(f"nothing to do: {out} is at step {summary['steps']} ({why})")
         return 0
     short = {k: v for k, v in summary.items() if k not in ("train_losses", "routing_last_interval")}
     write_json(out / "summary.json", summary)
@@ -136,8 +137,14 @@ def _precheck(args) -> None:
     from moekit.train import run_dir as rd
     from moekit.train.checkpoint import Checkpoint
     if args.resume:
-        _resume_overrides(args.set)
-        Checkpoint(Path(args.resume))      # exists and is readable
+        from moekit.config import RunConfig
+        from moekit.train.run import resolve_layout
+        from moekit.train.trainer import resumed_config
+        layout, changes = _resume_overrides(args.set)
+        ckpt = Checkpoint(Path(args.resume))      # exists and is readable
+        ckpt.require_resumable()
+        cfg = resumed_config(RunConfig.from_dict(ckpt.meta["config"]), ckpt.meta["step"], changes)
+        resolve_layout(cfg, args.nproc, True, layout)
         return
     cfg = _config(args)
     if cfg.parallel.world_size != 1:

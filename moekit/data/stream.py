@@ -69,8 +69,13 @@ def build_token_cache(docs: list[Document], tok: Tokenizer, out_dir: Path,
             n += len(enc.ids) + 1
         tokens = np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
         tmp = out_dir / f"{split}.bin.tmp"
-        tokens.tofile(tmp)
-        os.replace(tmp, out_dir / f"{split}.bin")
+        try:
+            tokens.tofile(tmp)
+            os.replace(tmp, out_dir / f"{split}.bin")
+        except OSError as err:      # numpy says only "N requested and M written" on a full disk
+            tmp.unlink(missing_ok=True)
+            raise OSError(err.errno, err.strerror or f"could not write the token cache ({err}); is the "
+                          "disk full?", str(tmp)) from None
         np.save(out_dir / f"{split}_docs.npy", np.stack([np.asarray(doc_starts, dtype=np.int64),
                                                           np.asarray(doc_tags, dtype=np.int64)]))
         meta[f"{split}_tokens"] = int(n)

@@ -59,7 +59,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
         return Tokenizer.from_file(str(path))
     except Exception as err:  # noqa: BLE001 - tokenizers' errors are plain Exceptions
         raise ValueError(f"tokenizer {str(path)!r} is corrupt or not a tokenizers file ({str(err)[:120]}); "
-                         "restore it from a copy (the checkpoint carries the tokenizer too)") from None
+                         "restore it from a copy") from None
 
 
 def eos_id(tok: Tokenizer) -> int:

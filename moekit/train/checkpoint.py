@@ -211,13 +211,16 @@ class Checkpoint:
         except Exception as err:  # noqa: BLE001 - any read failure means the same thing here
             raise _corrupt(self.path, err) from None
 
+    def require_resumable(self) -> None:
+        if self.legacy:
+            raise ValueError(f"checkpoint {str(self.path)!r} was written by an older moekit: eval, generate "
+                             "and export read it, resuming does not; start a new run (or export the model)")
+
     def load_into(self, view: dict, rank: int = 0) -> bool:
         """Load model and optimizer into ``view`` (moekit.parallel.checkpointing.training_state)
         and this rank's RNG state if the checkpoint has one; returns whether it had."""
         from moekit.parallel.checkpointing import load_full_state
-        if self.legacy:
-            raise ValueError(f"checkpoint {str(self.path)!r} was written by an older moekit: eval, generate "
-                             "and export read it, resuming does not; start a new run (or export the model)")
+        self.require_resumable()
         if self.sharded:
             has = f"rng.rank{rank}" in self._keys    # ranks beyond the saving ones have none
             state = {**view, "rng": {f"rank{rank}": b""}} if has else view

@@ -77,7 +77,9 @@ def _after_older_event_files(tb_dir: Path) -> None:
             newest = max(newest, int(f.name.split(".")[3]))
         except (IndexError, ValueError):
             continue
-    while time.time() < newest + 1:
+    # at most 2 s: a name from a skewed clock or a copied run must not hold the resume up
+    deadline = min(newest + 1, time.time() + 2)
+    while time.time() < deadline:
         time.sleep(0.05)
 
 

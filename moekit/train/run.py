@@ -190,10 +190,20 @@ def setup(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None = None) -> Run:
         >>> train_step(run, [batch], Pretraining()).losses["lm"]               # doctest: +SKIP
     """
     rank, world = distributed_context()
+    made = None
     if rank == 0:
         if ckpt is None:                        # a new run: not over another run's tokenizer or cache
             rd.check_fresh(Path(run_dir))
-        rd.create(Path(run_dir))                # the tokenizer and the token cache go there
+        made = rd.create(Path(run_dir))         # the tokenizer and the token cache go there
+    try:
+        return _build(cfg, Path(run_dir), ckpt, rank, world)
+    except BaseException:
+        if ckpt is None and rank == 0:          # a new run that failed leaves nothing behind
+            rd.discard(Path(run_dir), made)
+        raise
+
+
+def _build(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None, rank: int, world: int) -> Run:
     tune_cpu_allocator()
     torch.manual_seed(cfg.train.seed)           # the same initial weights on every rank
     device = resolve_device(cfg.train.device)

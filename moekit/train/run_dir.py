@@ -35,7 +35,6 @@ EXPORT_WEIGHTS = "model.safetensors"
 RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "summary.json", "tensorboard", "data",
              "report.html", CHECKPOINT, CHECKPOINT + ".tmp", SHARDED, SHARDED + ".tmp", SHARDED + ".old",
              SHARDED + ".trash", EXPORT_WEIGHTS)
-EXPORT_FILES = (EXPORT_WEIGHTS, "config.json", "tokenizer.json")
 # what a kill mid-save leaves behind (checkpoint.old/ is not among them: it may be the newest)
 LEFTOVERS = (CHECKPOINT + ".tmp", SHARDED + ".tmp", SHARDED + ".trash")
 
@@ -77,24 +76,36 @@ def create(run_dir: Path) -> Path | None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        if made is not None:
-            shutil.rmtree(made, ignore_errors=True)
+        _remove_empty(run_dir, made)
         raise _unwritable(run_dir, err) from None
     return made
 
 
-def discard(run_dir: Path, created: Path | None) -> None:
-    """Undo a fresh run's setup that failed: what it wrote goes, and the directories it made."""
-    run_dir = Path(run_dir)
-    if created is not None:
-        shutil.rmtree(created, ignore_errors=True)
+def _remove_empty(run_dir: Path, made: Path | None) -> None:
+    """rmdir the run directory and its parents up to ``made`` while they are empty: a directory
+    another run has written into meanwhile (a sweep's parent) stays."""
+    if made is None:
         return
+    for d in (run_dir, *run_dir.parents):
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        if d == made:
+            return
+
+
+def discard(run_dir: Path, created: Path | None) -> None:
+    """Undo a new run's setup that failed: the run files it wrote go, then the directories it
+    made if they are empty. Nothing else is touched."""
+    run_dir = Path(run_dir)
     for name in RUN_FILES:
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         elif path.exists():
             path.unlink(missing_ok=True)
+    _remove_empty(run_dir, created)
 
 
 def remove_leftovers(run_dir: Path) -> list[str]:
@@ -159,12 +170,16 @@ def load_run(run_dir: Path):
         return _load_export(run_dir)
     ckpt = Checkpoint(run_dir)
     cfg = RunConfig.from_dict(ckpt.meta["config"])
-    if (run_dir / "tokenizer.json").exists():
-        tok = load_tokenizer(run_dir / "tokenizer.json")
-    else:   # the checkpoint carries its tokenizer too
+    if "tokenizer" in ckpt.meta:   # the one the model was trained with, whatever tokenizer.json holds now
         tok = Tokenizer.from_str(ckpt.meta["tokenizer"])
+    else:
+        tok = load_tokenizer(run_dir / "tokenizer.json")
     model = MoETransformer.build(model_config_for(cfg, tok.get_vocab_size()), device="cpu")
-    model.load_state_dict(ckpt.model_state(model.state_dict()))
+    try:
+        model.load_state_dict(ckpt.model_state(model.state_dict()))
+    except RuntimeError as err:
+        raise ValueError(f"the checkpoint in {str(run_dir)!r} does not fit its config and tokenizer "
+                         f"({str(err).splitlines()[0][:160]}); restore the run's tokenizer.json") from None
     return model.eval(), tok, cfg
 
 
@@ -188,8 +203,9 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"export --out {str(out_dir)!r} is a file, not a directory; choose another --out")
-    if out_dir.is_dir():       # an earlier export may be replaced; a run directory may not
-        held = [n for n in RUN_FILES if n not in EXPORT_FILES and (out_dir / n).exists()]
+    earlier_export = (out_dir / EXPORT_WEIGHTS).exists() and find_checkpoint(out_dir) is None
+    if out_dir.is_dir() and not earlier_export:   # an earlier export may be replaced; a run may not
+        held = [n for n in RUN_FILES if (out_dir / n).exists()]
         if held:
             raise ValueError(f"export --out {str(out_dir)!r} holds a run ({', '.join(held[:3])}); exporting "
                              "there would overwrite it: choose an empty or new --out")

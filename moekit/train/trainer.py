@@ -60,6 +60,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     if stop_at is not None and stop_at < 1:
         raise ValueError(f"--stop-at {stop_at}: must be a step >= 1")
     cfg, ckpt = _open(cfg, run_dir, resume, layout, changes or {}, world, rank)
+    if ckpt is not None and ckpt.meta["step"] >= min(cfg.train.max_steps, stop_at or cfg.train.max_steps):
+        # nothing to do: touch nothing (config, metrics, summary)
+        return {"steps": ckpt.meta["step"], "steps_run": 0, "max_steps": cfg.train.max_steps}
     made = None
     try:
         if rank == 0:
@@ -80,7 +83,8 @@ def _open(cfg, run_dir: Path, resume: bool, layout: dict | None, changes: dict, 
     ckpt = None
     if resume:
         ckpt = Checkpoint(run_dir)
-        cfg = _resumed_config(RunConfig.from_dict(ckpt.meta["config"]), ckpt.meta["step"], changes)
+        ckpt.require_resumable()
+        cfg = resumed_config(RunConfig.from_dict(ckpt.meta["config"]), ckpt.meta["step"], changes)
         if rank == 0 and (removed := rd.remove_leftovers(run_dir)):
             log.info("removed what an interrupted save left: %s", ", ".join(removed))
     elif rank == 0:
@@ -95,7 +99,7 @@ def _open(cfg, run_dir: Path, resume: bool, layout: dict | None, changes: dict, 
     return cfg, ckpt
 
 
-def _resumed_config(cfg: RunConfig, step: int, changes: dict) -> RunConfig:
+def resumed_config(cfg: RunConfig, step: int, changes: dict) -> RunConfig:
     unknown = sorted(set(changes) - set(RESUME_SETTINGS))
     if unknown:
         raise ValueError(f"--resume continues a run with its saved config; train.{unknown[0]} cannot change "
@@ -110,7 +114,11 @@ def _resumed_config(cfg: RunConfig, step: int, changes: dict) -> RunConfig:
                          f"give max_steps >= {step}")
     if new.max_steps != t.max_steps and t.decay_steps is None:   # the schedule keeps its shape
         new = dataclasses.replace(new, decay_steps=t.max_steps)
-        if new.max_steps > t.max_steps:
+        if new.max_steps > t.max_steps and t.warmup_steps >= t.max_steps:
+            log.info("extending the run from max_steps=%d to %d: warmup goes on to step %d, then the LR "
+                     "is at its floor (lr x min_lr_ratio = %.3g)", t.max_steps, new.max_steps, t.warmup_steps,
+                     t.lr * t.min_lr_ratio)
+        elif new.max_steps > t.max_steps:
             log.info("extending the run from max_steps=%d to %d: the cosine schedule still ends at step %d, "
                      "later steps run at its final LR (lr x min_lr_ratio = %.3g)", t.max_steps, new.max_steps,
                      t.max_steps, t.lr * t.min_lr_ratio)
@@ -177,7 +185,7 @@ class _LoopState:
 
     def intact(self) -> str:
         if self.saved_step is None:
-            return "no checkpoint was saved yet"
+            return "no checkpoint was saved yet (remove the run directory to start again)"
         return f"the checkpoint of step {self.saved_step} is intact"
 
 
@@ -256,9 +264,10 @@ def _save(run: Run, state: _LoopState) -> None:
         else:
             save_checkpoint(run.run_dir, run.training_state(), meta)
     except OSError as err:
+        then = (f"free space and resume with --resume {run.run_dir}" if state.saved_step is not None
+                else "free space and start again")
         raise RunStopped(f"{_reason(err)} while saving step {run.step} to {str(run.run_dir)!r} (temporary "
-                         f"files removed); {state.intact()}; free space and resume with "
-                         f"--resume {run.run_dir}") from None
+                         f"files removed); {state.intact()}; {then}") from None
     state.saved_step = run.step
 
 

@@ -291,9 +291,11 @@ def test_corrupt_exports_and_tokenizers_are_one_line(tmp_path, parl_subset, caps
     capsys.readouterr()
     assert cli(["eval", str(tmp_path / "x")]) == 2
     one_line_error(capsys, "model.safetensors", "corrupt")
-    (run / "tokenizer.json").write_text("{")
-    assert cli(["generate", str(run), "--max-new-tokens", "2"]) == 2
+    (tmp_path / "x" / "tokenizer.json").write_text("{")
+    assert cli(["generate", str(tmp_path / "x"), "--max-new-tokens", "2"]) == 2
     one_line_error(capsys, "tokenizer.json", "corrupt")
+    (run / "tokenizer.json").write_text("{")        # a run reads the tokenizer its checkpoint carries
+    assert cli(["generate", str(run), "--max-new-tokens", "2"]) == 0
 
 
 def test_parallel_launch_reports_bad_input_in_one_line(tmp_path, parl_subset):
@@ -393,3 +395,45 @@ def test_a_failed_fresh_run_removes_the_parents_it_made(tmp_path, parl_subset, c
     assert cli(["train", "--out", str(out), *small(parl_subset), "--set", "data.max_docs=1"]) == 2
     capsys.readouterr()
     assert not (tmp_path / "new").exists()
+
+
+def test_a_failed_run_never_removes_a_parent_another_run_uses(tmp_path, parl_subset):
+    from moekit.train import run_dir as rd
+    sweep = tmp_path / "sweep"
+    made = rd.create(sweep / "b")                      # run b made sweep/ and sweep/b/
+    assert made == sweep
+    (sweep / "a").mkdir()                              # meanwhile run a wrote beside it
+    (sweep / "a" / "config.json").write_text("{}")
+    (sweep / "b" / "tokenizer.json").write_text("{}")
+    rd.discard(sweep / "b", made)                      # b failed
+    assert not (sweep / "b").exists() and (sweep / "a" / "config.json").exists()
+
+
+def test_a_far_future_event_file_does_not_hold_a_resume_up(tmp_path):
+    from moekit.train.metrics import MetricsWriter
+    tb = tmp_path / "tensorboard"
+    tb.mkdir()
+    (tb / f"events.out.tfevents.{int(time.time()) + 3600}.otherhost.1.0").write_bytes(b"")
+    t0 = time.time()
+    MetricsWriter(tmp_path, purge_after=0).close()
+    assert time.time() - t0 < 10
+
+
+def test_an_export_evaluated_can_be_exported_again(tmp_path, parl_subset):
+    run, out = tmp_path / "run", tmp_path / "x"
+    assert cli(["train", "--out", str(run), "--no-progress", *small(parl_subset, max_steps=1)]) == 0
+    assert cli(["export", str(run), "--out", str(out)]) == 0
+    assert cli(["eval", str(out), "--batches", "1"]) == 0          # writes a token cache into it
+    assert cli(["export", str(run), "--out", str(out)]) == 0
+
+
+def test_parallel_resume_checks_run_before_launch(tmp_path, parl_subset):
+    run = tmp_path / "run"
+    assert cli(["train", "--out", str(run), "--no-progress", *small(parl_subset, max_steps=3)]) == 0
+    for sets, needle in ((["train.max_steps=2"], "already at step 3"),
+                         (["parallel.ep=3"], "parallel.dp x parallel.ep")):
+        proc = subprocess.run([sys.executable, "-m", "moekit", "train", "--nproc", "2", "--resume", str(run),
+                               *[a for x in sets for a in ("--set", x)]], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
