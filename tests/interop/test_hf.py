@@ -1,0 +1,93 @@
+"""Hugging Face checkpoints: logits equal transformers' own, both ways, every tensor accounted for."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from moekit.interop.hf import from_hf_state, load_hf_dir, save_hf_dir, to_hf_state  # noqa: E402
+from moekit.model.config import ModelConfig  # noqa: E402
+from moekit.model.transformer import MoETransformer  # noqa: E402
+from moekit.moe.config import MoEConfig  # noqa: E402
+
+SMALL = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=64, rms_norm_eps=1e-5)
+
+
+def hf_model(kind, tie=False, theta=10000.0):
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**SMALL, intermediate_size=48, tie_word_embeddings=tie,
+                                       rope_theta=theta)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.MixtralConfig(**SMALL, intermediate_size=24, num_local_experts=4,
+                                         num_experts_per_tok=2, tie_word_embeddings=tie, rope_theta=theta)
+        model = transformers.MixtralForCausalLM(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():                 # transformers' init is tiny: make the logits say something
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+TOKENS = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("kind", ["llama", "mixtral"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_imported_logits_equal_transformers(kind, tie, tmp_path):
+    theirs = hf_model(kind, tie, theta=50000.0)
+    theirs.save_pretrained(tmp_path)                       # per-expert keys on disk
+    ours = load_hf_dir(tmp_path)
+    assert ours.cfg.rope_theta == 50000.0 and ours.cfg.tie_embeddings == tie
+    with torch.no_grad():
+        expected = theirs(TOKENS).logits
+        got = ours(TOKENS).logits
+    assert float((got - expected).abs().max()) <= 1e-4
+    assert float(expected.std()) > 0.1                     # not a trivial comparison
+
+
+@pytest.mark.parametrize("moe", [None, MoEConfig(d_model=32, d_ff=24, num_experts=4, top_k=2)])
+def test_exported_model_loads_in_transformers_with_equal_logits_and_round_trips(moe, tmp_path):
+    torch.manual_seed(0)
+    ours = MoETransformer.build(ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                            d_ff=48, max_seq_len=64, tie_embeddings=False, moe=moe)).eval()
+    save_hf_dir(ours, tmp_path)
+    theirs, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    with torch.no_grad():
+        assert float((theirs.eval()(TOKENS).logits - ours(TOKENS).logits).abs().max()) <= 1e-4
+    back = load_hf_dir(tmp_path)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_every_tensor_is_accounted_for(tmp_path):
+    theirs = hf_model("mixtral")
+    cfg = json.loads(theirs.config.to_json_string())
+    _, state = to_hf_state(from_hf_state(cfg, _disk_state(theirs, tmp_path)))
+    missing = dict(state)
+    del missing["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    with pytest.raises(ValueError, match="no source for blocks.1.ffn.experts.w_down_EFD"):
+        from_hf_state(cfg, missing)
+    extra = {**state, "model.layers.0.self_attn.q_proj.bias": torch.zeros(32)}
+    with pytest.raises(ValueError, match="unused model.layers.0.self_attn.q_proj.bias"):
+        from_hf_state(cfg, extra)
+    with pytest.raises(ValueError, match="model_type='gpt2' is not supported yet"):
+        from_hf_state({**cfg, "model_type": "gpt2"}, state)
+
+
+def test_what_mixtral_cannot_express_is_refused():
+    model = MoETransformer.build(ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_ff=48,
+                                             moe=MoEConfig(d_model=32, d_ff=24, num_experts=4, top_k=2,
+                                                           router="expert_choice")))
+    with pytest.raises(ValueError, match="router has no Mixtral equivalent"):
+        to_hf_state(model)
+
+
+def _disk_state(model, tmp_path):
+    from safetensors.torch import load_file
+    model.save_pretrained(tmp_path)
+    return load_file(str(tmp_path / "model.safetensors"))
