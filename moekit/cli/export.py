@@ -13,12 +13,17 @@ def register(sub) -> None:
                                    "OUT/config.json and OUT/tokenizer.json. `moekit generate` and "
                                    "`moekit eval` read OUT like a run directory.")
     p.add_argument("run_dir", help="the run directory")
-    p.add_argument("--out", help="the export directory (default: RUN_DIR/export)")
+    p.add_argument("--out", help="the export directory (default: RUN_DIR/export, or RUN_DIR/hf)")
+    p.add_argument("--format", choices=("moekit", "hf"), default="moekit",
+                   help="hf: a Hugging Face directory (Llama for a dense model, Mixtral for an MoE) that "
+                        "transformers.AutoModelForCausalLM.from_pretrained loads")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    from moekit.train.run_dir import export_run
-    out = export_run(Path(args.run_dir), Path(args.out) if args.out else Path(args.run_dir) / "export")
+    from moekit.train.run_dir import export_hf, export_run
+    default = Path(args.run_dir) / ("hf" if args.format == "hf" else "export")
+    write = export_hf if args.format == "hf" else export_run
+    out = write(Path(args.run_dir), Path(args.out) if args.out else default)
     print(f"exported {args.run_dir} to {out}")
     return 0

@@ -6,6 +6,8 @@
     moekit generate runs/moe --prompt "Frau Präsidentin"
     moekit eval runs/moe
     moekit export runs/moe --out models/moe        # model.safetensors + config + tokenizer
+    moekit export runs/moe --format hf --out hf/moe   # a Hugging Face directory (Llama / Mixtral)
+    moekit import hf/moe --out models/imported     # a Hugging Face directory as a moekit model
     moekit report runs/moe --baseline runs/dense   # HTML: losses, expert load, routing by language
     moekit data list | moekit data get parlspeech
 """
@@ -21,6 +23,7 @@ from moekit.cli import data as data_cmd
 from moekit.cli import evaluate as eval_cmd
 from moekit.cli import export as export_cmd
 from moekit.cli import generate as generate_cmd
+from moekit.cli import imports as import_cmd
 from moekit.cli import report as report_cmd
 from moekit.cli import train as train_cmd
 
@@ -29,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (train_cmd, generate_cmd, eval_cmd, export_cmd, report_cmd, data_cmd):
+    for module in (train_cmd, generate_cmd, eval_cmd, export_cmd, import_cmd, report_cmd, data_cmd):
         module.register(sub)
     return parser
 

@@ -166,6 +166,8 @@ def load_run(run_dir: Path):
     """(model in eval mode, tokenizer, config) of a run directory (either checkpoint container)
     or of a ``moekit export`` directory, on one process."""
     run_dir = Path(run_dir)
+    if find_checkpoint(run_dir) is None and _is_hf_dir(run_dir):
+        return _load_hf(run_dir)
     if (run_dir / EXPORT_WEIGHTS).exists() and find_checkpoint(run_dir) is None:
         return _load_export(run_dir)
     ckpt = Checkpoint(run_dir)
@@ -198,31 +200,45 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     """A consolidated single-device copy of a run's model (from either checkpoint container):
     ``model.safetensors``, ``config.json`` and ``tokenizer.json`` in ``out_dir``, which
     :func:`load_run` (so ``moekit generate`` / ``eval``) reads like a run directory."""
-    from safetensors.torch import save_file
+    check_export_target(out_dir)
     model, tok, cfg = load_run(run_dir)
+    return save_export(model, tok, cfg, out_dir)
+
+
+def check_export_target(out_dir: Path, flag: str = "export --out") -> None:
+    """An export may go into a new or empty directory, or replace an earlier export; never onto
+    a file or into a run directory."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"export --out {str(out_dir)!r} is a file, not a directory; choose another --out")
+        raise ValueError(f"{flag} {str(out_dir)!r} is a file, not a directory; choose another --out")
     earlier_export = (out_dir / EXPORT_WEIGHTS).exists() and find_checkpoint(out_dir) is None
     if out_dir.is_dir() and not earlier_export:   # an earlier export may be replaced; a run may not
         held = [n for n in RUN_FILES if (out_dir / n).exists()]
         if held:
-            raise ValueError(f"export --out {str(out_dir)!r} holds a run ({', '.join(held[:3])}); exporting "
-                             "there would overwrite it: choose an empty or new --out")
+            raise ValueError(f"{flag} {str(out_dir)!r} holds a run ({', '.join(held[:3])}); writing there "
+                             "would overwrite it: choose an empty or new --out")
+
+
+def save_export(model: MoETransformer, tok: Tokenizer, cfg: RunConfig, out_dir: Path) -> Path:
+    """Write ``model`` as an export directory (the weights under moekit's names, the run config
+    with the model's own config, the tokenizer); files are replaced atomically."""
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
     create(out_dir)
+    cfg = dataclasses.replace(cfg, model=model.cfg)          # the vocabulary and length the weights have
     # tied embeddings share storage: safetensors stores each tensor once, so save the
     # untied keys and let the model re-tie on load
-    state = {k: v.contiguous() for k, v in model.state_dict().items()
-             if not (cfg.model.tie_embeddings and k == "lm_head.weight")}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+             if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+    tmp = out_dir / (EXPORT_WEIGHTS + ".tmp")
     try:
-        tmp = out_dir / (EXPORT_WEIGHTS + ".tmp")
         save_file(state, str(tmp), metadata={"format": "moekit"})
         os.replace(tmp, out_dir / EXPORT_WEIGHTS)
         write_json(out_dir / "config.json", cfg.to_dict())
         save_tokenizer(tok, out_dir / "tokenizer.json")
     except OSError as err:
-        (out_dir / (EXPORT_WEIGHTS + ".tmp")).unlink(missing_ok=True)
-        raise ValueError(f"export to {str(out_dir)!r} failed: {err.strerror or err}; free space or "
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"writing {str(out_dir)!r} failed: {err.strerror or err}; free space or "
                          "choose another --out") from None
     return out_dir
 
@@ -235,9 +251,10 @@ def _load_export(out_dir: Path):
         raise ValueError(f"{str(out_dir / 'config.json')!r} is missing or not JSON ({type(err).__name__}); "
                          "export the run again") from None
     tok = load_tokenizer(out_dir / "tokenizer.json")
-    model = MoETransformer.build(model_config_for(cfg, tok.get_vocab_size()), device="cpu")
     try:
         state = load_file(str(out_dir / EXPORT_WEIGHTS))
+        # the weights' vocabulary (an imported model's may be padded past its tokenizer's)
+        model = MoETransformer.build(model_config_for(cfg, state["embed.weight"].shape[0]), device="cpu")
         if cfg.model.tie_embeddings:
             state["lm_head.weight"] = state["embed.weight"]
         model.load_state_dict(state)
@@ -246,3 +263,52 @@ def _load_export(out_dir: Path):
                          f"({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
                          "export the run again") from None
     return model.eval(), tok, cfg
+
+
+def _is_hf_dir(path: Path) -> bool:
+    """A Hugging Face model directory: its config.json names a model_type (moekit's has sections)."""
+    try:
+        return "model_type" in json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
+        return False
+
+
+def _load_hf(path: Path):
+    from moekit.interop.hf import load_hf_dir
+    model = load_hf_dir(path)
+    tok = load_tokenizer(path / "tokenizer.json")
+    if tok.get_vocab_size() > model.cfg.vocab_size:
+        raise ValueError(f"{str(path / 'tokenizer.json')!r} has {tok.get_vocab_size()} tokens but the "
+                         f"model's vocabulary is {model.cfg.vocab_size}; give the model's own tokenizer")
+    return model, tok, RunConfig(model=model.cfg)
+
+
+def export_hf(run_dir: Path, out_dir: Path) -> Path:
+    """A run (or export, or Hugging Face directory) as a Hugging Face directory that
+    ``transformers.AutoModelForCausalLM.from_pretrained`` loads, with the tokenizer."""
+    from moekit.interop.hf import save_hf_dir, to_hf_config
+    check_export_target(out_dir, "export --format hf --out")
+    model, tok, _ = load_run(run_dir)
+    to_hf_config(model.cfg)                 # what Hugging Face cannot express: before anything is written
+    create(out_dir)
+    try:
+        save_hf_dir(model, out_dir)
+        save_tokenizer(tok, Path(out_dir) / "tokenizer.json")
+    except OSError as err:
+        raise ValueError(f"writing {str(out_dir)!r} failed: {err.strerror or err}; free space or "
+                         "choose another --out") from None
+    return Path(out_dir)
+
+
+def import_hf(src: Path, out_dir: Path) -> Path:
+    """A Hugging Face model directory as a moekit export directory (moekit's weight names, a run
+    config, the model's own tokenizer), which every command that reads a model reads."""
+    check_export_target(out_dir, "import --out")
+    if not Path(src).is_dir():
+        raise FileNotFoundError(f"import: {str(src)!r} is not a directory; give a Hugging Face model "
+                                "directory (config.json, model.safetensors, tokenizer.json)")
+    if not _is_hf_dir(Path(src)):
+        raise ValueError(f"import: {str(src / 'config.json')!r} is missing or names no model_type; "
+                         "give a Hugging Face model directory")
+    model, tok, cfg = _load_hf(Path(src))
+    return save_export(model, tok, cfg, out_dir)

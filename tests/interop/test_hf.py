@@ -91,3 +91,35 @@ def _disk_state(model, tmp_path):
     from safetensors.torch import load_file
     model.save_pretrained(tmp_path)
     return load_file(str(tmp_path / "model.safetensors"))
+
+
+def test_cli_import_generate_export_round_trip(tmp_path, capsys):
+    from moekit import load_model
+    from moekit.cli.main import main as cli
+    from moekit.data.tokenizer import train_tokenizer
+    tok = train_tokenizer(["Mr Speaker, the house will come to order. " * 20] * 5, vocab_size=300)
+    cfg = transformers.MixtralConfig(**{**SMALL, "vocab_size": 300}, intermediate_size=24,
+                                     num_local_experts=4, num_experts_per_tok=2)
+    theirs = transformers.MixtralForCausalLM(cfg).eval()
+    src = tmp_path / "hf"
+    theirs.save_pretrained(src)
+    tok.save(str(src / "tokenizer.json"))
+    # a Hugging Face directory reads directly ...
+    model, _ = load_model(src)
+    tokens = torch.tensor([tok.encode("Mr Speaker, the house").ids])
+    with torch.no_grad():
+        assert float((model(tokens).logits - theirs(tokens).logits).abs().max()) <= 1e-4
+    # ... and imports into a moekit directory that generate and export read
+    assert cli(["import", str(src), "--out", str(tmp_path / "m")]) == 0
+    assert cli(["generate", str(tmp_path / "m"), "--prompt", "Mr Speaker", "--max-new-tokens", "3"]) == 0
+    assert cli(["export", str(tmp_path / "m"), "--format", "hf", "--out", str(tmp_path / "back")]) == 0
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        assert float((again(tokens).logits - theirs(tokens).logits).abs().max()) <= 1e-4
+    assert (tmp_path / "back" / "tokenizer.json").exists()
+    capsys.readouterr()
+    assert cli(["import", str(tmp_path / "nowhere"), "--out", str(tmp_path / "n")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert cli(["import", str(src), "--out", str(tmp_path / "m" / "model.safetensors")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()
