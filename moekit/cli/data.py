@@ -16,10 +16,14 @@ def register(sub) -> None:
 
 
 def run_list(args) -> int:
-    from moekit.data.catalog import CATALOG, cache_dir
+    from moekit.data.catalog import CATALOG, MODELS, cache_dir
     for c in CATALOG.values():
         cached = (cache_dir() / "corpora" / f"{c.name}.jsonl").exists()
         print(f"{c.name:<12} {c.description}\n{'':<12} from {c.requirement} ({c.license})"
+              f"{'  [cached]' if cached else ''}")
+    for m in MODELS.values():     # models: moekit import NAME, generate NAME, load_model(NAME)
+        cached = (cache_dir() / "models" / m.name / "model.safetensors").exists()
+        print(f"{m.name:<12} model: {m.description}\n{'':<12} from {m.requirement} ({m.license})"
               f"{'  [cached]' if cached else ''}")
     return 0
 

