@@ -8,6 +8,7 @@
     moekit export runs/moe --out models/moe        # model.safetensors + config + tokenizer
     moekit export runs/moe --format hf --out hf/moe   # a Hugging Face directory (Llama / Mixtral)
     moekit import hf/moe --out models/imported     # a Hugging Face directory as a moekit model
+    moekit upcycle smollm2-135m --experts 8 --top-k 2 --out models/smol-moe   # dense -> MoE (copies)
     moekit report runs/moe --baseline runs/dense   # HTML: losses, expert load, routing by language
     moekit data list | moekit data get parlspeech
 """
@@ -26,13 +27,15 @@ from moekit.cli import generate as generate_cmd
 from moekit.cli import imports as import_cmd
 from moekit.cli import report as report_cmd
 from moekit.cli import train as train_cmd
+from moekit.cli import upcycle as upcycle_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (train_cmd, generate_cmd, eval_cmd, export_cmd, import_cmd, report_cmd, data_cmd):
+    for module in (train_cmd, generate_cmd, eval_cmd, export_cmd, import_cmd, upcycle_cmd, report_cmd,
+                   data_cmd):
         module.register(sub)
     return parser
 
