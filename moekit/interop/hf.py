@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints <-> moekit models: dense Llama and Mixtral (so far).
+"""Hugging Face checkpoints <-> moekit models: dense Llama and Mistral, and Mixtral (so far).
 
     model = from_hf_state(hf_config_dict, hf_state_dict)     # an MoETransformer
     config, state = to_hf_state(model)                       # config.json dict, per-tensor state
@@ -18,7 +18,10 @@ Layout notes (why the maps are plain transposes):
   inv_freq = theta^(-2i/Dh); the Mixtral router is a softmax over all experts, top-k, then
   renormalised (moekit's softmax router with normalize_topk).
 
-Still to come (next steps of the pretrained-models work): Mistral, Qwen2, Qwen2-MoE, OLMoE,
+Mistral is Llama's layout; its sliding-window attention is refused unless it is off
+(``sliding_window: null``, as from Mistral-7B v0.2 on). Export writes Llama for a dense model.
+
+Still to come (next steps of the pretrained-models work): Qwen2, Qwen2-MoE, OLMoE,
 Qwen3-MoE; tokenizers; run directories and the CLI.
 """
 
@@ -39,7 +42,8 @@ from moekit.model.config import ModelConfig
 from moekit.model.transformer import MoETransformer
 from moekit.moe.config import MoEConfig
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "mixtral": "MixtralForCausalLM"}
 
 
 def _rope_theta(cfg: dict) -> float:

@@ -17,7 +17,11 @@ SMALL = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_h
 
 
 def hf_model(kind, tie=False, theta=10000.0):
-    if kind == "llama":
+    if kind == "mistral":
+        cfg = transformers.MistralConfig(**SMALL, intermediate_size=48, tie_word_embeddings=tie,
+                                         rope_theta=theta, sliding_window=None)
+        model = transformers.MistralForCausalLM(cfg)
+    elif kind == "llama":
         cfg = transformers.LlamaConfig(**SMALL, intermediate_size=48, tie_word_embeddings=tie,
                                        rope_theta=theta)
         model = transformers.LlamaForCausalLM(cfg)
@@ -35,7 +39,7 @@ def hf_model(kind, tie=False, theta=10000.0):
 TOKENS = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("kind", ["llama", "mixtral"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "mixtral"])
 @pytest.mark.parametrize("tie", [False, True])
 def test_imported_logits_equal_transformers(kind, tie, tmp_path):
     theirs = hf_model(kind, tie, theta=50000.0)
@@ -77,6 +81,8 @@ def test_every_tensor_is_accounted_for(tmp_path):
         from_hf_state(cfg, extra)
     with pytest.raises(ValueError, match="model_type='gpt2' is not supported yet"):
         from_hf_state({**cfg, "model_type": "gpt2"}, state)
+    with pytest.raises(ValueError, match="sliding_window=4096"):
+        from_hf_state({**cfg, "model_type": "mistral", "sliding_window": 4096}, state)
 
 
 def test_what_mixtral_cannot_express_is_refused():
