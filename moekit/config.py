@@ -17,6 +17,7 @@ import torch
 from moekit.checks import bad, check_bool, check_choice, check_int, check_real
 from moekit.model.config import ModelConfig
 from moekit.moe.config import MoEConfig, default_moe
+from moekit.recipe import apply_overrides
 
 __all__ = ["DataConfig", "ModelConfig", "MoEConfig", "ParallelConfig", "RunConfig", "TrainConfig",
            "apply_overrides", "check_layout", "default_moe"]
@@ -167,12 +168,6 @@ class RunConfig:
                 return [plain(x) for x in v]
             return v
         return plain(self)
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """``--set`` overrides onto a nested dict (see :func:`moekit.recipe.apply_overrides`)."""
-    from moekit.recipe import apply_overrides as apply
-    return apply(raw, overrides)
 
 
 def check_layout(parallel: ParallelConfig, model: ModelConfig) -> None:

@@ -17,12 +17,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from moekit.serve.generate import _check, generate
+    from moekit.serve.generate import check_sampling, generate
     from moekit.train.run_dir import load_model
-    try:   # before the model loads: a bad flag is one line naming it
-        _check(args.max_new_tokens, args.temperature, args.top_k)
-    except ValueError as err:
-        raise ValueError("--" + str(err).replace("_", "-", 2)) from None
+    # before the model loads: a bad flag is one line naming it
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k,
+                   names=("--max-new-tokens", "--temperature", "--top-k"))
     model, tok = load_model(Path(args.run_dir))
     print(generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
     return 0

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from moekit.model.config import ModelConfig
 from moekit.moe.config import MoEConfig  # noqa: F401  (MoEConfig: the doctests)
 from moekit.moe.experts import DenseFFN
-from moekit.moe.layer import MoEAux, MoELayer
+from moekit.moe.layer import MoEAux, MoELayer, moe_layers
 
 
 @dataclass
@@ -169,7 +169,7 @@ class MoETransformer(nn.Module):
 
     def moe_layers(self) -> dict[int, MoELayer]:
         """{block index: MoE layer}, the keys of :attr:`ModelOutput.moe`."""
-        return {i: block.ffn for i, block in enumerate(self.blocks) if isinstance(block.ffn, MoELayer)}
+        return {int(name.split(".")[0]): layer for name, layer in moe_layers(self.blocks).items()}
 
     def _apply(self, fn, recurse=True):
         # .to(torch.bfloat16) would round the rotary tables: recompute them in float32 instead

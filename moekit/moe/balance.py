@@ -34,7 +34,7 @@ class StatsReducer:
     """How a layer sums its load-balancing statistics over ranks (``aux_loss_scope="global"``).
 
     ``all_reduce`` sums a tensor in place over ``world`` ranks; moekit.parallel builds it
-    from torch.distributed, so nothing here depends on it. One process needs none.
+    (a process-group all-reduce), so the layer needs no process group. One process needs none.
     """
 
     all_reduce: Callable[[Tensor], None]

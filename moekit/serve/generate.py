@@ -8,16 +8,20 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer
 
+from moekit.checks import is_int, is_real
 from moekit.data.tokenizer import eos_id
 
 
-def _check(max_new_tokens: int, temperature: float, top_k: int) -> None:
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 0")
-    if not (isinstance(temperature, (int, float)) and 0 <= temperature < float("inf")):
-        raise ValueError(f"temperature={temperature!r}: must be a finite number >= 0 (0 = greedy)")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-        raise ValueError(f"top_k={top_k!r}: must be an integer >= 0 (0 = no cut)")
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int,
+                   names: tuple[str, str, str] = ("max_new_tokens", "temperature", "top_k")) -> None:
+    """The sampling settings, each a one-line error under its own ``names`` (the CLI's flags)."""
+    new, temp, k = names
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"{new}={max_new_tokens!r}: must be an integer >= 0")
+    if not (is_real(temperature) and temperature >= 0):
+        raise ValueError(f"{temp}={temperature!r}: must be a finite number >= 0 (0 = greedy)")
+    if not is_int(top_k) or top_k < 0:
+        raise ValueError(f"{k}={top_k!r}: must be an integer >= 0 (0 = no cut)")
 
 
 @torch.no_grad()
@@ -27,7 +31,7 @@ def sample(model, ids: list[int], max_new_tokens: int, temperature: float = 0.8,
 
     ``temperature`` 0 is greedy (argmax); ``top_k`` 0 keeps the whole vocabulary.
     """
-    _check(max_new_tokens, temperature, top_k)
+    check_sampling(max_new_tokens, temperature, top_k)
     if not ids:
         raise ValueError("sample: the prompt has no tokens; pass at least one id (e.g. end-of-text)")
     S = model.cfg.max_seq_len

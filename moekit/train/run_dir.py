@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -100,27 +101,24 @@ def discard(run_dir: Path, created: Path | None) -> None:
     made if they are empty. Nothing else is touched."""
     run_dir = Path(run_dir)
     for name in RUN_FILES:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.exists():
-            path.unlink(missing_ok=True)
+        _remove(run_dir / name)
     _remove_empty(run_dir, created)
+
+
+def _remove(path: Path) -> bool:
+    """Delete a file, link or directory tree; whether there was one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        return False
+    return True
 
 
 def remove_leftovers(run_dir: Path) -> list[str]:
     """Temporary checkpoint files a kill or a full disk left behind (they can keep a disk full)."""
-    removed = []
-    for name in LEFTOVERS:
-        path = Path(run_dir) / name
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.exists() or path.is_symlink():
-            path.unlink(missing_ok=True)
-        else:
-            continue
-        removed.append(name)
-    return removed
+    return [name for name in LEFTOVERS if _remove(Path(run_dir) / name)]
 
 
 def write_json(path: Path, obj) -> None:
@@ -231,16 +229,24 @@ def save_export(model: MoETransformer, tok: Tokenizer, cfg: RunConfig, out_dir: 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
              if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
     tmp = out_dir / (EXPORT_WEIGHTS + ".tmp")
-    try:
+    with _writing(out_dir, tmp):
         save_file(state, str(tmp), metadata={"format": "moekit"})
         os.replace(tmp, out_dir / EXPORT_WEIGHTS)
         write_json(out_dir / "config.json", cfg.to_dict())
         save_tokenizer(tok, out_dir / "tokenizer.json")
+    return out_dir
+
+
+@contextmanager
+def _writing(out_dir: Path, tmp: Path | None = None):
+    """A failed write into an output directory (a full disk) is one line; ``tmp`` goes."""
+    try:
+        yield
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise ValueError(f"writing {str(out_dir)!r} failed: {err.strerror or err}; free space or "
                          "choose another --out") from None
-    return out_dir
 
 
 def _load_export(out_dir: Path):
@@ -300,12 +306,9 @@ def export_hf(run_dir: Path, out_dir: Path) -> Path:
     model, tok, _ = load_run(run_dir)
     to_hf_config(model.cfg)                 # what Hugging Face cannot express: before anything is written
     create(out_dir)
-    try:
+    with _writing(out_dir):
         save_hf_dir(model, out_dir)
         save_tokenizer(tok, Path(out_dir) / "tokenizer.json")
-    except OSError as err:
-        raise ValueError(f"writing {str(out_dir)!r} failed: {err.strerror or err}; free space or "
-                         "choose another --out") from None
     return Path(out_dir)
 
 

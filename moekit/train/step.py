@@ -97,10 +97,11 @@ def train_step(run, micro_batches: list[Batch], objective: Objective) -> StepSta
     sums: dict[str, float] = {}
     stats = StepStats(losses={}, grad_norm=0.0, lr=lr, tokens=0)
     for j, batch in enumerate(micro_batches):
+        batch = _on(batch, run.device)
         with run.accumulate(j == k - 1):
             with run.autocast():
-                out = run.forward(batch.inputs.to(run.device))
-            loss = objective(out, _on(batch, run.device))
+                out = run.forward(batch.inputs)
+            loss = objective(out, batch)
             (loss.total / k).backward()
         for name, value in loss.parts.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())
@@ -127,6 +128,5 @@ def train_step(run, micro_batches: list[Batch], objective: Objective) -> StepSta
 
 
 def _on(batch: Batch, device: torch.device) -> Batch:
-    if batch.targets.device == device:
-        return batch
+    """The batch on the run's device (``.to`` returns the same tensor when it is there already)."""
     return Batch(batch.inputs.to(device), batch.targets.to(device), batch.tags)

@@ -63,23 +63,21 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     if ckpt is not None and ckpt.meta["step"] >= min(cfg.train.max_steps, stop_at or cfg.train.max_steps):
         # nothing to do: touch nothing (config, metrics, summary)
         return {"steps": ckpt.meta["step"], "steps_run": 0, "max_steps": cfg.train.max_steps}
-    made = None
-    try:
-        if rank == 0:
-            made = rd.create(run_dir)
-        run = setup(cfg, run_dir, ckpt)
-        if rank == 0:                       # config.json and every checkpoint record the layout in use
+    run = setup(cfg, run_dir, ckpt)         # a new run: checked, made, and removed again if setup fails
+    if rank == 0:                           # config.json and every checkpoint record the layout in use
+        try:
             rd.write_json(run_dir / "config.json", cfg.to_dict())
-    except BaseException:
-        if not resume and rank == 0:        # a fresh run that failed to start leaves nothing
-            rd.discard(run_dir, made)
-        raise
+        except BaseException:
+            if not resume:
+                rd.discard(run_dir, None)
+            raise
     del ckpt                                # release a consolidated state's memory
     return _loop(run, Pretraining(cfg.train.aux_loss_coef, cfg.train.z_loss_coef), resume, stop_at, progress)
 
 
 def _open(cfg, run_dir: Path, resume: bool, layout: dict | None, changes: dict, world: int, rank: int):
-    """(config in use, checkpoint or None): the checks before anything is written."""
+    """(config in use, checkpoint or None): the checks before anything is written (a new run's
+    directory is checked by setup, which makes it)."""
     ckpt = None
     if resume:
         ckpt = Checkpoint(run_dir)
@@ -87,8 +85,6 @@ def _open(cfg, run_dir: Path, resume: bool, layout: dict | None, changes: dict, 
         cfg = resumed_config(RunConfig.from_dict(ckpt.meta["config"]), ckpt.meta["step"], changes)
         if rank == 0 and (removed := rd.remove_leftovers(run_dir)):
             log.info("removed what an interrupted save left: %s", ", ".join(removed))
-    elif rank == 0:
-        rd.check_fresh(run_dir)
     saved = cfg.parallel
     cfg = resolve_layout(cfg, world, resume, layout)
     if resume and rank == 0 and cfg.parallel != saved:
@@ -135,7 +131,8 @@ def _loop(run: Run, objective, resumed: bool, stop_at: int | None, progress: boo
     if progress and run.main:
         from tqdm import tqdm
         bar = tqdm(total=t.max_steps, initial=run.step, unit="step", dynamic_ncols=True)
-    state = _LoopState(saved_step=run.step if resumed else None, first_step=run.step)
+    state = _LoopState(saved_step=run.step if resumed else None, first_step=run.step,
+                       flops=model_flops(run.model.cfg, run.cfg.data.seq_len))
     end = t.max_steps if stop_at is None else min(stop_at, t.max_steps)
     try:
         while run.step < end:
@@ -176,6 +173,7 @@ def _loop(run: Run, objective, resumed: bool, stop_at: int | None, progress: boo
 class _LoopState:
     saved_step: int | None                  # the newest checkpoint's step (None: none yet)
     first_step: int = 0                     # where this invocation started
+    flops: dict = dataclasses.field(default_factory=dict)   # model_flops: parameters, FLOPs per token
     train_time: float = 0.0                 # this log interval's step time (no eval/saving)
     interval_steps: int = 0
     val_loss: float | None = None
@@ -219,7 +217,7 @@ def _log(run: Run, writer: MetricsWriter | None, stats: StepStats, state: _LoopS
     """Losses, LR, gradient norm, throughput and routing telemetry of the log interval."""
     tps = stats.tokens * state.interval_steps / state.train_time      # evaluation and saving excluded
     state.train_time, state.interval_steps = 0.0, 0
-    flops = model_flops(run.model.cfg, run.cfg.data.seq_len)["flops_per_token"]
+    flops = state.flops["flops_per_token"]
     metrics = {f"loss/{k}": v for k, v in stats.losses.items() if k != "total"}
     metrics.update({"optim/lr": stats.lr, "optim/grad_norm": stats.grad_norm, "perf/tokens_per_s": tps,
                     "perf/tokens_per_s_per_rank": tps / run.world,
@@ -279,6 +277,6 @@ def _summary(run: Run, state: _LoopState) -> dict:
     return {"steps": run.step, "steps_run": run.step - state.first_step,
             "final_train_loss": run.history[-1] if run.history else None,
             "final_val_loss": state.val_loss, "train_losses": run.history, "skipped_steps": state.bad_steps,
-            "params": model_flops(run.model.cfg, run.cfg.data.seq_len),
+            "params": state.flops,
             "train_tokens": run.data_meta["train_tokens"],
             "routing_last_interval": {str(i): c for i, c in state.last_loads.items()}}
