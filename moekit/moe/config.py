@@ -14,6 +14,7 @@ DROP_POLICIES = ("position", "probability")
 ACTIVATIONS = ("swiglu", "gelu")
 BACKENDS = ("auto", "segment_mm", "grouped_mm", "reference")
 SCOPES = ("local", "global")
+TOP1_WEIGHTS = ("prob", "one")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -46,6 +47,9 @@ class MoEConfig:
     router: str = "softmax"            # "softmax" | "sigmoid" | "expert_choice"
     normalize_topk: bool = True        # renormalize the k chosen weights to sum to 1 (k > 1;
                                        # k = 1 keeps the Switch weight, the probability)
+    top1_weight: str = "prob"          # top_k = 1 only: "prob" (Switch) or "one": p / stop_grad(p),
+                                       # 1 in value with p's gradient (a top-1 upcycle keeps the
+                                       # dense function and its router still learns)
     noisy_gating: bool = False         # learned noise std (Shazeer et al. 2017), training only
     jitter_eps: float = 0.0            # multiplicative router-input jitter (Switch), training only
     # aux-loss-free balancing (DeepSeek-V3): a per-expert selection bias, sigmoid router only
@@ -77,7 +81,7 @@ class MoEConfig:
                       f"use top_k <= {self.num_experts} or add experts")
         for name, choices in (("router", ROUTERS), ("drop_policy", DROP_POLICIES),
                               ("aux_loss_scope", SCOPES), ("activation", ACTIVATIONS),
-                              ("backend", BACKENDS)):
+                              ("backend", BACKENDS), ("top1_weight", TOP1_WEIGHTS)):
             check_choice(own, name, getattr(self, name), choices)
         for name in ("normalize_topk", "noisy_gating", "aux_loss_free"):
             check_bool(own, name, getattr(self, name))
@@ -90,6 +94,9 @@ class MoEConfig:
         if self.noisy_gating and self.router == "expert_choice":
             raise bad(own, "noisy_gating", True, "is a token-choice option; expert choice has no noise",
                       "set noisy_gating=False or use router='softmax'")
+        if self.top1_weight == "one" and (self.top_k != 1 or self.router == "expert_choice"):
+            raise bad(own, "top1_weight", "one", f"applies to token-choice top_k=1, got top_k={self.top_k}, "
+                      f"router={self.router!r}", "set top1_weight='prob' (k > 1 renormalises instead)")
         if self.aux_loss_free and self.router != "sigmoid":
             raise bad(own, "aux_loss_free", True, f"needs router='sigmoid', got router={self.router!r}",
                       "set router='sigmoid' or aux_loss_free=False")

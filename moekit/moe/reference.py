@@ -50,7 +50,11 @@ def reference_moe(layer, x: Tensor) -> Tensor:
         weights = []
         for t in range(T):
             w_K = torch.stack([scores_TE[t, e] for e in chosen[t]])
-            weights.append(w_K / w_K.sum() if cfg.normalize_topk and K > 1 else w_K)
+            if cfg.normalize_topk and K > 1:
+                w_K = w_K / w_K.sum()
+            elif cfg.top1_weight == "one":
+                w_K = w_K / w_K.detach()
+            weights.append(w_K)
         # GShard priority: all first choices (in token order), then all second choices, ...
         ranked = [(t, chosen[t][k], weights[t][k]) for k in range(K) for t in range(T)]
         if cfg.capacity_factor is not None and cfg.drop_policy == "probability":

@@ -90,6 +90,7 @@ class TopKRouter(nn.Module):
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.score = cfg.router
         self.normalize_topk = cfg.normalize_topk
+        self.unit_top1 = cfg.top1_weight == "one"
         self.jitter_eps = cfg.jitter_eps
         self.aux_loss_free = cfg.aux_loss_free
         self.bias_update_rate = cfg.bias_update_rate
@@ -147,6 +148,8 @@ class TopKRouter(nn.Module):
             probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
         if self.normalize_topk and self.top_k > 1:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        elif self.unit_top1:   # 1 in value, the probability's gradient (straight through)
+            weights_TK = weights_TK / weights_TK.detach()
         return RouterOutput(probs_TE=probs_TE, logits_TE=logits_TE, weights_TK=weights_TK,
                             experts_TK=experts_TK)
 

@@ -231,3 +231,11 @@ def test_mixed_precision_f32_params_bf16_activations():
     assert layer.experts.w_up_EDF.grad.dtype == torch.float32
     ref = reference_moe(layer, x.float())
     assert rel_err(y, ref) < 3e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top1_weight_one_matches_reference(backend):
+    torch.manual_seed(5)
+    layer = MoELayer(MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=1, top1_weight="one",
+                               backend=backend))
+    check_against_reference(layer, torch.randn(24, 16), 1e-5)

@@ -36,6 +36,23 @@ def test_switch_top1_weight_is_the_max_probability():
     assert torch.equal(out.experts_TK[:, 0], out.probs_TE.argmax(-1))
 
 
+def test_top1_weight_one_is_one_in_value_and_carries_the_probability_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(32, 16)
+    unit = TopKRouter(MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=1, top1_weight="one"))
+    switch = TopKRouter(MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=1))
+    switch.load_state_dict(unit.state_dict())
+    u, s = unit(x), switch(x)
+    assert torch.equal(u.weights_TK, torch.ones(32, 1)) and torch.equal(u.experts_TK, s.experts_TK)
+    g = torch.randn(32, 1)
+    (gu,) = torch.autograd.grad((u.weights_TK * g).sum(), unit.weight_ED)
+    (gs,) = torch.autograd.grad((s.weights_TK * g / s.weights_TK.detach()).sum(), switch.weight_ED)
+    torch.testing.assert_close(gu, gs)
+    assert float(gu.abs().sum()) > 0
+    with pytest.raises(ValueError, match="top1_weight"):
+        MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=2, top1_weight="one")
+
+
 def test_noisy_gating_is_training_only_and_learns_its_std():
     torch.manual_seed(0)
     router = TopKRouter(MoEConfig(d_model=16, d_ff=16, num_experts=8, top_k=2, noisy_gating=True))
