@@ -1,8 +1,11 @@
-"""moekit upcycle: a dense model as an MoE whose experts are copies of its FFNs (Scale-Out)."""
+"""moekit upcycle: a dense model as an MoE made from its FFNs (EfficientScale Scale-Out)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+
+_SET_BY_UPCYCLE = ("d_model", "d_ff", "num_experts", "top_k", "num_shared_experts", "shared_d_ff")
 
 
 def register(sub) -> None:
@@ -10,12 +13,21 @@ def register(sub) -> None:
                        allow_abbrev=False,
                        description="Read a dense model (a run, an export, a Hugging Face directory or a "
                                    "catalog model such as smollm2-135m) and write OUT, an MoE whose experts "
-                                   "are copies of each FFN: the same function at step 0 (top-k >= 2).")
+                                   "are made from each FFN: copies (the same function at step 0), copies "
+                                   "with a re-drawn share (drop), or fine-grained shards (virtual-group, "
+                                   "the same function at step 0).")
     p.add_argument("src")
     p.add_argument("--experts", type=int, required=True, help="experts per MoE layer")
     p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--method", default="copy", choices=("copy", "drop", "virtual-group"))
+    p.add_argument("--drop-ratio", type=float, default=0.5, help="drop: share of hidden units re-drawn")
+    p.add_argument("--granularity", type=int, default=1,
+                   help="virtual-group: shards per FFN (experts of width d_ff / G)")
+    p.add_argument("--shared-from-ffn", action="store_true", help="add a shared expert copied from the FFN")
     p.add_argument("--layers", default="all", help="all, alternate, or indices such as 0,2,4")
     p.add_argument("--router-init", default="normal", choices=("normal", "zeros"), help="N(0, 0.02) or zeros")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="another MoEConfig field, e.g. --set router=sigmoid --set aux_loss_free=true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(run=run)
@@ -31,14 +43,37 @@ def _layers(text: str):
                          "0,2") from None
 
 
+def moe_options(items: list[str]) -> dict:
+    """``["router=sigmoid"]`` -> {"router": "sigmoid"}, refusing what is not an MoEConfig field."""
+    from moekit.moe.config import MoEConfig
+    from moekit.recipe import parse_set
+    fields = {f.name for f in dataclasses.fields(MoEConfig)} - set(_SET_BY_UPCYCLE)
+    options = {}
+    for item in items:
+        key, value = parse_set(item)
+        if key not in fields:
+            raise ValueError(f"--set {key}: not an MoEConfig field upcycle takes; use one of "
+                             f"{', '.join(sorted(fields))}")
+        if key in options:
+            raise ValueError(f"--set {key} given twice; give each field once")
+        options[key] = value
+    return options
+
+
 def run(args) -> int:
-    from moekit.scale.upcycle import upcycle
+    from moekit.scale.upcycle import preserves_function, upcycle
     from moekit.train.run_dir import check_export_target, load_run, save_export
     check_export_target(Path(args.out), "upcycle --out")
+    options = moe_options(args.set)
     model, tok, cfg = load_run(args.src)
-    moe = upcycle(model, args.experts, args.top_k, layers=_layers(args.layers), router_init=args.router_init,
-                  seed=args.seed)
+    moe = upcycle(model, args.experts, args.top_k, method=args.method, drop_ratio=args.drop_ratio,
+                  granularity=args.granularity, shared_from_ffn=args.shared_from_ffn,
+                  layers=_layers(args.layers), router_init=args.router_init, seed=args.seed, **options)
     save_export(moe, tok, cfg, Path(args.out))
-    print(f"upcycled {args.src} to {args.out}: {len(moe.moe_layers())} MoE layers of {args.experts} experts, "
-          f"top-{args.top_k}")
+    m = moe.cfg.moe
+    same = "the dense function at step 0" if preserves_function(m, args.method) else \
+        "not the dense function at step 0 (by the method or the router options)"
+    print(f"upcycled {args.src} to {args.out} ({args.method}): {len(moe.moe_layers())} MoE layers of "
+          f"{m.num_experts} experts of width {m.d_ff}, top-{m.top_k}"
+          f"{', 1 shared expert' if m.num_shared_experts else ''}; {same}")
     return 0

@@ -1,17 +1,35 @@
-"""Scale-Out: a dense model becomes an MoE (sparse upcycling, Komatsuzaki et al. 2023).
+"""Scale-Out: a dense model becomes an MoE (EfficientScale; sparse upcycling).
 
-    moe = upcycle(dense, num_experts=8, top_k=2)               # every expert a copy of the FFN
-    moe = upcycle(dense, 8, 2, layers="alternate", router_init="zeros")
+    moe = upcycle(dense, 8, 2)                                     # copy: every expert the FFN
+    moe = upcycle(dense, 8, 2, method="drop", drop_ratio=0.5)      # Drop-Upcycling
+    moe = upcycle(dense, 16, 4, method="virtual-group", granularity=4)   # fine-grained shards
+    moe = upcycle(dense, 8, 1)                                     # top-1: weight 1 (top1_weight="one")
 
-Everything but the upcycled FFNs is copied as it is; each upcycled layer's experts are copies
-of its dense SwiGLU FFN, and its router is new (N(0, 0.02) by default, or zeros). With
-top_k >= 2 and renormalised top-k weights (the default) the combine weights sum to one over
-identical experts, so the MoE computes exactly the dense function at step 0 whatever the
-router says. With top_k = 1 the Switch weight is the router probability, which scales the
-FFN's output: not function-preserving, so it is refused here for now.
+Everything but the upcycled FFNs is copied as it is; each upcycled layer's router is new,
+N(0, router_std) by default or zeros. The methods:
 
-Still to come (the pretrained-models work): Drop-Upcycling (``drop``), virtual-group
-fine-grained experts, shared experts seeded from the FFN.
+- ``copy`` (Komatsuzaki et al. 2023): every expert is a copy of the dense SwiGLU FFN. The k
+  renormalised combine weights sum to one over identical experts, so the MoE computes the
+  dense function at step 0 whatever the router says. At top_k = 1 the weight is made
+  1 in value (``top1_weight="one"``, the probability's gradient still trains the router).
+- ``drop`` (Drop-Upcycling, Nakamura et al. 2025): as ``copy``, then each expert re-draws
+  its own random share ``drop_ratio`` of the FFN's hidden units (gate and up columns, down
+  rows) from N(mean, std) of the original matrix, so experts start diverse. It changes the
+  function by design; attention, norms and embeddings are untouched.
+- ``virtual-group`` (He et al. 2024): the FFN's hidden units are cut into ``granularity`` G
+  shards of width d_ff / G; expert e holds shard e mod G. Experts j*G .. j*G+G-1 (a virtual
+  group: one of each shard) get the same router row, so top_k = k' * G picks whole groups;
+  each shard's weights then sum to 1/G, and the down projections are scaled by G: the dense
+  function at step 0 (with the renormalised top-k of a token-choice router). top_k = G
+  gives the dense model's active parameters.
+
+``shared_from_ffn`` adds one shared expert, a copy of the FFN; the shared and routed down
+projections are halved so their sum is still the dense function.
+
+Function preservation needs a token-choice router with renormalised top-k weights (or
+top_k = 1 with ``top1_weight="one"``) and no capacity drops; :func:`preserves_function`
+says whether an upcycle is exact. Other router options are allowed (the result is then
+not the dense function at step 0).
 """
 
 from __future__ import annotations
@@ -19,18 +37,22 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from moekit.model.transformer import MoETransformer
 from moekit.moe.config import MoEConfig
 
+METHODS = ("copy", "drop", "virtual-group")
 ROUTER_INITS = ("normal", "zeros")
 
 
-def upcycle(model: MoETransformer, num_experts: int, top_k: int, *, layers="all", router_init: str = "normal",
-            router_std: float = 0.02, seed: int = 0, **moe_options) -> MoETransformer:
+def upcycle(model: MoETransformer, num_experts: int, top_k: int, *, method: str = "copy",
+            drop_ratio: float = 0.5, granularity: int = 1, layers="all", router_init: str = "normal",
+            router_std: float = 0.02, shared_from_ffn: bool = False, seed: int = 0,
+            **moe_options) -> MoETransformer:
     """A new MoETransformer whose ``layers`` ("all", "alternate" or indices) are MoE layers of
-    ``num_experts`` copies of the dense FFN; ``moe_options`` are further MoEConfig fields.
+    ``num_experts`` experts made from the dense FFN by ``method``; ``moe_options`` are further
+    MoEConfig fields (router, aux_loss_free, jitter_eps, ...).
 
     Example:
         >>> from moekit.model.config import ModelConfig
@@ -41,35 +63,124 @@ def upcycle(model: MoETransformer, num_experts: int, top_k: int, *, layers="all"
         >>> torch.allclose(moe.eval()(x).logits, dense.eval()(x).logits, atol=1e-5)
         True
     """
-    cfg = model.cfg
-    if cfg.moe is not None:
-        raise ValueError("upcycle: the model is already an MoE (model.moe is set); upcycle a dense model")
-    if router_init not in ROUTER_INITS:
-        raise ValueError(f"upcycle: router_init={router_init!r} is not one of {ROUTER_INITS}")
-    if isinstance(top_k, int) and top_k == 1:
-        raise ValueError("upcycle: top_k=1 scales each expert by its router probability, so the copy is not "
-                         "the dense function; use top_k >= 2")
-    moe = MoEConfig(d_model=cfg.d_model, d_ff=cfg.d_ff, num_experts=num_experts, top_k=top_k, **moe_options)
-    if moe.router == "expert_choice" or moe.capacity_factor is not None or not moe.normalize_topk \
-            or moe.num_shared_experts or moe.activation != "swiglu":
-        raise ValueError("upcycle: copies preserve the dense function with a token-choice router, "
-                         "renormalised top-k, no capacity, no shared experts and SwiGLU experts")
-    new = MoETransformer.build(dataclasses.replace(cfg, moe=moe, moe_layers=layers))
+    moe = upcycle_config(model, num_experts, top_k, method=method, drop_ratio=drop_ratio,
+                         granularity=granularity, router_init=router_init, router_std=router_std,
+                         shared_from_ffn=shared_from_ffn, **moe_options)
+    new = MoETransformer.build(dataclasses.replace(model.cfg, moe=moe, moe_layers=layers))
     src = model.state_dict()
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in new.state_dict().items():
             if name in src:
                 t.copy_(src[name])
-        gen = torch.Generator().manual_seed(seed)
         for i, layer in new.moe_layers().items():
             ffn = model.blocks[i].ffn
-            ex = layer.experts
-            ex.w_gate_EDF.copy_(ffn.w_gate.weight.t().expand_as(ex.w_gate_EDF))   # [F, D] -> [E, D, F]
-            ex.w_up_EDF.copy_(ffn.w_up.weight.t().expand_as(ex.w_up_EDF))
-            ex.w_down_EFD.copy_(ffn.w_down.weight.t().expand_as(ex.w_down_EFD))   # [D, F] -> [E, F, D]
-            w = layer.router.weight_ED
-            w.copy_(torch.zeros_like(w) if router_init == "zeros"
-                    else torch.randn(w.shape, generator=gen) * router_std)
-            if getattr(layer.router, "noise_ED", None) is not None:
-                nn.init.zeros_(layer.router.noise_ED)
+            gate_DF, up_DF, down_FD = ffn.w_gate.weight.t(), ffn.w_up.weight.t(), ffn.w_down.weight.t()
+            scale = 0.5 if shared_from_ffn else 1.0
+            _fill_experts(layer, gate_DF, up_DF, down_FD * scale, method, drop_ratio, granularity, gen)
+            groups = granularity if method == "virtual-group" else 1
+            _init_router(layer.router, router_init, router_std, groups, gen)
+            if shared_from_ffn:
+                layer.shared.w_gate.weight.copy_(ffn.w_gate.weight)
+                layer.shared.w_up.weight.copy_(ffn.w_up.weight)
+                layer.shared.w_down.weight.copy_(ffn.w_down.weight * scale)
     return new
+
+
+def upcycle_config(model: MoETransformer, num_experts: int, top_k: int, *, method: str = "copy",
+                   drop_ratio: float = 0.5, granularity: int = 1, router_init: str = "normal",
+                   router_std: float = 0.02, shared_from_ffn: bool = False, **moe_options) -> MoEConfig:
+    """The MoEConfig :func:`upcycle` builds, after checking the arguments (one line each)."""
+    cfg = model.cfg
+    if not isinstance(model, MoETransformer):
+        raise ValueError(f"upcycle: got a {type(model).__name__}, expected an MoETransformer; load one with "
+                         "moekit.load_model")
+    if cfg.moe is not None:
+        raise ValueError("upcycle: the model is already an MoE (model.moe is set); upcycle a dense model, "
+                         "or grow its experts instead")
+    if method not in METHODS:
+        raise ValueError(f"upcycle: method={method!r} is not one of {METHODS}")
+    if router_init not in ROUTER_INITS:
+        raise ValueError(f"upcycle: router_init={router_init!r} is not one of {ROUTER_INITS}")
+    if not isinstance(router_std, (int, float)) or not router_std >= 0:
+        raise ValueError(f"upcycle: router_std={router_std!r} must be a number >= 0; use e.g. 0.02")
+    if isinstance(num_experts, int) and isinstance(top_k, int) and 0 < num_experts < top_k:
+        raise ValueError(f"upcycle: {num_experts} experts are fewer than top_k={top_k}; use at least "
+                         f"{top_k} experts or a smaller top_k")
+    if method == "drop" and (isinstance(drop_ratio, bool) or not isinstance(drop_ratio, (int, float))
+                             or not 0 <= drop_ratio <= 1):
+        raise ValueError(f"upcycle: drop_ratio={drop_ratio!r} must be in [0, 1]; 0.5 is "
+                         "Drop-Upcycling's best")
+    G = granularity
+    if method != "virtual-group" and G != 1:
+        raise ValueError(f"upcycle: granularity={G!r} applies to method='virtual-group' only; drop it or "
+                         "use that method")
+    if method == "virtual-group":
+        if isinstance(G, bool) or not isinstance(G, int) or G < 1 or cfg.d_ff % G:
+            raise ValueError(f"upcycle: granularity={G!r} must be a positive integer dividing "
+                             f"d_ff={cfg.d_ff}")
+        if not isinstance(num_experts, int) or num_experts % G or not isinstance(top_k, int) or top_k % G:
+            raise ValueError(f"upcycle: virtual-group needs num_experts={num_experts!r} and "
+                             f"top_k={top_k!r} to be multiples of granularity={G}; top_k={G} keeps the dense "
+                             "active width")
+    if moe_options.get("activation", "swiglu") != "swiglu":
+        raise ValueError(f"upcycle: activation={moe_options['activation']!r}: the dense FFN is SwiGLU, "
+                         "so are its experts; drop the option")
+    for name in ("num_shared_experts", "d_ff", "shared_d_ff"):
+        if name in moe_options:
+            raise ValueError(f"upcycle: {name} is set by the method (shared_from_ffn, granularity); drop it")
+    if top_k == 1 and moe_options.get("router") != "expert_choice":
+        moe_options.setdefault("top1_weight", "one")
+    shared = {"num_shared_experts": 1} if shared_from_ffn else {}
+    if shared_from_ffn and G > 1:
+        shared["shared_d_ff"] = cfg.d_ff
+    return MoEConfig(d_model=cfg.d_model, d_ff=cfg.d_ff // G, num_experts=num_experts, top_k=top_k,
+                     **shared, **moe_options)
+
+
+def preserves_function(moe: MoEConfig, method: str) -> bool:
+    """True when an upcycle by ``method`` into ``moe`` computes the dense function at step 0
+    in eval mode (training-time noise or jitter can split a virtual group; a ``copy``'s equal
+    experts do not care)."""
+    if method == "drop" or moe.router == "expert_choice" or moe.capacity_factor is not None:
+        return False
+    if moe.top_k == 1:
+        return moe.top1_weight == "one"
+    return moe.normalize_topk
+
+
+def _fill_experts(layer, gate_DF: Tensor, up_DF: Tensor, down_FD: Tensor, method: str, drop_ratio: float,
+                  G: int, gen: torch.Generator) -> None:
+    ex = layer.experts
+    E, F = ex.w_up_EDF.shape[0], gate_DF.shape[1]
+    if method == "virtual-group":
+        w = F // G
+        for e in range(E):
+            g = (e % G) * w
+            ex.w_gate_EDF[e].copy_(gate_DF[:, g:g + w])
+            ex.w_up_EDF[e].copy_(up_DF[:, g:g + w])
+            ex.w_down_EFD[e].copy_(down_FD[g:g + w] * G)
+        return
+    ex.w_gate_EDF.copy_(gate_DF.expand_as(ex.w_gate_EDF))
+    ex.w_up_EDF.copy_(up_DF.expand_as(ex.w_up_EDF))
+    ex.w_down_EFD.copy_(down_FD.expand_as(ex.w_down_EFD))
+    if method == "drop":
+        n = round(drop_ratio * F)
+        stats = [(w.mean(), w.std()) for w in (gate_DF, up_DF, down_FD)]
+        for e in range(E):
+            idx = torch.randperm(F, generator=gen)[:n]
+            (mg, sg), (mu, su), (md, sd) = stats
+            ex.w_gate_EDF[e][:, idx] = torch.randn(gate_DF.shape[0], n, generator=gen) * sg + mg
+            ex.w_up_EDF[e][:, idx] = torch.randn(up_DF.shape[0], n, generator=gen) * su + mu
+            ex.w_down_EFD[e][idx] = torch.randn(n, down_FD.shape[1], generator=gen) * sd + md
+
+
+def _init_router(router: nn.Module, init: str, std: float, G: int, gen: torch.Generator) -> None:
+    w = router.weight_ED
+    if init == "zeros":
+        w.zero_()
+    else:   # one row per virtual group (G = 1: per expert), shared by the group's experts
+        rows = torch.randn(w.shape[0] // G, w.shape[1], generator=gen) * std
+        w.copy_(rows.repeat_interleave(G, dim=0))
+    if getattr(router, "noise_ED", None) is not None:
+        nn.init.zeros_(router.noise_ED)
