@@ -71,6 +71,8 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     telemetry: bool = True             # per-layer routing statistics every log_every steps
+    init_from: str | None = None       # start from these weights (train --from): a run, export or
+                                       # Hugging Face directory, or a catalog model; their architecture
 
     def __post_init__(self) -> None:
         own = "TrainConfig"
@@ -94,6 +96,9 @@ class TrainConfig:
         check_choice(own, "device", self.device, ("auto", "cpu", "cuda"))
         for name in ("compile", "activation_checkpointing", "telemetry"):
             check_bool(own, name, getattr(self, name))
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            raise bad(own, "init_from", self.init_from, "is not a path or a catalog model name",
+                      "give a run/export/Hugging Face directory or e.g. 'smollm2-135m', or leave it unset")
 
 
 @dataclass

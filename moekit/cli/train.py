@@ -23,6 +23,10 @@ def register(sub) -> None:
                         "(train longer), train.eval_every, save_every, log_every")
     p.add_argument("--out", help="the run directory (default: a new runs/<recipe>-<date>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    p.add_argument("--from", dest="init_from", metavar="SRC",
+                   help="start a new run (step 0, fresh optimizer) from the weights, architecture and "
+                        "tokenizer of SRC: a run, export or Hugging Face directory, or a catalog model "
+                        "(smollm2-135m); the recipe's train and data sections apply (train.init_from)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--stop-at", type=int, metavar="STEP",
                    help="stop with a checkpoint after STEP (resume later, with any parallel layout)")
@@ -45,11 +49,19 @@ def _resume_overrides(sets: list[str]) -> tuple[dict, dict]:
     return raw.get("parallel", {}), raw.get("train", {})
 
 
-def _config(args) -> RunConfig:
-    """The recipe (or the default) with the --set overrides."""
-    if args.config:
-        return RunConfig.from_toml(args.config, args.set)
-    return RunConfig.from_dict(apply_overrides({}, args.set))
+def _config(args) -> tuple[RunConfig, dict]:
+    """(the recipe (or the default) with the --set overrides and --from, the model fields it set)."""
+    import dataclasses
+
+    from moekit.recipe import load_toml
+    raw = apply_overrides(load_toml(args.config) if args.config else {}, args.set)
+    cfg = RunConfig.from_dict(raw)
+    if getattr(args, "init_from", None):
+        if cfg.train.init_from is not None and cfg.train.init_from != args.init_from:
+            raise ValueError(f"--from {args.init_from} and train.init_from={cfg.train.init_from!r} disagree; "
+                             "give one of them")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=args.init_from))
+    return cfg, raw.get("model") or {}
 
 
 def _default_out(args) -> Path:
@@ -72,18 +84,20 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from moekit.train.trainer import train
     if args.resume:
-        if args.config:
-            raise ValueError("--resume continues a run with its saved config; drop --config")
+        if args.config or args.init_from:
+            flag = "--config" if args.config else "--from"
+            raise ValueError(f"--resume continues a run with its saved config and weights; drop {flag}")
         layout, changes = _resume_overrides(args.set)
         summary = train(RunConfig(), Path(args.resume), resume=True, progress=not args.no_progress,
                         stop_at=args.stop_at, layout=layout, changes=changes)
         out = Path(args.resume)
     else:
-        cfg = _config(args)
+        cfg, model_section = _config(args)
         out = Path(args.out) if args.out else _default_out(args)
         if os.environ.get("RANK", "0") == "0":
             print(f"run directory: {out}")
-        summary = train(cfg, out, progress=not args.no_progress, stop_at=args.stop_at)
+        summary = train(cfg, out, progress=not args.no_progress, stop_at=args.stop_at,
+                        model_section=model_section)
     import torch.distributed as dist
     if dist.is_initialized():
         from moekit.parallel.parallelize import leave_process_group
@@ -146,7 +160,10 @@ def _precheck(args) -> None:
         cfg = resumed_config(RunConfig.from_dict(ckpt.meta["config"]), ckpt.meta["step"], changes)
         resolve_layout(cfg, args.nproc, True, layout)
         return
-    cfg = _config(args)
+    cfg, model_section = _config(args)
+    if cfg.train.init_from is not None:
+        from moekit.train.source import load_source
+        load_source(cfg, model_section)    # readable, and the recipe does not contradict it
     if cfg.parallel.world_size != 1:
         cfg.parallel.check_world(args.nproc, "processes asked for (--nproc)")
     if args.out:

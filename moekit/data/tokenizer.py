@@ -62,5 +62,17 @@ def load_tokenizer(path: Path) -> Tokenizer:
                          "restore it from a copy") from None
 
 
-def eos_id(tok: Tokenizer) -> int:
-    return tok.token_to_id(EOS)
+# end-of-text tokens of pretrained tokenizers (SmolLM2 and GPT-2 use moekit's own)
+_EOS_NAMES = (EOS, "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
+
+
+def eos_id(tok: Tokenizer, required: bool = True) -> int | None:
+    """The end-of-text token: moekit's, or a pretrained tokenizer's own; none is one line
+    (or None when not ``required``)."""
+    for name in _EOS_NAMES:
+        if (i := tok.token_to_id(name)) is not None:
+            return i
+    if not required:
+        return None
+    raise ValueError(f"the tokenizer has no end-of-text token (looked for {', '.join(_EOS_NAMES)}); "
+                     "use a tokenizer with one")

@@ -64,9 +64,9 @@ def generate(model, tok: Tokenizer, prompt: str, max_new_tokens: int = 100, temp
     """
     if seed is not None:
         torch.manual_seed(seed)
-    eos = eos_id(tok)
+    eos = eos_id(tok, required=False)
     if not prompt and eos is None:
         raise ValueError("generate: an empty prompt starts from end-of-text, and this tokenizer has no "
-                         "<|endoftext|> token; give a prompt (--prompt)")
+                         "end-of-text token; give a prompt (--prompt)")
     ids = tok.encode(prompt).ids if prompt else [eos]
     return prompt + tok.decode(sample(model, ids, max_new_tokens, temperature, top_k, eos))

@@ -176,10 +176,11 @@ def _parallel_model(run_cfg: RunConfig, model: MoETransformer, world: int, rank:
     return par.forward, par.accumulate, par.sync_expert_grads, mesh, ep_group
 
 
-def setup(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None = None) -> Run:
+def setup(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None = None, initial=None) -> Run:
     """Data, model, parallel forward, optimizer, sampler and telemetry for ``cfg`` (its layout
     already resolved, see :func:`resolve_layout`) in ``run_dir``; with ``ckpt`` the state is
-    loaded from it (a resume). Writes no config or metrics: :func:`moekit.train.trainer.train`
+    loaded from it (a resume); with ``initial`` (:class:`moekit.train.source.Initial`, a new
+    run) the weights and tokenizer are SRC's. Writes no config or metrics: :func:`moekit.train.trainer.train`
     does, around its loop.
 
     Example:
@@ -196,19 +197,23 @@ def setup(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None = None) -> Run:
             rd.check_fresh(Path(run_dir))
         made = rd.create(Path(run_dir))         # the tokenizer and the token cache go there
     try:
-        return _build(cfg, Path(run_dir), ckpt, rank, world)
+        if initial is not None and rank == 0:   # the data is tokenized with SRC's tokenizer
+            rd.save_tokenizer(initial.tokenizer, Path(run_dir) / "tokenizer.json")
+        return _build(cfg, Path(run_dir), ckpt, rank, world, initial)
     except BaseException:
         if ckpt is None and rank == 0:          # a new run that failed leaves nothing behind
             rd.discard(Path(run_dir), made)
         raise
 
 
-def _build(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None, rank: int, world: int) -> Run:
+def _build(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None, rank: int, world: int, initial) -> Run:
     tune_cpu_allocator()
     torch.manual_seed(cfg.train.seed)           # the same initial weights on every rank
     device = resolve_device(cfg.train.device)
     tok, train_split, val_split, meta = _data(cfg, run_dir, rank, world)
     model = MoETransformer.build(rd.model_config_for(cfg, tok.get_vocab_size()), device=device)
+    if initial is not None:                     # before parallelizing: every rank holds SRC's weights
+        model.load_state_dict(initial.state)
     forward, accumulate, sync, mesh, ep_group = _parallel_model(cfg, model, world, rank, device)
     opt = build_optimizer(model, cfg.train)
     sampler = BatchSampler(len(train_split), cfg.train.batch_size, cfg.train.seed, rank, world)

@@ -155,7 +155,11 @@ def prepare_data(cfg: RunConfig, run_dir: Path):
 
 
 def model_config_for(cfg: RunConfig, vocab_size: int):
-    """The model a run builds: the recipe's, with the tokenizer's vocabulary and room for seq_len."""
+    """The model a run builds: the recipe's, with the tokenizer's vocabulary and room for seq_len.
+    A run started from weights (train.init_from) keeps their vocabulary, which may be padded
+    past the tokenizer's."""
+    if cfg.train.init_from is not None:
+        vocab_size = max(cfg.model.vocab_size, vocab_size)
     return dataclasses.replace(cfg.model, vocab_size=vocab_size,
                                max_seq_len=max(cfg.model.max_seq_len, cfg.data.seq_len))
 

@@ -46,7 +46,8 @@ class RunStopped(ValueError):
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
-          stop_at: int | None = None, layout: dict | None = None, changes: dict | None = None) -> dict:
+          stop_at: int | None = None, layout: dict | None = None, changes: dict | None = None,
+          model_section: dict | None = None) -> dict:
     """Train (or resume) the run in ``run_dir``; returns a summary dict.
 
     ``stop_at``: stop after that step with a checkpoint, as if preempted (the schedule still
@@ -54,7 +55,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     ``layout``: on resume, ParallelConfig fields to use instead of the saved ones (e.g.
     {"dp": 2, "ep": 1}); without it a different number of processes picks a layout itself.
     ``changes``: on resume, train.* settings to change (:data:`RESUME_SETTINGS`), e.g.
-    {"max_steps": 2000} to train a finished run longer."""
+    {"max_steps": 2000} to train a finished run longer.
+    ``cfg.train.init_from`` (a new run): start from those weights, architecture and tokenizer
+    (:mod:`moekit.train.source`); ``model_section`` is the model fields the recipe set, which
+    may not contradict them."""
     run_dir = Path(run_dir)
     rank, world = distributed_context()
     if stop_at is not None and stop_at < 1:
@@ -63,7 +67,13 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     if ckpt is not None and ckpt.meta["step"] >= min(cfg.train.max_steps, stop_at or cfg.train.max_steps):
         # nothing to do: touch nothing (config, metrics, summary)
         return {"steps": ckpt.meta["step"], "steps_run": 0, "max_steps": cfg.train.max_steps}
-    run = setup(cfg, run_dir, ckpt)         # a new run: checked, made, and removed again if setup fails
+    initial = None
+    if ckpt is None and cfg.train.init_from is not None:
+        if rank == 0:                       # a bad --out is found before a long load
+            rd.check_fresh(run_dir)
+        from moekit.train.source import load_source
+        cfg, initial = load_source(cfg, model_section)
+    run = setup(cfg, run_dir, ckpt, initial)   # a new run: checked, made, and removed again if setup fails
     if rank == 0:                           # config.json and every checkpoint record the layout in use
         try:
             rd.write_json(run_dir / "config.json", cfg.to_dict())
