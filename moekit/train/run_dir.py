@@ -313,7 +313,25 @@ def export_hf(run_dir: Path, out_dir: Path) -> Path:
     with _writing(out_dir):
         save_hf_dir(model, out_dir)
         save_tokenizer(tok, Path(out_dir) / "tokenizer.json")
+        _hf_tokenizer_files(tok, model.cfg.max_seq_len, Path(out_dir))
     return Path(out_dir)
+
+
+def _hf_tokenizer_files(tok: Tokenizer, max_len: int, out_dir: Path) -> None:
+    """tokenizer_config.json (so ``AutoTokenizer`` reads tokenizer.json) and the end-of-text
+    token in config.json and generation_config.json (so ``generate`` stops there)."""
+    from moekit.data.tokenizer import eos_id
+    eos = eos_id(tok, required=False)
+    special = {} if eos is None else {"eos_token": tok.id_to_token(eos), "bos_token": tok.id_to_token(eos)}
+    write_json(out_dir / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
+                                                    "model_max_length": max_len,
+                                                    "clean_up_tokenization_spaces": False, **special})
+    if eos is None:
+        return
+    for name in ("config.json", "generation_config.json"):
+        path = out_dir / name
+        cfg = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        write_json(path, {**cfg, "eos_token_id": eos, "bos_token_id": eos})
 
 
 def import_hf(src: Path, out_dir: Path) -> Path:
