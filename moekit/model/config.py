@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from moekit.checks import bad, check_bool, check_int, check_real, is_int
+from moekit.checks import bad, check_bool, check_choice, check_int, check_real, is_int
 from moekit.moe.config import MoEConfig
 
 _OWN = "ModelConfig"
+QK_NORMS = ("none", "head", "full")
 
 
 @dataclass
@@ -18,6 +19,14 @@ class ModelConfig:
     ``moe_layers`` says which layers of an MoE model get one: "all", "alternate" (GShard:
     every other layer, starting with the second) or an explicit list of layer indices.
     ``vocab_size`` is the tokenizer's: a run trained on a corpus sets it from the BPE it trains.
+
+    Attention options (the Hugging Face architectures moekit imports need them):
+    ``qkv_bias`` adds biases to the q, k and v projections (Qwen2); ``qk_norm`` applies an
+    RMSNorm to queries and keys before RoPE: "head" per head over head_dim (Qwen3), "full"
+    over the whole q or k projection (OLMoE), "none" not at all; ``head_dim`` is the width of
+    a head, which may differ from d_model / n_heads (Qwen3). ``head_dim=None`` means
+    d_model // n_heads and is resolved when the config is built, so ``cfg.head_dim`` is always
+    an int (pass ``head_dim=None`` again when replacing d_model or n_heads).
 
     Example:
         >>> cfg = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, d_ff=128,
@@ -31,6 +40,9 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None       # None = n_heads (no grouped-query attention)
+    head_dim: int | None = None         # None = d_model // n_heads (resolved in __post_init__)
+    qkv_bias: bool = False              # biases on q, k, v (Qwen2)
+    qk_norm: str = "none"               # "none" | "head" (Qwen3) | "full" (OLMoE): RMSNorm on q, k
     d_ff: int = 1024                    # width of the dense FFN layers
     max_seq_len: int = 256
     rope_theta: float = 10000.0
@@ -45,12 +57,19 @@ class ModelConfig:
         check_real(_OWN, "rope_theta", self.rope_theta, 0, low_open=True, fix="use e.g. 10000.0")
         check_real(_OWN, "norm_eps", self.norm_eps, 0, low_open=True, fix="use e.g. 1e-5")
         check_bool(_OWN, "tie_embeddings", self.tie_embeddings)
-        if self.d_model % self.n_heads:
-            raise bad(_OWN, "n_heads", self.n_heads, f"must divide d_model={self.d_model}",
-                      "pick a divisor of d_model")
-        if (self.d_model // self.n_heads) % 2:
-            raise bad(_OWN, "n_heads", self.n_heads, f"head dim {self.d_model // self.n_heads} must be even "
-                      "for RoPE", "pick n_heads so that d_model / n_heads is even")
+        check_bool(_OWN, "qkv_bias", self.qkv_bias)
+        check_choice(_OWN, "qk_norm", self.qk_norm, QK_NORMS)
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise bad(_OWN, "n_heads", self.n_heads, f"must divide d_model={self.d_model}",
+                          "pick a divisor of d_model, or set head_dim")
+            if (self.d_model // self.n_heads) % 2:
+                raise bad(_OWN, "n_heads", self.n_heads, f"head dim {self.d_model // self.n_heads} must be "
+                          "even for RoPE", "pick n_heads so that d_model / n_heads is even")
+            self.head_dim = self.d_model // self.n_heads
+        elif not is_int(self.head_dim) or self.head_dim < 2 or self.head_dim % 2:
+            raise bad(_OWN, "head_dim", self.head_dim, "must be an even integer >= 2 (RoPE rotates pairs)",
+                      "use an even head width, or None for d_model // n_heads")
         kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
         if not is_int(kv) or kv <= 0 or self.n_heads % kv:
             raise bad(_OWN, "n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}",
@@ -83,18 +102,14 @@ class ModelConfig:
             return list(range(1, self.n_layers, 2))
         return sorted(set(self.moe_layers))
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
     def dense_baseline(self) -> ModelConfig:
         """The dense model with the same active parameters per token: every MoE layer becomes
-        a dense FFN of width top_k * d_ff_expert + shared experts' width (the FLOPs a token
-        sees); router parameters are not counted (E * D per layer, small)."""
+        a dense FFN of width top_k * d_ff_expert + the shared FFN's width (the FLOPs a token
+        sees); router and shared-gate parameters are not counted (E * D and D per layer, small)."""
         if self.moe is None:
             return self
         m = self.moe
-        active_ff = m.d_ff * (m.top_k + m.num_shared_experts)
+        active_ff = m.d_ff * m.top_k + m.shared_width
         if len(self.moe_layer_ids()) == self.n_layers:
             return dataclasses.replace(self, d_ff=active_ff, moe=None, moe_layers="all")
         if active_ff != self.d_ff:

@@ -7,6 +7,9 @@ Dh head dim, V vocabulary, E experts.
                            RMSNorm -> dense SwiGLU FFN or MoELayer -> +residual] x n_layers
               -> RMSNorm -> lm_head -> logits_BSV
 
+Attention options (ModelConfig): q/k/v biases, q/k RMSNorm per head or over the whole
+projection, and a head_dim of its own (the Qwen2, Qwen3 and OLMoE layouts).
+
 The model returns its aux losses and per-layer routing statistics as values
 (:class:`ModelOutput`); nothing is kept in globals. It never imports torch.distributed.
 """
@@ -65,25 +68,52 @@ def apply_rope(x_BHSD: Tensor, cos_SF: Tensor, sin_SF: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
+    """Causal self-attention with RoPE and grouped-query heads. Options (ModelConfig):
+    ``qkv_bias`` (Qwen2); ``qk_norm`` "head" normalises each head's q and k over Dh (Qwen3),
+    "full" the whole q and k projections (OLMoE), both before RoPE, as Hugging Face does."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.qk_norm = cfg.qk_norm
         Dh = cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * Dh, bias=False)
-        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * Dh, bias=False)
-        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * Dh, bias=False)
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * Dh, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * Dh, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * Dh, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * Dh, cfg.d_model, bias=False)
+        if cfg.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(Dh, cfg.norm_eps), RMSNorm(Dh, cfg.norm_eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm = RMSNorm(cfg.n_heads * Dh, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.n_kv_heads * Dh, cfg.norm_eps)
 
     def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, S, _ = x_BSD.shape
-        q_BHSD = self.wq(x_BSD).view(B, S, self.n_heads, -1).transpose(1, 2)
-        k_BGSD = self.wk(x_BSD).view(B, S, self.n_kv_heads, -1).transpose(1, 2)
-        v_BGSD = self.wv(x_BSD).view(B, S, self.n_kv_heads, -1).transpose(1, 2)
+        q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)   # [B, S, H*Dh], [B, S, G*Dh] x 2
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_BSHD = q.view(B, S, self.n_heads, -1)
+        k_BSGD = k.view(B, S, self.n_kv_heads, -1)
+        if self.qk_norm == "head":
+            q_BSHD, k_BSGD = self.q_norm(q_BSHD), self.k_norm(k_BSGD)
+        q_BHSD, k_BGSD = q_BSHD.transpose(1, 2), k_BSGD.transpose(1, 2)
+        v_BGSD = v.view(B, S, self.n_kv_heads, -1).transpose(1, 2)
         q_BHSD, k_BGSD = apply_rope(q_BHSD, cos, sin), apply_rope(k_BGSD, cos, sin)
         out_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BGSD, v_BGSD, is_causal=True,
                                                   enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out_BHSD.transpose(1, 2).reshape(B, S, -1))
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        """q, k, v N(0, std), biases zero, q/k norms one; the output projection N(0, out_std)."""
+        for lin in (self.wq, self.wk, self.wv):
+            nn.init.normal_(lin.weight, std=std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        nn.init.normal_(self.wo.weight, std=out_std)
+        if self.qk_norm != "none":
+            self.q_norm.reset_parameters()
+            self.k_norm.reset_parameters()
 
 
 class Block(nn.Module):
@@ -135,22 +165,22 @@ class MoETransformer(nn.Module):
     def init_weights(self) -> None:
         """Initialize every parameter and buffer in place (also after ``to_empty`` from meta).
 
-        Embeddings N(0, 0.02); linear layers N(0, 0.02), with the residual output
-        projections (attention out, FFN down) scaled by 1/sqrt(2 * n_layers) (GPT-2);
-        experts and routers use their own fan-in init."""
+        Embeddings N(0, 0.02); linear layers N(0, 0.02) (the shared-expert gate too), with
+        the residual output projections (attention out, FFN down) scaled by 1/sqrt(2 * n_layers)
+        (GPT-2); q/k/v biases zero, norms one; experts and routers use their own fan-in init."""
         std = 0.02
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         nn.init.normal_(self.embed.weight, std=std)
         for block in self.blocks:
             block.attn_norm.reset_parameters()
             block.ffn_norm.reset_parameters()
-            for lin in (block.attn.wq, block.attn.wk, block.attn.wv):
-                nn.init.normal_(lin.weight, std=std)
-            nn.init.normal_(block.attn.wo.weight, std=out_std)
+            block.attn.reset_parameters(std, out_std)
             if isinstance(block.ffn, MoELayer):
                 block.ffn.router.reset_parameters()
                 block.ffn.experts.reset_parameters()
                 nn.init.normal_(block.ffn.experts.w_down_EFD, std=out_std)
+                if block.ffn.shared_gate is not None:
+                    nn.init.normal_(block.ffn.shared_gate.weight, std=std)
                 shared = block.ffn.shared
             else:
                 shared = block.ffn
@@ -219,28 +249,34 @@ class MoETransformer(nn.Module):
 def model_flops(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
     """Parameters (total and active per token) and training FLOPs per token.
 
-    FLOPs per token = 6 * (active matmul parameters) + 12 * n_layers * d_model * seq_len
-    (attention scores and values, forward + backward; PaLM appendix B / nanoGPT's MFU).
+    FLOPs per token = 6 * (active matmul parameters) + 12 * n_layers * n_heads * head_dim * seq_len
+    (attention scores and values, forward + backward; PaLM appendix B / nanoGPT's MFU; n_heads *
+    head_dim is d_model unless head_dim is set).
     Embedding lookups cost no FLOPs; the LM head is a matmul and counts.
     """
     S = seq_len or cfg.max_seq_len
     D, L = cfg.d_model, cfg.n_layers
     kv = cfg.n_kv_heads or cfg.n_heads
-    attn = D * D * 2 + 2 * D * kv * cfg.head_dim          # wq, wo, wk, wv
+    q_width, kv_width = cfg.n_heads * cfg.head_dim, kv * cfg.head_dim
+    attn = 2 * D * q_width + 2 * D * kv_width               # wq, wo, wk, wv
+    # not matmuls (no FLOPs counted, like the RMSNorm weights): q/k/v biases, q/k norms
+    attn_extra = (q_width + 2 * kv_width) * cfg.qkv_bias
+    attn_extra += {"none": 0, "head": 2 * cfg.head_dim, "full": q_width + kv_width}[cfg.qk_norm]
     n_ffn_mats = 3                                          # SwiGLU: gate, up, down
     dense_ffn = n_ffn_mats * D * cfg.d_ff
     moe_ids = set(cfg.moe_layer_ids())
     total = active = 0
     for i in range(L):
-        total += attn + 2 * D
+        total += attn + attn_extra + 2 * D
         active += attn
         if i in moe_ids:
             m = cfg.moe
             mats = 3 if m.activation == "swiglu" else 2
             expert = mats * D * m.d_ff
             router = m.num_experts * D * (2 if m.noisy_gating else 1)
-            total += m.num_experts * expert + router + m.num_shared_experts * expert
-            active += (m.top_k + m.num_shared_experts) * expert + m.num_experts * D
+            shared = mats * D * m.shared_width + D * m.shared_gate
+            total += m.num_experts * expert + router + shared
+            active += m.top_k * expert + shared + m.num_experts * D
         else:
             total += dense_ffn
             active += dense_ffn
@@ -248,6 +284,6 @@ def model_flops(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float
     embed = 0 if cfg.tie_embeddings else cfg.vocab_size * D
     total += head + embed + D
     active += head
-    flops_per_token = 6 * active + 12 * L * D * S
+    flops_per_token = 6 * active + 12 * L * q_width * S
     return {"params_total": float(total), "params_active": float(active),
             "flops_per_token": float(flops_per_token)}

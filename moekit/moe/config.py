@@ -66,6 +66,8 @@ class MoEConfig:
 
     # experts
     num_shared_experts: int = 0        # always-on experts (DeepSeek-MoE), each of width d_ff
+    shared_d_ff: int | None = None     # total width of the shared FFN; None = d_ff * num_shared_experts
+    shared_gate: bool = False          # Qwen2-MoE: the shared output times sigmoid(x . w), w [1, D]
     activation: str = "swiglu"         # "swiglu" | "gelu"
     backend: str = "auto"              # "auto" | "segment_mm" | "grouped_mm" | "reference"
     dtype: torch.dtype | str = torch.float32   # parameter dtype
@@ -83,8 +85,15 @@ class MoEConfig:
                               ("aux_loss_scope", SCOPES), ("activation", ACTIVATIONS),
                               ("backend", BACKENDS), ("top1_weight", TOP1_WEIGHTS)):
             check_choice(own, name, getattr(self, name), choices)
-        for name in ("normalize_topk", "noisy_gating", "aux_loss_free"):
+        for name in ("normalize_topk", "noisy_gating", "aux_loss_free", "shared_gate"):
             check_bool(own, name, getattr(self, name))
+        if self.shared_d_ff is not None:
+            check_int(own, "shared_d_ff", self.shared_d_ff, 1, "use a positive width, or None for "
+                      "d_ff * num_shared_experts")
+        for name in ("shared_d_ff", "shared_gate"):
+            if getattr(self, name) not in (None, False) and not self.num_shared_experts:
+                raise bad(own, name, getattr(self, name), "configures the shared experts, but "
+                          "num_shared_experts=0", f"set num_shared_experts >= 1 or leave {name} unset")
         if self.capacity_factor is not None:
             check_real(own, "capacity_factor", self.capacity_factor, 0, low_open=True,
                        fix="use a value such as 1.25, or None for dropless routing")
@@ -107,6 +116,13 @@ class MoEConfig:
                 if value % 8:
                     raise bad(own, name, value, f"must be a multiple of 8 for {self.dtype} grouped GEMM",
                               f"use {value + (-value) % 8} or dtype=torch.float32")
+
+    @property
+    def shared_width(self) -> int:
+        """Width of the shared FFN (0 without shared experts)."""
+        if not self.num_shared_experts:
+            return 0
+        return self.d_ff * self.num_shared_experts if self.shared_d_ff is None else self.shared_d_ff
 
     def with_granularity(self, m: int) -> MoEConfig:
         """Fine-grained experts (DeepSeek-MoE): split each expert into ``m`` experts of width

@@ -1,4 +1,4 @@
-"""MoELayer: router -> dispatch -> experts -> combine (+ shared experts).
+"""MoELayer: router -> dispatch -> experts -> combine (+ shared experts, optionally gated).
 
 Shape legend: T tokens (all leading dims flattened), D model dim, E experts, K top-k.
 """
@@ -75,8 +75,10 @@ class MoELayer(nn.Module):
                                           cfg.drop_policy)
         self.stats_reducer: StatsReducer | None = None   # None: this process's tokens only
         self.expert_range: tuple[int, int] = (0, cfg.num_experts)   # the experts this layer holds
-        self.shared = (DenseFFN(cfg.d_model, cfg.d_ff * cfg.num_shared_experts, cfg.activation,
-                                cfg.dtype) if cfg.num_shared_experts else None)
+        self.shared = (DenseFFN(cfg.d_model, cfg.shared_width, cfg.activation, cfg.dtype)
+                       if cfg.num_shared_experts else None)
+        # Qwen2-MoE's gate on the shared FFN: one logit per token, weight [1, D]
+        self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False, dtype=cfg.dtype) if cfg.shared_gate else None
 
     @property
     def experts_sharded(self) -> bool:
@@ -137,8 +139,17 @@ class MoELayer(nn.Module):
             y_RD = self.experts(x_RD, counts_E)
             y_TD = self.dispatcher.combine(y_RD, plan)
             if self.shared is not None:
-                y_TD = y_TD + self.shared(x_cast)
+                y_TD = y_TD + self._shared(x_cast)
         return y_TD.view(x.shape), self._aux(routing, plan)
+
+    def _shared(self, x_TD: Tensor) -> Tensor:
+        """The shared FFN's output [T, D], times sigmoid(x . w_gate) when gated (Qwen2-MoE); the
+        gate is a combine weight, so it is computed and applied in float32."""
+        s_TD = self.shared(x_TD)
+        if self.shared_gate is None:
+            return s_TD
+        gate_T1 = torch.sigmoid(x_TD.float() @ self.shared_gate.weight.float().t())
+        return (gate_T1 * s_TD.float()).to(s_TD.dtype)
 
     def _aux(self, routing: RouterOutput, plan: DispatchPlan) -> MoEAux:
         # plan.counts_E: this rank's routing over all E experts (the counts_E the experts saw

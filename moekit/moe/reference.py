@@ -77,5 +77,9 @@ def reference_moe(layer, x: Tensor) -> Tensor:
         y_TD[t] = y_TD[t] + w * expert_out_D.float()
     y_TD = torch.stack(y_TD).to(x.dtype) if T else x_TD.new_zeros(0, cfg.d_model)
     if layer.shared is not None:
-        y_TD = y_TD + layer.shared(x_TD)
+        shared_TD = layer.shared(x_TD)
+        if layer.shared_gate is not None:   # Qwen2-MoE: a sigmoid gate per token, in float32
+            gate_T1 = torch.sigmoid((x_TD.float() * layer.shared_gate.weight.float()).sum(-1, keepdim=True))
+            shared_TD = (gate_T1 * shared_TD.float()).to(x.dtype)
+        y_TD = y_TD + shared_TD
     return y_TD.view(x.shape)

@@ -11,13 +11,14 @@ from moekit.config import TrainConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (linear and expert weights, embeddings); no decay on norms, biases
-    and routers (decaying router weights pulls every expert's logit to zero)."""
+    """Decay matrices (linear and expert weights, embeddings); no decay on norms, biases,
+    routers and the shared-expert gate (decaying a gate's or router's weights pulls its
+    logits to zero: routing is not a capacity to regularise)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or ".router." in name or name.endswith("norm.weight"):
+        if p.ndim < 2 or ".router." in name or ".shared_gate." in name or name.endswith("norm.weight"):
             no_decay.append(p)
         else:
             decay.append(p)

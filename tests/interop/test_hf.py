@@ -6,8 +6,16 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+# a Qwen2-MoE without shared experts has a zero-width one, which transformers' init warns about
+pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
 
-from moekit.interop.hf import from_hf_state, load_hf_dir, save_hf_dir, to_hf_state  # noqa: E402
+from moekit.interop.hf import (  # noqa: E402
+    from_hf_state,
+    load_hf_dir,
+    model_config_from_hf,
+    save_hf_dir,
+    to_hf_state,
+)
 from moekit.model.config import ModelConfig  # noqa: E402
 from moekit.model.transformer import MoETransformer  # noqa: E402
 from moekit.moe.config import MoEConfig  # noqa: E402
@@ -16,21 +24,25 @@ SMALL = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_h
              max_position_embeddings=64, rms_norm_eps=1e-5)
 
 
-def hf_model(kind, tie=False, theta=10000.0):
-    if kind == "mistral":
-        cfg = transformers.MistralConfig(**SMALL, intermediate_size=48, tie_word_embeddings=tie,
-                                         rope_theta=theta, sliding_window=None)
-        model = transformers.MistralForCausalLM(cfg)
-    elif kind == "llama":
-        cfg = transformers.LlamaConfig(**SMALL, intermediate_size=48, tie_word_embeddings=tie,
-                                       rope_theta=theta)
-        model = transformers.LlamaForCausalLM(cfg)
-    else:
-        cfg = transformers.MixtralConfig(**SMALL, intermediate_size=24, num_local_experts=4,
-                                         num_experts_per_tok=2, tie_word_embeddings=tie, rope_theta=theta)
-        model = transformers.MixtralForCausalLM(cfg)
+def hf_model(kind, tie=False, theta=10000.0, **extra):
+    """A tiny random transformers model of ``kind`` (``extra`` overrides its config), with weights
+    N(0, 0.2): transformers' init is tiny, and the logits should say something."""
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=48)
+    cls, own = {
+        "llama": (transformers.LlamaConfig, dict(intermediate_size=48)),
+        "mistral": (transformers.MistralConfig, dict(intermediate_size=48, sliding_window=None)),
+        "qwen2": (transformers.Qwen2Config, dict(intermediate_size=48)),
+        "qwen3": (transformers.Qwen3Config, dict(intermediate_size=48, head_dim=12)),
+        "mixtral": (transformers.MixtralConfig, dict(intermediate_size=24, num_local_experts=4,
+                                                     num_experts_per_tok=2)),
+        "qwen2_moe": (transformers.Qwen2MoeConfig, dict(moe, shared_expert_intermediate_size=40)),
+        "olmoe": (transformers.OlmoeConfig, dict(moe, intermediate_size=24)),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, moe),
+    }[kind]
+    cfg = cls(**{**SMALL, **own, "tie_word_embeddings": tie, "rope_theta": theta, **extra})
     torch.manual_seed(0)
-    with torch.no_grad():                 # transformers' init is tiny: make the logits say something
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
     return model.eval()
@@ -39,33 +51,117 @@ def hf_model(kind, tie=False, theta=10000.0):
 TOKENS = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "mixtral"])
-@pytest.mark.parametrize("tie", [False, True])
-def test_imported_logits_equal_transformers(kind, tie, tmp_path):
-    theirs = hf_model(kind, tie, theta=50000.0)
+KINDS = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "olmoe", "qwen3_moe"]
+# (kind, config overrides): mixed dense/MoE layers, head_dim != hidden / heads, top-1 routers
+# renormalised or not, Qwen2-MoE without q/k/v biases or without a shared expert
+VARIANTS = [
+    ("qwen2_moe", dict(num_hidden_layers=3, mlp_only_layers=[0], norm_topk_prob=False)),
+    ("qwen2_moe", dict(num_hidden_layers=4, decoder_sparse_step=2, qkv_bias=False, norm_topk_prob=True,
+                       num_experts_per_tok=1, head_dim=12)),
+    ("qwen2_moe", dict(shared_expert_intermediate_size=0, norm_topk_prob=True)),
+    ("qwen3_moe", dict(num_hidden_layers=3, mlp_only_layers=[1], head_dim=12, norm_topk_prob=True)),
+    ("qwen3_moe", dict(num_experts_per_tok=1, norm_topk_prob=False)),
+    ("olmoe", dict(norm_topk_prob=True)),
+    ("mixtral", dict(num_experts_per_tok=1, head_dim=12)),
+]
+
+
+def check_import(theirs, tmp_path):
     theirs.save_pretrained(tmp_path)                       # per-expert keys on disk
     ours = load_hf_dir(tmp_path)
-    assert ours.cfg.rope_theta == 50000.0 and ours.cfg.tie_embeddings == tie
     with torch.no_grad():
         expected = theirs(TOKENS).logits
         got = ours(TOKENS).logits
     assert float((got - expected).abs().max()) <= 1e-4
     assert float(expected.std()) > 0.1                     # not a trivial comparison
+    return ours
 
 
-@pytest.mark.parametrize("moe", [None, MoEConfig(d_model=32, d_ff=24, num_experts=4, top_k=2)])
-def test_exported_model_loads_in_transformers_with_equal_logits_and_round_trips(moe, tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tie", [False, True])
+def test_imported_logits_equal_transformers(kind, tie, tmp_path):
+    ours = check_import(hf_model(kind, tie, theta=50000.0), tmp_path)
+    assert ours.cfg.rope_theta == 50000.0 and ours.cfg.tie_embeddings == tie and ours.cfg.n_kv_heads == 2
+    assert ours.cfg.qkv_bias == (kind in ("qwen2", "qwen2_moe"))
+    assert ours.cfg.qk_norm == {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}.get(kind, "none")
+    assert (ours.cfg.moe is None) == (kind in ("llama", "mistral", "qwen2", "qwen3"))
+
+
+@pytest.mark.parametrize("kind, extra", VARIANTS)
+def test_imported_variants_equal_transformers(kind, extra, tmp_path):
+    theirs = hf_model(kind, **extra)
+    ours = check_import(theirs, tmp_path)
+    is_moe = [type(layer.mlp).__name__.endswith("SparseMoeBlock") for layer in theirs.model.layers]
+    assert ours.cfg.moe_layer_ids() == [i for i, m in enumerate(is_moe) if m]
+    assert ours.cfg.head_dim == extra.get("head_dim", 8)
+    m = ours.cfg.moe
+    shared = kind == "qwen2_moe" and extra.get("shared_expert_intermediate_size") != 0
+    assert bool(m.num_shared_experts) == shared and m.shared_gate == shared
+    if m.top_k == 1:
+        assert m.top1_weight == ("one" if extra.get("norm_topk_prob", kind == "mixtral") else "prob")
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "olmoe", "qwen3_moe"])
+def test_a_loaded_models_fused_state_dict_reads_too(kind):
+    theirs = hf_model(kind, tie=True)
+    assert any(k.endswith("experts.gate_up_proj") for k in theirs.state_dict())
+    ours = from_hf_state(json.loads(theirs.config.to_json_string()), theirs.state_dict())
+    with torch.no_grad():
+        assert float((ours(TOKENS).logits - theirs(TOKENS).logits).abs().max()) <= 1e-4
+
+
+def build(**kw):
+    """A tiny moekit model with every parameter N(0, 0.2) (norms and gates included)."""
+    cfg = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=64,
+               rope_theta=50000.0, tie_embeddings=False)
     torch.manual_seed(0)
-    ours = MoETransformer.build(ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                                            d_ff=48, max_seq_len=64, tie_embeddings=False, moe=moe)).eval()
+    model = MoETransformer.build(ModelConfig(**{**cfg, **kw})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+def moe(**kw):
+    return MoEConfig(**{**dict(d_model=32, d_ff=24, num_experts=4, top_k=2), **kw})
+
+
+EXPORTS = [   # (the model type written, ModelConfig options)
+    ("llama", dict()),
+    ("llama", dict(tie_embeddings=True, head_dim=12)),
+    ("qwen2", dict(qkv_bias=True)),
+    ("qwen3", dict(qk_norm="head", head_dim=12, tie_embeddings=True)),
+    ("mixtral", dict(moe=moe())),
+    ("mixtral", dict(moe=moe(top_k=1, top1_weight="one", jitter_eps=0.01))),
+    ("qwen2_moe", dict(moe=moe(num_shared_experts=1, shared_d_ff=40, shared_gate=True), qkv_bias=True,
+                       n_layers=3, moe_layers="alternate")),
+    ("qwen2_moe", dict(moe=moe(num_shared_experts=2))),                    # ungated: zero gate, doubled down
+    ("qwen2_moe", dict(moe=moe(normalize_topk=False))),                    # a zero-width shared expert
+    ("qwen2_moe", dict(moe=moe(top_k=1), n_layers=3, moe_layers=[0, 2])),  # top-1 weight p
+    ("olmoe", dict(moe=moe(top_k=3, normalize_topk=False), qk_norm="full", tie_embeddings=True)),
+    ("qwen3_moe", dict(moe=moe(), qk_norm="head", head_dim=12, n_layers=3, moe_layers=[0, 2])),
+    ("qwen3_moe", dict(moe=moe(top_k=1, top1_weight="one"), qk_norm="head")),
+]
+
+
+@pytest.mark.parametrize("kind, options", EXPORTS)
+def test_exported_model_loads_in_transformers_with_equal_logits_and_round_trips(kind, options, tmp_path):
+    ours = build(**options)
     save_hf_dir(ours, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == kind
     theirs, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     with torch.no_grad():
-        assert float((theirs.eval()(TOKENS).logits - ours(TOKENS).logits).abs().max()) <= 1e-4
+        expected = ours(TOKENS).logits
+        assert float((theirs.eval()(TOKENS).logits - expected).abs().max()) <= 1e-4
+    assert float(expected.std()) > 0.1
     back = load_hf_dir(tmp_path)
+    assert back.state_dict().keys() == ours.state_dict().keys()
     for k, v in ours.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+    for field in ("head_dim", "qkv_bias", "qk_norm", "tie_embeddings", "rope_theta"):
+        assert getattr(back.cfg, field) == getattr(ours.cfg, field), field
+    assert back.cfg.moe_layer_ids() == ours.cfg.moe_layer_ids()
 
 
 def test_every_tensor_is_accounted_for(tmp_path):
@@ -79,18 +175,78 @@ def test_every_tensor_is_accounted_for(tmp_path):
     extra = {**state, "model.layers.0.self_attn.q_proj.bias": torch.zeros(32)}
     with pytest.raises(ValueError, match="unused model.layers.0.self_attn.q_proj.bias"):
         from_hf_state(cfg, extra)
-    with pytest.raises(ValueError, match="model_type='gpt2' is not supported yet"):
+    with pytest.raises(ValueError, match="model_type='gpt2' is not supported yet; supported: llama, mistral, "
+                                         "qwen2, qwen3, mixtral, qwen2_moe, olmoe, qwen3_moe"):
         from_hf_state({**cfg, "model_type": "gpt2"}, state)
     with pytest.raises(ValueError, match="sliding_window=4096"):
         from_hf_state({**cfg, "model_type": "mistral", "sliding_window": 4096}, state)
 
 
-def test_what_mixtral_cannot_express_is_refused():
+def test_an_ungated_shared_expert_needs_its_zero_gate():
+    """moekit's ungated shared expert is written as Qwen2-MoE's gated one with a zero gate; a
+    checkpoint that says so (moekit_shared_gate: false) but holds a gate that is not zero is refused."""
+    config, state = to_hf_state(build(moe=moe(num_shared_experts=1)))
+    assert config["moekit_shared_gate"] is False
+    assert not from_hf_state(config, state).cfg.moe.shared_gate
+    state["model.layers.1.mlp.shared_expert_gate.weight"] = torch.full((1, 32), 0.1)
+    with pytest.raises(ValueError, match="moekit_shared_gate=false says the shared expert is ungated, but "
+                                         "model.layers.1.mlp.shared_expert_gate.weight is not zero"):
+        from_hf_state(config, state)
+
+
+IMPORT_REFUSALS = [   # (kind, config.json changes, the message)
+    ("olmoe", dict(clip_qkv=8.0), "clip_qkv=8.0: clipping q/k/v is not supported"),
+    ("olmoe", dict(head_dim=12), "head_dim=12 differs from hidden_size / num_attention_heads = 8, which "
+                                 "olmoe needs"),
+    ("qwen2", dict(use_sliding_window=True), "use_sliding_window=true: sliding-window attention"),
+    ("qwen3_moe", dict(use_sliding_window=True, sliding_window=16), "use_sliding_window=true"),
+    ("qwen2", dict(sliding_window=16, layer_types=["sliding_attention"] * 2), None),   # off: imports
+    ("qwen3_moe", dict(attention_bias=True), r"attention_bias=true \(qwen3_moe\): an o_proj bias"),
+    ("llama", dict(mlp_bias=True), "mlp_bias=true"),
+    ("qwen2_moe", dict(hidden_act="gelu"), "hidden_act='gelu': only SwiGLU"),
+    ("qwen2", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
+     "rope type 'linear'"),
+    ("qwen3", dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
+    ("qwen2_moe", dict(decoder_sparse_step=0), "decoder_sparse_step=0"),
+]
+
+
+@pytest.mark.parametrize("kind, change, message", IMPORT_REFUSALS)
+def test_what_moekit_cannot_hold_is_refused_on_import(kind, change, message):
+    cfg = json.loads(hf_model(kind).config.to_json_string())
+    if message is None:
+        model_config_from_hf({**cfg, **change})
+        return
+    with pytest.raises(ValueError, match=message) as err:
+        model_config_from_hf({**cfg, **change})
+    assert "\n" not in str(err.value)
+
+
+EXPORT_REFUSALS = [   # (ModelConfig options, the feature named)
+    (dict(moe=moe(router="expert_choice")), "router='expert_choice' has no equivalent in any Hugging Face"),
+    (dict(moe=moe(router="sigmoid", aux_loss_free=True)), "router='sigmoid'"),
+    (dict(moe=moe(noisy_gating=True)), "noisy_gating"),
+    (dict(moe=moe(capacity_factor=1.25)), "capacity_factor=1.25"),
+    (dict(moe=moe(activation="gelu")), "activation='gelu'"),
+    (dict(qk_norm="full"), "qk_norm='full' in a dense model"),
+    (dict(qk_norm="head", qkv_bias=True), "qkv_bias with qk_norm='head'"),
+    (dict(moe=moe(num_shared_experts=1), qk_norm="full"), "shared experts with qk_norm='full' has no "
+                                                           "equivalent in olmoe"),
+    (dict(moe=moe(), qk_norm="full", moe_layers="alternate"), "dense layers among MoE with qk_norm='full'"),
+    (dict(moe=moe(), qk_norm="full", head_dim=12), r"head_dim != d_model / n_heads"),
+    (dict(moe=moe(num_shared_experts=1), qk_norm="head"), "shared experts with qk_norm='head' has no "
+                                                           "equivalent in qwen3_moe"),
+]
+
+
+@pytest.mark.parametrize("options, message", EXPORT_REFUSALS)
+def test_what_no_hugging_face_model_expresses_is_refused_before_writing(options, message, tmp_path):
     model = MoETransformer.build(ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_ff=48,
-                                             moe=MoEConfig(d_model=32, d_ff=24, num_experts=4, top_k=2,
-                                                           router="expert_choice")))
-    with pytest.raises(ValueError, match="router has no Mixtral equivalent"):
-        to_hf_state(model)
+                                             **options))
+    with pytest.raises(ValueError, match=f"export to Hugging Face: {message}") as err:
+        save_hf_dir(model, tmp_path / "out")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
 
 
 def _disk_state(model, tmp_path):

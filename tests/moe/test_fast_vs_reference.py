@@ -239,3 +239,19 @@ def test_top1_weight_one_matches_reference(backend):
     layer = MoELayer(MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=1, top1_weight="one",
                                backend=backend))
     check_against_reference(layer, torch.randn(24, 16), 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_shared_expert_of_its_own_width_matches_reference(backend, dtype):
+    """Qwen2-MoE's shared expert: a width of its own (shared_d_ff, not a multiple of d_ff) and its
+    output times sigmoid(x . w_gate); the gate's gradient is held to the reference's too."""
+    torch.manual_seed(7)
+    cfg = MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=2, num_shared_experts=1, shared_d_ff=40,
+                    shared_gate=True, backend=backend, dtype=dtype)
+    layer = MoELayer(cfg)
+    assert layer.shared.w_up.weight.shape == (40, 16) and layer.shared_gate.weight.shape == (1, 16)
+    with torch.no_grad():
+        layer.shared_gate.weight.normal_(0, 1.0)        # gates well away from 0.5
+    x = torch.randn(3, 7, 16, dtype=dtype)
+    check_against_reference(layer, x, 1e-5 if dtype == torch.float32 else 3e-2)
