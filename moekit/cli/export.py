@@ -15,8 +15,8 @@ def register(sub) -> None:
     p.add_argument("run_dir", help="the run directory")
     p.add_argument("--out", help="the export directory (default: RUN_DIR/export, or RUN_DIR/hf)")
     p.add_argument("--format", choices=("moekit", "hf"), default="moekit",
-                   help="hf: a Hugging Face directory (Llama for a dense model, Mixtral for an MoE) that "
-                        "transformers.AutoModelForCausalLM.from_pretrained loads")
+                   help="hf: a Hugging Face directory (Llama/Qwen2/Qwen3 dense, Mixtral/Qwen2-MoE/OLMoE/"
+                        "Qwen3-MoE) that transformers.AutoModelForCausalLM.from_pretrained loads")
     p.set_defaults(run=run)
 
 

@@ -6,9 +6,10 @@
     moekit generate runs/moe --prompt "Frau Präsidentin"
     moekit eval runs/moe
     moekit export runs/moe --out models/moe        # model.safetensors + config + tokenizer
-    moekit export runs/moe --format hf --out hf/moe   # a Hugging Face directory (Llama / Mixtral)
+    moekit export runs/moe --format hf --out hf/moe   # a Hugging Face directory (Mixtral, ...)
     moekit import hf/moe --out models/imported     # a Hugging Face directory as a moekit model
     moekit upcycle smollm2-135m --experts 8 --top-k 2 --out models/smol-moe   # dense -> MoE (copies)
+    moekit train --from models/smol-moe --set data.corpus=news-en   # a new run from those weights
     moekit report runs/moe --baseline runs/dense   # HTML: losses, expert load, routing by language
     moekit data list | moekit data get parlspeech
 """
