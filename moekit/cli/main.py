@@ -25,6 +25,7 @@ from moekit.cli import data as data_cmd
 from moekit.cli import evaluate as eval_cmd
 from moekit.cli import export as export_cmd
 from moekit.cli import generate as generate_cmd
+from moekit.cli import grow as grow_cmd
 from moekit.cli import imports as import_cmd
 from moekit.cli import report as report_cmd
 from moekit.cli import train as train_cmd
@@ -35,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (train_cmd, generate_cmd, eval_cmd, export_cmd, import_cmd, upcycle_cmd, report_cmd,
-                   data_cmd):
+    for module in (train_cmd, generate_cmd, eval_cmd, export_cmd, import_cmd, upcycle_cmd, grow_cmd,
+                   report_cmd, data_cmd):
         module.register(sub)
     return parser
 

@@ -1,0 +1,57 @@
+"""moekit grow: a model made wider and deeper, the same function at step 0 (EfficientScale Scale-Up)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_DIMS = ("d_model", "d_ff", "expert_d_ff", "n_heads", "n_kv_heads", "n_layers")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("grow", help="grow a model's width and depth (function-preserving)",
+                       allow_abbrev=False,
+                       description="Read a model (a run, an export, a Hugging Face directory or a catalog "
+                                   "model such as smollm2-135m) and write OUT, a larger model: wider by "
+                                   "copies whose outputs are split (fpi), by zero residual channels (zero) "
+                                   "or from the next layer's weights (aki); deeper by identity blocks "
+                                   "between the old ones (zero) or by repeating the blocks (stack).")
+    p.add_argument("src")
+    p.add_argument("--d-model", type=int, help="residual width (fpi: a multiple of the model's)")
+    p.add_argument("--d-ff", type=int, help="dense FFN width")
+    p.add_argument("--expert-d-ff", type=int, help="every expert's width (shared experts follow)")
+    p.add_argument("--n-heads", type=int, help="query heads (head_dim stays)")
+    p.add_argument("--n-kv-heads", type=int, help="key/value heads (n-heads stays a multiple)")
+    p.add_argument("--n-layers", type=int, help="blocks")
+    p.add_argument("--width-mode", default="fpi", help="fpi (default), zero or aki")
+    p.add_argument("--depth-mode", default="zero", help="zero (default) or stack")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=run)
+
+
+def _dims(cfg) -> dict[str, int | None]:
+    return {"d_model": cfg.d_model, "d_ff": cfg.d_ff, "expert_d_ff": cfg.moe.d_ff if cfg.moe else None,
+            "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads or cfg.n_heads, "n_layers": cfg.n_layers}
+
+
+def run(args) -> int:
+    from moekit.scale.grow import block_plan, grow, preserves_function
+    from moekit.train.run_dir import check_export_target, load_run, save_export
+    check_export_target(Path(args.out), "grow --out")
+    model, tok, cfg = load_run(args.src)
+    kwargs = {name: getattr(args, name) for name in _DIMS}
+    modes = {"width_mode": args.width_mode, "depth_mode": args.depth_mode}
+    big = grow(model, **kwargs, **modes, seed=args.seed)
+    save_export(big, tok, cfg, Path(args.out))
+    old, new = _dims(model.cfg), _dims(big.cfg)
+    grew = [f"{name} {old[name]} -> {new[name]}" for name in _DIMS if old[name] != new[name]]
+    where = ""
+    if big.cfg.n_layers > model.cfg.n_layers and args.depth_mode == "zero":
+        plan = block_plan(model.cfg.n_layers, big.cfg.n_layers, "zero")
+        where = f" (new blocks at {[p for p, (_, fresh) in enumerate(plan) if fresh]})"
+    exact = preserves_function(model, big, args.width_mode, args.depth_mode)
+    same = "the source function at step 0" if exact else "not the source function at step 0 (aki / stack)"
+
+    print(f"grew {args.src} to {args.out} (width {args.width_mode}, depth {args.depth_mode}): "
+          f"{', '.join(grew)}{where}; {same}")
+    return 0
