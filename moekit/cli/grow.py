@@ -37,7 +37,7 @@ def _dims(cfg) -> dict[str, int | None]:
 def run(args) -> int:
     from moekit.scale.grow import block_plan, grow, preserves_function
     from moekit.train.run_dir import check_export_target, load_run, save_export
-    check_export_target(Path(args.out), "grow --out")
+    check_export_target(Path(args.out), "grow --out", src=args.src)
     model, tok, cfg = load_run(args.src)
     kwargs = {name: getattr(args, name) for name in _DIMS}
     modes = {"width_mode": args.width_mode, "depth_mode": args.depth_mode}

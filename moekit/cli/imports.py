@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    p = sub.add_parser("import", help="import a Hugging Face model (Llama, Mixtral)", allow_abbrev=False,
+    p = sub.add_parser("import", help="import a Hugging Face model (Llama, Qwen2, Mixtral, Qwen2-MoE, ...)",
+                       allow_abbrev=False,
                        description="Read a Hugging Face model directory (config.json, model.safetensors or "
                                    "sharded safetensors, tokenizer.json) and write OUT as a moekit export "
                                    "directory that generate, eval and export read.")

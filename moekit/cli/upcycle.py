@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--experts", type=int, required=True, help="experts per MoE layer")
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--method", default="copy", choices=("copy", "drop", "virtual-group"))
-    p.add_argument("--drop-ratio", type=float, default=0.5, help="drop: share of hidden units re-drawn")
+    p.add_argument("--drop-ratio", type=float, help="drop: share of hidden units re-drawn (default 0.5)")
     p.add_argument("--granularity", type=int, default=1,
                    help="virtual-group: shards per FFN (experts of width d_ff / G)")
     p.add_argument("--shared-from-ffn", action="store_true", help="add a shared expert copied from the FFN")
@@ -37,7 +37,7 @@ def _layers(text: str):
     if text in ("all", "alternate"):
         return text
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return [int(x) for x in text.split(",")]
     except ValueError:
         raise ValueError(f"--layers {text!r}: give all, alternate, or comma-separated indices such as "
                          "0,2") from None
@@ -63,7 +63,7 @@ def moe_options(items: list[str]) -> dict:
 def run(args) -> int:
     from moekit.scale.upcycle import preserves_function, upcycle
     from moekit.train.run_dir import check_export_target, load_run, save_export
-    check_export_target(Path(args.out), "upcycle --out")
+    check_export_target(Path(args.out), "upcycle --out", src=args.src)
     options = moe_options(args.set)
     model, tok, cfg = load_run(args.src)
     moe = upcycle(model, args.experts, args.top_k, method=args.method, drop_ratio=args.drop_ratio,
@@ -73,7 +73,12 @@ def run(args) -> int:
     m = moe.cfg.moe
     same = "the dense function at step 0" if preserves_function(m, args.method) else \
         "not the dense function at step 0 (by the method or the router options)"
+    from moekit.interop.hf import to_hf_config
+    try:
+        hf = f"; exports to Hugging Face as {to_hf_config(moe.cfg)['model_type']}"
+    except ValueError as err:
+        hf = f"; cannot be exported to Hugging Face ({str(err).split(': ', 1)[-1].split(';')[0]})"
     print(f"upcycled {args.src} to {args.out} ({args.method}): {len(moe.moe_layers())} MoE layers of "
           f"{m.num_experts} experts of width {m.d_ff}, top-{m.top_k}"
-          f"{', 1 shared expert' if m.num_shared_experts else ''}; {same}")
+          f"{', 1 shared expert' if m.num_shared_experts else ''}; {same}{hf}")
     return 0

@@ -65,8 +65,16 @@ _MOEKIT_ONLY = ("router.expert_bias_E",)
 
 def from_hf_state(hf_config: dict, state: dict[str, Tensor]) -> MoETransformer:
     """An MoETransformer (float32, CPU, eval mode) holding a Hugging Face checkpoint's weights."""
-    mcfg = model_config_from_hf(hf_config)
+    try:
+        mcfg = model_config_from_hf(hf_config)
+    except KeyError as err:
+        raise ValueError(f"config.json has no {err.args[0]!r} (needed for model_type "
+                         f"{hf_config.get('model_type')!r}); restore the model's own config.json") from None
+    except (TypeError, AttributeError) as err:
+        raise ValueError(f"config.json holds a value of the wrong type ({err}); restore the model's own "
+                         "config.json") from None
     kind = hf_config["model_type"]
+    _check_tied_head(mcfg, state)
     state = _unfused(state, mcfg, kind)
     model = MoETransformer.build(mcfg)
     ours = model.state_dict()
@@ -94,6 +102,15 @@ def from_hf_state(hf_config: dict, state: dict[str, Tensor]) -> MoETransformer:
         for name, value in filled.items():
             ours[name].copy_(value.float())
     return model.eval()
+
+
+def _check_tied_head(mcfg: ModelConfig, state: dict[str, Tensor]) -> None:
+    """tie_word_embeddings=true with an lm_head.weight of its own: the head would be dropped."""
+    head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+    if mcfg.tie_embeddings and head is not None and embed is not None and not (
+            head.shape == embed.shape and torch.equal(head, embed)):
+        raise ValueError("config.json tie_word_embeddings=true, but the checkpoint's lm_head.weight differs "
+                         "from its embeddings; set tie_word_embeddings to false in config.json")
 
 
 def _unfused(state: dict[str, Tensor], mcfg: ModelConfig, kind: str) -> dict[str, Tensor]:
@@ -164,18 +181,40 @@ def load_hf_dir(path: str | Path) -> MoETransformer:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{str(path)!r} has no config.json; give a Hugging Face model directory")
-    cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    cfg = _read_json(path / "config.json")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{str(path / 'config.json')!r} is not a JSON object; restore the model's "
+                         "config.json")
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    else:
+        raw = _read_json(index)
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{str(index)!r} has no weight_map of tensor -> file; restore the index")
+        files = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").is_file() or not (path / "pytorch_model.bin").is_file():
         files = ["model.safetensors"]
+    else:
+        raise ValueError(f"{str(path)!r} holds pytorch_model.bin: moekit reads safetensors only; convert it "
+                         "with transformers (from_pretrained, then save_pretrained)")
     state = {}
     for name in files:
         if not (path / name).is_file():
             raise FileNotFoundError(f"{str(path / name)!r} is missing (named by the checkpoint); restore it")
-        state.update(load_file(str(path / name)))
+        try:
+            state.update(load_file(str(path / name)))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"{str(path / name)!r} is not a readable safetensors file "
+                             f"({str(err).splitlines()[0][:100]}); restore it") from None
     return from_hf_state(cfg, state)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is not readable JSON ({type(err).__name__}: {err}); restore "
+                         "the file") from None
 
 
 def save_hf_dir(model: MoETransformer, out: str | Path) -> Path:

@@ -63,11 +63,15 @@ UNGATED = "moekit_shared_gate"
 
 
 def _rope_theta(cfg: dict) -> float:
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise ValueError(f"config.json rope type {kind!r}: only plain RoPE (rope_type 'default') is "
-                         "supported; use a model without RoPE scaling")
+    for key in ("rope_parameters", "rope_scaling"):   # either may carry a scaling: both are read
+        value = cfg.get(key) or {}
+        if not isinstance(value, dict):
+            raise ValueError(f"config.json {key}={value!r} is not a table; fix config.json")
+        kind = value.get("rope_type", value.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"config.json {key} rope type {kind!r}: only plain RoPE (rope_type "
+                             "'default') is supported; use a model without RoPE scaling")
+    params = cfg.get("rope_parameters") or {}
     factor = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     if factor not in (None, 1, 1.0):
         raise ValueError(f"config.json partial_rotary_factor={factor}: only RoPE over the whole head is "

@@ -82,6 +82,10 @@ class ModelConfig:
               or any(not is_int(i) or not 0 <= i < self.n_layers for i in self.moe_layers)):
             raise bad(_OWN, "moe_layers", self.moe_layers, f"indices must be in [0, {self.n_layers})",
                       "list existing layer indices")
+        elif self.moe is not None and (not self.moe_layers
+                                       or len(set(self.moe_layers)) != len(self.moe_layers)):
+            raise bad(_OWN, "moe_layers", self.moe_layers, "must list distinct layer indices, at least one",
+                      "list each MoE layer once (a dense model: moe = false)")
         if self.moe is not None and not isinstance(self.moe, MoEConfig):
             raise bad(_OWN, "moe", self.moe, "must be an MoEConfig or None", "pass MoEConfig(...) or None")
         if self.moe is not None and self.moe.d_model != self.d_model:

@@ -24,7 +24,8 @@ N(0, router_std) by default or zeros. The methods:
   gives the dense model's active parameters.
 
 ``shared_from_ffn`` adds one shared expert, a copy of the FFN; the shared and routed down
-projections are halved so their sum is still the dense function.
+projections are halved so their sum is still the dense function (with ``shared_gate`` the
+gate starts at weight zero, sigmoid(0) = 1/2, and the shared down projection is not halved).
 
 Function preservation needs a token-choice router with renormalised top-k weights (or
 top_k = 1 with ``top1_weight="one"``) and no capacity drops; :func:`preserves_function`
@@ -47,7 +48,7 @@ ROUTER_INITS = ("normal", "zeros")
 
 
 def upcycle(model: MoETransformer, num_experts: int, top_k: int, *, method: str = "copy",
-            drop_ratio: float = 0.5, granularity: int = 1, layers="all", router_init: str = "normal",
+            drop_ratio: float | None = None, granularity: int = 1, layers="all", router_init: str = "normal",
             router_std: float = 0.02, shared_from_ffn: bool = False, seed: int = 0,
             **moe_options) -> MoETransformer:
     """A new MoETransformer whose ``layers`` ("all", "alternate" or indices) are MoE layers of
@@ -77,18 +78,22 @@ def upcycle(model: MoETransformer, num_experts: int, top_k: int, *, method: str 
             ffn = model.blocks[i].ffn
             gate_DF, up_DF, down_FD = ffn.w_gate.weight.t(), ffn.w_up.weight.t(), ffn.w_down.weight.t()
             scale = 0.5 if shared_from_ffn else 1.0
-            _fill_experts(layer, gate_DF, up_DF, down_FD * scale, method, drop_ratio, granularity, gen)
+            ratio = 0.5 if drop_ratio is None else drop_ratio      # Drop-Upcycling's best
+            _fill_experts(layer, gate_DF, up_DF, down_FD * scale, method, ratio, granularity, gen)
             groups = granularity if method == "virtual-group" else 1
             _init_router(layer.router, router_init, router_std, groups, gen)
             if shared_from_ffn:
                 layer.shared.w_gate.weight.copy_(ffn.w_gate.weight)
                 layer.shared.w_up.weight.copy_(ffn.w_up.weight)
-                layer.shared.w_down.weight.copy_(ffn.w_down.weight * scale)
+                gated = layer.shared_gate is not None    # a zero gate weight: sigmoid(0) = 1/2, so x 2
+                layer.shared.w_down.weight.copy_(ffn.w_down.weight * (2 * scale if gated else scale))
+                if gated:
+                    layer.shared_gate.weight.zero_()
     return new
 
 
 def upcycle_config(model: MoETransformer, num_experts: int, top_k: int, *, method: str = "copy",
-                   drop_ratio: float = 0.5, granularity: int = 1, router_init: str = "normal",
+                   drop_ratio: float | None = None, granularity: int = 1, router_init: str = "normal",
                    router_std: float = 0.02, shared_from_ffn: bool = False, **moe_options) -> MoEConfig:
     """The MoEConfig :func:`upcycle` builds, after checking the arguments (one line each)."""
     cfg = model.cfg
@@ -107,8 +112,12 @@ def upcycle_config(model: MoETransformer, num_experts: int, top_k: int, *, metho
     if isinstance(num_experts, int) and isinstance(top_k, int) and 0 < num_experts < top_k:
         raise ValueError(f"upcycle: {num_experts} experts are fewer than top_k={top_k}; use at least "
                          f"{top_k} experts or a smaller top_k")
-    if method == "drop" and (isinstance(drop_ratio, bool) or not isinstance(drop_ratio, (int, float))
-                             or not 0 <= drop_ratio <= 1):
+    if method != "drop" and drop_ratio is not None:
+        raise ValueError(f"upcycle: drop_ratio={drop_ratio!r} applies to method='drop' only; drop it or use "
+                         "that method")
+    bad_ratio = (isinstance(drop_ratio, bool) or not isinstance(drop_ratio, (int, float))
+                 or not 0 <= drop_ratio <= 1)
+    if method == "drop" and drop_ratio is not None and bad_ratio:
         raise ValueError(f"upcycle: drop_ratio={drop_ratio!r} must be in [0, 1]; 0.5 is "
                          "Drop-Upcycling's best")
     G = granularity

@@ -168,6 +168,15 @@ def load_run(run_dir: Path):
     """(model in eval mode, tokenizer, config) of a run directory (either checkpoint container)
     or of a ``moekit export`` directory, on one process."""
     run_dir = _catalog_or_path(run_dir)
+    if not run_dir.exists():
+        from moekit.data.catalog import MODELS
+        raise FileNotFoundError(f"{str(run_dir)!r} does not exist; give a run, export or Hugging Face "
+                                f"directory, or a catalog model ({', '.join(sorted(MODELS))})")
+    if not run_dir.is_dir():
+        raise ValueError(f"{str(run_dir)!r} is a file; give a run, export or Hugging Face directory")
+    if (run_dir / "config.json").is_file() and find_checkpoint(run_dir) is None:
+        from moekit.interop.hf import _read_json
+        _read_json(run_dir / "config.json")          # not JSON: say so, not "export again"
     if find_checkpoint(run_dir) is None and _is_hf_dir(run_dir):
         return _load_hf(run_dir)
     if (run_dir / EXPORT_WEIGHTS).exists() and find_checkpoint(run_dir) is None:
@@ -202,23 +211,51 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     """A consolidated single-device copy of a run's model (from either checkpoint container):
     ``model.safetensors``, ``config.json`` and ``tokenizer.json`` in ``out_dir``, which
     :func:`load_run` (so ``moekit generate`` / ``eval``) reads like a run directory."""
-    check_export_target(out_dir)
+    check_export_target(out_dir, src=run_dir)
     model, tok, cfg = load_run(run_dir)
     return save_export(model, tok, cfg, out_dir)
 
 
-def check_export_target(out_dir: Path, flag: str = "export --out") -> None:
-    """An export may go into a new or empty directory, or replace an earlier export; never onto
-    a file or into a run directory."""
+def check_export_target(out_dir: Path, flag: str = "export --out", src=None, hf: bool = False) -> None:
+    """An export (or import, upcycle, grow) may go into a new or empty directory, or replace an
+    earlier moekit export of the same format; never onto a file, its own source, a run
+    directory or another model directory (a Hugging Face download is not ours to overwrite)."""
     out_dir = Path(out_dir)
+    same = src is not None and Path(src).exists() and out_dir.exists()
+    if same and out_dir.resolve() == Path(src).resolve():
+        raise ValueError(f"{flag} {str(out_dir)!r} is the source itself; writing there would overwrite it: "
+                         "choose another --out")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{flag} {str(out_dir)!r} is a file, not a directory; choose another --out")
-    earlier_export = (out_dir / EXPORT_WEIGHTS).exists() and find_checkpoint(out_dir) is None
-    if out_dir.is_dir() and not earlier_export:   # an earlier export may be replaced; a run may not
+    if not out_dir.is_dir():
+        return
+    if find_checkpoint(out_dir) is not None or any((out_dir / n).exists() for n in RUN_ONLY):
         held = [n for n in RUN_FILES if (out_dir / n).exists()]
-        if held:
-            raise ValueError(f"{flag} {str(out_dir)!r} holds a run ({', '.join(held[:3])}); writing there "
-                             "would overwrite it: choose an empty or new --out")
+        raise ValueError(f"{flag} {str(out_dir)!r} holds a run ({', '.join(held[:3])}); writing there "
+                         "would overwrite it: choose an empty or new --out")
+    model_files = [n for n in ("config.json", EXPORT_WEIGHTS, "model.safetensors.index.json")
+                   if (out_dir / n).exists()]
+    if model_files and _export_format(out_dir) != ("hf" if hf else "moekit"):
+        kind = "Hugging Face export" if hf else "export"
+        raise ValueError(f"{flag} {str(out_dir)!r} holds another model ({', '.join(model_files)}), not an "
+                         f"earlier moekit {kind}; choose an empty or new --out")
+
+
+# what only a run directory (not an export) holds
+RUN_ONLY = ("metrics.jsonl", "summary.json", "tensorboard", "data")
+
+
+def _export_format(path: Path) -> str | None:
+    """"moekit" (a moekit export), "hf" (a Hugging Face directory moekit exported) or None."""
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    if "model_type" in cfg:
+        return "hf" if cfg.get("exported_by") == "moekit" else None
+    return "moekit" if isinstance(cfg.get("model"), dict) else None
 
 
 def save_export(model: MoETransformer, tok: Tokenizer, cfg: RunConfig, out_dir: Path) -> Path:
@@ -263,11 +300,14 @@ def _load_export(out_dir: Path):
     tok = load_tokenizer(out_dir / "tokenizer.json")
     try:
         state = load_file(str(out_dir / EXPORT_WEIGHTS))
+        _check_fits(tok, state["embed.weight"].shape[0], out_dir)
         # the weights' vocabulary (an imported model's may be padded past its tokenizer's)
         model = MoETransformer.build(model_config_for(cfg, state["embed.weight"].shape[0]), device="cpu")
         if cfg.model.tie_embeddings:
             state["lm_head.weight"] = state["embed.weight"]
         model.load_state_dict(state)
+    except ValueError:
+        raise
     except Exception as err:  # noqa: BLE001 - safetensors' and load_state_dict's errors mean the same here
         raise ValueError(f"{str(out_dir / EXPORT_WEIGHTS)!r} is corrupt or not this model's "
                          f"({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
@@ -294,19 +334,27 @@ def _is_hf_dir(path: Path) -> bool:
 
 def _load_hf(path: Path):
     from moekit.interop.hf import load_hf_dir
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{str(path)!r} has no tokenizer.json (moekit reads the fast-tokenizer "
+                                "file); save it there with transformers: AutoTokenizer.from_pretrained(...)"
+                                ".save_pretrained(DIR)")
     model = load_hf_dir(path)
     tok = load_tokenizer(path / "tokenizer.json")
-    if tok.get_vocab_size() > model.cfg.vocab_size:
-        raise ValueError(f"{str(path / 'tokenizer.json')!r} has {tok.get_vocab_size()} tokens but the "
-                         f"model's vocabulary is {model.cfg.vocab_size}; give the model's own tokenizer")
+    _check_fits(tok, model.cfg.vocab_size, path)
     return model, tok, RunConfig(model=model.cfg)
+
+
+def _check_fits(tok: Tokenizer, vocab_size: int, path: Path) -> None:
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"{str(path / 'tokenizer.json')!r} has {tok.get_vocab_size()} tokens but the "
+                         f"model's vocabulary is {vocab_size}; give the model's own tokenizer")
 
 
 def export_hf(run_dir: Path, out_dir: Path) -> Path:
     """A run (or export, or Hugging Face directory) as a Hugging Face directory that
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads, with the tokenizer."""
     from moekit.interop.hf import save_hf_dir, to_hf_config
-    check_export_target(out_dir, "export --format hf --out")
+    check_export_target(out_dir, "export --format hf --out", src=run_dir, hf=True)
     model, tok, _ = load_run(run_dir)
     to_hf_config(model.cfg)                 # what Hugging Face cannot express: before anything is written
     create(out_dir)
@@ -314,6 +362,7 @@ def export_hf(run_dir: Path, out_dir: Path) -> Path:
         save_hf_dir(model, out_dir)
         save_tokenizer(tok, Path(out_dir) / "tokenizer.json")
         _hf_tokenizer_files(tok, model.cfg.max_seq_len, Path(out_dir))
+        _mark_hf_export(Path(out_dir))
     return Path(out_dir)
 
 
@@ -334,10 +383,16 @@ def _hf_tokenizer_files(tok: Tokenizer, max_len: int, out_dir: Path) -> None:
         write_json(path, {**cfg, "eos_token_id": eos, "bos_token_id": eos})
 
 
+def _mark_hf_export(out_dir: Path) -> None:
+    """config.json says moekit wrote it, so a later export may replace it (and nothing else)."""
+    path = out_dir / "config.json"
+    write_json(path, {**json.loads(path.read_text(encoding="utf-8")), "exported_by": "moekit"})
+
+
 def import_hf(src: Path, out_dir: Path) -> Path:
     """A Hugging Face model directory as a moekit export directory (moekit's weight names, a run
     config, the model's own tokenizer), which every command that reads a model reads."""
-    check_export_target(out_dir, "import --out")
+    check_export_target(out_dir, "import --out", src=src)
     src = _catalog_or_path(src)
     if not Path(src).is_dir():
         raise FileNotFoundError(f"import: {str(src)!r} is not a directory; give a Hugging Face model "

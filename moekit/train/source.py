@@ -53,25 +53,50 @@ def load_source(cfg: RunConfig, model_section: dict | None = None) -> tuple[RunC
     given = _flat(dataclasses.asdict(cfg.model)) if model_section is None else _flat(model_section)
     if model_section is None and cfg.model == ModelConfig():
         given = {}
+    clashes = _contradictions(given, theirs)
+    if len(clashes) == 1:
+        key, value, have = clashes[0]
+        raise ValueError(f"model.{key}={value!r} contradicts --from {src} ({key}={have!r}); drop it from "
+                         "the recipe: a run started from weights takes their architecture")
+    if clashes:
+        listed = ", ".join(f"{k}={v!r} (theirs {h!r})" for k, v, h in clashes[:4])
+        more = f" and {len(clashes) - 4} more" if len(clashes) > 4 else ""
+        raise ValueError(f"{len(clashes)} model fields contradict --from {src}: {listed}{more}; remove the "
+                         "recipe's [model] section: a run started from weights takes their architecture")
+    runtime = {k: given[k] for k in RUNTIME_FIELDS if k in given}
+    model_cfg = _with_runtime(theirs, runtime, cfg.data.seq_len)
+    state = {k: v for k, v in model.state_dict().items()}
+    return dataclasses.replace(cfg, model=model_cfg), Initial(source=str(src), state=state, tokenizer=tok)
+
+
+def _contradictions(given: dict, theirs: ModelConfig) -> list[tuple[str, object, object]]:
+    """(field, the recipe's value, SRC's) for each model field the recipe sets otherwise than SRC,
+    comparing what the values mean (moe_layers as layer ids, n_kv_heads None as n_heads)."""
     mine = _flat(dataclasses.asdict(theirs))
+    out = []
     for key, value in given.items():
         if key in RUNTIME_FIELDS or key in ("vocab_size", "moe.d_model"):
             continue
         if key == "moe":                     # moe = false: a dense model
             if value not in (None, False) or theirs.moe is not None:
-                raise ValueError(f"model.moe={value!r} contradicts --from {src} (an MoE model); drop it "
-                                 "from the recipe: a run started from weights takes their architecture")
+                out.append((key, value, "an MoE model" if theirs.moe is not None else None))
             continue
         if key not in mine and not (key.startswith("moe.") and theirs.moe is None):
             continue
-        have = mine.get(key, None if key == "moe" else "(dense: no moe section)")
-        if _norm(value) != _norm(have):
-            raise ValueError(f"model.{key}={value!r} contradicts --from {src} ({key}={have!r}); drop it from "
-                             "the recipe: a run started from weights takes their architecture")
-    runtime = {k: given[k] for k in RUNTIME_FIELDS if k in given}
-    model_cfg = _with_runtime(theirs, runtime, cfg.data.seq_len)
-    state = {k: v for k, v in model.state_dict().items()}
-    return dataclasses.replace(cfg, model=model_cfg), Initial(source=str(src), state=state, tokenizer=tok)
+        have = mine.get(key, "(dense: no moe section)")
+        if key == "moe_layers" and theirs.moe is not None:
+            try:
+                same = dataclasses.replace(theirs, moe_layers=value).moe_layer_ids() == theirs.moe_layer_ids()
+            except ValueError:
+                same = False
+        elif key in ("n_kv_heads", "head_dim"):
+            default = theirs.n_heads if key == "n_kv_heads" else theirs.d_model // theirs.n_heads
+            same = _norm(default if value is None else value) == _norm(default if have is None else have)
+        else:
+            same = _norm(value) == _norm(have)
+        if not same:
+            out.append((key, value, have))
+    return out
 
 
 def _with_runtime(model_cfg: ModelConfig, runtime: dict, seq_len: int) -> ModelConfig:

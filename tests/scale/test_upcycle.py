@@ -56,13 +56,16 @@ def test_virtual_group_top_k_g_has_the_dense_active_parameters():
 
 
 @pytest.mark.parametrize("method", ["copy", "drop"])
-def test_shared_expert_from_the_ffn(method):
+@pytest.mark.parametrize("gate", [False, True])
+def test_shared_expert_from_the_ffn(method, gate):
     src = dense()
-    moe = upcycle(src, 4, 2, method=method, shared_from_ffn=True, drop_ratio=0.0)
+    ratio = {"drop_ratio": 0.0} if method == "drop" else {}
+    moe = upcycle(src, 4, 2, method=method, shared_from_ffn=True, shared_gate=gate, **ratio)
     layer = moe.blocks[0].ffn
-    assert moe.cfg.moe.num_shared_experts == 1
+    assert moe.cfg.moe.num_shared_experts == 1 and (layer.shared_gate is not None) == gate
     assert torch.equal(layer.shared.w_up.weight, src.blocks[0].ffn.w_up.weight)
-    assert torch.equal(layer.shared.w_down.weight, src.blocks[0].ffn.w_down.weight * 0.5)
+    factor = 1.0 if gate else 0.5              # a zero gate weight halves the shared output itself
+    assert torch.equal(layer.shared.w_down.weight, src.blocks[0].ffn.w_down.weight * factor)
     assert_same_function(src, moe)              # drop with ratio 0 is a copy
 
 
@@ -149,7 +152,10 @@ def test_router_init_and_refusals():
                           (dict(method="virtual-group", granularity=3), "granularity=3 must be"),
                           (dict(method="virtual-group", granularity=4), "multiples of granularity=4"),
                           (dict(activation="gelu"), "activation='gelu'"),
-                          (dict(num_shared_experts=2), "num_shared_experts is set by the method")]:
+                          (dict(num_shared_experts=2), "num_shared_experts is set by the method"),
+                          (dict(drop_ratio=0.3), "drop_ratio=0.3 applies to method='drop' only"),
+                          (dict(layers=[]), "must list distinct layer indices"),
+                          (dict(layers=[1, 1]), "must list distinct layer indices")]:
         with pytest.raises(ValueError, match=match):
             upcycle(src, 4, 2, **kwargs)
 
@@ -187,7 +193,8 @@ def test_cli_methods_and_options(tmp_path, capsys):
     assert cli(["upcycle", str(tmp_path / "dense"), "--experts", "8", "--top-k", "4", "--method",
                 "virtual-group", "--granularity", "4", "--set", "router=sigmoid", "--out",
                 str(tmp_path / "vg")]) == 0
-    assert "the dense function at step 0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "the dense function at step 0" in out and "cannot be exported to Hugging Face" in out
     moe, _, _ = load_run(tmp_path / "vg")
     assert (moe.cfg.moe.router, moe.cfg.moe.d_ff) == ("sigmoid", 16)
     with torch.no_grad():
@@ -197,7 +204,9 @@ def test_cli_methods_and_options(tmp_path, capsys):
     assert "not the dense function" in capsys.readouterr().out
     for bad, match in [(["--set", "nope=1"], "--set nope: not an MoEConfig field"),
                        (["--set", "num_experts=3"], "--set num_experts: not an MoEConfig field"),
-                       (["--experts", "1", "--top-k", "2"], "1 experts are fewer than top_k=2")]:
+                       (["--experts", "1", "--top-k", "2"], "1 experts are fewer than top_k=2"),
+                       (["--layers", ""], "--layers '': give all, alternate"),
+                       (["--drop-ratio", "0.2"], "applies to method='drop' only")]:
         argv = ["upcycle", str(tmp_path / "dense"), "--experts", "4", "--out", str(tmp_path / "bad")] + bad
         assert cli(argv) == 2
         err = capsys.readouterr().err

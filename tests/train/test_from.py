@@ -85,6 +85,14 @@ def test_bad_sources_and_contradicting_recipes_are_one_line(src_run, parl_subset
         assert cli(["train", "--out", str(out), "--no-progress", *extra, *data_and_train(parl_subset)]) == 2
         one_line_error(capsys, needle)
         assert not out.exists()
+    capsys.readouterr()
+    assert cli(["train", "--config", "configs/tiny-moe.toml", "--from", str(src_run), "--out", str(out),
+                "--no-progress", *data_and_train(parl_subset)]) == 2
+    one_line_error(capsys, "model fields contradict --from", "remove the recipe's [model] section")
+    # equal in meaning is not a contradiction: [1] is the layer list SRC holds; None heads = n_heads
+    assert cli(["train", "--from", str(src_run), "--out", str(tmp_path / "same"), "--no-progress",
+                "--set", "model.moe_layers=[1]", "--set", "model.n_kv_heads=4",
+                *data_and_train(parl_subset, max_steps=1)]) == 0
     # what holds no weights may differ: a longer context
     assert cli(["train", "--from", str(src_run), "--out", str(out), "--no-progress",
                 "--set", "model.max_seq_len=128", *data_and_train(parl_subset, max_steps=1)]) == 0
