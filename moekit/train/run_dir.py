@@ -229,7 +229,8 @@ def check_export_target(out_dir: Path, flag: str = "export --out", src=None, hf:
         raise ValueError(f"{flag} {str(out_dir)!r} is a file, not a directory; choose another --out")
     if not out_dir.is_dir():
         return
-    if find_checkpoint(out_dir) is not None or any((out_dir / n).exists() for n in RUN_ONLY):
+    run_data = (out_dir / "data").exists() and not (out_dir / EXPORT_WEIGHTS).exists()   # an export's: eval
+    if find_checkpoint(out_dir) is not None or run_data or any((out_dir / n).exists() for n in RUN_ONLY):
         held = [n for n in RUN_FILES if (out_dir / n).exists()]
         raise ValueError(f"{flag} {str(out_dir)!r} holds a run ({', '.join(held[:3])}); writing there "
                          "would overwrite it: choose an empty or new --out")
@@ -242,7 +243,7 @@ def check_export_target(out_dir: Path, flag: str = "export --out", src=None, hf:
 
 
 # what only a run directory (not an export) holds
-RUN_ONLY = ("metrics.jsonl", "summary.json", "tensorboard", "data")
+RUN_ONLY = ("metrics.jsonl", "summary.json", "tensorboard")
 
 
 def _export_format(path: Path) -> str | None:
