@@ -14,7 +14,8 @@ def register(sub) -> None:
                                    "model such as smollm2-135m) and write OUT, a larger model: wider by "
                                    "copies whose outputs are split (fpi), by zero residual channels (zero) "
                                    "or from the next layer's weights (aki); deeper by identity blocks "
-                                   "between the old ones (zero) or by repeating the blocks (stack).")
+                                   "between the old ones (zero) or by repeating the blocks (stack); or "
+                                   "with more experts (--experts), copies of the old ones.")
     p.add_argument("src")
     p.add_argument("--d-model", type=int, help="residual width (fpi: a multiple of the model's)")
     p.add_argument("--d-ff", type=int, help="dense FFN width")
@@ -24,6 +25,11 @@ def register(sub) -> None:
     p.add_argument("--n-layers", type=int, help="blocks")
     p.add_argument("--width-mode", default="fpi", help="fpi (default), zero or aki")
     p.add_argument("--depth-mode", default="zero", help="zero (default) or stack")
+    p.add_argument("--experts", type=int, help="experts per MoE layer, new ones copying old ones (not with "
+                   "the width and depth flags)")
+    p.add_argument("--which", help="with --experts: all (default; every expert copied equally) or "
+                   "most_loaded (copies of the most loaded, per the last loads in SRC's metrics.jsonl)")
+    p.add_argument("--noise-std", type=float, help="with --experts: N(0, S) on the copies' router rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(run=run)
@@ -37,6 +43,11 @@ def _dims(cfg) -> dict[str, int | None]:
 def run(args) -> int:
     from moekit.scale.grow import block_plan, grow, preserves_function
     from moekit.train.run_dir import check_export_target, load_run, save_export
+    if args.experts is not None:
+        return _run_experts(args)
+    for flag, value in (("--which", args.which), ("--noise-std", args.noise_std)):
+        if value is not None:
+            raise ValueError(f"grow: {flag} applies to --experts only; add --experts N or drop {flag}")
     check_export_target(Path(args.out), "grow --out", src=args.src)
     model, tok, cfg = load_run(args.src)
     kwargs = {name: getattr(args, name) for name in _DIMS}
@@ -54,4 +65,35 @@ def run(args) -> int:
 
     print(f"grew {args.src} to {args.out} (width {args.width_mode}, depth {args.depth_mode}): "
           f"{', '.join(grew)}{where}; {same}")
+    return 0
+
+
+def _run_experts(args) -> int:
+    """--experts: grow the number of experts (moekit.scale.grow_experts); the model only."""
+    from moekit.scale.grow_experts import exact_top_k, grow_experts, last_loads, preserves_function
+    from moekit.train.run_dir import check_export_target, load_run, save_export
+    given = [f"--{name.replace('_', '-')}" for name in _DIMS if getattr(args, name) is not None]
+    given += [f"--{flag}-mode" for flag, default in (("width", "fpi"), ("depth", "zero"))
+              if getattr(args, f"{flag}_mode") != default]
+    if given:
+        raise ValueError(f"grow: --experts with {', '.join(given)} is not supported yet; grow the experts "
+                         "and the width or depth in two runs of moekit grow")
+    check_export_target(Path(args.out), "grow --out", src=args.src)
+    which = args.which or "all"
+    model, tok, cfg = load_run(args.src)
+    loads = last_loads(args.src) if which == "most_loaded" else None
+    big, mapping = grow_experts(model, args.experts, which=which, loads=loads,
+                                noise_std=args.noise_std or 0.0, seed=args.seed)
+    save_export(big, tok, cfg, Path(args.out))
+    m = model.cfg.moe
+    if preserves_function(model, big, mapping):
+        same = "the source function at step 0"
+    else:
+        k = exact_top_k(model, mapping) if not args.noise_std else None
+        same = f"top_k {m.top_k} kept, so not the source function at step 0" + (
+            f" (top_k={k} would be)" if k is not None and k <= args.experts else "")
+    copies = "; ".join(f"layer {i}: {src[m.num_experts:]}" for i, src in list(mapping.items())[:3])
+    more = f" and {len(mapping) - 3} more layers" if len(mapping) > 3 else ""
+    print(f"grew {args.src} to {args.out}: experts {m.num_experts} -> {args.experts} in {len(mapping)} MoE "
+          f"layers ({which}; new experts copy {copies}{more}); {same}")
     return 0

@@ -59,7 +59,8 @@ from moekit.model.transformer import MoETransformer
 __all__ = ["ARCHITECTURES", "catalog_model_dir", "from_hf_state", "gguf_to_hf_dir", "load_hf_dir",
            "model_config_from_hf", "save_hf_dir", "to_hf_config", "to_hf_state"]
 
-# the aux-loss-free selection bias: a zero buffer of the softmax router (DeepSeek-V3 routing only)
+# the sigmoid router's aux-loss-free bias, a softmax router's logit offset: zero on import;
+# on export an offset must be equal over a layer's experts (hf_arch.check_router_offsets)
 _MOEKIT_ONLY = ("router.expert_bias_E",)
 
 
@@ -159,9 +160,9 @@ def _names(names: list[str]) -> str:
 def to_hf_state(model: MoETransformer) -> tuple[dict, dict[str, Tensor]]:
     """(config.json dict, Hugging Face state dict with per-expert keys) of a moekit model."""
     mcfg = model.cfg
-    config = to_hf_config(mcfg)
-    kind = config["model_type"]
     ours = model.state_dict()
+    config = to_hf_config(mcfg, ours)
+    kind = config["model_type"]
     keys = key_map(mcfg, kind)
     state = {hf: ours[name].detach().contiguous() for name, hf in keys.items()}
     for name, factor in scaled(mcfg, kind).items():

@@ -201,9 +201,12 @@ def export_target(mcfg: ModelConfig) -> str:
     return "qwen2_moe" if mixed or m.num_shared_experts or mcfg.qkv_bias or not normalized else "mixtral"
 
 
-def to_hf_config(mcfg: ModelConfig) -> dict:
-    """config.json for transformers, of the model type :func:`export_target` picks."""
+def to_hf_config(mcfg: ModelConfig, state: dict | None = None) -> dict:
+    """config.json for transformers, of the model type :func:`export_target` picks. Given the
+    model's ``state`` too, it refuses what only the weights show (:func:`check_router_offsets`)."""
     kind = export_target(mcfg)
+    if state is not None:
+        check_router_offsets(mcfg, state)
     theta = mcfg.rope_theta
     out = {"model_type": kind, "architectures": [ARCHITECTURES[kind]], "vocab_size": mcfg.vocab_size,
            "hidden_size": mcfg.d_model, "num_hidden_layers": mcfg.n_layers,
@@ -237,6 +240,20 @@ def to_hf_config(mcfg: ModelConfig) -> dict:
         if m.num_shared_experts and not m.shared_gate:
             out[UNGATED] = False
     return out
+
+
+def check_router_offsets(mcfg: ModelConfig, state: dict) -> None:
+    """A softmax router's logit offset (``expert_bias_E``: -log(c) for experts grown into c
+    copies, :mod:`moekit.scale.grow_experts`) has no Hugging Face counterpart. Zero, or equal
+    over a layer's experts (``which="all"``: softmax is shift-invariant), it changes no
+    probability and is left out exactly; otherwise one line."""
+    for i in mcfg.moe_layer_ids():
+        offset = state.get(f"blocks.{i}.ffn.router.expert_bias_E")
+        if offset is not None and offset.numel() and bool(offset.max() != offset.min()):
+            lo, hi = float(offset.min()), float(offset.max())
+            raise ValueError(f"export to Hugging Face: layer {i}'s router logit offsets differ between "
+                             f"experts ({lo:.3g} to {hi:.3g}: experts grown with which='most_loaded'), which "
+                             "no Hugging Face router holds; export before growing, or grow with which='all'")
 
 
 _ATTN = (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj"))

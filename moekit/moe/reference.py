@@ -40,8 +40,8 @@ def reference_moe(layer, x: Tensor) -> Tensor:
             for t in _top(probs_TE[:, e].tolist(), C):
                 assignments.append((t, e, probs_TE[t, e]))
     else:
-        if cfg.router == "softmax":
-            scores_TE = torch.softmax(logits_TE, dim=-1)
+        if cfg.router == "softmax":   # + the logit offset grown experts share (zero otherwise)
+            scores_TE = torch.softmax(logits_TE + layer.router.expert_bias_E, dim=-1)
             choice_TE = scores_TE
         else:
             scores_TE = torch.sigmoid(logits_TE)

@@ -81,6 +81,13 @@ class TopKRouter(nn.Module):
     per-expert bias is added to the scores *for selection only*; the combine weights are the
     unbiased scores. The bias is a buffer moved by :meth:`update_bias`, never by gradients.
 
+    ``expert_bias_E`` under ``score="softmax"`` is a fixed logit offset: softmax(x W + b). It is
+    zero (adding it changes no bit) unless the experts were grown
+    (:func:`moekit.scale.grow_experts.grow_experts`): an expert and its c - 1 copies then share
+    one router row and an offset of -log(c), which splits the expert's probability evenly over
+    them. Nothing trains it; it is saved in state dicts like the sigmoid bias (one buffer, so
+    checkpoints of models that never grew keep their keys).
+
     Noisy top-k (Shazeer et al. 2017): logits + N(0, 1) * softplus(x W_noise), in training.
     Input jitter (Switch): x * U(1 - eps, 1 + eps) on the router's input, in training.
     """
@@ -129,6 +136,8 @@ class TopKRouter(nn.Module):
         if self.training and self.noise_ED is not None:
             std_TE = F.softplus(F.linear(x_TD, self.noise_ED.float()))
             logits_TE = logits_TE + torch.randn_like(logits_TE) * std_TE
+        if self.score == "softmax":   # the logit offset of grown experts (zero otherwise)
+            logits_TE = logits_TE + self.expert_bias_E
         return logits_TE
 
     def forward(self, x_TD: Tensor) -> RouterOutput:

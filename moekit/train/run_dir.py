@@ -357,7 +357,7 @@ def export_hf(run_dir: Path, out_dir: Path) -> Path:
     from moekit.interop.hf import save_hf_dir, to_hf_config
     check_export_target(out_dir, "export --format hf --out", src=run_dir, hf=True)
     model, tok, _ = load_run(run_dir)
-    to_hf_config(model.cfg)                 # what Hugging Face cannot express: before anything is written
+    to_hf_config(model.cfg, model.state_dict())   # refusals before anything is written
     create(out_dir)
     with _writing(out_dir):
         save_hf_dir(model, out_dir)

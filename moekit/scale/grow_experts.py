@@ -1,0 +1,310 @@
+"""More experts: every MoE layer's E experts become E' > E, the new ones copies of old ones.
+
+    big, mapping = grow_experts(model, 16)                    # 8 -> 16: every expert copied once
+    big, mapping = grow_experts(model, 12, which="most_loaded", loads=last_loads("runs/moe"))
+    optim = grow_optimizer_state(ckpt["optim"], model, big, mapping)   # AdamW moments, copied alike
+
+``mapping[layer][j]`` is the old expert new expert ``j`` copies; old experts keep their
+indices (``mapping[layer][:E] == range(E)``). ``which="all"``: expert ``j`` copies ``j mod E``
+(E' a multiple of E). ``which="most_loaded"``: the E' - E new experts copy the layer's most
+loaded experts (by ``loads``, e.g. a run's last logged ``moe/layer{i}/load``), the most loaded
+first, cycling when there are more new experts than old ones.
+
+Copied exactly: each expert's gate/up/down, its router row (and noisy-gating row). A source
+with c - 1 copies (c experts share it) is split by its router:
+
+- ``softmax``: the source and its copies get a logit offset of -log(c), held in the router's
+  ``expert_bias_E`` buffer, which a softmax router adds to its logits (zero, and so no change
+  of a single bit, for a model that never grew). For every token the c probabilities then sum
+  to the source's probability, and the logsumexp (the z-loss) is the source's. The router has
+  no bias and reads an RMS-normalised input, so no weight can hold the shift; that buffer is
+  saved in every state dict already, so checkpoints and exports carry it, and the ones of
+  models that never grew keep their keys. A Hugging Face export refuses an offset that is not
+  constant per layer (``most_loaded``; a constant one changes no softmax probability).
+- ``sigmoid``: rows and the aux-loss-free bias copied; scores do not sum to one, so each copy
+  is as likely as its source: the score mass of a copied expert is multiplied by c.
+- ``expert_choice``: rows copied; each copy takes the same tokens as its source.
+
+``top_k`` stays, so the function changes: a token's top-k now holds copies (ties among equal
+probabilities go to the lower index: the source, then its copies). What holds exactly, with
+``which="all"`` and m = E'/E copies of each expert, dropless or not (capacity
+ceil(capacity_factor * T * K / E') keeps its meaning: slots per expert at perfect balance):
+top_k = 1 with ``top1_weight="one"`` is the source function (the same source expert, weight 1;
+with ``"prob"`` the weight is p/m); top_k' = m * top_k with renormalised weights (or top_k = 1
+with ``normalize_topk=False``) is the source function (all m copies of each chosen expert).
+``most_loaded`` divides the copied experts' probabilities by c, so a token may change experts.
+``noise_std`` adds N(0, noise_std) (seeded) to the copies' router rows to break their symmetry.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from moekit.checks import is_int, is_real
+from moekit.model.transformer import MoETransformer
+from moekit.scale.grow import _build
+
+WHICH = ("all", "most_loaded")
+# per MoE layer, every tensor under these has one row per expert on dim 0
+_PER_EXPERT = ("ffn.experts.", "ffn.router.")
+_LOAD_KEY = re.compile(r"moe/layer(\d+)/load")
+
+
+def grow_experts(model: MoETransformer, num_experts: int, *, which: str = "all",
+                 loads: dict[int, Tensor] | None = None, noise_std: float = 0.0,
+                 seed: int = 0) -> tuple[MoETransformer, dict[int, list[int]]]:
+    """(a new model whose MoE layers have ``num_experts`` experts, {MoE layer: the old expert each
+    new expert copies}). Everything but the experts and routers is copied as it is.
+
+    Example:
+        >>> from moekit.model.config import ModelConfig
+        >>> from moekit.moe.config import MoEConfig
+        >>> cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+        ...                   moe=MoEConfig(d_model=16, d_ff=16, num_experts=2, top_k=1))
+        >>> big, mapping = grow_experts(MoETransformer.build(cfg), 4)
+        >>> big.cfg.moe.num_experts, mapping
+        (4, {0: [0, 1, 0, 1]})
+    """
+    mapping = expert_mapping(model, num_experts, which=which, loads=loads)
+    if not is_real(noise_std) or noise_std < 0:
+        raise ValueError(f"grow_experts: noise_std={noise_std!r} must be a finite number >= 0; use 0 for "
+                         "exact copies or e.g. 1e-3")
+    if not is_int(seed):
+        raise ValueError(f"grow_experts: seed={seed!r} must be an integer")
+    m = model.cfg.moe
+    cfg = dataclasses.replace(model.cfg, moe=dataclasses.replace(m, num_experts=num_experts))
+    new = _build(cfg, model)
+    gen = torch.Generator().manual_seed(seed)
+    grown = {}
+    for name, t in model.state_dict().items():
+        layer, key = _block_key(name)
+        if layer in mapping and key.startswith(_PER_EXPERT):
+            t = t.index_select(0, torch.tensor(mapping[layer], device=t.device))
+        grown[name] = t
+    for i, src in mapping.items():
+        _split_router(grown, f"blocks.{i}.ffn.router.", src, m.num_experts, m.router, noise_std, gen)
+    with torch.no_grad():
+        new.load_state_dict(grown)
+    return new, mapping
+
+
+def expert_mapping(model: MoETransformer, num_experts: int, *, which: str = "all",
+                   loads: dict[int, Tensor] | None = None) -> dict[int, list[int]]:
+    """{MoE layer: source expert of each of the ``num_experts`` experts} that :func:`grow_experts`
+    builds, after checking every argument (one line each)."""
+    if not isinstance(model, MoETransformer):
+        raise ValueError(f"grow_experts: got a {type(model).__name__}, expected an MoETransformer; load one "
+                         "with moekit.load_model")
+    if model.cfg.moe is None:
+        raise ValueError("grow_experts: the model is dense (no MoE layers); upcycle it first "
+                         "(moekit upcycle)")
+    E = model.cfg.moe.num_experts
+    if which not in WHICH:
+        raise ValueError(f"grow_experts: which={which!r} is not one of {WHICH}")
+    if not is_int(num_experts) or num_experts <= E:
+        raise ValueError(f"grow_experts: num_experts={num_experts!r} must be an integer > the model's {E} "
+                         "experts; grow only grows")
+    layers = model.moe_layers()
+    if any(layer.experts_sharded for layer in layers.values()):
+        raise ValueError("grow_experts: the model's experts are sharded (expert parallelism); grow the full "
+                         "model on one process")
+    if which == "all":
+        if loads is not None:
+            raise ValueError("grow_experts: loads are read by which='most_loaded' only; drop them or use "
+                             "which='most_loaded'")
+        if num_experts % E:
+            raise ValueError(f"grow_experts: num_experts={num_experts} is not a multiple of {E}: which='all' "
+                             f"copies every expert equally; use a multiple of {E} or which='most_loaded'")
+        return {i: list(range(E)) + [j % E for j in range(E, num_experts)] for i in layers}
+    counts = _checked_loads(loads, sorted(layers), E)
+    out = {}
+    for i in layers:
+        ranked = sorted(range(E), key=lambda e: (-counts[i][e], e))   # most loaded first; ties: lower index
+        out[i] = list(range(E)) + [ranked[r % E] for r in range(num_experts - E)]
+    return out
+
+
+def _checked_loads(loads, layers: list[int], E: int) -> dict[int, list[float]]:
+    """{layer: E token counts} for exactly the MoE layers, finite and >= 0, or one line."""
+    where = "e.g. the last moe/layer{i}/load of the run's metrics.jsonl (last_loads(run_dir))"
+    if loads is None:
+        raise ValueError(f"grow_experts: which='most_loaded' needs loads={{layer: [{E}] token counts}}, "
+                         f"{where}")
+    if not isinstance(loads, dict) or set(loads) != set(layers):
+        given = sorted(loads, key=str) if isinstance(loads, dict) else type(loads).__name__
+        raise ValueError(f"grow_experts: loads holds layers {given}, expected the MoE layers {layers}; pass "
+                         f"one [{E}] count per MoE layer, {where}")
+    out = {}
+    for i in layers:
+        try:
+            v = torch.as_tensor(loads[i], dtype=torch.float64).detach().cpu()
+        except (TypeError, ValueError, RuntimeError):
+            v = None
+        if v is None or tuple(v.shape) != (E,) or not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+            shape = "a non-numeric value" if v is None else f"shape {tuple(v.shape)}"
+            raise ValueError(f"grow_experts: loads[{i}] ({shape}) is not {E} finite counts >= 0, one per "
+                             f"expert of layer {i}; pass {where}")
+        out[i] = v.tolist()
+    return out
+
+
+def _block_key(name: str) -> tuple[int | None, str]:
+    """"blocks.3.ffn.router.weight_ED" -> (3, "ffn.router.weight_ED"); (None, name) outside blocks."""
+    hit = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    return (int(hit[1]), hit[2]) if hit else (None, name)
+
+
+def _split_router(state: dict[str, Tensor], prefix: str, src: list[int], E: int, router: str,
+                  noise_std: float, gen: torch.Generator) -> None:
+    """The -log(c) offset of a softmax router (c experts share a source) and the copies' noise,
+    in ``state``, whose per-expert rows are already the sources' (index_select copies them)."""
+    src_N = torch.tensor(src)
+    if router == "softmax":
+        shared_E = torch.bincount(src_N, minlength=E).double()          # c per source
+        bias = state[prefix + "expert_bias_E"]
+        state[prefix + "expert_bias_E"] = bias - shared_E.log()[src_N].to(bias)   # c = 1: minus 0, exact
+    if noise_std:
+        w = state[prefix + "weight_ED"].clone()
+        noise = torch.randn(len(src) - E, w.shape[1], generator=gen, dtype=torch.float32) * noise_std
+        w[E:] += noise.to(w)
+        state[prefix + "weight_ED"] = w
+
+
+def last_loads(run_dir: str | Path) -> dict[int, list[float]]:
+    """{MoE layer: tokens per expert} of the last ``moe/layer{i}/load`` a run logged in its
+    ``metrics.jsonl`` (a torn last line from a kill is skipped); one line if it logged none."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{str(run_dir)!r} has no metrics.jsonl to read expert loads from "
+                         "(which='most_loaded'); give the run directory that trained the model, or use "
+                         "which='all'")
+    loads = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        for key, value in row.items() if isinstance(row, dict) else ():
+            hit = _LOAD_KEY.fullmatch(key)
+            if hit and isinstance(value, list):
+                loads[int(hit[1])] = value
+    if not loads:
+        raise ValueError(f"{str(path)!r} logs no moe/layer{{i}}/load (a dense run, or none logged yet); "
+                         "train until a log step, or use which='all'")
+    return loads
+
+
+def grow_optimizer_state(optimizer_state: dict, model_before: MoETransformer, model_after: MoETransformer,
+                         mapping: dict[int, list[int]]) -> dict:
+    """The AdamW state of ``model_before`` for ``model_after`` (:func:`grow_experts`'s output):
+    each expert tensor's and router row's moments copied along ``mapping`` (index_select on
+    dim 0), every other entry (the step counts too) as it is. Two formats, returned in the one
+    given: a checkpoint's ``"optim"`` ({parameter name: {"step", "exp_avg", "exp_avg_sq"}},
+    moekit.parallel.checkpointing.training_state) or ``torch.optim.AdamW.state_dict()`` of an
+    optimizer built by moekit.train.optim.build_optimizer (or over ``model.parameters()``).
+    The input is not modified.
+    """
+    params = dict(model_before.named_parameters())
+    _check_pair(model_before, model_after, mapping, params)
+    index = {name: torch.tensor(mapping[layer]) for name in params
+             for layer, key in [_block_key(name)] if layer in mapping and key.startswith(_PER_EXPERT)}
+    torch_format = isinstance(optimizer_state, dict) and {"state", "param_groups"} <= set(optimizer_state)
+    by_name = _names_of_ids(optimizer_state, model_before) if torch_format else None
+    entries = optimizer_state["state"] if torch_format else optimizer_state
+    if not isinstance(entries, dict):
+        raise ValueError(f"grow_optimizer_state: got a {type(entries).__name__}, expected an optimizer "
+                         "state_dict() or a checkpoint's 'optim' (parameter name -> state)")
+    grown = {}
+    for key, entry in entries.items():
+        name = by_name[key] if torch_format else key
+        if name not in params or not isinstance(entry, dict):
+            raise ValueError(f"grow_optimizer_state: state entry {key!r} is not one of model_before's "
+                             "parameters; pass the optimizer state saved with model_before")
+        grown[key] = {k: _grow_moment(v, name, params[name], index.get(name)) for k, v in entry.items()}
+    if not torch_format:
+        return grown
+    return {**optimizer_state, "state": grown, "param_groups": copy.deepcopy(optimizer_state["param_groups"])}
+
+
+def _grow_moment(v, name: str, p: Tensor, idx: Tensor | None):
+    """A moment (a tensor shaped like its parameter) copied along ``idx``; scalars as they are."""
+    if not isinstance(v, Tensor) or v.dim() == 0:
+        return v
+    if tuple(v.shape) != tuple(p.shape):
+        raise ValueError(f"grow_optimizer_state: the state of {name} has shape {tuple(v.shape)}, the "
+                         f"parameter {tuple(p.shape)}; pass the optimizer state saved with model_before")
+    return v.clone() if idx is None else v.index_select(0, idx.to(v.device))
+
+
+def _check_pair(before: MoETransformer, after: MoETransformer, mapping: dict, params: dict) -> None:
+    layers = before.moe_layers() if isinstance(before, MoETransformer) else {}
+    grown = after.moe_layers() if isinstance(after, MoETransformer) else {}
+    if not layers or set(mapping) != set(layers) or set(grown) != set(layers):
+        raise ValueError(f"grow_optimizer_state: mapping covers layers {sorted(mapping)}, model_before's "
+                         f"MoE layers are {sorted(layers)}, model_after's {sorted(grown)}; pass the two "
+                         "models and the mapping of one grow_experts call")
+    for i, src in mapping.items():
+        E, N = layers[i].cfg.num_experts, grown[i].cfg.num_experts
+        if len(src) != N or any(not is_int(s) or not 0 <= s < E for s in src):
+            raise ValueError(f"grow_optimizer_state: mapping[{i}] is not {N} expert indices in [0, {E}); "
+                             "pass the mapping of the grow_experts call that made model_after")
+    if [n for n, _ in after.named_parameters()] != list(params):
+        raise ValueError("grow_optimizer_state: model_after's parameters are not model_before's (grown in "
+                         "more than experts?); pass the output of grow_experts(model_before, ...)")
+
+
+def _names_of_ids(state: dict, model: MoETransformer) -> dict:
+    """{parameter id in a torch optimizer state_dict: parameter name}: from the groups'
+    ``param_names`` when saved, else by the order moekit's build_optimizer groups them in (or
+    one group of ``model.parameters()``)."""
+    from moekit.train.optim import param_groups
+    groups = state["param_groups"]
+    ids = [pid for g in groups for pid in g["params"]]
+    if all("param_names" in g for g in groups):
+        return dict(zip(ids, [n for g in groups for n in g["param_names"]]))
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    ours = [[name_of[id(p)] for p in g["params"]] for g in param_groups(model, 0.0)]
+    sizes = [len(g["params"]) for g in groups]
+    if sizes == [len(g) for g in ours]:
+        return dict(zip(ids, [n for g in ours for n in g]))
+    if sizes == [len(name_of)]:
+        return dict(zip(ids, name_of.values()))
+    raise ValueError(f"grow_optimizer_state: the optimizer's parameter groups have sizes {sizes}, neither "
+                     f"build_optimizer's {[len(g) for g in ours]} nor one group of all {len(name_of)}; build "
+                     "it with moekit.train.optim.build_optimizer or pass a checkpoint's 'optim'")
+
+
+def preserves_function(model: MoETransformer, grown: MoETransformer, mapping: dict[int, list[int]]) -> bool:
+    """True when ``grown`` computes ``model``'s function at step 0 as it is: a softmax top-1 router
+    with weight one (``top1_weight="one"``), every expert copied equally, no router noise. (Every
+    softmax growth keeps each expert's probability mass; see the module docstring.)"""
+    m = model.cfg.moe
+    even = all(src == [j % m.num_experts for j in range(len(src))] for src in mapping.values())
+    if m.router != "softmax" or m.top_k != 1 or m.top1_weight != "one" or not even:
+        return False
+    old, new = model.moe_layers(), grown.moe_layers()
+    return all(torch.equal(new[i].router.weight_ED, old[i].router.weight_ED[mapping[i]]) for i in mapping)
+
+
+def exact_top_k(model: MoETransformer, mapping: dict[int, list[int]]) -> int | None:
+    """The top_k with which a grown softmax model computes ``model``'s function: m * top_k when
+    every expert has m copies (all m copies of each chosen expert are taken, weights p/m summing
+    to p) and the weights are renormalised at top_k > 1 or not at top_k = 1 (Switch); 1 for
+    top-1 with weight one (already exact); None otherwise."""
+    m = model.cfg.moe
+    E = m.num_experts
+    even = all(len(src) % E == 0 and src == [j % E for j in range(len(src))] for src in mapping.values())
+    if m.router != "softmax" or not even or len({len(src) for src in mapping.values()}) != 1:
+        return None
+    if m.top_k == 1 and m.top1_weight == "one":
+        return 1
+    if m.normalize_topk != (m.top_k > 1):
+        return None
+    return len(next(iter(mapping.values()))) // E * m.top_k
