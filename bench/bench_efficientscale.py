@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", default="500,150,400",
                     help="steps of the small dense, grown dense and MoE stages")
+    ap.add_argument("--later-lr", type=float, default=3e-3, help="peak LR of stages 2 and 3")
+    ap.add_argument("--later-warmup", type=int, default=40, help="warmup steps of stages 2 and 3")
     ap.add_argument("--json", type=Path, default=ROOT / "bench/results/efficientscale.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs/scale_up.png")
     args = ap.parse_args()
@@ -80,15 +82,18 @@ def main() -> None:
     o = args.out
     if not (o / "scratch" / "summary.json").exists():
         moekit("train", "--out", str(o / "scratch"), *COMMON)
+    later = ["--set", f"train.lr={args.later_lr}", "--set", f"train.warmup_steps={args.later_warmup}"]
     if not (o / "s1" / "summary.json").exists():
         moekit("train", "--out", str(o / "s1"), *COMMON, *SMALL, "--set", f"train.max_steps={s1}")
+    if not (o / "s2" / "summary.json").exists():
         moekit("grow", str(o / "s1"), "--d-model", "256", "--n-layers", "4", "--n-heads", "4",
                "--out", str(o / "g"))
         moekit("train", "--from", str(o / "g"), "--out", str(o / "s2"), *COMMON,
-               "--set", f"train.max_steps={s2}", "--set", "train.seed=1")
+               "--set", f"train.max_steps={s2}", "--set", "train.seed=1", *later)
+    if not (o / "s3" / "summary.json").exists():
         moekit("upcycle", str(o / "s2"), "--experts", "8", "--top-k", "2", "--out", str(o / "u"))
         moekit("train", "--from", str(o / "u"), "--out", str(o / "s3"), *COMMON,
-               "--set", f"train.max_steps={s3}", "--set", "train.seed=2")
+               "--set", f"train.max_steps={s3}", "--set", "train.seed=2", *later)
     scratch, scratch_flops = curve(o / "scratch", 0.0)
     stages, offset = [], 0.0
     for name in ("s1", "s2", "s3"):
@@ -99,7 +104,8 @@ def main() -> None:
     target = scratch[-1][1]
     reach = first_below(pipeline, target)
     same_tok = (o / "scratch" / "tokenizer.json").read_text() == (o / "s1" / "tokenizer.json").read_text()
-    result = {"scratch_final_val": target, "scratch_flops": scratch_flops, "pipeline_flops": offset,
+    result = {"later_lr": args.later_lr, "later_warmup": args.later_warmup,
+              "scratch_final_val": target, "scratch_flops": scratch_flops, "pipeline_flops": offset,
               "pipeline_final_val": pipeline[-1][1], "flops_to_scratch_final": reach,
               "ratio": reach / scratch_flops if reach else None, "same_tokenizer": same_tok,
               "stages": stages, "scratch": scratch, "steps": [s1, s2, s3]}

@@ -32,9 +32,16 @@ from moekit.cli import train as train_cmd
 from moekit.cli import upcycle as upcycle_cmd
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (argparse prints the usage block first), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moekit", description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="moekit", description=__doc__, allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (train_cmd, generate_cmd, eval_cmd, export_cmd, import_cmd, upcycle_cmd, grow_cmd,
                    report_cmd, data_cmd):

@@ -205,6 +205,10 @@ def to_hf_config(mcfg: ModelConfig, state: dict | None = None) -> dict:
     """config.json for transformers, of the model type :func:`export_target` picks. Given the
     model's ``state`` too, it refuses what only the weights show (:func:`check_router_offsets`)."""
     kind = export_target(mcfg)
+    if mcfg.d_model % mcfg.n_heads:
+        raise ValueError(f"export to Hugging Face: d_model={mcfg.d_model} is not a multiple of n_heads="
+                         f"{mcfg.n_heads}, which transformers requires; grow d_model too (or keep "
+                         "n_heads a divisor of d_model)")
     if state is not None:
         check_router_offsets(mcfg, state)
     theta = mcfg.rope_theta

@@ -27,11 +27,12 @@ with c - 1 copies (c experts share it) is split by its router:
 
 ``top_k`` stays, so the function changes: a token's top-k now holds copies (ties among equal
 probabilities go to the lower index: the source, then its copies). What holds exactly, with
-``which="all"`` and m = E'/E copies of each expert, dropless or not (capacity
-ceil(capacity_factor * T * K / E') keeps its meaning: slots per expert at perfect balance):
-top_k = 1 with ``top1_weight="one"`` is the source function (the same source expert, weight 1;
-with ``"prob"`` the weight is p/m); top_k' = m * top_k with renormalised weights (or top_k = 1
-with ``normalize_topk=False``) is the source function (all m copies of each chosen expert).
+``which="all"`` and m = E'/E copies of each expert: dropless, top_k = 1 with
+``top1_weight="one"`` is the source function (the same source expert, weight 1; with
+``"prob"`` the weight is p/m; with a capacity the source expert keeps 1/m of its slots, so
+more tokens drop); top_k' = m * top_k with renormalised weights (or top_k = 1 with
+``normalize_topk=False``) is the source function, dropless or not (all m copies of each chosen
+expert; capacity ceil(capacity_factor * T * K / E') keeps its slots per expert).
 ``most_loaded`` divides the copied experts' probabilities by c, so a token may change experts.
 ``noise_std`` adds N(0, noise_std) (seeded) to the copies' router rows to break their symmetry.
 """
@@ -282,12 +283,15 @@ def _names_of_ids(state: dict, model: MoETransformer) -> dict:
 
 
 def preserves_function(model: MoETransformer, grown: MoETransformer, mapping: dict[int, list[int]]) -> bool:
-    """True when ``grown`` computes ``model``'s function at step 0 as it is: a softmax top-1 router
-    with weight one (``top1_weight="one"``), every expert copied equally, no router noise. (Every
+    """True when ``grown`` computes ``model``'s function at step 0 as it is: a dropless softmax
+    top-1 router with weight one (``top1_weight="one"``), every expert copied equally, no router
+    noise (with a capacity, each expert's slots shrink by the copy factor). (Every
     softmax growth keeps each expert's probability mass; see the module docstring.)"""
     m = model.cfg.moe
     even = all(src == [j % m.num_experts for j in range(len(src))] for src in mapping.values())
     if m.router != "softmax" or m.top_k != 1 or m.top1_weight != "one" or not even:
+        return False
+    if m.capacity_factor is not None:   # E' experts have 1/m of the slots each: more tokens dropped
         return False
     old, new = model.moe_layers(), grown.moe_layers()
     return all(torch.equal(new[i].router.weight_ED, old[i].router.weight_ED[mapping[i]]) for i in mapping)

@@ -137,6 +137,11 @@ def test_what_holds_exactly():
     assert exact_top_k(source("sigmoid"), grow_experts(source("sigmoid"), 8)[1]) is None
     assert exact_top_k(source(top_k=1), mapping) is None          # Switch weight p, renormalised at m * 1
     assert exact_top_k(one, mapping) == 1
+    # ... but not with a capacity: the source expert keeps 1/m of its slots, more tokens drop
+    capped = source(top_k=1, top1_weight="one", capacity_factor=1.0)
+    big, mapping = grow_experts(capped, 12)
+    assert not preserves_function(capped, big, mapping)
+    assert float((logits(big) - logits(capped)).abs().max()) > 1e-3
 
 
 def test_the_jump_at_the_unchanged_top_k():

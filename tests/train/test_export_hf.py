@@ -100,3 +100,21 @@ def test_model_directories_are_never_overwritten_and_bad_files_are_one_line(tmp_
     big.save(str(exp / "tokenizer.json"))
     refused(["generate", str(exp), "--prompt", "the"], "tokens but the model's vocabulary is 300")
     refused(["generate", str(tmp_path / "nope"), "--prompt", "the"], "does not exist; give a run, export")
+
+
+def test_a_model_transformers_cannot_express_is_refused_before_writing(tmp_path, capsys):
+    from moekit.cli.main import main as cli
+    torch.manual_seed(0)
+    model = MoETransformer.build(ModelConfig(vocab_size=300, d_model=32, n_layers=1, n_heads=5, head_dim=8,
+                                             d_ff=64)).eval()     # 5 heads of 8 on d_model 32: moekit only
+    tok = train_tokenizer(["the house will come to order " * 10] * 4, vocab_size=300)
+    save_export(model, tok, RunConfig(model=model.cfg), tmp_path / "run")
+    assert cli(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a multiple of n_heads=5" in err, err
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(SystemExit) as stop:
+        cli(["grow", str(tmp_path / "run"), "--d-model", "32.5", "--out", str(tmp_path / "g")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "invalid int value: '32.5'" in err, err   # argparse: one line
