@@ -44,19 +44,16 @@ def _layers(text: str):
 
 
 def moe_options(items: list[str]) -> dict:
-    """``["router=sigmoid"]`` -> {"router": "sigmoid"}, refusing what is not an MoEConfig field."""
+    """``["router=sigmoid"]`` -> {"router": "sigmoid"}, refusing what is not an MoEConfig field
+    (parsed as ``--set`` is, repeated fields refused there)."""
     from moekit.moe.config import MoEConfig
-    from moekit.recipe import parse_set
+    from moekit.recipe import apply_overrides
     fields = {f.name for f in dataclasses.fields(MoEConfig)} - set(_SET_BY_UPCYCLE)
-    options = {}
-    for item in items:
-        key, value = parse_set(item)
+    options = apply_overrides({}, items)
+    for key in options:
         if key not in fields:
             raise ValueError(f"--set {key}: not an MoEConfig field upcycle takes; use one of "
                              f"{', '.join(sorted(fields))}")
-        if key in options:
-            raise ValueError(f"--set {key} given twice; give each field once")
-        options[key] = value
     return options
 
 

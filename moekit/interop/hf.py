@@ -182,13 +182,13 @@ def load_hf_dir(path: str | Path) -> MoETransformer:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{str(path)!r} has no config.json; give a Hugging Face model directory")
-    cfg = _read_json(path / "config.json")
+    cfg = read_json(path / "config.json")
     if not isinstance(cfg, dict):
         raise ValueError(f"{str(path / 'config.json')!r} is not a JSON object; restore the model's "
                          "config.json")
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        raw = _read_json(index)
+        raw = read_json(index)
         weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError(f"{str(index)!r} has no weight_map of tensor -> file; restore the index")
@@ -210,7 +210,8 @@ def load_hf_dir(path: str | Path) -> MoETransformer:
     return from_hf_state(cfg, state)
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
+    """A JSON file, or one line naming it when it is unreadable or not JSON."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -174,9 +174,6 @@ def load_run(run_dir: Path):
                                 f"directory, or a catalog model ({', '.join(sorted(MODELS))})")
     if not run_dir.is_dir():
         raise ValueError(f"{str(run_dir)!r} is a file; give a run, export or Hugging Face directory")
-    if (run_dir / "config.json").is_file() and find_checkpoint(run_dir) is None:
-        from moekit.interop.hf import _read_json
-        _read_json(run_dir / "config.json")          # not JSON: say so, not "export again"
     if find_checkpoint(run_dir) is None and _is_hf_dir(run_dir):
         return _load_hf(run_dir)
     if (run_dir / EXPORT_WEIGHTS).exists() and find_checkpoint(run_dir) is None:
@@ -326,11 +323,13 @@ def _catalog_or_path(path) -> Path:
 
 
 def _is_hf_dir(path: Path) -> bool:
-    """A Hugging Face model directory: its config.json names a model_type (moekit's has sections)."""
-    try:
-        return "model_type" in json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
+    """A Hugging Face model directory: its config.json names a model_type (moekit's has sections).
+    A config.json that is not JSON is one line saying so (not a later "export again")."""
+    from moekit.interop.hf import read_json
+    if not (path / "config.json").is_file():
         return False
+    cfg = read_json(path / "config.json")
+    return isinstance(cfg, dict) and "model_type" in cfg
 
 
 def _load_hf(path: Path):

@@ -31,7 +31,6 @@ RUNTIME_FIELDS = ("max_seq_len", "moe.backend", "moe.aux_loss_scope", "moe.bias_
 class Initial:
     """What a run started with ``--from`` begins with."""
 
-    source: str
     state: dict[str, Tensor]        # SRC's weights, moekit names (float32, CPU)
     tokenizer: object
 
@@ -65,8 +64,7 @@ def load_source(cfg: RunConfig, model_section: dict | None = None) -> tuple[RunC
                          "recipe's [model] section: a run started from weights takes their architecture")
     runtime = {k: given[k] for k in RUNTIME_FIELDS if k in given}
     model_cfg = _with_runtime(theirs, runtime, cfg.data.seq_len)
-    state = {k: v for k, v in model.state_dict().items()}
-    return dataclasses.replace(cfg, model=model_cfg), Initial(source=str(src), state=state, tokenizer=tok)
+    return dataclasses.replace(cfg, model=model_cfg), Initial(state=model.state_dict(), tokenizer=tok)
 
 
 def _contradictions(given: dict, theirs: ModelConfig) -> list[tuple[str, object, object]]:
