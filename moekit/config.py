@@ -9,6 +9,7 @@ Every field is checked where it is defined (``__post_init__``): a bad value rais
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +74,10 @@ class TrainConfig:
     telemetry: bool = True             # per-layer routing statistics every log_every steps
     init_from: str | None = None       # start from these weights (train --from): a run, export or
                                        # Hugging Face directory, or a catalog model; their architecture
+    expert_schedule: str | None = None  # experts per MoE layer from a step on: "4@0, 8@300, 16@600"
+    expert_growth: str = "all"         # which experts a growth copies: "all" equally | "most_loaded"
+    expert_growth_noise: float = 0.01  # N(0, s) on the copies' router rows: without it a copy and its
+                                       # source get the same tokens and gradients and never diverge
 
     def __post_init__(self) -> None:
         own = "TrainConfig"
@@ -99,6 +104,49 @@ class TrainConfig:
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
             raise bad(own, "init_from", self.init_from, "is not a path or a catalog model name",
                       "give a run/export/Hugging Face directory or e.g. 'smollm2-135m', or leave it unset")
+        check_choice(own, "expert_growth", self.expert_growth, ("all", "most_loaded"))
+        check_real(own, "expert_growth_noise", self.expert_growth_noise, 0, fix="use e.g. 1e-3, or 0 for exact copies")
+        if self.expert_schedule is not None:
+            schedule = parse_expert_schedule(self.expert_schedule)
+            if schedule[-1][0] >= self.max_steps:
+                raise bad(own, "expert_schedule", self.expert_schedule, f"grows at step {schedule[-1][0]}, "
+                          f"not before max_steps={self.max_steps}", "give growth steps < max_steps")
+
+    def experts_at(self, step: int) -> int | None:
+        """The experts per MoE layer that :attr:`expert_schedule` gives from ``step`` on (None
+        without a schedule)."""
+        if self.expert_schedule is None:
+            return None
+        return [n for s, n in parse_expert_schedule(self.expert_schedule) if s <= step][-1]
+
+
+_SCHEDULE_FIX = "write experts@step pairs, increasing in both, from step 0, e.g. '4@0, 8@300, 16@600'"
+
+
+def parse_expert_schedule(text) -> list[tuple[int, int]]:
+    """"4@0, 8@300, 16@600" -> [(0, 4), (300, 8), (600, 16)]: (step, experts per MoE layer
+    from that step on), both strictly increasing, starting at step 0; one line otherwise."""
+    def fail(constraint: str) -> ValueError:
+        return bad("TrainConfig", "expert_schedule", text, constraint, _SCHEDULE_FIX)
+
+    if not isinstance(text, str) or not text.strip():
+        raise fail("must be a string")
+    out = []
+    for part in text.split(","):
+        hit = re.fullmatch(r"\s*(\d+)\s*@\s*(\d+)\s*", part)
+        if hit is None:
+            raise fail(f"{part.strip()!r} is not experts@step")
+        out.append((int(hit[2]), int(hit[1])))
+    if out[0][0] != 0:
+        raise fail(f"starts at step {out[0][0]}, not 0 (the count at step 0 is what the run starts with)")
+    for (s0, n0), (s1, n1) in zip(out, out[1:]):
+        if s1 <= s0:
+            raise fail(f"step {s1} does not come after step {s0}")
+        if n1 <= n0:
+            raise fail(f"{n1} experts at step {s1} is not more than {n0} (a schedule only grows)")
+    if out[0][1] < 1:
+        raise fail("starts with 0 experts")
+    return out
 
 
 @dataclass
@@ -152,6 +200,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_layout(self.parallel, self.model)
+        check_schedule(self.train, self.model, self.parallel)
 
     @classmethod
     def from_dict(cls, raw: dict) -> RunConfig:
@@ -192,3 +241,31 @@ def check_layout(parallel: ParallelConfig, model: ModelConfig) -> None:
             raise ValueError(f"parallel.dp={parallel.dp} with sharding='fsdp' and ep={parallel.ep} shards "
                              f"the experts' d_model={model.d_model} and d_ff={moe.d_ff} evenly; make both "
                              "multiples of dp or use sharding='none'")
+
+
+def check_schedule(train: TrainConfig, model: ModelConfig, parallel: ParallelConfig) -> None:
+    """What train.expert_schedule needs from the model and the layout, when the config is built."""
+    if train.expert_schedule is None:
+        return
+    where = f"train.expert_schedule={train.expert_schedule!r}"
+    moe = model.moe
+    if moe is None:
+        raise ValueError(f"{where} grows the experts of MoE layers but the model is dense (model.moe is "
+                         "unset); give model.moe or drop the schedule")
+    counts = [n for _, n in parse_expert_schedule(train.expert_schedule)]
+    if counts[0] < moe.top_k:
+        raise ValueError(f"{where} starts with {counts[0]} experts, fewer than model.moe.top_k={moe.top_k}; "
+                         f"start with >= {moe.top_k} experts")
+    if moe.num_experts not in counts:
+        raise ValueError(f"{where} never has model.moe.num_experts={moe.num_experts} experts; leave "
+                         f"num_experts unset (it is then the count at step 0) or set it to {counts[0]}")
+    uneven = [n for n in counts if n % parallel.ep]
+    if uneven:
+        raise ValueError(f"{where}: parallel.ep={parallel.ep} does not divide {uneven[0]} experts; use "
+                         f"counts that are multiples of {parallel.ep} or another ep")
+    if train.expert_growth == "all":
+        for a, b in zip(counts, counts[1:]):
+            if b % a:
+                raise ValueError(f"{where}: {a} -> {b} experts is not a whole multiple, which "
+                                 "train.expert_growth='all' needs (every expert copied equally); use "
+                                 f"e.g. {a} -> {2 * a} or train.expert_growth='most_loaded'")

@@ -79,6 +79,22 @@ def _legacy(cls_name: str, raw: dict) -> dict:
     return raw
 
 
+def _schedule_start(raw: dict) -> dict:
+    """A recipe with train.expert_schedule and no model.moe.num_experts starts with the
+    schedule's count at step 0 (a bad schedule is left for TrainConfig to name)."""
+    from moekit.config import parse_expert_schedule
+    train, model = raw.get("train"), raw.get("model", {})
+    text = train.get("expert_schedule") if isinstance(train, dict) else None
+    moe = model.get("moe", {}) if isinstance(model, dict) else None
+    if text is None or not isinstance(moe, dict) or "num_experts" in moe:
+        return raw
+    try:
+        start = parse_expert_schedule(text)[0][1]
+    except ValueError:
+        return raw
+    return {**raw, "model": {**model, "moe": {**moe, "num_experts": start}}}
+
+
 def build(cls, raw: dict, prefix: str = ""):
     """A dataclass (RunConfig and its sections) from a nested dict, naming unknown keys."""
     from moekit.config import DataConfig, ModelConfig, MoEConfig, ParallelConfig, RunConfig, TrainConfig
@@ -86,6 +102,8 @@ def build(cls, raw: dict, prefix: str = ""):
     if not isinstance(raw, dict):
         raise ValueError(f"config section {prefix.rstrip('.') or '(top)'} must be a table, got {raw!r}")
     raw = _legacy(cls.__name__, raw)
+    if cls is RunConfig:
+        raw = _schedule_start(raw)
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(names))
     if unknown:

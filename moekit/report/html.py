@@ -47,6 +47,8 @@ def loss_curves(rows: list[dict], baseline: list[dict] | None) -> str:
                 x, y = series(data, key)
                 if x and (data is rows or any(y)):   # a dense baseline has no aux/z: leave it out
                     ax.plot(x, y, style, label=label)
+        for step, _ in growth_steps(rows):
+            ax.axvline(step, color="gray", lw=0.7, ls=":")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         if baseline:
@@ -61,19 +63,39 @@ def per_layer(layers: list[int], height: float):
     return fig, list(zip(axes[0], layers))
 
 
+def growth_steps(rows: list[dict]) -> list[tuple[int, int]]:
+    """[(step, experts after)] of the run's expert growths (train.expert_schedule)."""
+    return [(r["step"], int(r["moe/num_experts"])) for r in rows if "growth/jump" in r]
+
+
 def load_heatmaps(rows: list[dict], layers: list[int]) -> str:
+    """Share of tokens per expert over time; experts added by a growth start blank (grey) before
+    it, and each growth is a dashed white line."""
     fig, panels = per_layer(layers, 3.4)
+    growths = growth_steps(rows)
     for ax, i in panels:
         steps, loads = series(rows, f"moe/layer{i}/load")
-        share = [[c / (sum(load) or 1) for c in load] for load in loads]
-        im = ax.imshow(list(map(list, zip(*share))), aspect="auto", cmap="viridis", interpolation="nearest",
-                       extent=(steps[0], steps[-1], len(share[0]) - 0.5, -0.5))
+        width = max(len(load) for load in loads)
+        share = [[c / (sum(load) or 1) for c in load] + [math.nan] * (width - len(load)) for load in loads]
+        cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
+        im = ax.imshow(list(map(list, zip(*share))), aspect="auto", cmap=cmap, interpolation="nearest",
+                       extent=(steps[0], steps[-1], width - 0.5, -0.5))
+        for step, _ in growths:
+            ax.axvline(step, color="white", lw=1, ls="--")
         ax.set_title(f"layer {i}: share of tokens", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("expert")
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     return _png(fig)
+
+
+def growth_table(rows: list[dict]) -> str:
+    cells = "".join(f"<tr><td>{r['step']}</td><td>{int(r['moe/num_experts'])}</td>"
+                    f"<td>{r['growth/val_before']:.4f}</td><td>{r['growth/val_after']:.4f}</td>"
+                    f"<td>{r['growth/jump']:+.4f}</td></tr>" for r in rows if "growth/jump" in r)
+    return ("<table><tr><th>step</th><th>experts per MoE layer from then</th><th>val loss before</th>"
+            f"<th>val loss after</th><th>jump</th></tr>{cells}</table>")
 
 
 def final_loads(rows: list[dict], layers: list[int]) -> str:
@@ -136,6 +158,9 @@ def build_report(run_dir: Path, summary: dict, by_tag: RoutingBreakdown | None,
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
         + "</table>"),
         ("losses", "Loss curves", loss_curves(rows, baseline))]
+    if growth_steps(rows):
+        sections.append(("growth", "Expert growth (train.expert_schedule; dotted lines in the plots)",
+                         growth_table(rows)))
     if layers:
         sections += [
             ("load-over-time", "Expert load over training", load_heatmaps(rows, layers)),

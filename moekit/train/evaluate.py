@@ -27,9 +27,10 @@ def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, val: PackedSplit, batch_size: int, device: torch.device, batches: int | None,
-             rank: int = 0, world: int = 1, autocast=nullcontext) -> float:
+             rank: int = 0, world: int = 1, autocast=nullcontext, loads: dict | None = None) -> float:
     """Mean LM loss over the first ``batches`` x batch_size windows of the validation split
-    (all whole batches if None). The same windows for every layout: with several ranks, rank
+    (all whole batches if None); ``loads``: a dict that receives {MoE layer: [tokens per expert]}
+    over those windows (all ranks' tokens). The same windows for every layout: with several ranks, rank
     r takes windows r, r + world, ... and the sums are all-reduced. Every rank runs the same
     number of forward passes (a rank out of windows runs one with weight 0), since FSDP and
     expert parallelism communicate inside the forward. ``autocast``: a context factory
@@ -46,7 +47,7 @@ def evaluate(model, val: PackedSplit, batch_size: int, device: torch.device, bat
     windows = min(max(n, 1) * B, len(val))
     mine = list(range(rank, windows, world))
     calls = math.ceil(math.ceil(windows / world) / B)
-    total, count = 0.0, 0
+    total, count, counts = 0.0, 0, {}
     for b in range(calls):
         idx = mine[b * B:(b + 1) * B]
         weight = len(idx)
@@ -55,9 +56,24 @@ def evaluate(model, val: PackedSplit, batch_size: int, device: torch.device, bat
             out = model(x.to(device))
         total += float(lm_loss(out.logits, y.to(device))) * weight
         count += weight
+        for i, aux in (out.moe.items() if loads is not None and weight else ()):
+            counts[i] = counts.get(i, 0) + aux.tokens_per_expert.double().cpu()
     if world > 1:
         sums = torch.tensor([total, count], dtype=torch.float64)
         dist.all_reduce(sums)
         total, count = sums.tolist()
+    if loads is not None:
+        loads.update(_summed(counts, model, world))
     model.train(was_training)
     return total / count
+
+
+def _summed(counts: dict, model, world: int) -> dict[int, list[float]]:
+    """{MoE layer: tokens per expert} over all ranks (a rank without windows counted none)."""
+    sizes = {i: layer.cfg.num_experts for i, layer in sorted(model.moe_layers().items())}
+    if not sizes:
+        return {}
+    flat = torch.cat([counts.get(i, torch.zeros(n, dtype=torch.float64)) for i, n in sizes.items()])
+    if world > 1:
+        dist.all_reduce(flat)
+    return {i: part.tolist() for i, part in zip(sizes, flat.split(list(sizes.values())))}

@@ -206,11 +206,13 @@ def setup(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None = None, initial
         raise
 
 
-def _build(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None, rank: int, world: int, initial) -> Run:
+def _build(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None, rank: int, world: int, initial,
+           data: tuple | None = None) -> Run:
+    """``data``: (tokenizer, train split, val split, meta) already prepared (a rebuild)."""
     tune_cpu_allocator()
     torch.manual_seed(cfg.train.seed)           # the same initial weights on every rank
     device = resolve_device(cfg.train.device)
-    tok, train_split, val_split, meta = _data(cfg, run_dir, rank, world)
+    tok, train_split, val_split, meta = data or _data(cfg, run_dir, rank, world)
     model = MoETransformer.build(rd.model_config_for(cfg, tok.get_vocab_size()), device=device)
     if initial is not None:                     # before parallelizing: every rank holds SRC's weights
         model.load_state_dict(initial.state)
@@ -231,3 +233,12 @@ def _build(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None, rank: int, wo
         run.step = ckpt.meta["step"]
     model.train()
     return run
+
+
+def rebuild(run: Run, cfg: RunConfig, state) -> Run:
+    """A new :class:`Run` of ``cfg`` (another model, e.g. grown) on ``run``'s data, loaded from
+    ``state``: anything with a checkpoint's ``meta`` and ``load_into`` (moekit.train.growth)."""
+    new = _build(cfg, run.run_dir, state, run.rank, run.world, None,
+                 (run.tokenizer, run.train_split, run.val_split, run.data_meta))
+    new.history = run.history
+    return new

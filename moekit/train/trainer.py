@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from moekit.config import RunConfig
 from moekit.model.transformer import model_flops
+from moekit.train import growth
 from moekit.train import run_dir as rd
 from moekit.train.checkpoint import Checkpoint, save_checkpoint, save_sharded_checkpoint
 from moekit.train.evaluate import evaluate
@@ -73,6 +74,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
             rd.check_fresh(run_dir)
         from moekit.train.source import load_source
         cfg, initial = load_source(cfg, model_section)
+    if ckpt is None:
+        growth.check_start(cfg)
     run = setup(cfg, run_dir, ckpt, initial)   # a new run: checked, made, and removed again if setup fails
     if rank == 0:                           # config.json and every checkpoint record the layout in use
         try:
@@ -146,6 +149,8 @@ def _loop(run: Run, objective, resumed: bool, stop_at: int | None, progress: boo
     end = t.max_steps if stop_at is None else min(stop_at, t.max_steps)
     try:
         while run.step < end:
+            if (target := growth.due(run)) is not None:
+                run = _grow(run, target, writer, state)
             t0 = time.perf_counter()
             micro = [Batch(*run.train_split.batch(run.sampler.next())) for _ in range(t.grad_accum)]
             stats = train_step(run, micro, objective)
@@ -157,7 +162,8 @@ def _loop(run: Run, objective, resumed: bool, stop_at: int | None, progress: boo
                 rate = bar.format_dict.get("rate") or 0.0
                 bar.set_postfix(loss=f"{stats.losses['lm']:.3f}", aux=f"{stats.losses['aux']:.3f}",
                                 tok_s=f"{rate * stats.tokens:,.0f}")
-            if run.step % t.log_every == 0 or run.step == t.max_steps:
+            grows = growth.due(run) is not None     # before the next step: its interval ends here
+            if run.step % t.log_every == 0 or run.step == t.max_steps or grows:
                 _log(run, writer, stats, state)
             if run.step % t.eval_every == 0 or run.step == t.max_steps:
                 state.val_loss = evaluate(run.model, run.val_split, t.batch_size, run.device, t.eval_batches,
@@ -165,8 +171,8 @@ def _loop(run: Run, objective, resumed: bool, stop_at: int | None, progress: boo
                 if writer is not None:
                     writer.log(run.step, {"loss/val": state.val_loss,
                                           "loss/val_ppl": math.exp(min(state.val_loss, 50))})
-            if run.step % t.save_every == 0 or run.step in (t.max_steps, end):
-                _save(run, state)
+            if (run.step % t.save_every == 0 or run.step in (t.max_steps, end)) and not (grows and run.step < end):
+                _save(run, state)           # (a growth saves the grown run)
     except OSError as err:      # a full disk, a permission change: one line, what is intact
         raise RunStopped(f"{_reason(err)} at step {run.step}; {state.intact()}") from None
     finally:
@@ -177,6 +183,20 @@ def _loop(run: Run, objective, resumed: bool, stop_at: int | None, progress: boo
                 except OSError:
                     pass
     return _summary(run, state)
+
+
+def _grow(run: Run, target: int, writer: MetricsWriter | None, state: _LoopState) -> Run:
+    """The run with ``target`` experts per MoE layer (moekit.train.growth), logged, recorded in
+    config.json and saved."""
+    run, record = growth.grow_now(run, target)
+    state.growths.append(record)
+    state.flops = model_flops(run.model.cfg, run.cfg.data.seq_len)
+    if writer is not None:
+        writer.log(run.step, growth.growth_metrics(record))
+    if run.main:
+        rd.write_json(run.run_dir / "config.json", run.cfg.to_dict())
+    _save(run, state)
+    return run
 
 
 @dataclasses.dataclass
@@ -190,6 +210,7 @@ class _LoopState:
     bad_steps: list[int] = dataclasses.field(default_factory=list)
     loss_ema: float | None = None
     last_loads: dict = dataclasses.field(default_factory=dict)
+    growths: list[dict] = dataclasses.field(default_factory=list)   # expert_schedule growths done
 
     def intact(self) -> str:
         if self.saved_step is None:
@@ -289,4 +310,5 @@ def _summary(run: Run, state: _LoopState) -> dict:
             "final_val_loss": state.val_loss, "train_losses": run.history, "skipped_steps": state.bad_steps,
             "params": state.flops,
             "train_tokens": run.data_meta["train_tokens"],
-            "routing_last_interval": {str(i): c for i, c in state.last_loads.items()}}
+            "routing_last_interval": {str(i): c for i, c in state.last_loads.items()},
+            **({"expert_growths": state.growths} if state.growths else {})}

@@ -96,3 +96,24 @@ def test_sharded_resume_is_exact_and_exports(tmp_path, parl_subset):
     for where in (resumed, tmp_path / "export"):
         got = json.loads(_moekit("eval", str(where), "--batches", "2").stdout)["val_loss"]
         assert got == pytest.approx(val, rel=1e-5), where
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp on one process
+def test_experts_grow_under_expert_parallelism_and_fsdp_and_resume_exactly(tmp_path, parl_subset):
+    """Two ranks, ep=2 with FSDP2: every rank gathers, grows and takes its piece; a run stopped
+    at the growth step grows on resume exactly as the uninterrupted one did."""
+    layout = ["--nproc", "2", "--set", "parallel.ep=2", "--set", 'parallel.sharding="fsdp"',
+              "--set", "train.max_steps=6", "--set", 'train.expert_schedule="4@0, 8@3"']
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _train(straight, parl_subset, *layout)
+    _train(resumed, parl_subset, "--stop-at", "3", *layout)
+    assert json.loads((resumed / "config.json").read_text())["model"]["moe"]["num_experts"] == 4
+    _moekit("train", "--resume", str(resumed), "--no-progress", "--nproc", "2")
+    assert _losses(resumed) == _losses(straight)
+    rows = [json.loads(line) for line in open(straight / "metrics.jsonl")]
+    (grew,) = [r for r in rows if "growth/jump" in r]
+    assert grew["step"] == 3 and grew["moe/num_experts"] == 8 and abs(grew["growth/jump"]) < 0.1
+    assert len([r for r in rows if "moe/layer0/load" in r][-1]["moe/layer0/load"]) == 8
+    from moekit.train.run_dir import load_run
+    model, _, cfg = load_run(resumed)                  # the sharded checkpoint holds the grown model
+    assert cfg.model.moe.num_experts == 8 and model.moe_layers()[0].experts.w_gate_EDF.shape[0] == 8
