@@ -48,9 +48,10 @@ def arm(out: Path, name: str, sets: list[str]) -> dict:
     growths = [{"step": r["step"], "experts": int(r["moe/num_experts"]), "val_before": r["growth/val_before"],
                 "val_after": r["growth/val_after"], "jump": r["growth/jump"]}
                for r in rows if "growth/jump" in r]
-    step_time = sum(1 / r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r)
-    return {"arm": name, "sets": sets, "wall_s": json.loads(wall_file.read_text()), "val": list(zip(steps, val)),
-            "final_val": val[-1], "growths": growths, "inv_tok_s_sum": step_time}
+    tps = sorted(r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r)
+    return {"arm": name, "sets": sets, "wall_s": json.loads(wall_file.read_text()),
+            "val": list(zip(steps, val)), "final_val": val[-1], "growths": growths,
+            "median_tokens_per_s": tps[len(tps) // 2]}
 
 
 def main() -> None:

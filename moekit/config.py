@@ -105,7 +105,8 @@ class TrainConfig:
             raise bad(own, "init_from", self.init_from, "is not a path or a catalog model name",
                       "give a run/export/Hugging Face directory or e.g. 'smollm2-135m', or leave it unset")
         check_choice(own, "expert_growth", self.expert_growth, ("all", "most_loaded"))
-        check_real(own, "expert_growth_noise", self.expert_growth_noise, 0, fix="use e.g. 1e-3, or 0 for exact copies")
+        check_real(own, "expert_growth_noise", self.expert_growth_noise, 0,
+                   fix="use e.g. 0.01, or 0 for exact copies")
         if self.expert_schedule is not None:
             schedule = parse_expert_schedule(self.expert_schedule)
             if schedule[-1][0] >= self.max_steps:

@@ -128,5 +128,6 @@ def grow_now(run: Run, num_experts: int) -> tuple[Run, dict]:
 
 
 def growth_metrics(record: dict) -> dict[str, float]:
-    return {"moe/num_experts": float(record["to"]), "growth/val_before": record["val_before"],
-            "growth/val_after": record["val_after"], "growth/jump": record["val_after"] - record["val_before"]}
+    before, after = record["val_before"], record["val_after"]
+    return {"moe/num_experts": float(record["to"]), "growth/val_before": before, "growth/val_after": after,
+            "growth/jump": after - before}

@@ -171,8 +171,9 @@ def _loop(run: Run, objective, resumed: bool, stop_at: int | None, progress: boo
                 if writer is not None:
                     writer.log(run.step, {"loss/val": state.val_loss,
                                           "loss/val_ppl": math.exp(min(state.val_loss, 50))})
-            if (run.step % t.save_every == 0 or run.step in (t.max_steps, end)) and not (grows and run.step < end):
-                _save(run, state)           # (a growth saves the grown run)
+            saving = run.step % t.save_every == 0 or run.step in (t.max_steps, end)
+            if saving and not (grows and run.step < end):      # a growth saves the grown run
+                _save(run, state)
     except OSError as err:      # a full disk, a permission change: one line, what is intact
         raise RunStopped(f"{_reason(err)} at step {run.step}; {state.intact()}") from None
     finally:
