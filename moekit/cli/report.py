@@ -31,12 +31,16 @@ def run(args) -> int:
                f"{flops['params_total']:,.0f} / {flops['params_active']:,.0f}",
                "experts": "dense" if cfg.model.moe is None else
                f"{cfg.model.moe.num_experts} x top-{cfg.model.moe.top_k}, router {cfg.model.moe.router}"}
-    page = build_report(run_dir, summary, by_tag, by_freq, Path(args.baseline) if args.baseline else None)
+    can_drop = cfg.model.moe is not None and (cfg.model.moe.capacity_factor is not None
+                                              or cfg.model.moe.router == "expert_choice")
+    page = build_report(run_dir, summary, by_tag, by_freq, Path(args.baseline) if args.baseline else None,
+                        can_drop=can_drop)
     out = Path(args.out) if args.out else run_dir / "report.html"
     out.write_text(page, encoding="utf-8")
+    tags = len(by_tag.labels) > 1
     for i in sorted(by_tag.counts):
-        print(f"layer {i}: I(expert; language) = {by_tag.mutual_information(i):.3f} bits "
-              f"(H(language) = {by_tag.class_entropy(i):.3f}), "
-              f"I(expert; frequency class) = {by_freq.mutual_information(i):.3f} bits")
+        lang = (f"I(expert; language) = {by_tag.mutual_information(i):.3f} bits "
+                f"(H(language) = {by_tag.class_entropy(i):.3f}), " if tags else "")
+        print(f"layer {i}: {lang}I(expert; frequency class) = {by_freq.mutual_information(i):.3f} bits")
     print(f"wrote {out}")
     return 0

@@ -73,20 +73,24 @@ def load_heatmaps(rows: list[dict], layers: list[int]) -> str:
     it, and each growth is a dashed white line."""
     fig, panels = per_layer(layers, 3.4)
     growths = growth_steps(rows)
-    for ax, i in panels:
+    shares = {}
+    for _, i in panels:
         steps, loads = series(rows, f"moe/layer{i}/load")
         width = max(len(load) for load in loads)
-        share = [[c / (sum(load) or 1) for c in load] + [math.nan] * (width - len(load)) for load in loads]
-        cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
+        shares[i] = steps, width, [[c / (sum(load) or 1) for c in load] + [math.nan] * (width - len(load))
+                                   for load in loads]
+    top = max((v for _, _, share in shares.values() for row in share for v in row if v == v), default=1.0)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
+    for ax, i in panels:
+        steps, width, share = shares[i]
         im = ax.imshow(list(map(list, zip(*share))), aspect="auto", cmap=cmap, interpolation="nearest",
-                       extent=(steps[0], steps[-1], width - 0.5, -0.5))
+                       vmin=0.0, vmax=top, extent=(steps[0], steps[-1], width - 0.5, -0.5))
         for step, _ in growths:
             ax.axvline(step, color="white", lw=1, ls="--")
         ax.set_title(f"layer {i}: share of tokens", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("expert")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
+    fig.colorbar(im, ax=[ax for ax, _ in panels], fraction=0.046 / len(panels) ** 0.5)   # one scale for all
     return _png(fig)
 
 
@@ -140,7 +144,10 @@ def curve(rows_by_key: dict[str, list[dict]], key_fmt: str, layers: list[int], t
 
 
 def build_report(run_dir: Path, summary: dict, by_tag: RoutingBreakdown | None,
-                 by_freq: RoutingBreakdown | None, baseline_dir: Path | None = None) -> str:
+                 by_freq: RoutingBreakdown | None, baseline_dir: Path | None = None,
+                 can_drop: bool = True) -> str:
+    """The page. ``by_tag`` is shown only when the data has more than one tag; the dropped
+    fraction only when ``can_drop`` (a capacity) or when anything was dropped."""
     rows = read_metrics(run_dir)
     baseline = read_metrics(baseline_dir) if baseline_dir else None
     layers = sorted({int(k.split("/")[1][5:]) for r in rows for k in r if k.startswith("moe/layer")
@@ -163,12 +170,15 @@ def build_report(run_dir: Path, summary: dict, by_tag: RoutingBreakdown | None,
                          growth_table(rows)))
     if layers:
         sections += [
-            ("load-over-time", "Expert load over training", load_heatmaps(rows, layers)),
+            ("load-over-time", "Expert load over training (one colour scale)", load_heatmaps(rows, layers)),
             ("final-load", "Final load per expert (dashed: perfect balance)", final_loads(rows, layers)),
-            ("drops", "Dropped fraction", curve({"run": rows}, "moe/layer{i}/dropped_fraction", layers,
-                                                "share of assignments dropped by capacity")),
         ]
-    if by_tag is not None and by_tag.counts:
+        dropped = any(r.get(f"moe/layer{i}/dropped_fraction", 0) > 0 for r in rows for i in layers)
+        if can_drop or dropped:
+            drops = curve({"run": rows}, "moe/layer{i}/dropped_fraction", layers,
+                          "share of assignments dropped by capacity")
+            sections.append(("drops", "Dropped fraction", drops))
+    if by_tag is not None and by_tag.counts and len(by_tag.labels) > 1:
         mi = "".join(f"<tr><td>{i}</td><td>{by_tag.mutual_information(i):.3f}</td>"
                      f"<td>{by_tag.class_entropy(i):.3f}</td></tr>" for i in sorted(by_tag.counts))
         sections.append(("by-language", "Routing by language (validation split)",

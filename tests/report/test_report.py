@@ -37,10 +37,11 @@ def reported_run(tmp_path_factory, parl_subset):
 
 def test_report_has_every_section_and_embedded_plots(reported_run, capsys):
     page = (reported_run / "report.html").read_text()
-    for section in ("summary", "losses", "load-over-time", "final-load", "drops", "by-language",
+    for section in ("summary", "losses", "load-over-time", "final-load", "by-language",
                     "by-frequency", "throughput"):
         assert f'id="{section}"' in page, section
-    assert len(re.findall(r'src="data:image/png;base64,', page)) >= 7
+    assert 'id="drops"' not in page                       # dropless: nothing can be dropped
+    assert len(re.findall(r'src="data:image/png;base64,', page)) >= 6
     assert "http" not in page.split("<body>")[1]          # self-contained: nothing to fetch
     mi = [float(v) for v in re.findall(r"<tr><td>\d+</td><td>([0-9.]+)</td>", page)]
     assert len(mi) == 2 and all(0 <= v <= 2 for v in mi)  # 4 languages: at most 2 bits
@@ -73,3 +74,23 @@ def test_routing_by_tag_gives_every_token_its_own_documents_tag():
     model = MoETransformer(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, d_ff=64, moe=moe))
     by_tag, _ = routing_breakdown(model, split, np.zeros(50, dtype=np.int64), batch_size=2)
     assert by_tag.counts[0].sum(1).tolist() == [6 * 2, 6 * 2]   # tokens per tag x top_k (not 8 and 4)
+
+
+def test_one_tag_corpus_has_no_language_section_and_capacity_shows_drops(tmp_path, parl_docs):
+    """A corpus with one tag gets no one-row 'by language' heatmap; a run with a capacity keeps
+    the dropped-fraction panel; the load panels share one colour scale."""
+    text = tmp_path / "speeches.txt"
+    one = [d.text for d in parl_docs[:120] if d.tag == parl_docs[0].tag]
+    text.write_text("\n\n".join(one), encoding="utf-8")
+    run = tmp_path / "run"
+    cfg = RunConfig.from_dict({
+        "data": {"corpus": str(text), "vocab_size": 512, "seq_len": 32},
+        "model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128,
+                  "moe": {"d_ff": 64, "num_experts": 4, "top_k": 2, "capacity_factor": 1.0}},
+        "train": {"batch_size": 8, "max_steps": 6, "eval_every": 3, "eval_batches": 2, "log_every": 2}})
+    train(cfg, run, progress=False)
+    assert cli(["report", str(run), "--windows", "32"]) == 0
+    page = (run / "report.html").read_text()
+    assert 'id="by-language"' not in page and "I(expert; language)" not in page
+    assert 'id="drops"' in page and 'id="by-frequency"' in page
+    assert page.count("colour scale") == 1
