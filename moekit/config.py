@@ -61,6 +61,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     aux_loss_coef: float = 0.01        # x load-balancing loss (k at perfect balance)
     z_loss_coef: float = 1e-3          # x router z-loss
+    router_lr_scale: float = 1.0       # the routers' LR = this x the schedule's LR
     max_bad_steps: int = 3             # non-finite loss or gradient norm: skip that many steps, then stop
     eval_every: int = 100
     eval_batches: int = 16
@@ -95,6 +96,8 @@ class TrainConfig:
             check_real(own, name, getattr(self, name), 0, 1, high_open=True, fix="use e.g. 0.9 / 0.95")
         check_real(own, "grad_clip", self.grad_clip, 0, low_open=True,
                    fix="use e.g. 1.0 (a large value such as 1e9 leaves gradients unclipped)")
+        check_real(own, "router_lr_scale", self.router_lr_scale, 0, low_open=True,
+                   fix="use e.g. 0.1 for routers 10x slower, or 1 for the same LR")
         for name in ("aux_loss_coef", "z_loss_coef"):
             check_real(own, name, getattr(self, name), 0, fix="use e.g. 0.01 / 1e-3, or 0 to turn it off")
         check_choice(own, "precision", self.precision, ("auto", "bf16", "fp32"))

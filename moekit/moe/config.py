@@ -52,6 +52,7 @@ class MoEConfig:
                                        # dense function and its router still learns)
     noisy_gating: bool = False         # learned noise std (Shazeer et al. 2017), training only
     jitter_eps: float = 0.0            # multiplicative router-input jitter (Switch), training only
+    router_init_std: float | None = None   # N(0, std) router weights; None = d_model ** -0.5
     # aux-loss-free balancing (DeepSeek-V3): a per-expert selection bias, sigmoid router only
     aux_loss_free: bool = False
     bias_update_rate: float = 1e-3
@@ -100,6 +101,9 @@ class MoEConfig:
         check_real(own, "jitter_eps", self.jitter_eps, 0, 1, high_open=True,
                    fix="use 0 to disable or e.g. 0.01")
         check_real(own, "bias_update_rate", self.bias_update_rate, 0, fix="use e.g. 1e-3")
+        if self.router_init_std is not None:
+            check_real(own, "router_init_std", self.router_init_std, 0, low_open=True,
+                       fix="use e.g. 0.02, or leave it unset for d_model ** -0.5")
         if self.noisy_gating and self.router == "expert_choice":
             raise bad(own, "noisy_gating", True, "is a token-choice option; expert choice has no noise",
                       "set noisy_gating=False or use router='softmax'")

@@ -95,6 +95,7 @@ class TopKRouter(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.init_std = cfg.router_init_std
         self.score = cfg.router
         self.normalize_topk = cfg.normalize_topk
         self.unit_top1 = cfg.top1_weight == "one"
@@ -110,7 +111,7 @@ class TopKRouter(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight_ED, std=self.weight_ED.shape[1] ** -0.5)
+        nn.init.normal_(self.weight_ED, std=self.init_std or self.weight_ED.shape[1] ** -0.5)
         if self.noise_ED is not None:
             nn.init.zeros_(self.noise_ED)
         self.expert_bias_E.zero_()
@@ -199,6 +200,7 @@ class ExpertChoiceRouter(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.init_std = cfg.router_init_std
         self.capacity_factor = cfg.capacity_factor if cfg.capacity_factor is not None else 1.0
         self.dtype = torch.float32   # router math is float32 (ST-MoE)
         self.jitter_eps = cfg.jitter_eps
@@ -206,7 +208,7 @@ class ExpertChoiceRouter(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight_ED, std=self.weight_ED.shape[1] ** -0.5)
+        nn.init.normal_(self.weight_ED, std=self.init_std or self.weight_ED.shape[1] ** -0.5)
 
     def capacity(self, num_tokens: int) -> int:
         """C = ceil(capacity_factor * T * top_k / E), at least 1 and at most T (0 for T = 0)."""

@@ -10,23 +10,30 @@ from torch import nn
 from moekit.config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, router_lr_scale: float = 1.0) -> list[dict]:
     """Decay matrices (linear and expert weights, embeddings); no decay on norms, biases,
     routers and the shared-expert gate (decaying a gate's or router's weights pulls its
-    logits to zero: routing is not a capacity to regularise)."""
-    decay, no_decay = [], []
+    logits to zero: routing is not a capacity to regularise). With ``router_lr_scale`` != 1
+    the routers are a third group whose ``lr_scale`` multiplies the schedule's LR."""
+    decay, no_decay, routers = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or ".router." in name or ".shared_gate." in name or name.endswith("norm.weight"):
+        if ".router." in name and router_lr_scale != 1.0:
+            routers.append(p)
+        elif p.ndim < 2 or ".router." in name or ".shared_gate." in name or name.endswith("norm.weight"):
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if routers:
+        groups.append({"params": routers, "weight_decay": 0.0, "lr_scale": router_lr_scale})
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.router_lr_scale), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

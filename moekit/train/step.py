@@ -91,7 +91,7 @@ def train_step(run, micro_batches: list[Batch], objective: Objective) -> StepSta
         raise ValueError("train_step: no micro-batches; pass at least one Batch")
     lr = lr_at(run.step, run.cfg.train)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
     k = len(micro_batches)
     counts = {i: 0 for i, layer in run.moe_layers.items() if layer.cfg.aux_loss_free}
     sums: dict[str, float] = {}
