@@ -249,6 +249,9 @@ class MoETransformer(nn.Module):
 def model_flops(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
     """Parameters (total and active per token) and training FLOPs per token.
 
+    Active parameters = total minus the experts a token does not use ((E - top_k) experts per
+    MoE layer): embeddings, norms, biases and routers count in both, so a dense model's active
+    count is its total (OLMoE, DeepSeek-MoE and Mixtral count the same way).
     FLOPs per token = 6 * (active matmul parameters) + 12 * n_layers * n_heads * head_dim * seq_len
     (attention scores and values, forward + backward; PaLM appendix B / nanoGPT's MFU; n_heads *
     head_dim is d_model unless head_dim is set).
@@ -265,10 +268,10 @@ def model_flops(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float
     n_ffn_mats = 3                                          # SwiGLU: gate, up, down
     dense_ffn = n_ffn_mats * D * cfg.d_ff
     moe_ids = set(cfg.moe_layer_ids())
-    total = active = 0
+    total = matmul = unused = 0
     for i in range(L):
         total += attn + attn_extra + 2 * D
-        active += attn
+        matmul += attn
         if i in moe_ids:
             m = cfg.moe
             mats = 3 if m.activation == "swiglu" else 2
@@ -276,14 +279,15 @@ def model_flops(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float
             router = m.num_experts * D * (2 if m.noisy_gating else 1)
             shared = mats * D * m.shared_width + D * m.shared_gate
             total += m.num_experts * expert + router + shared
-            active += m.top_k * expert + shared + m.num_experts * D
+            matmul += m.top_k * expert + shared + m.num_experts * D
+            unused += (m.num_experts - min(m.top_k, m.num_experts)) * expert
         else:
             total += dense_ffn
-            active += dense_ffn
+            matmul += dense_ffn
     head = cfg.vocab_size * D
     embed = 0 if cfg.tie_embeddings else cfg.vocab_size * D
     total += head + embed + D
-    active += head
-    flops_per_token = 6 * active + 12 * L * q_width * S
-    return {"params_total": float(total), "params_active": float(active),
-            "flops_per_token": float(flops_per_token)}
+    matmul += head
+    flops_per_token = 6 * matmul + 12 * L * q_width * S
+    return {"params_total": float(total), "params_active": float(total - unused),
+            "params_matmul_active": float(matmul), "flops_per_token": float(flops_per_token)}

@@ -85,7 +85,12 @@ def test_dense_baseline_has_the_same_active_parameters():
 def test_flops_per_token_formula():
     cfg = small(moe=None)
     f = model_flops(cfg, seq_len=16)
-    assert f["flops_per_token"] == 6 * f["params_active"] + 12 * 4 * 32 * 16
+    assert f["flops_per_token"] == 6 * f["params_matmul_active"] + 12 * 4 * 32 * 16
+    assert f["params_active"] == f["params_total"]               # dense: every parameter is active
+    moe = model_flops(small(), seq_len=16)
+    m = small().moe
+    unused = small().n_layers * (m.num_experts - m.top_k) * 3 * 32 * m.d_ff
+    assert moe["params_active"] == moe["params_total"] - unused   # only the experts a token skips
 
 
 @pytest.mark.parametrize("kwargs, field", [
