@@ -2,7 +2,8 @@
 steps, in one command.
 
     python bench/sweep_experts.py --out /tmp/sweep --corpus news-en --experts 4,8,16,32 --seeds 0,1
-    python bench/sweep_experts.py --out /tmp/sweep-p --corpus parlspeech --steps 400 --granularity 2,4 --shared
+    python bench/sweep_experts.py --out /tmp/sweep-p --corpus parlspeech --steps 400 \
+        --granularity 2,4 --shared
 
 Every arm is ``moekit train`` on the default recipe (4 layers, d_model 256, top-2 experts of
 width 256 = a dense SwiGLU of width 512 in active parameters) with ``--set`` overrides:

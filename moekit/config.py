@@ -133,8 +133,10 @@ def parse_expert_schedule(text) -> list[tuple[int, int]]:
     def fail(constraint: str) -> ValueError:
         return bad("TrainConfig", "expert_schedule", text, constraint, _SCHEDULE_FIX)
 
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str):
         raise fail("must be a string")
+    if not text.strip():
+        raise fail("is empty (leave it unset for a fixed expert count)")
     out = []
     for part in text.split(","):
         hit = re.fullmatch(r"\s*(\d+)\s*@\s*(\d+)\s*", part)
@@ -149,7 +151,7 @@ def parse_expert_schedule(text) -> list[tuple[int, int]]:
         if n1 <= n0:
             raise fail(f"{n1} experts at step {s1} is not more than {n0} (a schedule only grows)")
     if out[0][1] < 1:
-        raise fail("starts with 0 experts")
+        raise fail("starts with no experts")
     return out
 
 
@@ -258,9 +260,12 @@ def check_schedule(train: TrainConfig, model: ModelConfig, parallel: ParallelCon
                          "unset); give model.moe or drop the schedule")
     counts = [n for _, n in parse_expert_schedule(train.expert_schedule)]
     if counts[0] < moe.top_k:
-        raise ValueError(f"{where} starts with {counts[0]} experts, fewer than model.moe.top_k={moe.top_k}; "
-                         f"start with >= {moe.top_k} experts")
+        raise ValueError(f"{where} starts with {counts[0]} expert{'s' * (counts[0] > 1)}, fewer than "
+                         f"model.moe.top_k={moe.top_k}; start with >= {moe.top_k} experts")
     if moe.num_experts not in counts:
+        if train.init_from is not None:
+            raise ValueError(f"{where}: train.init_from={train.init_from!r} has {moe.num_experts} experts; "
+                             f"start the schedule at {moe.num_experts}@0")
         raise ValueError(f"{where} never has model.moe.num_experts={moe.num_experts} experts; leave "
                          f"num_experts unset (it is then the count at step 0) or set it to {counts[0]}")
     uneven = [n for n in counts if n % parallel.ep]

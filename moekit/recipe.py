@@ -92,6 +92,9 @@ def _schedule_start(raw: dict) -> dict:
         start = parse_expert_schedule(text)[0][1]
     except ValueError:
         return raw
+    top_k = moe.get("top_k", 2)
+    if not isinstance(top_k, int) or start < top_k:
+        return raw                      # check_schedule names the schedule's too-small start
     return {**raw, "model": {**model, "moe": {**moe, "num_experts": start}}}
 
 

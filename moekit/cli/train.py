@@ -159,11 +159,16 @@ def _precheck(args) -> None:
         ckpt.require_resumable()
         cfg = resumed_config(RunConfig.from_dict(ckpt.meta["config"]), ckpt.meta["step"], changes)
         resolve_layout(cfg, args.nproc, True, layout)
+        from moekit.train.growth import check_memory
+        check_memory(cfg)
         return
+    from moekit.train.growth import check_memory, check_start
     cfg, model_section = _config(args)
     if cfg.train.init_from is not None:
         from moekit.train.source import load_source
-        load_source(cfg, model_section)    # readable, and the recipe does not contradict it
+        cfg, _ = load_source(cfg, model_section)    # readable, and the recipe does not contradict it
+    check_start(cfg)                        # the schedule's first count is the model's
+    check_memory(cfg)
     if cfg.parallel.world_size != 1:
         cfg.parallel.check_world(args.nproc, "processes asked for (--nproc)")
     if args.out:

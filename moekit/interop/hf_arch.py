@@ -257,7 +257,8 @@ def check_router_offsets(mcfg: ModelConfig, state: dict) -> None:
             lo, hi = float(offset.min()), float(offset.max())
             raise ValueError(f"export to Hugging Face: layer {i}'s router logit offsets differ between "
                              f"experts ({lo:.3g} to {hi:.3g}: experts grown with which='most_loaded'), which "
-                             "no Hugging Face router holds; export before growing, or grow with which='all'")
+                             "no Hugging Face router holds; export before growing, or grow with which='all' "
+                             "(train.expert_growth='all')")
 
 
 _ATTN = (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj"))

@@ -83,8 +83,11 @@ def load_heatmaps(rows: list[dict], layers: list[int]) -> str:
     cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
     for ax, i in panels:
         steps, width, share = shares[i]
-        im = ax.imshow(list(map(list, zip(*share))), aspect="auto", cmap=cmap, interpolation="nearest",
-                       vmin=0.0, vmax=top, extent=(steps[0], steps[-1], width - 0.5, -0.5))
+        # each logged load covers the steps since the previous log: (previous, step]
+        edges = [0, *steps] if steps[0] > 0 else [steps[0] - 1, *steps]
+        im = ax.pcolormesh(edges, [e - 0.5 for e in range(width + 1)], list(map(list, zip(*share))),
+                           cmap=cmap, vmin=0.0, vmax=top, shading="flat")
+        ax.invert_yaxis()
         for step, _ in growths:
             ax.axvline(step, color="white", lw=1, ls="--")
         ax.set_title(f"layer {i}: share of tokens", fontsize=9)

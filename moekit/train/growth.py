@@ -3,7 +3,7 @@
     [train]
     expert_schedule = "4@0, 8@300, 16@600"   # experts per MoE layer from that step on
     expert_growth = "all"                    # or "most_loaded" (by the routing on validation)
-    expert_growth_noise = 0.0                # N(0, s) on the copies' router rows
+    expert_growth_noise = 0.01               # N(0, s) on the copies' router rows (0: they never diverge)
 
 When a run reaches a step of the schedule (300 steps done), before the next step:
 
@@ -23,7 +23,9 @@ When a run reaches a step of the schedule (300 steps done), before the next step
    growth grows again, the same way).
 
 In a parallel run every rank gathers the full state (collectives), grows the same model
-(seeded by ``train.seed`` and the step) and takes its own piece of it.
+(seeded by ``train.seed`` and the step) and takes its own piece of it. A softmax router's
+logged ``logit_mean``/``logit_max`` include the -log(c) offsets, so they step down at a
+growth without any change of routing.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import logging
 import torch
 from torch.distributed.tensor import DTensor
 
+from moekit.config import parse_expert_schedule
 from moekit.model.transformer import MoETransformer
 from moekit.parallel.checkpointing import load_full_state
 from moekit.scale.grow_experts import grow_experts, grow_optimizer_state
@@ -50,15 +53,62 @@ def due(run: Run) -> int | None:
     return target if target is not None and target > run.cfg.model.moe.num_experts else None
 
 
+def within(train, max_steps: int) -> dict:
+    """{"expert_schedule": the schedule without the growths at or after ``max_steps``} when a
+    resumed run is cut short of some (logged); {} when none is."""
+    if train.expert_schedule is None:
+        return {}
+    schedule = parse_expert_schedule(train.expert_schedule)
+    kept = [(s, n) for s, n in schedule if s < max_steps]
+    if len(kept) == len(schedule):
+        return {}
+    log.info("train.max_steps=%d comes before the growths at steps %s: the run stops without them "
+             "(train.expert_schedule is now %r)", max_steps, [s for s, _ in schedule[len(kept):]],
+             ", ".join(f"{n}@{s}" for s, n in kept))
+    return {"expert_schedule": ", ".join(f"{n}@{s}" for s, n in kept)}
+
+
+# bytes per parameter a float32 run holds: the weight, its gradient and AdamW's two moments,
+# and a growth's full copies of the state (moekit.train.growth.grow_run) on top
+_BYTES_PER_PARAM = 16 + 16
+
+
+def check_memory(cfg) -> None:
+    """A schedule whose largest count cannot fit this machine's memory is one line before any
+    step, not an out-of-memory kill at the growth."""
+    if cfg.train.expert_schedule is None:
+        return
+    import dataclasses
+    import os
+
+    from moekit.model.transformer import model_flops
+    top = parse_expert_schedule(cfg.train.expert_schedule)[-1][1]
+    m = cfg.model
+    big = dataclasses.replace(m, vocab_size=max(m.vocab_size, cfg.data.vocab_size),
+                              moe=dataclasses.replace(m.moe, num_experts=top))
+    need = model_flops(big)["params_total"] * _BYTES_PER_PARAM
+    if cfg.train.device != "cpu" and torch.cuda.is_available():
+        have, where = torch.cuda.get_device_properties(0).total_memory, "the GPU's"
+    else:
+        have, where = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine's"
+    if need > have:
+        raise ValueError(f"train.expert_schedule={cfg.train.expert_schedule!r} grows to {top} experts per "
+                         f"MoE layer: about {need / 2**30:.0f} GiB for the weights, gradients, AdamW state "
+                         f"and the growth's copies, more than {where} {have / 2**30:.0f} GiB; grow to fewer "
+                         "experts")
+
+
 def check_start(cfg) -> None:
     """A new run starts with the schedule's count at step 0 (a source model's too)."""
     start = cfg.train.experts_at(0)
-    if start is not None and cfg.model.moe.num_experts != start:
-        src = f" (train.init_from={cfg.train.init_from!r} has {cfg.model.moe.num_experts})" \
-            if cfg.train.init_from else ""
-        raise ValueError(f"train.expert_schedule={cfg.train.expert_schedule!r} starts with {start} experts "
-                         f"but model.moe.num_experts={cfg.model.moe.num_experts}{src}; start the schedule "
-                         f"at {cfg.model.moe.num_experts}@0 or set num_experts={start}")
+    if start is None or cfg.model.moe.num_experts == start:
+        return
+    have, where = cfg.model.moe.num_experts, f"train.expert_schedule={cfg.train.expert_schedule!r}"
+    if cfg.train.init_from:
+        raise ValueError(f"{where} starts with {start} experts but train.init_from={cfg.train.init_from!r} "
+                         f"has {have}; start the schedule at {have}@0")
+    raise ValueError(f"{where} starts with {start} experts but model.moe.num_experts={have}; start the "
+                     f"schedule at {have}@0 or set num_experts={start}")
 
 
 class _Grown:
@@ -127,7 +177,24 @@ def grow_now(run: Run, num_experts: int) -> tuple[Run, dict]:
     return run, record
 
 
+def logged_growths(run_dir) -> list[dict]:
+    """The growth records a run's metrics.jsonl holds (a resumed run's earlier growths)."""
+    import json
+    from pathlib import Path
+    path, out = Path(run_dir) / "metrics.jsonl", []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else ():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:        # a torn last line from a kill
+            continue
+        if isinstance(r, dict) and "growth/jump" in r:
+            out.append({"step": r["step"], "from": int(r["growth/experts_before"]),
+                        "to": int(r["moe/num_experts"]), "val_before": r["growth/val_before"],
+                        "val_after": r["growth/val_after"]})
+    return out
+
+
 def growth_metrics(record: dict) -> dict[str, float]:
     before, after = record["val_before"], record["val_after"]
-    return {"moe/num_experts": float(record["to"]), "growth/val_before": before, "growth/val_after": after,
-            "growth/jump": after - before}
+    return {"moe/num_experts": float(record["to"]), "growth/experts_before": float(record["from"]),
+            "growth/val_before": before, "growth/val_after": after, "growth/jump": after - before}

@@ -262,7 +262,9 @@ def save_export(model: MoETransformer, tok: Tokenizer, cfg: RunConfig, out_dir: 
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     create(out_dir)
-    cfg = dataclasses.replace(cfg, model=model.cfg)          # the vocabulary and length the weights have
+    # the vocabulary and length the weights have; a saved model has no growth ahead of it
+    train = dataclasses.replace(cfg.train, expert_schedule=None)
+    cfg = dataclasses.replace(cfg, model=model.cfg, train=train)
     # tied embeddings share storage: safetensors stores each tensor once, so save the
     # untied keys and let the model re-tie on load
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moekit.checks import is_int
 from moekit.config import RunConfig
 from moekit.model.transformer import model_flops
 from moekit.train import growth
@@ -65,6 +66,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     if stop_at is not None and stop_at < 1:
         raise ValueError(f"--stop-at {stop_at}: must be a step >= 1")
     cfg, ckpt = _open(cfg, run_dir, resume, layout, changes or {}, world, rank)
+    growth.check_memory(cfg)
     if ckpt is not None and ckpt.meta["step"] >= min(cfg.train.max_steps, stop_at or cfg.train.max_steps):
         # nothing to do: touch nothing (config, metrics, summary)
         return {"steps": ckpt.meta["step"], "steps_run": 0, "max_steps": cfg.train.max_steps}
@@ -117,10 +119,13 @@ def resumed_config(cfg: RunConfig, step: int, changes: dict) -> RunConfig:
     if not changes:
         return cfg
     t = cfg.train
-    new = dataclasses.replace(t, **changes)         # the fields check their own values
-    if new.max_steps < step:
-        raise ValueError(f"train.max_steps={new.max_steps}: the run is already at step {step}; "
+    new_max = changes.get("max_steps")
+    if is_int(new_max) and new_max < step:
+        raise ValueError(f"train.max_steps={new_max}: the run is already at step {step}; "
                          f"give max_steps >= {step}")
+    if is_int(new_max) and new_max > 0:
+        changes = {**changes, **growth.within(t, new_max)}
+    new = dataclasses.replace(t, **changes)         # the fields check their own values
     if new.max_steps != t.max_steps and t.decay_steps is None:   # the schedule keeps its shape
         new = dataclasses.replace(new, decay_steps=t.max_steps)
         if new.max_steps > t.max_steps and t.warmup_steps >= t.max_steps:
@@ -145,7 +150,8 @@ def _loop(run: Run, objective, resumed: bool, stop_at: int | None, progress: boo
         from tqdm import tqdm
         bar = tqdm(total=t.max_steps, initial=run.step, unit="step", dynamic_ncols=True)
     state = _LoopState(saved_step=run.step if resumed else None, first_step=run.step,
-                       flops=model_flops(run.model.cfg, run.cfg.data.seq_len))
+                       flops=model_flops(run.model.cfg, run.cfg.data.seq_len),
+                       growths=growth.logged_growths(run.run_dir) if resumed and run.main else [])
     end = t.max_steps if stop_at is None else min(stop_at, t.max_steps)
     try:
         while run.step < end:
@@ -194,9 +200,9 @@ def _grow(run: Run, target: int, writer: MetricsWriter | None, state: _LoopState
     state.flops = model_flops(run.model.cfg, run.cfg.data.seq_len)
     if writer is not None:
         writer.log(run.step, growth.growth_metrics(record))
+    _save(run, state)               # the checkpoint first: config.json never runs ahead of it
     if run.main:
         rd.write_json(run.run_dir / "config.json", run.cfg.to_dict())
-    _save(run, state)
     return run
 
 

@@ -61,11 +61,14 @@ def test_bad_schedules_are_one_line_when_the_config_is_built(raw, needle):
     assert needle in msg and "\n" not in msg, msg
 
 
-def test_resume_may_not_cut_max_steps_below_a_growth(tmp_path, parl_subset):
+def test_a_resume_cut_short_of_a_growth_drops_it(tmp_path, parl_subset):
     from moekit.train.trainer import resumed_config
-    cfg = tiny(parl_subset)
-    with pytest.raises(ValueError, match="grows at step 7, not before max_steps=6"):
-        resumed_config(cfg, 2, {"max_steps": 6})
+    cfg = tiny(parl_subset)                                   # "2@0, 4@4, 8@7", max_steps 10
+    assert resumed_config(cfg, 2, {"max_steps": 6}).train.expert_schedule == "2@0, 4@4"
+    assert resumed_config(cfg, 2, {"max_steps": 4}).train.expert_schedule == "2@0"
+    assert resumed_config(cfg, 2, {"max_steps": 20}).train.expert_schedule == cfg.train.expert_schedule
+    with pytest.raises(ValueError, match="the run is already at step 9; give max_steps >= 9"):
+        resumed_config(cfg, 9, {"max_steps": 6})
 
 
 def test_a_start_that_contradicts_num_experts_writes_nothing(tmp_path, parl_subset):
@@ -110,12 +113,13 @@ def test_resume_across_a_growth_follows_the_uninterrupted_run(tmp_path, parl_sub
     assert saved["model"]["moe"]["num_experts"] == 2
     resumed = RunConfig.from_dict(saved)
     train(resumed, tmp_path / "b", resume=True, progress=False, stop_at=8)   # grows at 4 and 7
-    train(resumed, tmp_path / "b", resume=True, progress=False)
+    summary = train(resumed, tmp_path / "b", resume=True, progress=False)
     a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
     lm = [{r["step"]: r["loss/lm"] for r in x if "loss/lm" in r} for x in (a, b)]
     assert lm[0] == lm[1]
     jumps = [[(r["step"], r["growth/val_after"]) for r in x if "growth/jump" in r] for x in (a, b)]
     assert jumps[0] == jumps[1] and len(jumps[0]) == 2          # each growth once, the same
+    assert [(g["step"], g["from"], g["to"]) for g in summary["expert_growths"]] == [(4, 2, 4), (7, 4, 8)]
     ma, _, _ = load_run(tmp_path / "a")
     mb, _, _ = load_run(tmp_path / "b")
     for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values()):
@@ -188,17 +192,58 @@ def test_report_marks_the_growths_and_shows_the_new_experts(tmp_path, parl_subse
     assert cli(["report", str(run), "--windows", "32"]) == 0
     page = (run / "report.html").read_text()
     assert 'id="growth"' in page and "<td>4</td><td>4</td>" in page and "<td>7</td><td>8</td>" in page
-    # the heatmap has a row per expert of the largest count (2 -> 4 -> 8): no interval cut off
+    # the heatmap has a row per expert of the largest count (2 -> 4 -> 8), and its columns are
+    # the logged intervals (previous log, step], so a growth line sits on a column edge
     import matplotlib.pyplot as plt
-    seen = {}
-    real = plt.Axes.imshow
+    seen = []
+    real = plt.Axes.pcolormesh
 
-    def spy(self, data, *a, **k):
-        seen.setdefault("rows", []).append(len(data))
-        return real(self, data, *a, **k)
-    plt.Axes.imshow = spy
+    def spy(self, x, y, c, *a, **k):
+        seen.append((list(x), len(c)))
+        return real(self, x, y, c, *a, **k)
+    plt.Axes.pcolormesh = spy
     try:
         load_heatmaps(read_metrics(run), [0, 1])
     finally:
-        plt.Axes.imshow = real
-    assert seen["rows"] == [8, 8]
+        plt.Axes.pcolormesh = real
+    assert [rows for _, rows in seen[:2]] == [8, 8]             # (the colorbar draws one too)
+    assert seen[0][0] == [0, 2, 4, 6, 7, 8, 10]          # log every 2, plus the growth at 7
+
+
+def test_messages_name_the_schedule(tmp_path, parl_subset, capsys):
+    for raw, needle in [
+        ({"train": {"expert_schedule": "1@0, 2@10"}}, "starts with 1 expert, fewer than model.moe.top_k=2"),
+        ({"train": {"expert_schedule": "  "}}, "is empty"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            RunConfig.from_dict(raw)
+    grown = tmp_path / "grown"
+    train(tiny(parl_subset, expert_schedule="2@0, 4@2", max_steps=4), grown, progress=False)
+    from moekit.cli.main import main as cli
+    assert cli(["train", "--from", str(grown), "--out", str(tmp_path / "from"), "--no-progress",
+                "--set", f'data.corpus="{parl_subset}"', "--set", 'train.expert_schedule="2@0, 4@2"']) == 2
+    err = capsys.readouterr().err
+    assert "has 4; start the schedule at 4@0" in err and "train.init_from=" in err, err
+    assert not (tmp_path / "from").exists()
+
+
+def test_a_schedule_too_big_for_memory_is_refused_before_any_step(tmp_path, parl_subset):
+    with pytest.raises(ValueError, match=r"grows to 1000000 experts per MoE layer: about \d+ GiB .* fewer"):
+        train(tiny(parl_subset, expert_schedule="2@0, 1000000@4"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_grow_and_torchrun_precheck_on_grown_runs(tmp_path, parl_subset, capsys):
+    from moekit.cli.main import main as cli
+    run = tmp_path / "run"
+    train(tiny(parl_subset, expert_schedule="2@0, 4@2", max_steps=4), run, progress=False)
+    assert cli(["grow", str(run), "--experts", "8", "--out", str(tmp_path / "g8")]) == 0
+    model, _, cfg = load_run(tmp_path / "g8")
+    assert cfg.model.moe.num_experts == 8 and cfg.train.expert_schedule is None
+    sets = ["--set", f'data.corpus="{parl_subset}"', "--set", "model.moe.num_experts=4",
+            "--set", 'train.expert_schedule="2@0, 4@4"', "--set", "train.max_steps=8"]
+    capsys.readouterr()
+    assert cli(["train", "--nproc", "2", "--no-progress", "--out", str(tmp_path / "np"), *sets]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "starts with 2 experts but model.moe.num_experts=4" in err[0], err
+    assert not (tmp_path / "np").exists()
