@@ -43,15 +43,19 @@ sys.path.insert(0, str(ROOT))
 from moekit.report.html import _png, read_metrics, series  # noqa: E402
 
 
-def arms(experts: list[int], granularity: list[int], shared: bool, dense: bool) -> dict[str, list[str]]:
-    out = {"dense": ["model.moe=false", "model.d_ff=512"]} if dense else {}
+def arms(experts: list[int], granularity: list[int], shared: bool, dense: bool,
+         d_ff: int = 256) -> dict[str, list[str]]:
+    """{arm: its --set list}; ``d_ff``: the experts' width (top-2, so the dense FFN is 2 x d_ff)."""
+    width = [f"model.moe.d_ff={d_ff}"]
+    out = {"dense": ["model.moe=false", f"model.d_ff={2 * d_ff}"]} if dense else {}
     for n in experts:
-        out[f"E{n}"] = [f"model.moe.num_experts={n}"]
+        out[f"E{n}"] = [f"model.moe.num_experts={n}", *width]
     for m in granularity:
-        out[f"E{8 * m}-g{m}"] = [f"model.moe.num_experts={8 * m}", f"model.moe.d_ff={256 // m}",
+        out[f"E{8 * m}-g{m}"] = [f"model.moe.num_experts={8 * m}", f"model.moe.d_ff={d_ff // m}",
                                  f"model.moe.top_k={2 * m}"]
     if shared:
-        out["E8-shared"] = ["model.moe.num_experts=8", "model.moe.top_k=1", "model.moe.num_shared_experts=1"]
+        out["E8-shared"] = ["model.moe.num_experts=8", "model.moe.top_k=1", "model.moe.num_shared_experts=1",
+                            *width]
     return out
 
 
@@ -162,14 +166,16 @@ def main() -> None:
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--expert-d-ff", type=int, default=256, help="the experts' width (the recipe's: d_model)")
     ap.add_argument("--extra", action="append", default=[], help="a --set for every arm")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
-    plan = arms(ints(args.experts), ints(args.granularity), args.shared, not args.no_dense)
-    common = [f'data.corpus="{args.corpus}"', f"train.max_steps={args.steps}", "train.eval_every=50",
-              *args.extra]
+    plan = arms(ints(args.experts), ints(args.granularity), args.shared, not args.no_dense, args.expert_d_ff)
+    given = {e.split("=", 1)[0].strip() for e in args.extra}
+    defaults = (f'data.corpus="{args.corpus}"', f"train.max_steps={args.steps}", "train.eval_every=50")
+    common = [s for s in defaults if s.split("=", 1)[0] not in given] + args.extra
     results: dict[str, dict[int, dict]] = {}
     for seed in ints(args.seeds):
         for name, sets in plan.items():

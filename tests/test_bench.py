@@ -67,3 +67,24 @@ def test_ep_device_check_dry_run_on_two_gloo_ranks(tmp_path):
     assert data["backend"] == "gloo" and data["world"] == 2 and data["device"] == "cpu"
     assert data["full_layer_ms"] > 0 and data["ep_layer_ms"] > 0 and data["a2a_ms"] > 0
     assert data["meta"]["tokens"] == 64 and data["meta"]["experts"] == 4
+
+
+def test_expert_sweep_runs_every_arm_and_reports_steps_to_dense(tmp_path, parl_subset):
+    out = tmp_path / "sweep"
+    extra = [f"--extra={s}" for s in ("data.vocab_size=512", "data.seq_len=32", "model.d_model=64",
+                                     "model.n_layers=2", "model.n_heads=4", "train.batch_size=8",
+                                     "train.eval_every=3", "train.eval_batches=2", "train.warmup_steps=2")]
+    cmd = [sys.executable, str(ROOT / "bench" / "sweep_experts.py"), "--out", str(out), "--corpus",
+           str(parl_subset), "--experts", "2,4", "--seeds", "0", "--steps", "6", "--expert-d-ff", "32",
+           "--json", str(tmp_path / "sweep.json"), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    rows = {r["arm"]: r for r in data["summary"]}
+    assert set(rows) == {"dense", "E2", "E4"}
+    assert all(len(r["final_val"]) == 1 and r["final_val"][0] > 0 for r in rows.values())
+    assert rows["dense"]["steps_to_dense"] == [] and len(rows["E4"]["steps_to_dense"]) == 1
+    cfg = json.loads((out / "E4-s0" / "config.json").read_text())
+    assert cfg["model"]["moe"]["num_experts"] == 4 and cfg["model"]["moe"]["d_ff"] == 32
+    assert json.loads((out / "dense-s0" / "config.json").read_text())["model"]["d_ff"] == 64
+    assert "<table>" in (out / "sweep.html").read_text()
