@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from moekit.checks import bad, check_bool, check_choice, check_int, check_real
+from moekit.checks import bad, check_bool, check_choice, check_int, check_real, is_int
 from moekit.model.config import ModelConfig
 from moekit.moe.config import MoEConfig, default_moe
 from moekit.recipe import apply_overrides
@@ -52,7 +52,8 @@ class TrainConfig:
     max_steps: int = 750
     lr: float = 3e-3
     min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 40
+    warmup_steps: int | None = None    # None = max_steps // 5 (set when built): a 40-step warmup at
+                                       # lr 3e-3 collapsed 32-expert routing (docs/scaling_experts.md)
     decay_steps: int | None = None     # the cosine ends here (None = max_steps), then the LR stays at
                                        # its floor: a run extended past its first max_steps keeps it
     weight_decay: float = 0.1          # not on norms, biases, embeddings' gains or routers
@@ -85,6 +86,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "save_every",
                      "log_every"):
             check_int(own, name, getattr(self, name))
+        if self.warmup_steps is None and is_int(self.max_steps) and self.max_steps >= 1:
+            self.warmup_steps = self.max_steps // 5
         for name in ("warmup_steps", "seed", "max_bad_steps"):
             check_int(own, name, getattr(self, name), 0)
         if self.decay_steps is not None:
