@@ -63,3 +63,17 @@ def test_optimizer_groups_without_a_scale_are_the_two_of_before():
                       moe=MoEConfig(d_model=32, d_ff=16, num_experts=4))
     opt = build_optimizer(MoETransformer.build(cfg), TrainConfig(router_lr_scale=1.0))
     assert len(opt.param_groups) == 2 and all("lr_scale" not in g for g in opt.param_groups)
+
+
+def test_warmup_defaults_to_a_fifth_of_the_steps_and_a_resume_keeps_it():
+    from moekit.train.trainer import resumed_config
+    assert TrainConfig().warmup_steps == 150 and TrainConfig(max_steps=1000).warmup_steps == 200
+    assert TrainConfig(max_steps=1000, warmup_steps=40).warmup_steps == 40
+    assert TrainConfig(max_steps=3).warmup_steps == 0
+    cfg = RunConfig.from_dict({"train": {"max_steps": 500}})
+    assert cfg.to_dict()["train"]["warmup_steps"] == 100              # saved resolved
+    longer = resumed_config(cfg, 500, {"max_steps": 2000})
+    assert longer.train.warmup_steps == 100                           # the trajectory's own warmup
+    from pathlib import Path
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "tiny-moe.toml"
+    assert RunConfig.from_toml(recipe).train.warmup_steps == RunConfig().train.warmup_steps
