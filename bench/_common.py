@@ -1,10 +1,42 @@
-"""Shared by the benchmark scripts: the layer shape arguments and a median timer."""
+"""Shared by the benchmark scripts: the layer shape arguments, a median timer, training one
+arm with ``moekit train`` and where a curve first reaches a loss."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
+
+
+def train_arm(run: Path, argv: list[str], sets: list[str]) -> float:
+    """``moekit train --out RUN ARGV --set S ...`` (or a finished run's reuse); its wall-clock in
+    seconds, kept in RUN/wall_s.json, so an interrupted benchmark continues."""
+    wall = Path(run) / "wall_s.json"
+    if not wall.exists():
+        cmd = ["train", "--out", str(run), *argv, *[x for s in sets for x in ("--set", s)]]
+        print("$ moekit " + " ".join(cmd), flush=True)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "moekit", *cmd], check=True, stdout=subprocess.DEVNULL)
+        wall.write_text(json.dumps(time.perf_counter() - t0))
+    return json.loads(wall.read_text())
+
+
+def first_below(curve: list[tuple[float, float]], target: float) -> float | None:
+    """The x at which a (x, loss) curve first reaches ``target``, linearly interpolated between
+    its points; None if it never does."""
+    prev = None
+    for x, y in curve:
+        if y <= target:
+            if prev is None:
+                return float(x)
+            x0, y0 = prev
+            return x0 + (x - x0) * (y0 - target) / (y0 - y)
+        prev = (x, y)
+    return None
 
 
 def median_s(fn, reps: int, warmup: int = 3) -> float:

@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import first_below  # noqa: E402
+
 from moekit.model.transformer import model_flops  # noqa: E402
 from moekit.report.html import read_metrics, series  # noqa: E402
 from moekit.train.run_dir import load_run  # noqa: E402
@@ -54,18 +56,6 @@ def curve(run: Path, flops_offset: float) -> tuple[list[tuple[float, float]], fl
     steps, losses = series(read_metrics(run), "loss/val")
     points = [(flops_offset + s * per_step, v) for s, v in zip(steps, losses)]
     return points, cfg["train"]["max_steps"] * per_step
-
-
-def first_below(points: list[tuple[float, float]], target: float) -> float | None:
-    prev = None
-    for x, y in points:
-        if y <= target:
-            if prev is None:
-                return x
-            x0, y0 = prev
-            return x0 + (x - x0) * (y0 - target) / (y0 - y)
-        prev = (x, y)
-    return None
 
 
 def main() -> None:

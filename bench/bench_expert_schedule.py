@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _common import train_arm  # noqa: E402
 
 from moekit.report.html import read_metrics, series  # noqa: E402
 
@@ -36,20 +36,14 @@ COMMON = ["--no-progress", "--set", "train.eval_every=50"]
 def arm(out: Path, name: str, sets: list[str]) -> dict:
     """Run one arm (or reuse its finished run dir) and read its curve and growths."""
     run = out / name
-    wall_file = run / "wall_s.json"
-    if not wall_file.exists():
-        argv = ["train", "--out", str(run), *COMMON, *[x for s in sets for x in ("--set", s)]]
-        print("$ moekit " + " ".join(argv), flush=True)
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "moekit", *argv], check=True, stdout=subprocess.DEVNULL)
-        wall_file.write_text(json.dumps(time.perf_counter() - t0))
+    wall_s = train_arm(run, COMMON, sets)
     rows = read_metrics(run)
     steps, val = series(rows, "loss/val")
     growths = [{"step": r["step"], "experts": int(r["moe/num_experts"]), "val_before": r["growth/val_before"],
                 "val_after": r["growth/val_after"], "jump": r["growth/jump"]}
                for r in rows if "growth/jump" in r]
     tps = sorted(r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r)
-    return {"arm": name, "sets": sets, "wall_s": json.loads(wall_file.read_text()),
+    return {"arm": name, "sets": sets, "wall_s": wall_s,
             "val": list(zip(steps, val)), "final_val": val[-1], "growths": growths,
             "median_tokens_per_s": tps[len(tps) // 2]}
 

@@ -17,23 +17,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import first_below  # noqa: E402
+
 from moekit.report.html import read_metrics, series  # noqa: E402
 
 
 def val_curve(run_dir: Path) -> list[tuple[int, float]]:
     return list(zip(*series(read_metrics(run_dir), "loss/val")))
-
-
-def first_step_below(curve: list[tuple[int, float]], target: float) -> float | None:
-    prev = None
-    for step, loss in curve:
-        if loss <= target:
-            if prev is None:
-                return float(step)
-            (s0, l0) = prev
-            return s0 + (step - s0) * (l0 - target) / (l0 - loss)
-        prev = (step, loss)
-    return None
 
 
 def main() -> None:
@@ -47,7 +37,7 @@ def main() -> None:
     if not moe or not dense:
         sys.exit("both runs need validation losses in metrics.jsonl (train with eval_every set)")
     target = dense[-1][1]
-    reach = first_step_below(moe, target)
+    reach = first_below(moe, target)
     result = {"moe_final_val": moe[-1][1], "dense_final_val": target, "dense_steps": dense[-1][0],
               "moe_steps_to_dense_final": reach,
               "steps_ratio": None if reach is None else reach / dense[-1][0],

@@ -32,13 +32,13 @@ import argparse
 import html
 import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _common import first_below, train_arm  # noqa: E402
 
 from moekit.report.html import _png, read_metrics, series  # noqa: E402
 
@@ -57,30 +57,6 @@ def arms(experts: list[int], granularity: list[int], shared: bool, dense: bool,
         out["E8-shared"] = ["model.moe.num_experts=8", "model.moe.top_k=1", "model.moe.num_shared_experts=1",
                             *width]
     return out
-
-
-def run_arm(run: Path, sets: list[str]) -> float:
-    """Train one arm (or reuse it); its wall-clock in seconds."""
-    wall = run / "wall_s.json"
-    if not wall.exists():
-        argv = ["train", "--out", str(run), "--no-progress", *[x for s in sets for x in ("--set", s)]]
-        print("$ moekit " + " ".join(argv), flush=True)
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "moekit", *argv], check=True, stdout=subprocess.DEVNULL)
-        wall.write_text(json.dumps(time.perf_counter() - t0))
-    return json.loads(wall.read_text())
-
-
-def first_below(curve: list[tuple[float, float]], target: float) -> float | None:
-    prev = None
-    for x, y in curve:
-        if y <= target:
-            if prev is None:
-                return float(x)
-            x0, y0 = prev
-            return x0 + (x - x0) * (y0 - target) / (y0 - y)
-        prev = (x, y)
-    return None
 
 
 def read_arm(run: Path, wall_s: float) -> dict:
@@ -180,7 +156,7 @@ def main() -> None:
     for seed in ints(args.seeds):
         for name, sets in plan.items():
             run = args.out / f"{name}-s{seed}"
-            wall = run_arm(run, [*common, f"train.seed={seed}", *sets])
+            wall = train_arm(run, ["--no-progress"], [*common, f"train.seed={seed}", *sets])
             results.setdefault(name, {})[seed] = read_arm(run, wall)
     rows = summarize(results)
     grid = table(rows)

@@ -9,6 +9,7 @@ Every field is checked where it is defined (``__post_init__``): a bad value rais
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,12 +133,18 @@ _SCHEDULE_FIX = "write experts@step pairs, increasing in both, from step 0, e.g.
 
 def parse_expert_schedule(text) -> list[tuple[int, int]]:
     """"4@0, 8@300, 16@600" -> [(0, 4), (300, 8), (600, 16)]: (step, experts per MoE layer
-    from that step on), both strictly increasing, starting at step 0; one line otherwise."""
+    from that step on), both strictly increasing, starting at step 0; one line otherwise.
+    Parsed once per text (the trainer asks before every step)."""
+    if not isinstance(text, str):
+        raise bad("TrainConfig", "expert_schedule", text, "must be a string", _SCHEDULE_FIX)
+    return list(_parsed_schedule(text))
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_schedule(text: str) -> tuple[tuple[int, int], ...]:
     def fail(constraint: str) -> ValueError:
         return bad("TrainConfig", "expert_schedule", text, constraint, _SCHEDULE_FIX)
 
-    if not isinstance(text, str):
-        raise fail("must be a string")
     if not text.strip():
         raise fail("is empty (leave it unset for a fixed expert count)")
     out = []
@@ -155,7 +162,7 @@ def parse_expert_schedule(text) -> list[tuple[int, int]]:
             raise fail(f"{n1} experts at step {s1} is not more than {n0} (a schedule only grows)")
     if out[0][1] < 1:
         raise fail("starts with no experts")
-    return out
+    return tuple(out)
 
 
 @dataclass

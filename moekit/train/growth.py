@@ -31,13 +31,16 @@ growth without any change of routing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+from pathlib import Path
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from moekit.config import parse_expert_schedule
-from moekit.model.transformer import MoETransformer
+from moekit.model.transformer import MoETransformer, model_flops
 from moekit.parallel.checkpointing import load_full_state
 from moekit.scale.grow_experts import grow_experts, grow_optimizer_state
 from moekit.train.checkpoint import restore_rng, rng_state
@@ -78,10 +81,6 @@ def check_memory(cfg) -> None:
     step, not an out-of-memory kill at the growth."""
     if cfg.train.expert_schedule is None:
         return
-    import dataclasses
-    import os
-
-    from moekit.model.transformer import model_flops
     top = parse_expert_schedule(cfg.train.expert_schedule)[-1][1]
     m = cfg.model
     big = dataclasses.replace(m, vocab_size=max(m.vocab_size, cfg.data.vocab_size),
@@ -179,8 +178,6 @@ def grow_now(run: Run, num_experts: int) -> tuple[Run, dict]:
 
 def logged_growths(run_dir) -> list[dict]:
     """The growth records a run's metrics.jsonl holds (a resumed run's earlier growths)."""
-    import json
-    from pathlib import Path
     path, out = Path(run_dir) / "metrics.jsonl", []
     for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else ():
         try:
