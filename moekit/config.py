@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 
 from moekit.checks import bad, check_bool, check_choice, check_int, check_real, is_int
+from moekit.finetune.config import FinetuneConfig
 from moekit.model.config import ModelConfig
 from moekit.moe.config import MoEConfig, default_moe
 from moekit.recipe import apply_overrides
 
-__all__ = ["DataConfig", "ModelConfig", "MoEConfig", "ParallelConfig", "RunConfig", "TrainConfig",
+__all__ = ["DataConfig", "FinetuneConfig",
+           "ModelConfig", "MoEConfig", "ParallelConfig", "RunConfig", "TrainConfig",
            "apply_overrides", "check_layout", "default_moe"]
 
 
@@ -32,6 +34,9 @@ class DataConfig:
     seq_len: int = 128
     val_fraction: float = 0.05
     max_docs: int | None = None       # use only the first N documents (quick runs, tests)
+    task: str | None = None           # fine-tuning: a catalog task or a JSONL file (moekit.finetune.tasks);
+                                      # set, it replaces the corpus
+    task_labels: list[str] | None = None   # the label set of a {"text", "label"} task file
 
     def __post_init__(self) -> None:
         own = "DataConfig"
@@ -44,6 +49,14 @@ class DataConfig:
                    fix="use e.g. 0.05")
         if self.max_docs is not None:
             check_int(own, "max_docs", self.max_docs, 1, "use a count >= 1, or leave it unset for all")
+        if self.task is not None and (not isinstance(self.task, str) or not self.task.strip()):
+            raise bad(own, "task", self.task, "must name a catalog task or a JSONL file",
+                      "use e.g. 'rotten-tomatoes', or leave it unset to train on the corpus")
+        labels = self.task_labels
+        if labels is not None and (not isinstance(labels, list) or len(labels) < 2
+                                   or len(set(map(str, labels))) != len(labels)):
+            raise bad(own, "task_labels", self.task_labels, "must be a list of at least 2 distinct labels",
+                      'use e.g. ["negative", "positive"], or leave it unset for the labels the file uses')
 
 
 @dataclass
@@ -213,6 +226,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
         check_layout(self.parallel, self.model)

@@ -100,7 +100,15 @@ def _schedule_start(raw: dict) -> dict:
 
 def build(cls, raw: dict, prefix: str = ""):
     """A dataclass (RunConfig and its sections) from a nested dict, naming unknown keys."""
-    from moekit.config import DataConfig, ModelConfig, MoEConfig, ParallelConfig, RunConfig, TrainConfig
+    from moekit.config import (
+        DataConfig,
+        FinetuneConfig,
+        ModelConfig,
+        MoEConfig,
+        ParallelConfig,
+        RunConfig,
+        TrainConfig,
+    )
     from moekit.moe.config import default_moe
     if not isinstance(raw, dict):
         raise ValueError(f"config section {prefix.rstrip('.') or '(top)'} must be a table, got {raw!r}")
@@ -113,7 +121,7 @@ def build(cls, raw: dict, prefix: str = ""):
         raise ValueError(f"unknown config key {prefix + unknown[0]!r}; known keys in "
                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}")
     sections = {RunConfig: {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-                            "parallel": ParallelConfig},
+                            "parallel": ParallelConfig, "finetune": FinetuneConfig},
                 ModelConfig: {"moe": MoEConfig}}.get(cls, {})
     kwargs = {}
     d_model = raw.get("d_model", names["d_model"].default) if cls is ModelConfig else None

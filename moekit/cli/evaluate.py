@@ -15,20 +15,25 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from moekit.data.stream import PackedSplit
     from moekit.train.evaluate import evaluate
-    from moekit.train.run_dir import load_run, prepare_data
+    from moekit.train.run_dir import load_run, open_split, prepare_data
     if args.batches is not None and args.batches < 1:
         raise ValueError(f"--batches {args.batches}: must be >= 1 (leave it out for the whole split)")
     run_dir = Path(args.run_dir)
     model, _, cfg = load_run(run_dir)
     if (run_dir / "data" / "meta.json").exists():
-        val = PackedSplit.open(run_dir / "data", "val", cfg.data.seq_len)
+        val = open_split(cfg, run_dir, "val")
     else:   # an export: rebuild the token cache from the recipe's corpus with the run's tokenizer
         _, _, val, _ = prepare_data(cfg, run_dir)
     loss = evaluate(model, val, cfg.train.batch_size, next(model.parameters()).device, args.batches)
     if not math.isfinite(loss):
         raise ValueError(f"the validation loss of {str(run_dir)!r} is {loss}: its weights are not usable; "
                          "retrain with a lower train.lr")
-    print(json.dumps({"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_windows": len(val)}))
+    result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_windows": len(val)}
+    if getattr(val, "label_ids", None) is not None:     # a classification task: accuracy too
+        from moekit.finetune.data import accuracy
+        device = next(model.parameters()).device
+        result["val_accuracy"] = accuracy(model, val, device)
+        result["test_accuracy"] = accuracy(model, open_split(cfg, run_dir, "test"), device)
+    print(json.dumps(result))
     return 0

@@ -15,19 +15,18 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from moekit.data.stream import PackedSplit
     from moekit.model.transformer import model_flops
     from moekit.report.html import build_report
     from moekit.report.routing import frequency_class, routing_breakdown
-    from moekit.train.run_dir import load_run
+    from moekit.train.run_dir import load_run, open_split
     run_dir = Path(args.run_dir)
     model, tok, cfg = load_run(run_dir)
-    val = PackedSplit.open(run_dir / "data", "val", cfg.data.seq_len)
-    train = PackedSplit.open(run_dir / "data", "train", cfg.data.seq_len)
+    val, train = open_split(cfg, run_dir, "val"), open_split(cfg, run_dir, "train")
     by_tag, by_freq = routing_breakdown(model, val, frequency_class(train, tok.get_vocab_size()),
                                         max_windows=args.windows)
     flops = model_flops(model.cfg, cfg.data.seq_len)
-    summary = {"corpus": cfg.data.corpus, "parameters (total / active)":
+    source = ("task", cfg.data.task) if cfg.data.task else ("corpus", cfg.data.corpus)
+    summary = {source[0]: source[1], "parameters (total / active)":
                f"{flops['params_total']:,.0f} / {flops['params_active']:,.0f}",
                "experts": "dense" if cfg.model.moe is None else
                f"{cfg.model.moe.num_experts} x top-{cfg.model.moe.top_k}, router {cfg.model.moe.router}"}

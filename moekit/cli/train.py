@@ -54,7 +54,9 @@ def _config(args) -> tuple[RunConfig, dict]:
     import dataclasses
 
     from moekit.recipe import load_toml
-    raw = apply_overrides(load_toml(args.config) if args.config else {}, args.set)
+    raw = getattr(args, "raw", None)        # moekit finetune passes its recipe ready-made
+    if raw is None:
+        raw = apply_overrides(load_toml(args.config) if args.config else {}, args.set)
     cfg = RunConfig.from_dict(raw)
     if getattr(args, "init_from", None):
         if cfg.train.init_from is not None and cfg.train.init_from != args.init_from:

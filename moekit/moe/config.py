@@ -70,6 +70,9 @@ class MoEConfig:
     shared_d_ff: int | None = None     # total width of the shared FFN; None = d_ff * num_shared_experts
     shared_gate: bool = False          # Qwen2-MoE: the shared output times sigmoid(x . w), w [1, D]
     activation: str = "swiglu"         # "swiglu" | "gelu"
+    expert_dropout: float = 0.0        # dropout on each expert's hidden activation, training only;
+                                       # Switch fine-tunes best with 0.4 here (0.1 elsewhere:
+                                       # ModelConfig.dropout); 0 = pretraining, no extra op
     backend: str = "auto"              # "auto" | "segment_mm" | "grouped_mm" | "reference"
     dtype: torch.dtype | str = torch.float32   # parameter dtype
 
@@ -100,6 +103,8 @@ class MoEConfig:
                        fix="use a value such as 1.25, or None for dropless routing")
         check_real(own, "jitter_eps", self.jitter_eps, 0, 1, high_open=True,
                    fix="use 0 to disable or e.g. 0.01")
+        check_real(own, "expert_dropout", self.expert_dropout, 0, 1, high_open=True,
+                   fix="use 0 to disable or e.g. 0.4 for fine-tuning (Switch)")
         check_real(own, "bias_update_rate", self.bias_update_rate, 0, fix="use e.g. 1e-3")
         if self.router_init_std is not None:
             check_real(own, "router_init_std", self.router_init_std, 0, low_open=True,

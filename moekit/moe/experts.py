@@ -21,6 +21,13 @@ one call for all experts, and fewer large buffers per step than ``segment_mm`` a
 dtype (``layer.to(torch.bfloat16)``): every backend computes in the input's dtype.
 
 ``segment_mm``'s backward is once-differentiable: double backward raises.
+
+Expert dropout (``MoEConfig.expert_dropout``, Switch Transformer fine-tuning): in training
+mode :class:`GroupedExperts` draws one scaled mask ``mask_RF`` (0 or 1/(1-p)) per forward and
+hands it to whichever backend runs, which multiplies the hidden activation a_RF by it before
+the down projection; with the same seed every backend gives the same output. The per-token
+:func:`moekit.moe.reference.reference_moe` draws no mask: compare with it in eval mode or at
+``expert_dropout=0``.
 """
 
 from __future__ import annotations
@@ -40,11 +47,12 @@ class _SegmentFFN(torch.autograd.Function):
 
     Gate and up are separate GEMMs into separate contiguous buffers: elementwise kernels
     on the strided halves of one fused [R, 2F] output measured slower (docs/benchmarks.md).
-    ``w_gate_EDF`` is None for GELU experts.
+    ``w_gate_EDF`` is None for GELU experts. ``mask_RF`` (expert dropout, values 0 or
+    1/(1-p)) multiplies a_RF before the down projection; None = no dropout.
     """
 
     @staticmethod
-    def forward(ctx, x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, counts: list[int]):
+    def forward(ctx, x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, counts: list[int], mask_RF=None):
         up_RF = _segment_mm(x_RD, w_up_EDF, counts)
         if w_gate_EDF is not None:
             gate_RF = _segment_mm(x_RD, w_gate_EDF, counts)
@@ -53,18 +61,23 @@ class _SegmentFFN(torch.autograd.Function):
         else:
             gate_RF = silu_RF = None
             a_RF = F.gelu(up_RF)
+        if mask_RF is not None:
+            a_RF = a_RF * mask_RF   # the dropped a_RF is what w_down's gradient needs
         y_RD = _segment_mm(a_RF, w_down_EFD, counts)
-        ctx.save_for_backward(x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, gate_RF, up_RF, silu_RF, a_RF)
+        ctx.save_for_backward(x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, gate_RF, up_RF, silu_RF, a_RF,
+                              mask_RF)
         ctx.counts = counts
         return y_RD
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_RD):
-        x_RD, w_gate, w_up, w_down, gate_RF, up_RF, silu_RF, a_RF = ctx.saved_tensors
+        x_RD, w_gate, w_up, w_down, gate_RF, up_RF, silu_RF, a_RF, mask_RF = ctx.saved_tensors
         counts, need = ctx.counts, ctx.needs_input_grad
         grad_RD = grad_RD.contiguous()   # a stride-0 grad (from .sum()) would break the GEMMs
         grad_a_RF, grad_down = _segment_mm_backward(grad_RD, a_RF, w_down, counts, need[3])
+        if mask_RF is not None:
+            grad_a_RF = grad_a_RF * mask_RF
         if w_gate is not None:
             grad_up_RF = grad_a_RF * silu_RF
             # out of place: bf16 in-place mul_ measured slower than mul (docs/benchmarks.md)
@@ -75,7 +88,7 @@ class _SegmentFFN(torch.autograd.Function):
             grad_x_RD, grad_gate = None, None
         grad_x_RD, grad_up = _segment_mm_backward(grad_up_RF, x_RD, w_up, counts, need[2],
                                                   accumulate_into=grad_x_RD)
-        return grad_x_RD, grad_gate, grad_up, grad_down, None
+        return grad_x_RD, grad_gate, grad_up, grad_down, None, None
 
 
 def _segment_mm(x_RI: Tensor, w_EIO: Tensor, counts: list[int]) -> Tensor:
@@ -118,6 +131,8 @@ class GroupedExperts(nn.Module):
     """E experts (SwiGLU or GELU) over rows grouped by expert.
 
     Parameters: ``w_gate_EDF`` (SwiGLU only), ``w_up_EDF`` [E, D, F], ``w_down_EFD`` [E, F, D].
+    ``expert_dropout`` (a plain attribute, from the config) drops the hidden activation in
+    training mode (:meth:`dropout_mask`).
 
     Example:
         >>> cfg = MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=2)
@@ -129,6 +144,7 @@ class GroupedExperts(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.activation, self.backend = cfg.activation, cfg.backend
+        self.expert_dropout = cfg.expert_dropout
         E, D, F_ = cfg.num_experts, cfg.d_model, cfg.d_ff
         self.w_gate_EDF = (nn.Parameter(torch.empty(E, D, F_, dtype=cfg.dtype))
                            if cfg.activation == "swiglu" else None)
@@ -160,51 +176,78 @@ class GroupedExperts(nn.Module):
         gate = self.w_gate_EDF.to(dtype) if self.w_gate_EDF is not None else None
         return gate, self.w_up_EDF.to(dtype), self.w_down_EFD.to(dtype)
 
+    def dropout_mask(self, x_RD: Tensor) -> Tensor | None:
+        """The expert-dropout mask [R, F] in x's dtype, 0 (dropped, probability p) or 1/(1-p)
+        (Switch Transformer: 0.4 inside the experts fine-tunes best); None in eval mode or at
+        p = 0. Drawn once per forward so that every backend sees the same mask."""
+        p = self.expert_dropout
+        if not self.training or p == 0:
+            return None
+        u_RF = torch.rand(x_RD.shape[0], self.w_up_EDF.shape[2], dtype=x_RD.dtype, device=x_RD.device)
+        return (u_RF >= p).to(x_RD.dtype) / (1 - p)
+
     def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """x_RD [R, D] grouped by expert with counts_E [E] rows each -> y_RD [R, D]."""
         if x_RD.device.type == "cpu" and int(counts_E.sum()) != x_RD.shape[0]:
             raise ValueError(f"GroupedExperts: counts_E sums to {int(counts_E.sum())} but x_RD has "
                              f"{x_RD.shape[0]} rows; counts must cover every row exactly")
         w_gate, w_up, w_down = self.weights(x_RD.dtype)
+        mask_RF = self.dropout_mask(x_RD)
         backend = self.resolve_backend(x_RD)
         if backend == "segment_mm":
-            return _SegmentFFN.apply(x_RD, w_gate, w_up, w_down, counts_E.tolist())
+            return _SegmentFFN.apply(x_RD, w_gate, w_up, w_down, counts_E.tolist(), mask_RF)
         if backend == "grouped_mm":
-            if not HAS_GROUPED_MM:
-                raise ValueError(f"backend='grouped_mm': torch {torch.__version__} has no "
-                                 "torch._grouped_mm; use backend='segment_mm' or torch >= 2.9")
-            if not self._grouped_mm_aligned(x_RD):
-                align = 16 // x_RD.element_size()
-                raise ValueError(f"backend='grouped_mm' in {x_RD.dtype} needs d_model and d_ff divisible "
-                                 f"by {align} (16-byte rows), got d_model={x_RD.shape[1]}, "
-                                 f"d_ff={w_up.shape[2]}; pad the dims or use backend='segment_mm'")
-            offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
-            up_RF = torch._grouped_mm(x_RD, w_up, offs=offs)
-            if w_gate is not None:
-                a_RF = F.silu(torch._grouped_mm(x_RD, w_gate, offs=offs)) * up_RF
-            else:
-                a_RF = F.gelu(up_RF)
-            y_RD = torch._grouped_mm(a_RF, w_down, offs=offs)
-            if y_RD.requires_grad:   # its backward rejects the stride-0 grad of y.sum().backward()
-                y_RD.register_hook(lambda grad: grad.contiguous())
-            return y_RD
-        return expert_loop(x_RD, counts_E, w_gate, w_up, w_down)
+            self._check_grouped_mm(x_RD)
+            return _grouped_ffn(x_RD, counts_E, w_gate, w_up, w_down, mask_RF)
+        return expert_loop(x_RD, counts_E, w_gate, w_up, w_down, mask_RF)
+
+    def _check_grouped_mm(self, x_RD: Tensor) -> None:
+        if not HAS_GROUPED_MM:
+            raise ValueError(f"backend='grouped_mm': torch {torch.__version__} has no "
+                             "torch._grouped_mm; use backend='segment_mm' or torch >= 2.9")
+        if not self._grouped_mm_aligned(x_RD):
+            align = 16 // x_RD.element_size()
+            raise ValueError(f"backend='grouped_mm' in {x_RD.dtype} needs d_model and d_ff divisible "
+                             f"by {align} (16-byte rows), got d_model={x_RD.shape[1]}, "
+                             f"d_ff={self.w_up_EDF.shape[2]}; pad the dims or use backend='segment_mm'")
 
 
-def expert_ffn(x_ND: Tensor, w_gate_DF: Tensor | None, w_up_DF: Tensor, w_down_FD: Tensor) -> Tensor:
-    """One expert: SwiGLU when it has a gate, else GELU."""
+def _grouped_ffn(x_RD: Tensor, counts_E: Tensor, w_gate_EDF: Tensor | None, w_up_EDF: Tensor,
+                 w_down_EFD: Tensor, mask_RF: Tensor | None = None) -> Tensor:
+    """The ``grouped_mm`` backend: one torch._grouped_mm per projection for all experts."""
+    offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    up_RF = torch._grouped_mm(x_RD, w_up_EDF, offs=offs)
+    if w_gate_EDF is not None:
+        a_RF = F.silu(torch._grouped_mm(x_RD, w_gate_EDF, offs=offs)) * up_RF
+    else:
+        a_RF = F.gelu(up_RF)
+    if mask_RF is not None:
+        a_RF = a_RF * mask_RF
+    y_RD = torch._grouped_mm(a_RF, w_down_EFD, offs=offs)
+    if y_RD.requires_grad:   # its backward rejects the stride-0 grad of y.sum().backward()
+        y_RD.register_hook(lambda grad: grad.contiguous())
+    return y_RD
+
+
+def expert_ffn(x_ND: Tensor, w_gate_DF: Tensor | None, w_up_DF: Tensor, w_down_FD: Tensor,
+               mask_NF: Tensor | None = None) -> Tensor:
+    """One expert: SwiGLU when it has a gate, else GELU; ``mask_NF`` scales its hidden
+    activation (expert dropout) when given."""
     up = x_ND @ w_up_DF
     a = F.silu(x_ND @ w_gate_DF) * up if w_gate_DF is not None else F.gelu(up)
+    if mask_NF is not None:
+        a = a * mask_NF
     return a @ w_down_FD
 
 
 def expert_loop(x_RD: Tensor, counts_E: Tensor, w_gate_EDF: Tensor | None, w_up_EDF: Tensor,
-                w_down_EFD: Tensor) -> Tensor:
-    """The slow twin: a plain autograd loop over experts."""
+                w_down_EFD: Tensor, mask_RF: Tensor | None = None) -> Tensor:
+    """The slow twin: a plain autograd loop over experts (``mask_RF``: expert dropout)."""
     outs, start = [], 0
     for e, n in enumerate(counts_E.tolist()):
         gate = w_gate_EDF[e] if w_gate_EDF is not None else None
-        outs.append(expert_ffn(x_RD[start:start + n], gate, w_up_EDF[e], w_down_EFD[e]))
+        mask = mask_RF[start:start + n] if mask_RF is not None else None
+        outs.append(expert_ffn(x_RD[start:start + n], gate, w_up_EDF[e], w_down_EFD[e], mask))
         start += n
     return torch.cat(outs) if outs else x_RD.new_zeros(0, w_down_EFD.shape[2])
 

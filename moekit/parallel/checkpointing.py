@@ -72,7 +72,10 @@ def training_state(model: nn.Module, opt: torch.optim.Optimizer, mesh: DeviceMes
 
     model_sd = {k: view(k, v) for k, v in model.state_dict().items()}
     optim = {}
+    trained = {id(p) for group in opt.param_groups for p in group["params"]}
     for name, p in model.named_parameters():
+        if id(p) not in trained:        # frozen (fine-tuning): no optimizer state
+            continue
         s = opt.state[p]
         optim[name] = {"step": s["step"], **{m: view(name, s[m]) for m in MOMENTS}}
     return {"model": model_sd, "optim": optim}

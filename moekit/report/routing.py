@@ -46,7 +46,10 @@ def frequency_class(train: PackedSplit, vocab_size: int) -> np.ndarray:
 
 def token_tags(split: PackedSplit, indices: list[int]) -> np.ndarray:
     """[B*S] tag index of every input token of windows ``indices`` (as ``split.batch`` gives
-    them), each from its own document: a window can span documents of different tags."""
+    them), each from its own document: a window can span documents of different tags. A task's
+    split (moekit.finetune.data.TaskSplit) gives its own, -1 on padding."""
+    if hasattr(split, "token_tags"):
+        return split.token_tags(indices)
     S = split.seq_len
     pos_BS = np.asarray(indices, dtype=np.int64)[:, None] * S + np.arange(S)
     doc_BS = np.searchsorted(split.doc_starts, pos_BS, side="right") - 1
@@ -75,11 +78,12 @@ def routing_breakdown(model, split: PackedSplit, freq_class_V: np.ndarray, batch
             model(x_BS)
             tag_T = token_tags(split, indices)
             cls_T = freq_class_V[x_BS.reshape(-1).numpy()]
+            real = tag_T >= 0                   # not padding
             for i, experts_TK in captured.items():
-                e = experts_TK.cpu().numpy()
+                e = experts_TK.cpu().numpy()[real]
                 K = e.shape[1]
-                np.add.at(by_tag[i], (np.repeat(tag_T, K), e.reshape(-1)), 1)
-                np.add.at(by_freq[i], (np.repeat(cls_T, K), e.reshape(-1)), 1)
+                np.add.at(by_tag[i], (np.repeat(tag_T[real], K), e.reshape(-1)), 1)
+                np.add.at(by_freq[i], (np.repeat(cls_T[real], K), e.reshape(-1)), 1)
     finally:
         for h in hooks:
             h.remove()

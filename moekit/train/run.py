@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from moekit.config import RunConfig, check_layout
 from moekit.data.stream import BatchSampler, PackedSplit
+from moekit.finetune import adapt
 from moekit.model.transformer import MoETransformer
 from moekit.moe.layer import MoELayer
 from moekit.parallel.checkpointing import training_state
@@ -216,8 +217,10 @@ def _build(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None, rank: int, wo
     model = MoETransformer.build(rd.model_config_for(cfg, tok.get_vocab_size()), device=device)
     if initial is not None:                     # before parallelizing: every rank holds SRC's weights
         model.load_state_dict(initial.state)
+    hooks = _finetune(model, cfg, train_split)
     forward, accumulate, sync, mesh, ep_group = _parallel_model(cfg, model, world, rank, device)
     opt = build_optimizer(model, cfg.train)
+    adapt.register(opt, hooks)
     sampler = BatchSampler(len(train_split), cfg.train.batch_size, cfg.train.seed, rank, world)
     moe_layers = model.moe_layers()
     telemetry = (RoutingTelemetry(moe_layers, all_reduce=dist.all_reduce if world > 1 else None, world=world)
@@ -233,6 +236,22 @@ def _build(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None, rank: int, wo
         run.step = ckpt.meta["step"]
     model.train()
     return run
+
+
+def _finetune(model: MoETransformer, cfg: RunConfig, train_split) -> list:
+    """Freezing and LoRA (moekit.finetune.adapt), before the model is parallelized; ESFT's
+    experts are chosen here once, from the starting weights' routing of the training split,
+    and recorded in ``cfg`` (so config.json, and a resume, has them)."""
+    ft = cfg.finetune
+    if ft.lora_rank is not None and (cfg.parallel.ep > 1 or cfg.parallel.sharding != "none"):
+        raise ValueError(f"finetune.lora_rank={ft.lora_rank} runs on one process or data parallel (DDP); "
+                         f"parallel.ep={cfg.parallel.ep}, sharding={cfg.parallel.sharding!r} would shard "
+                         "the adapted experts: use parallel.ep=1, sharding='none'")
+    if ft.freeze == "esft" and ft.esft_experts is None:
+        ft.esft_experts = adapt.choose_esft_experts(model, train_split, ft.esft_share)
+        log.info("ESFT: training experts %s (share %.2f of the task's routed tokens per layer)",
+                 ft.esft_experts, ft.esft_share)
+    return adapt.apply(model, ft)
 
 
 def rebuild(run: Run, cfg: RunConfig, state) -> Run:

@@ -134,7 +134,10 @@ def write_json(path: Path, obj) -> None:
 
 def prepare_data(cfg: RunConfig, run_dir: Path):
     """(tokenizer, train split, val split, token-cache meta); the tokenizer is trained once
-    on the training documents and saved in the run directory."""
+    on the training documents and saved in the run directory. With ``data.task`` the splits
+    are the task's (moekit.finetune.data.TaskSplit)."""
+    if cfg.data.task is not None:
+        return _prepare_task(cfg, run_dir)
     docs = load_documents(cfg.data.corpus)
     if cfg.data.max_docs is not None:
         docs = docs[: cfg.data.max_docs]
@@ -152,6 +155,29 @@ def prepare_data(cfg: RunConfig, run_dir: Path):
         raise ValueError(f"the validation split of {cfg.data.corpus!r} has fewer than seq_len+1="
                          f"{cfg.data.seq_len + 1} tokens; use more documents or a larger val_fraction")
     return tok, train, val, meta
+
+
+def _prepare_task(cfg: RunConfig, run_dir: Path):
+    from moekit.finetune.data import TaskSplit, build_task_cache
+    from moekit.finetune.tasks import load_task
+    task = load_task(cfg.data.task, cfg.data.task_labels)
+    tok_path = run_dir / "tokenizer.json"
+    if tok_path.exists():
+        tok = load_tokenizer(tok_path)
+    else:                       # a task trained from scratch: a tokenizer of its training text
+        tok = train_tokenizer((e.prompt + e.completion for e in task.splits["train"]), cfg.data.vocab_size)
+        save_tokenizer(tok, tok_path)
+    meta = build_task_cache(task, tok, run_dir / "data")
+    return (tok, TaskSplit.open(run_dir / "data", "train", cfg.data.seq_len),
+            TaskSplit.open(run_dir / "data", "val", cfg.data.seq_len), meta)
+
+
+def open_split(cfg: RunConfig, run_dir: Path, split: str):
+    """A run's prepared split ("train", "val"; "test" for a task) from its data cache."""
+    if cfg.data.task is not None:
+        from moekit.finetune.data import TaskSplit
+        return TaskSplit.open(Path(run_dir) / "data", split, cfg.data.seq_len)
+    return PackedSplit.open(Path(run_dir) / "data", split, cfg.data.seq_len)
 
 
 def model_config_for(cfg: RunConfig, vocab_size: int):
@@ -185,11 +211,20 @@ def load_run(run_dir: Path):
     else:
         tok = load_tokenizer(run_dir / "tokenizer.json")
     model = MoETransformer.build(model_config_for(cfg, tok.get_vocab_size()), device="cpu")
+    ft = cfg.finetune
+    if ft.lora_rank is not None:            # the checkpoint holds base weights and adapters: merged here
+        from moekit.finetune.lora import add_lora
+        add_lora(model, ft.lora_rank, ft.lora_alpha, tuple(ft.lora_targets))
     try:
         model.load_state_dict(ckpt.model_state(model.state_dict()))
     except RuntimeError as err:
         raise ValueError(f"the checkpoint in {str(run_dir)!r} does not fit its config and tokenizer "
                          f"({str(err).splitlines()[0][:160]}); restore the run's tokenizer.json") from None
+    if ft.lora_rank is not None:
+        from moekit.finetune.lora import merge_lora
+        merge_lora(model)
+        model.requires_grad_(True)
+        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(ft, lora_rank=None))
     return model.eval(), tok, cfg
 
 

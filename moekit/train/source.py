@@ -21,10 +21,10 @@ from torch import Tensor
 from moekit.config import RunConfig
 from moekit.model.config import ModelConfig
 
-# model fields a run may set differently from SRC: they size buffers or steer routing, but
-# hold no weights
-RUNTIME_FIELDS = ("max_seq_len", "moe.backend", "moe.aux_loss_scope", "moe.bias_update_rate",
-                  "moe.capacity_factor", "moe.drop_policy", "moe.jitter_eps")
+# model fields a run may set differently from SRC: they size buffers, steer routing or set
+# training-only dropout (fine-tuning), but hold no weights
+RUNTIME_FIELDS = ("max_seq_len", "dropout", "moe.backend", "moe.aux_loss_scope", "moe.bias_update_rate",
+                  "moe.capacity_factor", "moe.drop_policy", "moe.expert_dropout", "moe.jitter_eps")
 
 
 @dataclass
@@ -62,7 +62,8 @@ def load_source(cfg: RunConfig, model_section: dict | None = None) -> tuple[RunC
         more = f" and {len(clashes) - 4} more" if len(clashes) > 4 else ""
         raise ValueError(f"{len(clashes)} model fields contradict --from {src}: {listed}{more}; remove the "
                          "recipe's [model] section: a run started from weights takes their architecture")
-    runtime = {k: given[k] for k in RUNTIME_FIELDS if k in given}
+    runtime = {"dropout": 0.0, **({"moe.expert_dropout": 0.0} if theirs.moe is not None else {}),
+               **{k: given[k] for k in RUNTIME_FIELDS if k in given}}   # SRC's dropout is not inherited
     model_cfg = _with_runtime(theirs, runtime, cfg.data.seq_len)
     return dataclasses.replace(cfg, model=model_cfg), Initial(state=model.state_dict(), tokenizer=tok)
 

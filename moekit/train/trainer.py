@@ -174,9 +174,13 @@ def _loop(run: Run, objective, resumed: bool, stop_at: int | None, progress: boo
             if run.step % t.eval_every == 0 or run.step == t.max_steps:
                 state.val_loss = evaluate(run.model, run.val_split, t.batch_size, run.device, t.eval_batches,
                                           run.rank, run.world, run.autocast)
+                scores = _task_scores(run, "val")
+                if run.step == t.max_steps:
+                    scores.update(_task_scores(run, "test"))
+                state.scores.update(scores)
                 if writer is not None:
                     writer.log(run.step, {"loss/val": state.val_loss,
-                                          "loss/val_ppl": math.exp(min(state.val_loss, 50))})
+                                          "loss/val_ppl": math.exp(min(state.val_loss, 50)), **scores})
             saving = run.step % t.save_every == 0 or run.step in (t.max_steps, end)
             if saving and not (grows and run.step < end):      # a growth saves the grown run
                 _save(run, state)
@@ -218,6 +222,7 @@ class _LoopState:
     loss_ema: float | None = None
     last_loads: dict = dataclasses.field(default_factory=dict)
     growths: list[dict] = dataclasses.field(default_factory=list)   # expert_schedule growths done
+    scores: dict = dataclasses.field(default_factory=dict)   # a task's newest acc/val, acc/test
 
     def intact(self) -> str:
         if self.saved_step is None:
@@ -311,6 +316,17 @@ def _reason(err: OSError) -> str:
     return (err.strerror or str(err) or type(err).__name__).lower()
 
 
+def _task_scores(run: Run, split: str) -> dict:
+    """{"acc/<split>": accuracy} for a classification task (val: its first
+    finetune.eval_examples; test: all), else {}. Every rank runs the same forwards."""
+    if getattr(run.val_split, "label_ids", None) is None:
+        return {}
+    from moekit.finetune.data import accuracy
+    data = run.val_split if split == "val" else rd.open_split(run.cfg, run.run_dir, split)
+    n = run.cfg.finetune.eval_examples if split == "val" else None
+    return {f"acc/{split}": accuracy(run.model, data, run.device, run.cfg.train.batch_size, n, run.autocast)}
+
+
 def _summary(run: Run, state: _LoopState) -> dict:
     return {"steps": run.step, "steps_run": run.step - state.first_step,
             "final_train_loss": run.history[-1] if run.history else None,
@@ -318,4 +334,5 @@ def _summary(run: Run, state: _LoopState) -> dict:
             "params": state.flops,
             "train_tokens": run.data_meta["train_tokens"],
             "routing_last_interval": {str(i): c for i, c in state.last_loads.items()},
-            **({"expert_growths": state.growths} if state.growths else {})}
+            **({"expert_growths": state.growths} if state.growths else {}),
+            **({"scores": state.scores} if state.scores else {})}

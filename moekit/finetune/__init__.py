@@ -1,0 +1,1 @@
+"""Fine-tuning: supervised tasks, freezing, LoRA on the experts (moekit finetune)."""

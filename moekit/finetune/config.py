@@ -1,0 +1,61 @@
+"""FinetuneConfig: what a fine-tuning run freezes and adapts (the ``[finetune]`` section).
+
+Defaults and where they come from:
+
+- ``freeze = "none"``: full fine-tuning. "router" freezes the routers (the routing learnt in
+  pretraining is kept); "moe" the MoE layers (routers and experts: ST-MoE found this about as
+  good as full fine-tuning); "non_expert" everything but the MoE layers (ST-MoE: it hurts);
+  "esft" trains only the experts the task routes most tokens to (Wang et al. 2024, ESFT),
+  everything else frozen.
+- ``esft_share = 0.2``: ESFT-Token's rule: in each MoE layer take experts by their share of
+  the task's routed tokens, most used first, until the shares add up to at least this.
+- ``lora_rank``: LoRA (Hu et al. 2021) on ``lora_targets`` with ``lora_alpha`` (scale alpha / r);
+  the base weights are frozen. On the experts it adapts every expert's slice of the stacked
+  3-D weights (moekit.finetune.lora). An export merges the adapters.
+- ``eval_examples = 512``: validation accuracy during training on the first N validation
+  examples (test accuracy at the end uses the whole test split).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moekit.checks import bad, check_choice, check_int, check_real
+
+FREEZE = ("none", "router", "moe", "non_expert", "esft")
+LORA_TARGETS = ("experts", "attention", "dense_ffn", "shared")
+
+
+@dataclass
+class FinetuneConfig:
+    freeze: str = "none"
+    esft_share: float = 0.2
+    esft_experts: dict | None = None      # {MoE layer: [experts]} ESFT chose (set when the run starts)
+    lora_rank: int | None = None          # None = no LoRA
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["experts", "attention"])
+    eval_examples: int = 512
+
+    def __post_init__(self) -> None:
+        own = "FinetuneConfig"
+        check_choice(own, "freeze", self.freeze, FREEZE)
+        check_real(own, "esft_share", self.esft_share, 0, 1, low_open=True, fix="use e.g. 0.2")
+        if self.lora_rank is not None:
+            check_int(own, "lora_rank", self.lora_rank, 1, "use e.g. 8, or leave it unset for no LoRA")
+            if self.freeze != "none":
+                raise bad(own, "freeze", self.freeze, "cannot be combined with LoRA (LoRA freezes every "
+                          "base weight and trains only its adapters)", "set freeze='none' or drop lora_rank")
+        check_real(own, "lora_alpha", self.lora_alpha, 0, low_open=True, fix="use e.g. 16")
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        if not isinstance(self.lora_targets, list) or not self.lora_targets:
+            raise bad(own, "lora_targets", self.lora_targets, "must be a non-empty list",
+                      f"use some of {list(LORA_TARGETS)}")
+        for t in self.lora_targets:
+            if t not in LORA_TARGETS:
+                raise bad(own, "lora_targets", self.lora_targets, f"has {t!r}",
+                          f"use some of {list(LORA_TARGETS)}")
+        check_int(own, "eval_examples", self.eval_examples, 1, "use e.g. 512")
+        if self.esft_experts is not None:
+            self.esft_experts = {int(k): sorted(int(e) for e in v)
+                                 for k, v in dict(self.esft_experts).items()}
