@@ -37,6 +37,8 @@ class DataConfig:
     task: str | None = None           # fine-tuning: a catalog task or a JSONL file (moekit.finetune.tasks);
                                       # set, it replaces the corpus
     task_labels: list[str] | None = None   # the label set of a {"text", "label"} task file
+    mixture: list[dict] | None = None  # several sources with weights and tags (moekit.data.mixture);
+                                       # set, it replaces the corpus
 
     def __post_init__(self) -> None:
         own = "DataConfig"
@@ -52,6 +54,12 @@ class DataConfig:
         if self.task is not None and (not isinstance(self.task, str) or not self.task.strip()):
             raise bad(own, "task", self.task, "must name a catalog task or a JSONL file",
                       "use e.g. 'rotten-tomatoes', or leave it unset to train on the corpus")
+        if self.mixture is not None:
+            from moekit.data.mixture import check_mixture
+            self.mixture = check_mixture(self.mixture)
+            if self.task is not None:
+                raise bad(own, "mixture", "(set)", "cannot be combined with data.task",
+                          "put the task into the mixture as source = \"task:NAME\", or drop the mixture")
         labels = self.task_labels
         if labels is not None and (not isinstance(labels, list) or len(labels) < 2
                                    or len(set(map(str, labels))) != len(labels)):

@@ -21,15 +21,18 @@ def run(args) -> int:
         raise ValueError(f"--batches {args.batches}: must be >= 1 (leave it out for the whole split)")
     run_dir = Path(args.run_dir)
     model, _, cfg = load_run(run_dir)
-    if (run_dir / "data" / "meta.json").exists():
+    if any((run_dir / "data" / f).exists() for f in ("meta.json", "mixture.json")):
         val = open_split(cfg, run_dir, "val")
     else:   # an export: rebuild the token cache from the recipe's corpus with the run's tokenizer
         _, _, val, _ = prepare_data(cfg, run_dir)
-    loss = evaluate(model, val, cfg.train.batch_size, next(model.parameters()).device, args.batches)
+    sources: dict = {}
+    loss = evaluate(model, val, cfg.train.batch_size, next(model.parameters()).device, args.batches,
+                    by_source=sources)
     if not math.isfinite(loss):
         raise ValueError(f"the validation loss of {str(run_dir)!r} is {loss}: its weights are not usable; "
                          "retrain with a lower train.lr")
-    result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_windows": len(val)}
+    result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_windows": len(val),
+              **{f"val_loss/{k}": v for k, v in sources.items()}}
     if getattr(val, "label_ids", None) is not None:     # a classification task: accuracy too
         from moekit.finetune.data import accuracy
         device = next(model.parameters()).device

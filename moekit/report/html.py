@@ -57,6 +57,24 @@ def loss_curves(rows: list[dict], baseline: list[dict] | None) -> str:
     return _png(fig)
 
 
+def keyed_curves(rows: list[dict], prefix: str, ylabel: str) -> str | None:
+    """One panel with a line per metric ``<prefix><name>`` (a mixture's per-source validation
+    losses, a task's accuracies), or None when the run has none."""
+    keys = sorted({k for r in rows for k in r if k.startswith(prefix)})
+    if not keys:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    for key in keys:
+        x, y = series(rows, key)
+        ax.plot(x, y, "o-" if len(x) < 3 else "-", ms=3, label=key[len(prefix):])
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def per_layer(layers: list[int], height: float):
     """One figure with a panel per MoE layer: (fig, [(axis, layer), ...])."""
     fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), height), squeeze=False)
@@ -168,6 +186,11 @@ def build_report(run_dir: Path, summary: dict, by_tag: RoutingBreakdown | None,
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
         + "</table>"),
         ("losses", "Loss curves", loss_curves(rows, baseline))]
+    for sid, title, prefix, ylabel in (
+            ("by-source", "Validation loss by source (data.mixture)", "loss/val/", "validation loss"),
+            ("accuracy", "Task accuracy (validation while training, test at the end)", "acc/", "accuracy")):
+        if (content := keyed_curves(rows, prefix, ylabel)) is not None:
+            sections.append((sid, title, content))
     if growth_steps(rows):
         sections.append(("growth", "Expert growth (train.expert_schedule; dotted lines in the plots)",
                          growth_table(rows)))

@@ -72,8 +72,9 @@ def routing_breakdown(model, split: PackedSplit, freq_class_V: np.ndarray, batch
     model.eval()
     try:
         n = len(split) if max_windows is None else min(len(split), max_windows)
+        order = split.spread(n) if hasattr(split, "spread") else list(range(n))   # a mixture: every source
         for start in range(0, n, batch_size):
-            indices = list(range(start, min(start + batch_size, n)))
+            indices = order[start:start + batch_size]
             x_BS, _, _ = split.batch(indices)
             model(x_BS)
             tag_T = token_tags(split, indices)

@@ -27,14 +27,29 @@ def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, val: PackedSplit, batch_size: int, device: torch.device, batches: int | None,
-             rank: int = 0, world: int = 1, autocast=nullcontext, loads: dict | None = None) -> float:
+             rank: int = 0, world: int = 1, autocast=nullcontext, loads: dict | None = None,
+             by_source: dict | None = None) -> float:
     """Mean LM loss over the first ``batches`` x batch_size windows of the validation split
     (all whole batches if None); ``loads``: a dict that receives {MoE layer: [tokens per expert]}
     over those windows (all ranks' tokens). The same windows for every layout: with several ranks, rank
     r takes windows r, r + world, ... and the sums are all-reduced. Every rank runs the same
     number of forward passes (a rank out of windows runs one with weight 0), since FSDP and
     expert parallelism communicate inside the forward. ``autocast``: a context factory
-    (the run's precision)."""
+    (the run's precision).
+
+    A data mixture's split (moekit.data.mixture.MixtureSplit): the mean of its sources' losses
+    (each over its own first windows) weighted as training samples them; ``by_source``
+    receives {tag: loss}."""
+    if hasattr(val, "parts"):
+        losses = {}
+        for name, part in zip(val.names, val.parts):
+            mine = {} if loads is not None else None
+            losses[name] = evaluate(model, part, batch_size, device, batches, rank, world, autocast, mine)
+            for i, c in (mine or {}).items():
+                loads[i] = [a + b for a, b in zip(loads[i], c)] if i in loads else c
+        if by_source is not None:
+            by_source.update(losses)
+        return sum(w * loss for w, loss in zip(val.weights, losses.values())) / sum(val.weights)
     if batches is not None and batches < 1:
         raise ValueError(f"evaluate: batches={batches}: must be >= 1 (or None for the whole split)")
     if len(val) == 0:

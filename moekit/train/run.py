@@ -221,7 +221,9 @@ def _build(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None, rank: int, wo
     forward, accumulate, sync, mesh, ep_group = _parallel_model(cfg, model, world, rank, device)
     opt = build_optimizer(model, cfg.train)
     adapt.register(opt, hooks)
-    sampler = BatchSampler(len(train_split), cfg.train.batch_size, cfg.train.seed, rank, world)
+    sampler = (train_split.sampler(cfg.train.batch_size, cfg.train.seed, rank, world)
+               if hasattr(train_split, "sampler")       # a mixture draws by its sources' weights
+               else BatchSampler(len(train_split), cfg.train.batch_size, cfg.train.seed, rank, world))
     moe_layers = model.moe_layers()
     telemetry = (RoutingTelemetry(moe_layers, all_reduce=dist.all_reduce if world > 1 else None, world=world)
                  if cfg.train.telemetry and moe_layers else None)   # totals over all ranks' tokens

@@ -138,6 +138,8 @@ def prepare_data(cfg: RunConfig, run_dir: Path):
     are the task's (moekit.finetune.data.TaskSplit)."""
     if cfg.data.task is not None:
         return _prepare_task(cfg, run_dir)
+    if cfg.data.mixture is not None:
+        return _prepare_mixture(cfg, run_dir)
     docs = load_documents(cfg.data.corpus)
     if cfg.data.max_docs is not None:
         docs = docs[: cfg.data.max_docs]
@@ -172,8 +174,26 @@ def _prepare_task(cfg: RunConfig, run_dir: Path):
             TaskSplit.open(run_dir / "data", "val", cfg.data.seq_len), meta)
 
 
+def _prepare_mixture(cfg: RunConfig, run_dir: Path):
+    from moekit.data.mixture import build_mixture, source_documents, training_texts
+    entries = cfg.data.mixture
+    docs = [source_documents(e["source"], e["tag"]) for e in entries]
+    tok_path = run_dir / "tokenizer.json"
+    if tok_path.exists():
+        tok = load_tokenizer(tok_path)
+    else:
+        tok = train_tokenizer(training_texts(docs, cfg.data.val_fraction), cfg.data.vocab_size)
+        save_tokenizer(tok, tok_path)
+    train, val, meta = build_mixture(entries, docs, tok, run_dir / "data", cfg.data.val_fraction,
+                                     cfg.data.seq_len)
+    return tok, train, val, meta
+
+
 def open_split(cfg: RunConfig, run_dir: Path, split: str):
     """A run's prepared split ("train", "val"; "test" for a task) from its data cache."""
+    if cfg.data.mixture is not None:
+        from moekit.data.mixture import MixtureSplit
+        return MixtureSplit.open(Path(run_dir) / "data", split, cfg.data.seq_len)
     if cfg.data.task is not None:
         from moekit.finetune.data import TaskSplit
         return TaskSplit.open(Path(run_dir) / "data", split, cfg.data.seq_len)

@@ -172,9 +172,10 @@ def _loop(run: Run, objective, resumed: bool, stop_at: int | None, progress: boo
             if run.step % t.log_every == 0 or run.step == t.max_steps or grows:
                 _log(run, writer, stats, state)
             if run.step % t.eval_every == 0 or run.step == t.max_steps:
+                sources: dict = {}          # a data mixture's per-source losses
                 state.val_loss = evaluate(run.model, run.val_split, t.batch_size, run.device, t.eval_batches,
-                                          run.rank, run.world, run.autocast)
-                scores = _task_scores(run, "val")
+                                          run.rank, run.world, run.autocast, by_source=sources)
+                scores = {**_task_scores(run, "val"), **{f"loss/val/{k}": v for k, v in sources.items()}}
                 if run.step == t.max_steps:
                     scores.update(_task_scores(run, "test"))
                 state.scores.update(scores)
