@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 
 
-def train_arm(run: Path, argv: list[str], sets: list[str]) -> float:
-    """``moekit train --out RUN ARGV --set S ...`` (or a finished run's reuse); its wall-clock in
-    seconds, kept in RUN/wall_s.json, so an interrupted benchmark continues."""
+def train_arm(run: Path, argv: list[str], sets: list[str], command: list[str] = ("train",)) -> float:
+    """``moekit COMMAND --out RUN ARGV --set S ...`` (``train``, or e.g. ``finetune SRC``), or a
+    finished run's reuse; its wall-clock in seconds, kept in RUN/wall_s.json, so an interrupted
+    benchmark continues."""
     wall = Path(run) / "wall_s.json"
     if not wall.exists():
-        cmd = ["train", "--out", str(run), *argv, *[x for s in sets for x in ("--set", s)]]
+        cmd = [*command, "--out", str(run), *argv, *[x for s in sets for x in ("--set", s)]]
         print("$ moekit " + " ".join(cmd), flush=True)
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "moekit", *cmd], check=True, stdout=subprocess.DEVNULL)
