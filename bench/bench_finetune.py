@@ -102,9 +102,9 @@ def main() -> None:
     head = ["arm", "test acc", "best val acc", "final val loss", "gap end", "gap max", "tokens/s"]
     lines = [" | ".join(head)]
     for key, r in results.items():
-        lines.append(" | ".join([key, f"{r['test_acc']:.4f}", f"{r['best_val_acc']:.4f}",
-                                 f"{r['final_val_loss']:.4f}", f"{r['gap_final']:+.4f}", f"{r['gap_max']:+.4f}",
-                                 f"{r['tokens_per_s']:,.0f}"]))
+        cells = [f"{r['test_acc']:.4f}", f"{r['best_val_acc']:.4f}", f"{r['final_val_loss']:.4f}",
+                 f"{r['gap_final']:+.4f}", f"{r['gap_max']:+.4f}", f"{r['tokens_per_s']:,.0f}"]
+        lines.append(" | ".join([key, *cells]))
     print("\n".join(lines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

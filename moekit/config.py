@@ -239,6 +239,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         check_layout(self.parallel, self.model)
         check_schedule(self.train, self.model, self.parallel)
+        check_finetune(self)
 
     @classmethod
     def from_dict(cls, raw: dict) -> RunConfig:
@@ -260,6 +261,22 @@ class RunConfig:
                 return [plain(x) for x in v]
             return v
         return plain(self)
+
+
+def check_finetune(cfg: RunConfig) -> None:
+    """What freezing and LoRA cannot be combined with (yet): one line each."""
+    ft, par = cfg.finetune, cfg.parallel
+    what = (f"finetune.lora_rank={ft.lora_rank}" if ft.lora_rank is not None
+            else f"finetune.freeze={ft.freeze!r}" if ft.freeze != "none" else None)
+    if what is None:
+        return
+    if cfg.train.expert_schedule is not None:
+        raise ValueError(f"{what} cannot be combined with train.expert_schedule (a growth rebuilds the "
+                         "experts it froze or adapted); drop one of them")
+    if (ft.lora_rank is not None or ft.freeze == "esft") and (par.ep > 1 or par.sharding != "none"):
+        raise ValueError(f"{what} runs on one process or data parallel (DDP); parallel.ep={par.ep}, "
+                         f"sharding={par.sharding!r} would replace the parameters it adapts: use "
+                         "parallel.ep=1, sharding='none'")
 
 
 def check_layout(parallel: ParallelConfig, model: ModelConfig) -> None:
@@ -290,6 +307,9 @@ def check_schedule(train: TrainConfig, model: ModelConfig, parallel: ParallelCon
     if moe is None:
         raise ValueError(f"{where} grows the experts of MoE layers but the model is dense (model.moe is "
                          "unset); give model.moe or drop the schedule")
+    if moe.router_input != "token":
+        raise ValueError(f"{where} cannot grow a router that routes by tag (model.moe.router_input="
+                         f"{moe.router_input!r}) yet; use router_input='token' or drop the schedule")
     counts = [n for _, n in parse_expert_schedule(train.expert_schedule)]
     if counts[0] < moe.top_k:
         raise ValueError(f"{where} starts with {counts[0]} expert{'s' * (counts[0] > 1)}, fewer than "

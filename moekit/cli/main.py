@@ -11,6 +11,7 @@
     moekit upcycle smollm2-135m --experts 8 --top-k 2 --out models/smol-moe   # dense -> MoE (copies)
     moekit train --from models/smol-moe --set data.corpus=news-en   # a new run from those weights
     moekit finetune runs/moe --task rotten-tomatoes --out runs/ft   # supervised fine-tuning, accuracy
+    moekit extract runs/mix --task de --out models/de   # only the experts one tag is routed to
     moekit report runs/moe --baseline runs/dense   # HTML: losses, expert load, routing by language
     moekit data list | moekit data get parlspeech
 """
@@ -25,6 +26,7 @@ import sys
 from moekit.cli import data as data_cmd
 from moekit.cli import evaluate as eval_cmd
 from moekit.cli import export as export_cmd
+from moekit.cli import extract as extract_cmd
 from moekit.cli import finetune as finetune_cmd
 from moekit.cli import generate as generate_cmd
 from moekit.cli import grow as grow_cmd
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (train_cmd, finetune_cmd, generate_cmd, eval_cmd, export_cmd, import_cmd, upcycle_cmd,
-                   grow_cmd, report_cmd, data_cmd):
+                   grow_cmd, extract_cmd, report_cmd, data_cmd):
         module.register(sub)
     return parser
 

@@ -13,7 +13,8 @@ Defaults and where they come from:
   the base weights are frozen. On the experts it adapts every expert's slice of the stacked
   3-D weights (moekit.finetune.lora). An export merges the adapters.
 - ``eval_examples = 512``: validation accuracy during training on the first N validation
-  examples (test accuracy at the end uses the whole test split).
+  examples; ``test_examples = None``: test accuracy at the end on the whole test split (or
+  its first N: a large model on a CPU).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class FinetuneConfig:
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["experts", "attention"])
     eval_examples: int = 512
+    test_examples: int | None = None
 
     def __post_init__(self) -> None:
         own = "FinetuneConfig"
@@ -56,6 +58,8 @@ class FinetuneConfig:
                 raise bad(own, "lora_targets", self.lora_targets, f"has {t!r}",
                           f"use some of {list(LORA_TARGETS)}")
         check_int(own, "eval_examples", self.eval_examples, 1, "use e.g. 512")
+        if self.test_examples is not None:
+            check_int(own, "test_examples", self.test_examples, 1, "use e.g. 1000, or leave it unset for all")
         if self.esft_experts is not None:
             self.esft_experts = {int(k): sorted(int(e) for e in v)
                                  for k, v in dict(self.esft_experts).items()}

@@ -180,6 +180,8 @@ def export_target(mcfg: ModelConfig) -> str:
     for feature, present, fix in (
             (f"router={m.router!r}", m.router != "softmax", "export a softmax top-k router"),
             ("noisy_gating", m.noisy_gating, "export a model trained without it"),
+            (f"router_input={m.router_input!r} (routing by tag)", m.router_input != "token",
+             "export a model that routes by token (router_input='token')"),
             (f"capacity_factor={m.capacity_factor}", m.capacity_factor is not None,
              "export a dropless model (capacity_factor=None)"),
             (f"activation={m.activation!r}", m.activation != "swiglu", "export SwiGLU experts")):

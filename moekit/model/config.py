@@ -106,6 +106,12 @@ class ModelConfig:
     def dense(self) -> bool:
         return self.moe is None
 
+    @property
+    def routes_by_tag(self) -> bool:
+        """True when the MoE routers read each sequence's tag (``moe.router_input`` != "token"):
+        the model's forward then needs ``tags``."""
+        return self.moe is not None and self.moe.router_input != "token"
+
     def moe_layer_ids(self) -> list[int]:
         """Indices of the MoE layers (none for a dense model)."""
         if self.moe is None:

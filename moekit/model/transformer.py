@@ -134,10 +134,13 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoELayer(cfg.moe) if moe else DenseFFN(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, MoEAux | None]:
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor,
+                tags_T: Tensor | None = None) -> tuple[Tensor, MoEAux | None]:
+        """``tags_T`` [B*S]: each token's route tag, for an MoE layer that routes by tag."""
         p, training = self.dropout_p, self.training
         x_BSD = x_BSD + dropout(self.attn(self.attn_norm(x_BSD), cos, sin), p, training)
-        h = self.ffn(self.ffn_norm(x_BSD))
+        h = self.ffn_norm(x_BSD)
+        h = self.ffn(h, tags_T) if tags_T is not None and isinstance(self.ffn, MoELayer) else self.ffn(h)
         h, aux = h if isinstance(h, tuple) else (h, None)
         return x_BSD + dropout(h, p, training), aux
 
@@ -232,11 +235,30 @@ class MoETransformer(nn.Module):
         model.init_weights()
         return model
 
-    def forward(self, tokens_BS: Tensor) -> ModelOutput:
+    def _tags(self, tokens_BS: Tensor, tags: Tensor | None) -> Tensor | None:
+        """tags [B] (one per sequence) or [B, S] -> tags_T [B*S], for routers that read them;
+        None for a model that routes by token only (any ``tags`` are then ignored)."""
+        if not self.cfg.routes_by_tag:
+            return None
+        if tags is None:
+            raise ValueError(f"this model routes by tag (model.moe.router_input="
+                             f"{self.cfg.moe.router_input!r}): pass tags, e.g. moekit generate --tag NAME")
+        tags = torch.as_tensor(tags, device=tokens_BS.device)
+        B, S = tokens_BS.shape
+        integer = not (tags.dtype.is_floating_point or tags.dtype.is_complex or tags.dtype == torch.bool)
+        if not integer or tuple(tags.shape) not in ((B,), (B, S)):
+            raise ValueError(f"tags: got {tags.dtype} of shape {tuple(tags.shape)}, expected integer indices "
+                             f"into model.moe.route_tags of shape [B]=[{B}] or [B, S]=[{B}, {S}]")
+        return (tags[:, None] if tags.dim() == 1 else tags).expand(B, S).reshape(-1).long()
+
+    def forward(self, tokens_BS: Tensor, tags: Tensor | None = None) -> ModelOutput:
+        """``tags``: [B] or [B, S] indices into ``cfg.moe.route_tags`` (each sequence's language
+        or source), needed when the model routes by tag (:attr:`ModelConfig.routes_by_tag`)."""
         S = tokens_BS.shape[1]
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds ModelConfig.max_seq_len="
                              f"{self.cfg.max_seq_len}; raise max_seq_len or feed shorter sequences")
+        tags_T = self._tags(tokens_BS, tags)
         x_BSD = dropout(self.embed(tokens_BS), self.cfg.dropout, self.training)
         zero = x_BSD.new_zeros((), dtype=torch.float32)
         aux_loss, z_loss, stats = zero, zero, {}
@@ -244,15 +266,37 @@ class MoETransformer(nn.Module):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # keep only the block's input; recompute its activations in backward (the RNG
                 # state is replayed, so jitter, noise and dropout recompute identically)
-                x_BSD, aux = checkpoint(block, x_BSD, self.rope_cos, self.rope_sin, use_reentrant=False)
+                x_BSD, aux = checkpoint(block, x_BSD, self.rope_cos, self.rope_sin, tags_T,
+                                        use_reentrant=False)
             else:
-                x_BSD, aux = block(x_BSD, self.rope_cos, self.rope_sin)
+                x_BSD, aux = block(x_BSD, self.rope_cos, self.rope_sin, tags_T)
             if aux is not None:
                 aux_loss = aux_loss + aux.load_balancing_loss
                 z_loss = z_loss + aux.z_loss
                 stats[i] = aux
         logits_BSV = self.lm_head(self.norm(x_BSD))
         return ModelOutput(logits=logits_BSV, aux_loss=aux_loss, z_loss=z_loss, moe=stats)
+
+
+def route_tag_ids(cfg: ModelConfig, names: list[str], tags: Tensor) -> Tensor:
+    """A split's tag indices (into its own tag ``names``) as indices into the router's
+    ``cfg.moe.route_tags``, matched by name: a mixture source's split knows only its own tag.
+
+    Example:
+        >>> moe = MoEConfig(d_model=8, d_ff=8, router_input="tag", route_tags=["de", "en"])
+        >>> cfg = ModelConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, d_ff=8, moe=moe)
+        >>> route_tag_ids(cfg, ["en"], torch.tensor([0, 0])).tolist()
+        [1, 1]
+    """
+    known = cfg.moe.route_tags
+    lookup = torch.tensor([known.index(n) if n in known else -1 for n in names], dtype=torch.long)
+    ids = lookup[torch.as_tensor(tags, dtype=torch.long).cpu()]
+    if bool((ids < 0).any()):
+        unknown = sorted({names[int(i)] for i, n in zip(torch.as_tensor(tags).cpu().reshape(-1),
+                                                         ids.reshape(-1)) if n < 0})
+        raise ValueError(f"the data's tag {unknown[0]!r} is not one the model routes by "
+                         f"(model.moe.route_tags={known}); use data with those tags")
+    return ids
 
 
 def model_flops(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
@@ -285,10 +329,13 @@ def model_flops(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float
             m = cfg.moe
             mats = 3 if m.activation == "swiglu" else 2
             expert = mats * D * m.d_ff
-            router = m.num_experts * D * (2 if m.noisy_gating else 1)
+            router_mm = m.num_experts * D * (m.router_input != "tag")   # "tag": a table lookup, no matmul
+            N = len(m.route_tags or ())                               # tag tables (task-level routing)
+            tags = N * (m.num_experts if m.router_input == "tag" else D) * (m.router_input != "token")
+            router = router_mm + m.num_experts * D * m.noisy_gating + tags
             shared = mats * D * m.shared_width + D * m.shared_gate
             total += m.num_experts * expert + router + shared
-            matmul += m.top_k * expert + shared + m.num_experts * D
+            matmul += m.top_k * expert + shared + router_mm
             unused += (m.num_experts - min(m.top_k, m.num_experts)) * expert
         else:
             total += dense_ffn

@@ -15,6 +15,7 @@ ACTIVATIONS = ("swiglu", "gelu")
 BACKENDS = ("auto", "segment_mm", "grouped_mm", "reference")
 SCOPES = ("local", "global")
 TOP1_WEIGHTS = ("prob", "one")
+ROUTER_INPUTS = ("token", "token+tag", "tag")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -53,6 +54,13 @@ class MoEConfig:
     noisy_gating: bool = False         # learned noise std (Shazeer et al. 2017), training only
     jitter_eps: float = 0.0            # multiplicative router-input jitter (Switch), training only
     router_init_std: float | None = None   # N(0, std) router weights; None = d_model ** -0.5
+    # task-level routing (Kudugunta et al. 2021): what the router reads. "token": the token's
+    # hidden state; "token+tag": the hidden state plus a learned embedding of the sequence's tag
+    # (its language or source; zero at init); "tag": the tag alone, a learned [tags, E] logit
+    # table, so every token of a tag goes to the same experts (`moekit extract` keeps just those)
+    router_input: str = "token"
+    route_tags: list[str] | None = None    # the tag names the router knows; the trainer fills it
+                                           # from the data's tags (config.json records it)
     # aux-loss-free balancing (DeepSeek-V3): a per-expert selection bias, sigmoid router only
     aux_loss_free: bool = False
     bias_update_rate: float = 1e-3
@@ -87,7 +95,8 @@ class MoEConfig:
                       f"use top_k <= {self.num_experts} or add experts")
         for name, choices in (("router", ROUTERS), ("drop_policy", DROP_POLICIES),
                               ("aux_loss_scope", SCOPES), ("activation", ACTIVATIONS),
-                              ("backend", BACKENDS), ("top1_weight", TOP1_WEIGHTS)):
+                              ("backend", BACKENDS), ("top1_weight", TOP1_WEIGHTS),
+                              ("router_input", ROUTER_INPUTS)):
             check_choice(own, name, getattr(self, name), choices)
         for name in ("normalize_topk", "noisy_gating", "aux_loss_free", "shared_gate"):
             check_bool(own, name, getattr(self, name))
@@ -118,6 +127,7 @@ class MoEConfig:
         if self.aux_loss_free and self.router != "sigmoid":
             raise bad(own, "aux_loss_free", True, f"needs router='sigmoid', got router={self.router!r}",
                       "set router='sigmoid' or aux_loss_free=False")
+        self._check_tags()
         if self.dtype in (torch.bfloat16, torch.float16):
             # torch._grouped_mm needs 16-byte aligned row strides: 8 elements of 2 bytes.
             for name in ("d_model", "d_ff"):
@@ -125,6 +135,34 @@ class MoEConfig:
                 if value % 8:
                     raise bad(own, name, value, f"must be a multiple of 8 for {self.dtype} grouped GEMM",
                               f"use {value + (-value) % 8} or dtype=torch.float32")
+
+    def _check_tags(self) -> None:
+        own = "MoEConfig"
+        if self.router_input != "token" and self.router == "expert_choice":
+            raise bad(own, "router_input", self.router_input, "routes by tag, which needs token choice, got "
+                      "router='expert_choice'", "use router='softmax' or 'sigmoid', or router_input='token'")
+        tags = self.route_tags
+        if tags is None:
+            return
+        if (not isinstance(tags, (list, tuple)) or not tags
+                or any(not isinstance(t, str) or not t for t in tags)):
+            raise bad(own, "route_tags", tags, "must be a non-empty list of tag names",
+                      "give the data's tags, e.g. ['de', 'en'], or None (the trainer fills it)")
+        if len(set(tags)) != len(tags):
+            raise bad(own, "route_tags", tags, "names a tag twice", "give every tag once")
+        if self.router_input == "token":
+            raise bad(own, "route_tags", tags, "is set, but router_input='token' does not route by tag",
+                      "set router_input='token+tag' or 'tag', or drop route_tags")
+        self.route_tags = list(tags)
+
+    @property
+    def num_route_tags(self) -> int:
+        """How many tags the router knows; one line if it routes by tag and has none yet."""
+        if self.route_tags is None:
+            raise bad("MoEConfig", "route_tags", None, f"router_input={self.router_input!r} needs the tag "
+                      "names to size its tag table", "the trainer fills it from the data's tags "
+                      "(data.mixture or the corpus); outside a run, pass route_tags=[...]")
+        return len(self.route_tags)
 
     @property
     def shared_width(self) -> int:

@@ -125,15 +125,33 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoELayer input last dim is {x.shape[-1]}, expected d_model="
                              f"{self.cfg.d_model}; reshape the input or fix MoEConfig.d_model")
 
-    def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
+    def _check_tags(self, tags, x_TD: Tensor):
+        """tags [...] (one per token of x) -> tags_T [T] int64, or None when the router reads no tag."""
+        if self.cfg.router_input == "token":
+            return None
+        if tags is None:
+            raise ValueError(f"MoELayer routes by tag (router_input={self.cfg.router_input!r}): pass "
+                             "tags_T, each token's index into MoEConfig.route_tags")
+        if not isinstance(tags, Tensor) or tags.dtype.is_floating_point or tags.dtype == torch.bool:
+            raise ValueError(f"MoELayer tags_T: got {getattr(tags, 'dtype', type(tags).__name__)}, expected "
+                             "an integer tensor of indices into MoEConfig.route_tags")
+        if tags.numel() != x_TD.shape[0]:
+            raise ValueError(f"MoELayer tags_T: {tags.numel()} tags for {x_TD.shape[0]} tokens; pass one "
+                             "tag per token (the model broadcasts one per sequence)")
+        return tags.reshape(-1).to(device=x_TD.device, dtype=torch.long)
+
+    def forward(self, x: Tensor, tags_T: Tensor | None = None) -> tuple[Tensor, MoEAux]:
+        """``tags_T`` [T] (or x's leading shape): each token's index into ``cfg.route_tags``;
+        needed when ``cfg.router_input`` routes by tag, ignored otherwise."""
         self._check_input(x)
         x_TD = x.reshape(-1, x.shape[-1])
+        tags_T = self._check_tags(tags_T, x_TD)
         # Under autocast the experts run in the autocast dtype; everything else keeps its own
         # dtype: autocast would otherwise turn the float32 router GEMM and combine into bf16.
         device = x.device.type
         compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
-            routing = self.router(x_TD)
+            routing = self.router(x_TD) if tags_T is None else self.router(x_TD, tags_T)
             x_cast = x_TD.to(compute_dtype)
             x_RD, counts_E, plan = self.dispatcher.dispatch(x_cast, routing)
             y_RD = self.experts(x_RD, counts_E)

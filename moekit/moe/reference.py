@@ -1,6 +1,6 @@
 """The slow reference MoE: plain loops, read like the papers. Tests hold the fast path to it.
 
-Shape legend: T tokens, D model dim, E experts, K top-k.
+Shape legend: T tokens, D model dim, E experts, K top-k, N route tags.
 
 It reads a :class:`MoELayer`'s parameters and recomputes the layer's output with its own
 routing, dropping and combine code (no sort, no permutation, no custom autograd), so
@@ -23,13 +23,32 @@ def _top(scores: list[float], k: int) -> list[int]:
     return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
 
 
-def reference_moe(layer, x: Tensor) -> Tensor:
-    """y = sum over a token's experts of weight * expert(x), token by token."""
+def _router_logits(layer, x_TD: Tensor, tags_T: Tensor | None) -> Tensor:
+    """logits [T, E] in float32 whatever the weights' dtype: x W, W (x + e_tag) or the tag's row."""
+    cfg, router = layer.cfg, layer.router
+    h_TD = x_TD.float()
+    if cfg.router_input == "token":
+        return h_TD @ router.weight_ED.float().t()
+    table = router.tag_logits_NE if cfg.router_input == "tag" else router.tag_embed_ND
+    rows = [table[int(n)].float() for n in tags_T]            # each token's tag row, one by one
+    rows_T = torch.stack(rows) if rows else table.new_zeros(0, table.shape[1], dtype=torch.float32)
+    if cfg.router_input == "tag":
+        return rows_T
+    return (h_TD + rows_T) @ router.weight_ED.float().t()
+
+
+def reference_moe(layer, x: Tensor, tags_T: Tensor | None = None) -> Tensor:
+    """y = sum over a token's experts of weight * expert(x), token by token. ``tags_T`` [T]:
+    each token's route tag, for a layer that routes by tag (``cfg.router_input``)."""
     cfg = layer.cfg
     E, K = cfg.num_experts, cfg.top_k
     x_TD = x.reshape(-1, cfg.d_model)
     T = x_TD.shape[0]
-    logits_TE = x_TD.float() @ layer.router.weight_ED.float().t()   # float32 whatever the weight's dtype
+    if cfg.router_input != "token" and tags_T is None:
+        raise ValueError(f"reference_moe: the layer routes by tag (router_input={cfg.router_input!r}); "
+                         "pass tags_T")
+    tags_T = None if tags_T is None else tags_T.reshape(-1)
+    logits_TE = _router_logits(layer, x_TD, tags_T)
 
     # assignments: (token, expert, weight), in the order they claim capacity
     assignments: list[tuple[int, int, Tensor]] = []

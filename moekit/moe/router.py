@@ -1,7 +1,7 @@
 """Routers: token -> expert assignments.
 
 Shape legend: T tokens, D model dim, E experts, K experts per token (top-k),
-C tokens per expert (expert choice).
+C tokens per expert (expert choice), N route tags (``MoEConfig.route_tags``).
 
 All router math (logits, softmax / sigmoid, top-k, combine weights) runs in float32
 whatever the input dtype (ST-MoE, section 3: bf16 router logits destabilize training).
@@ -90,6 +90,13 @@ class TopKRouter(nn.Module):
 
     Noisy top-k (Shazeer et al. 2017): logits + N(0, 1) * softplus(x W_noise), in training.
     Input jitter (Switch): x * U(1 - eps, 1 + eps) on the router's input, in training.
+
+    Task-level routing (Kudugunta et al. 2021, ``router_input``): "token+tag" routes
+    W (x + e_tag), with a learned tag embedding ``tag_embed_ND`` (zeros at init: the token
+    router's function); "tag" routes by a learned logit table ``tag_logits_NE`` alone (no
+    ``weight_ED``), so all tokens of a tag pick the same experts. Both take ``tags_T`` [T], each
+    token's index into ``route_tags``. Jitter applies to the token part; noise, the logit
+    offset, the aux-loss-free bias and the losses act on the resulting logits.
     """
 
     def __init__(self, cfg: MoEConfig):
@@ -103,7 +110,15 @@ class TopKRouter(nn.Module):
         self.aux_loss_free = cfg.aux_loss_free
         self.bias_update_rate = cfg.bias_update_rate
         self.dtype = torch.float32   # router math is float32 (ST-MoE)
-        self.weight_ED = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model, dtype=self.dtype))
+        self.router_input = cfg.router_input
+        by_tag = cfg.router_input != "token"
+        N = cfg.num_route_tags if by_tag else 0
+        self.weight_ED = (nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model, dtype=self.dtype))
+                          if cfg.router_input != "tag" else None)
+        self.tag_embed_ND = (nn.Parameter(torch.zeros(N, cfg.d_model, dtype=self.dtype))
+                             if cfg.router_input == "token+tag" else None)
+        self.tag_logits_NE = (nn.Parameter(torch.empty(N, cfg.num_experts, dtype=self.dtype))
+                              if cfg.router_input == "tag" else None)
         self.noise_ED = (nn.Parameter(torch.zeros(cfg.num_experts, cfg.d_model, dtype=self.dtype))
                          if cfg.noisy_gating else None)
         self.register_buffer("expert_bias_E", torch.zeros(cfg.num_experts, dtype=torch.float32),
@@ -111,7 +126,12 @@ class TopKRouter(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight_ED, std=self.init_std or self.weight_ED.shape[1] ** -0.5)
+        if self.weight_ED is not None:
+            nn.init.normal_(self.weight_ED, std=self.init_std or self.weight_ED.shape[1] ** -0.5)
+        if self.tag_embed_ND is not None:
+            nn.init.zeros_(self.tag_embed_ND)
+        if self.tag_logits_NE is not None:
+            nn.init.normal_(self.tag_logits_NE, std=self.init_std or 0.02)
         if self.noise_ED is not None:
             nn.init.zeros_(self.noise_ED)
         self.expert_bias_E.zero_()
@@ -126,14 +146,24 @@ class TopKRouter(nn.Module):
             self.expert_bias_E = bias_E.to(self.expert_bias_E.device)
         return self
 
-    def logits(self, x_TD: Tensor) -> Tensor:
+    def logits(self, x_TD: Tensor, tags_T: Tensor | None = None) -> Tensor:
         with torch.autocast(x_TD.device.type, enabled=False):   # float32 even under autocast
-            return self._logits(x_TD.to(self.dtype))
+            return self._logits(x_TD.to(self.dtype), tags_T)
 
-    def _logits(self, x_TD: Tensor) -> Tensor:
+    def _logits(self, x_TD: Tensor, tags_T: Tensor | None = None) -> Tensor:
         x_TD = jitter(x_TD, self.jitter_eps, self.training)
-        # .float(): a no-op for float32 weights, a cast for weights .to() made bf16
-        logits_TE = F.linear(x_TD, self.weight_ED.float())
+        if self.router_input == "token":
+            # .float(): a no-op for float32 weights, a cast for weights .to() made bf16
+            logits_TE = F.linear(x_TD, self.weight_ED.float())
+        else:
+            if tags_T is None:
+                raise ValueError(f"the router has router_input={self.router_input!r}: it routes by tag; "
+                                 "pass tags_T, each token's index into MoEConfig.route_tags")
+            if self.router_input == "token+tag":   # W (x + e_tag): the tag only steers the router
+                x_TD = x_TD + self.tag_embed_ND.float()[tags_T]
+                logits_TE = F.linear(x_TD, self.weight_ED.float())
+            else:                                  # the tag's row of the logit table
+                logits_TE = self.tag_logits_NE.float()[tags_T]
         if self.training and self.noise_ED is not None:
             std_TE = F.softplus(F.linear(x_TD, self.noise_ED.float()))
             logits_TE = logits_TE + torch.randn_like(logits_TE) * std_TE
@@ -141,9 +171,9 @@ class TopKRouter(nn.Module):
             logits_TE = logits_TE + self.expert_bias_E
         return logits_TE
 
-    def forward(self, x_TD: Tensor) -> RouterOutput:
+    def forward(self, x_TD: Tensor, tags_T: Tensor | None = None) -> RouterOutput:
         with torch.autocast(x_TD.device.type, enabled=False):
-            return self._route(self.logits(x_TD))
+            return self._route(self.logits(x_TD, tags_T))
 
     def _route(self, logits_TE: Tensor) -> RouterOutput:
         if self.score == "softmax":
@@ -221,7 +251,8 @@ class ExpertChoiceRouter(nn.Module):
         raise ValueError("update_bias: the expert_choice router is balanced by construction and has no "
                          "bias; aux-loss-free balancing needs router='sigmoid', aux_loss_free=True")
 
-    def forward(self, x_TD: Tensor) -> RouterOutput:
+    def forward(self, x_TD: Tensor, tags_T: Tensor | None = None) -> RouterOutput:
+        """``tags_T`` is ignored: expert choice routes by token only (MoEConfig refuses tags)."""
         with torch.autocast(x_TD.device.type, enabled=False):   # float32 even under autocast
             return self._route(x_TD.to(self.dtype))
 

@@ -73,6 +73,9 @@ def grow_experts(model: MoETransformer, num_experts: int, *, which: str = "all",
         >>> big.cfg.moe.num_experts, mapping
         (4, {0: [0, 1, 0, 1]})
     """
+    if model.cfg.routes_by_tag:
+        raise ValueError(f"grow_experts: the model routes by tag (model.moe.router_input="
+                         f"{model.cfg.moe.router_input!r}); growing its tag tables is not supported yet")
     mapping = expert_mapping(model, num_experts, which=which, loads=loads)
     if not is_real(noise_std) or noise_std < 0:
         raise ValueError(f"grow_experts: noise_std={noise_std!r} must be a finite number >= 0; use 0 for "

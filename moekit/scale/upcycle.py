@@ -103,6 +103,9 @@ def upcycle_config(model: MoETransformer, num_experts: int, top_k: int, *, metho
     if cfg.moe is not None:
         raise ValueError("upcycle: the model is already an MoE (model.moe is set); upcycle a dense model, "
                          "or grow its experts instead")
+    if moe_options.get("router_input", "token") != "token":
+        raise ValueError(f"upcycle: router_input={moe_options['router_input']!r}: an upcycled router starts "
+                         "from token routing; upcycle with router_input='token'")
     if method not in METHODS:
         raise ValueError(f"upcycle: method={method!r} is not one of {METHODS}")
     if router_init not in ROUTER_INITS:

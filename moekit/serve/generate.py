@@ -24,21 +24,43 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int,
         raise ValueError(f"{k}={top_k!r}: must be an integer >= 0 (0 = no cut)")
 
 
+def tag_index(model, tag: str | None, flag: str = "--tag") -> int | None:
+    """The index of ``tag`` in the routers' tags (``model.cfg.moe.route_tags``) for a model that
+    routes by tag (task-level routing), where one is required; None for any other model, which
+    takes none. A wrong, missing or needless tag is one line."""
+    cfg = model.cfg
+    if not cfg.routes_by_tag:
+        if tag is not None:
+            raise ValueError(f"{flag} {tag!r}: this model does not route by tag (model.moe.router_input is "
+                             f"{'unset: a dense model' if cfg.moe is None else repr(cfg.moe.router_input)}); "
+                             f"drop {flag}")
+        return None
+    known = cfg.moe.route_tags
+    if tag not in known:
+        given = f"{flag} {tag!r} is not one of its tags" if tag is not None else f"pass {flag}, one of"
+        raise ValueError(f"this model routes by tag (model.moe.router_input={cfg.moe.router_input!r}): "
+                         f"{given} {', '.join(known)}")
+    return known.index(tag)
+
+
 @torch.no_grad()
 def sample(model, ids: list[int], max_new_tokens: int, temperature: float = 0.8, top_k: int = 50,
-           eos: int | None = None) -> list[int]:
+           eos: int | None = None, tag: str | None = None) -> list[int]:
     """Autoregressive sampling: the new token ids (stopping after ``eos`` if it is drawn).
 
-    ``temperature`` 0 is greedy (argmax); ``top_k`` 0 keeps the whole vocabulary.
+    ``temperature`` 0 is greedy (argmax); ``top_k`` 0 keeps the whole vocabulary. ``tag``: the
+    text's tag (language, source), for a model that routes by tag (:func:`tag_index`).
     """
     check_sampling(max_new_tokens, temperature, top_k)
     if not ids:
         raise ValueError("sample: the prompt has no tokens; pass at least one id (e.g. end-of-text)")
+    tag_id = tag_index(model, tag, "tag")
     S = model.cfg.max_seq_len
     device = next(model.parameters()).device
+    tags = {} if tag_id is None else {"tags": torch.tensor([tag_id], device=device)}
     out = list(ids)
     for _ in range(max_new_tokens):
-        logits = model(torch.tensor([out[-S:]], device=device)).logits[0, -1].float()
+        logits = model(torch.tensor([out[-S:]], device=device), **tags).logits[0, -1].float()
         if temperature == 0:
             nxt = int(logits.argmax())
         else:
@@ -54,14 +76,15 @@ def sample(model, ids: list[int], max_new_tokens: int, temperature: float = 0.8,
 
 
 def generate(model, tok: Tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
-             top_k: int = 50, seed: int | None = None) -> str:
+             top_k: int = 50, seed: int | None = None, tag: str | None = None) -> str:
     """The prompt followed by what the model writes after it (an empty prompt starts from
-    end-of-text).
+    end-of-text). ``tag``: for a model that routes by tag, one of ``model.cfg.moe.route_tags``.
 
     Example:
         >>> model, tok = moekit.load_model("runs/e16")                     # doctest: +SKIP
         >>> generate(model, tok, "Mr Speaker,", max_new_tokens=20, temperature=0)   # doctest: +SKIP
     """
+    tag_index(model, tag, "tag")      # before any work: a wrong tag is one line
     if seed is not None:
         torch.manual_seed(seed)
     eos = eos_id(tok, required=False)
@@ -69,4 +92,4 @@ def generate(model, tok: Tokenizer, prompt: str, max_new_tokens: int = 100, temp
         raise ValueError("generate: an empty prompt starts from end-of-text, and this tokenizer has no "
                          "end-of-text token; give a prompt (--prompt)")
     ids = tok.encode(prompt).ids if prompt else [eos]
-    return prompt + tok.decode(sample(model, ids, max_new_tokens, temperature, top_k, eos))
+    return prompt + tok.decode(sample(model, ids, max_new_tokens, temperature, top_k, eos, tag))

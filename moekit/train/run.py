@@ -214,6 +214,7 @@ def _build(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None, rank: int, wo
     torch.manual_seed(cfg.train.seed)           # the same initial weights on every rank
     device = resolve_device(cfg.train.device)
     tok, train_split, val_split, meta = data or _data(cfg, run_dir, rank, world)
+    _fill_route_tags(cfg, meta)
     model = MoETransformer.build(rd.model_config_for(cfg, tok.get_vocab_size()), device=device)
     if initial is not None:                     # before parallelizing: every rank holds SRC's weights
         model.load_state_dict(initial.state)
@@ -240,15 +241,40 @@ def _build(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None, rank: int, wo
     return run
 
 
+def _fill_route_tags(cfg: RunConfig, meta: dict) -> None:
+    """Task-level routing (model.moe.router_input != "token"): the routers know the data's tags,
+    in the data's order (a batch's tags index them). Set in ``cfg`` itself, so config.json (and
+    a resume, an export) records them; tags given (or SRC's, with --from) must be the data's."""
+    moe = cfg.model.moe
+    if moe is None or moe.router_input == "token":
+        return
+    _no_task_for_tag_routing(cfg)
+    tags = list(meta.get("tags") or [])
+    if moe.route_tags is None:
+        if not tags:
+            raise ValueError(f"model.moe.router_input={moe.router_input!r} routes by tag, but the data has "
+                             "no tags; use a data.mixture or a corpus with tags, or router_input='token'")
+        moe.route_tags = tags
+    elif list(moe.route_tags) != tags:
+        raise ValueError(f"model.moe.route_tags={moe.route_tags} differs from the data's tags {tags} (in "
+                         "order); drop model.moe.route_tags (the run fills it), or give data with those tags")
+
+
+def _no_task_for_tag_routing(cfg: RunConfig) -> None:
+    """A task's split tags its examples by label, not by task: a tag-routed model is fine-tuned
+    on a mixture instead (the task's source is one tag of it)."""
+    if cfg.data.task is not None and cfg.model.routes_by_tag:
+        raise ValueError(f"data.task={cfg.data.task!r}: a model that routes by tag (model.moe.router_input="
+                         f"{cfg.model.moe.router_input!r}) is not fine-tuned on a task alone; fine-tune it "
+                         "with a data mixture that holds the task: source = 'task:NAME'")
+
+
 def _finetune(model: MoETransformer, cfg: RunConfig, train_split) -> list:
     """Freezing and LoRA (moekit.finetune.adapt), before the model is parallelized; ESFT's
     experts are chosen here once, from the starting weights' routing of the training split,
     and recorded in ``cfg`` (so config.json, and a resume, has them)."""
+    _no_task_for_tag_routing(cfg)
     ft = cfg.finetune
-    if ft.lora_rank is not None and (cfg.parallel.ep > 1 or cfg.parallel.sharding != "none"):
-        raise ValueError(f"finetune.lora_rank={ft.lora_rank} runs on one process or data parallel (DDP); "
-                         f"parallel.ep={cfg.parallel.ep}, sharding={cfg.parallel.sharding!r} would shard "
-                         "the adapted experts: use parallel.ep=1, sharding='none'")
     if ft.freeze == "esft" and ft.esft_experts is None:
         ft.esft_experts = adapt.choose_esft_experts(model, train_split, ft.esft_share)
         log.info("ESFT: training experts %s (share %.2f of the task's routed tokens per layer)",

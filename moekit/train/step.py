@@ -94,13 +94,14 @@ def train_step(run, micro_batches: list[Batch], objective: Objective) -> StepSta
         group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
     k = len(micro_batches)
     counts = {i: 0 for i, layer in run.moe_layers.items() if layer.cfg.aux_loss_free}
+    by_tag = run.model.cfg.routes_by_tag   # task-level routing: the routers read each window's tag
     sums: dict[str, float] = {}
     stats = StepStats(losses={}, grad_norm=0.0, lr=lr, tokens=0)
     for j, batch in enumerate(micro_batches):
         batch = _on(batch, run.device)
         with run.accumulate(j == k - 1):
             with run.autocast():
-                out = run.forward(batch.inputs)
+                out = run.forward(batch.inputs, tags=batch.tags) if by_tag else run.forward(batch.inputs)
             loss = objective(out, batch)
             (loss.total / k).backward()
         for name, value in loss.parts.items():
@@ -129,4 +130,5 @@ def train_step(run, micro_batches: list[Batch], objective: Objective) -> StepSta
 
 def _on(batch: Batch, device: torch.device) -> Batch:
     """The batch on the run's device (``.to`` returns the same tensor when it is there already)."""
-    return Batch(batch.inputs.to(device), batch.targets.to(device), batch.tags)
+    tags = batch.tags.to(device) if batch.tags is not None else None
+    return Batch(batch.inputs.to(device), batch.targets.to(device), tags)

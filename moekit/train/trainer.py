@@ -324,7 +324,7 @@ def _task_scores(run: Run, split: str) -> dict:
         return {}
     from moekit.finetune.data import accuracy
     data = run.val_split if split == "val" else rd.open_split(run.cfg, run.run_dir, split)
-    n = run.cfg.finetune.eval_examples if split == "val" else None
+    n = run.cfg.finetune.eval_examples if split == "val" else run.cfg.finetune.test_examples
     return {f"acc/{split}": accuracy(run.model, data, run.device, run.cfg.train.batch_size, n, run.autocast)}
 
 

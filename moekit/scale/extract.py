@@ -1,0 +1,236 @@
+"""Task-level sub-models (Kudugunta et al. 2021, "Beyond Distillation"): keep only the experts
+one tag (a language, a source, a task) is routed to.
+
+    small, kept = extract_experts(model, "de")                    # router_input="tag": exact
+    small, kept = extract_experts(model, "de", tag_loads(model, batches, "de"))   # otherwise
+
+Shape legend: B batch, S sequence, V vocabulary, D model dim, E experts, N route tags.
+
+A model that routes by the tag alone (``router_input="tag"``) sends every token of a tag to
+the same experts: the top-k of the tag's row of the logit table (with the aux-loss-free bias
+if any). Keeping just those k experts, and of the table that row's k columns, keeps the
+function on the tag's text exactly when the combine weights of the chosen experts do not
+depend on the others: softmax with renormalised top-k weights (or top-1 with
+``top1_weight="one"``), or sigmoid scores (each expert's own), dropless. Every other case
+(token routing, tag plus token, weights that are probabilities over all experts, a capacity)
+is approximate: per layer the experts that took at least ``min_share`` of the tag's routed
+tokens on its windows (``loads``), as many in every layer (one MoEConfig), at least top_k.
+Exact means in eval mode: noisy gating's noise is training-only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from moekit.model.transformer import MoETransformer
+from moekit.moe.config import MoEConfig
+
+
+def is_exact(moe: MoEConfig) -> bool:
+    """Whether removing the experts a tag is never routed to leaves its function unchanged."""
+    if moe.router_input != "tag" or moe.capacity_factor is not None:
+        return False
+    if moe.router == "sigmoid":         # each chosen expert's weight is its own score
+        return True
+    return moe.normalize_topk if moe.top_k > 1 else moe.top1_weight == "one"
+
+
+def tags_for(model, tag: str, batch: int) -> dict:
+    """``{"tags": [B]}`` of ``tag`` for a model that routes by tag, else ``{}`` (forward kwargs)."""
+    if not model.cfg.routes_by_tag:
+        return {}
+    index = model.cfg.moe.route_tags.index(tag)
+    return {"tags": torch.full((batch,), index, dtype=torch.long, device=model.embed.weight.device)}
+
+
+@torch.no_grad()
+def tag_experts(model, tag: str) -> dict[int, list[int]]:
+    """{MoE layer: the experts its router picks for ``tag``}: a tag-only router (router_input=
+    "tag") gives every token of a tag the same top-k, so one token asks it."""
+    if model.cfg.moe is None or model.cfg.moe.router_input != "tag":
+        raise ValueError("tag_experts: the model does not route by the tag alone (model.moe.router_input "
+                         "!= 'tag'); count the tag's routing instead (extract_experts(..., loads=...))")
+    index = model.cfg.moe.route_tags.index(tag)
+    kept = {}
+    for i, layer in model.moe_layers().items():
+        router = layer.router
+        was = router.training
+        router.eval()                   # no noise: the tag's own choice
+        x_1D = torch.zeros(1, layer.cfg.d_model, device=router.tag_logits_NE.device)
+        routing = router(x_1D, torch.tensor([index], device=x_1D.device))
+        router.train(was)
+        kept[i] = sorted(int(e) for e in routing.experts_TK[0])
+    return kept
+
+
+@torch.no_grad()
+def tag_loads(model, batches: list[Tensor], tag: str) -> dict[int, list[int]]:
+    """{MoE layer: token->expert assignments per expert} over ``batches`` (tokens [B, S]) of ``tag``."""
+    was = model.training
+    model.eval()
+    loads: dict[int, Tensor] = {}
+    for x_BS in batches:
+        out = model(x_BS, **tags_for(model, tag, x_BS.shape[0]))
+        for i, aux in out.moe.items():
+            loads[i] = loads.get(i, 0) + aux.tokens_per_expert.cpu()
+    model.train(was)
+    return {i: c.tolist() for i, c in loads.items()}
+
+
+def experts_by_load(loads: dict[int, list[int]], top_k: int, min_share: float) -> dict[int, list[int]]:
+    """Per layer the n most loaded experts (ties: the lower index), in index order, where n is
+    the largest count over layers of experts with a load > 0 and >= ``min_share`` of the
+    layer's assignments, and at least ``top_k``."""
+    n = top_k
+    for counts in loads.values():
+        c = np.asarray(counts, dtype=np.float64)
+        share = c / max(c.sum(), 1.0)
+        n = max(n, int(((c > 0) & (share >= min_share)).sum()))
+    kept = {}
+    for i, counts in loads.items():
+        order = np.argsort(-np.asarray(counts, dtype=np.float64), kind="stable")
+        kept[i] = sorted(int(e) for e in order[:n])
+    return kept
+
+
+def extract_experts(model, tag: str, loads: dict[int, list[int]] | None = None,
+                    min_share: float = 0.0) -> tuple:
+    """(a new model with only the experts ``tag`` is routed to, {MoE layer: kept experts}).
+
+    Exact (:func:`is_exact`): the router's top-k for the tag. Otherwise ``loads`` (the tag's
+    routing, :func:`tag_loads`) decides, see :func:`experts_by_load`. A tag-routed result knows
+    one tag, ``route_tags=[tag]``; the input model is not changed.
+
+    Example:
+        >>> small, kept = extract_experts(model, "de")        # doctest: +SKIP
+        >>> small.cfg.moe.num_experts == model.cfg.moe.top_k   # doctest: +SKIP
+        True
+    """
+    moe = model.cfg.moe
+    if moe is None:
+        raise ValueError("extract: the model is dense; it has no experts to extract")
+    if moe.router_input != "token" and tag not in moe.route_tags:
+        raise ValueError(f"extract: the model was never routed tag {tag!r}; its tags are "
+                         f"{', '.join(moe.route_tags)}")
+    if is_exact(moe):
+        kept = tag_experts(model, tag)
+    elif loads is None:
+        raise ValueError("extract_experts: this model's routing is not the tag's alone; pass loads, the "
+                         "tag's tokens per expert (tag_loads)")
+    else:
+        kept = experts_by_load(loads, moe.top_k, min_share)
+    n = len(next(iter(kept.values())))
+    by_tag = moe.router_input != "token"
+    new_moe = dataclasses.replace(moe, num_experts=n, route_tags=[tag] if by_tag else None)
+    cfg = dataclasses.replace(model.cfg, moe=new_moe)
+    small = MoETransformer.build(cfg, device=model.embed.weight.device)
+    tag_id = moe.route_tags.index(tag) if by_tag else None
+    small.load_state_dict(_sliced_state(model, kept, tag_id))
+    return small.train(model.training), kept
+
+
+def _sliced_state(model, kept: dict[int, list[int]], tag_id: int | None) -> dict[str, Tensor]:
+    """The model's state with each MoE layer's experts (and router rows) cut to ``kept``, and
+    its tag tables to the row of ``tag_id``."""
+    state = dict(model.state_dict())
+    layers = {f"blocks.{i}.ffn.": kept[i] for i in kept}
+    for key, value in list(state.items()):
+        prefix = next((p for p in layers if key.startswith(p)), None)
+        if prefix is None:
+            continue
+        idx = torch.tensor(layers[prefix], device=value.device)
+        name = key[len(prefix):]
+        if name.startswith("experts.") or name in ("router.weight_ED", "router.noise_ED",
+                                                   "router.expert_bias_E"):
+            state[key] = value.index_select(0, idx)
+        elif name == "router.tag_embed_ND":
+            state[key] = value[tag_id:tag_id + 1]
+        elif name == "router.tag_logits_NE":
+            state[key] = value[tag_id:tag_id + 1].index_select(1, idx)
+        elif name.startswith("router."):
+            raise AssertionError(f"extract: no rule for the router tensor {key}")
+    return state
+
+
+def _tag_part(split, tag: str):
+    """(the PackedSplit holding ``tag``'s documents, the tag's index in its tags)."""
+    if hasattr(split, "parts"):                 # a mixture: the tag's source
+        part = split.parts[split.names.index(tag)]
+        return part, part.tags.index(tag)
+    return split, split.tags.index(tag)
+
+
+def tag_split(split, tag: str):
+    """(the PackedSplit holding ``tag``'s windows, their indices in it, the tag's index there):
+    a mixture's source split, or a corpus split's windows whose first document has the tag
+    (a window's tag, as training batches see it)."""
+    part, t = _tag_part(split, tag)
+    starts = np.arange(len(part), dtype=np.int64) * part.seq_len
+    first_doc = np.searchsorted(np.asarray(part.doc_starts), starts, side="right") - 1
+    windows = np.nonzero(np.asarray(part.doc_tags, dtype=np.int64)[first_doc] == t)[0]
+    return part, [int(i) for i in windows], t
+
+
+def split_tags(split) -> list[str]:
+    """The tags of a run's split (a mixture's sources, a corpus's document tags)."""
+    return list(split.names if hasattr(split, "parts") else split.tags)
+
+
+@torch.no_grad()
+def compare(full, small, batches: list[Tensor], tag: str, rounds: int = 2) -> dict:
+    """Max |logit difference| of the two models on ``batches``, and each one's forward tokens/s
+    (the same inputs, timed in turn batch by batch so that machine noise hits both alike)."""
+    models = [full.eval(), small.eval()]
+    diff = 0.0
+    for x_BS in batches:
+        a, b = (m(x_BS, **tags_for(m, tag, x_BS.shape[0])).logits for m in models)
+        diff = max(diff, float((a.float() - b.float()).abs().max()))
+    seconds = [0.0, 0.0]
+    for _ in range(rounds):
+        for x_BS in batches:
+            for j, m in enumerate(models):
+                kwargs = tags_for(m, tag, x_BS.shape[0])
+                start = time.perf_counter()
+                m(x_BS, **kwargs)
+                seconds[j] += time.perf_counter() - start
+    tokens = rounds * sum(x.numel() for x in batches)
+    return {"max_abs_logit_diff": diff, "tokens_per_s": {"full": tokens / seconds[0],
+                                                         "extracted": tokens / seconds[1]}}
+
+
+def write_tag_data(train, val, tag: str, out_dir) -> None:
+    """``out_dir``: a token cache (train and val) of ``tag``'s documents only, cut from the run's
+    own splits (so its validation documents are the run's), which ``moekit eval`` reads."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"key": f"extract-{tag}", "dtype": np.dtype(val.tokens.dtype).name, "tags": [tag]}
+    for name, split in (("train", train), ("val", val)):
+        part, t = _tag_part(split, tag)
+        ends = np.append(np.asarray(part.doc_starts[1:], dtype=np.int64), len(part.tokens))
+        docs = [(int(s), int(e)) for s, e, g in zip(part.doc_starts, ends, part.doc_tags) if g == t]
+        tokens = (np.concatenate([np.asarray(part.tokens[s:e]) for s, e in docs]) if docs
+                  else np.zeros(0, dtype=meta["dtype"]))
+        starts = np.cumsum([0] + [e - s for s, e in docs[:-1]]) if docs else np.zeros(0, dtype=np.int64)
+        tokens.astype(meta["dtype"]).tofile(out_dir / f"{name}.bin")
+        np.save(out_dir / f"{name}_docs.npy", np.stack([np.asarray(starts, dtype=np.int64),
+                                                        np.zeros(len(docs), dtype=np.int64)]))
+        meta[f"{name}_tokens"], meta[f"{name}_docs"] = int(len(tokens)), len(docs)
+    tmp = out_dir / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out_dir / "meta.json")
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["compare", "count_params", "experts_by_load", "extract_experts", "is_exact",
+           "split_tags", "tag_experts", "tag_loads", "tag_split", "tags_for", "write_tag_data"]
