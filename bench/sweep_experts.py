@@ -144,6 +144,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--expert-d-ff", type=int, default=256, help="the experts' width (the recipe's: d_model)")
     ap.add_argument("--extra", action="append", default=[], help="a --set for every arm")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: report the arms whose runs finished (each with the seeds it has)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args()
@@ -156,6 +158,8 @@ def main() -> None:
     for seed in ints(args.seeds):
         for name, sets in plan.items():
             run = args.out / f"{name}-s{seed}"
+            if args.report_only and not (run / "wall_s.json").exists():
+                continue
             wall = train_arm(run, ["--no-progress"], [*common, f"train.seed={seed}", *sets])
             results.setdefault(name, {})[seed] = read_arm(run, wall)
     rows = summarize(results)
