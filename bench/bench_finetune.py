@@ -10,7 +10,8 @@ lr 1e-3, aux loss on) and ``--set`` overrides, one after the other:
 
     full            the recipe                           (dense and MoE)
     no-dropout      model.dropout=0, expert_dropout=0    (dense and MoE)
-    lora-r8         LoRA rank 8 on the FFN/experts and attention, lr 3e-3 (dense and MoE)
+    lora-r8         LoRA rank 8 on the FFN/experts and attention, and the (tied) embeddings in
+                    full (finetune.lora_also), lr 3e-3 (dense and MoE)
     freeze-router, freeze-moe, freeze-non_expert, esft   finetune.freeze=...  (MoE)
     aux-off         train.aux_loss_coef=0                (MoE)
     capacity-1.0    model.moe.capacity_factor=1.0: token dropping (MoE)
@@ -44,7 +45,8 @@ MOE_ONLY = {"freeze-router": ["finetune.freeze=router"], "freeze-moe": ["finetun
 
 def lora(dense: bool) -> list[str]:
     targets = "dense_ffn,attention" if dense else "experts,attention"
-    return ["finetune.lora_rank=8", f"finetune.lora_targets={targets}", "train.lr=3e-3"]
+    return ["finetune.lora_rank=8", f"finetune.lora_targets={targets}", "finetune.lora_also=embeddings",
+            "train.lr=3e-3"]
 
 
 def read(run: Path, wall_s: float) -> dict:

@@ -47,6 +47,14 @@ def apply(model, cfg: FinetuneConfig) -> list:
     if cfg.lora_rank is not None:
         from moekit.finetune.lora import add_lora
         info = add_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets))
+        also = 0
+        for name, p in model.named_parameters():
+            if _group(name) in cfg.lora_also:
+                p.requires_grad_(True)
+                also += p.numel()
+        if cfg.lora_also:
+            log.info("training %s in full beside the adapters: %s parameters", ", ".join(cfg.lora_also),
+                     f"{also:,}")
         log.info("LoRA rank %d on %s: %d adapted tensors, %s trainable of %s parameters", cfg.lora_rank,
                  ", ".join(cfg.lora_targets), info["adapted"], f"{info['lora_params']:,}",
                  f"{info['base_params']:,}")
@@ -75,6 +83,17 @@ def apply(model, cfg: FinetuneConfig) -> list:
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"finetune.freeze={cfg.freeze!r} leaves nothing to train; choose another freeze")
     return hooks
+
+
+def _group(name: str) -> str | None:
+    """The finetune.lora_also group a parameter belongs to, if any."""
+    if name.startswith(("embed.", "lm_head.")):
+        return "embeddings"
+    if name.endswith("norm.weight") and "parametrizations" not in name:
+        return "norms"
+    if ".router." in name:
+        return "routers"
+    return None
 
 
 def _esft(layers: dict, chosen: dict | None) -> list:

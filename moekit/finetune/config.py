@@ -11,7 +11,12 @@ Defaults and where they come from:
   the task's routed tokens, most used first, until the shares add up to at least this.
 - ``lora_rank``: LoRA (Hu et al. 2021) on ``lora_targets`` with ``lora_alpha`` (scale alpha / r);
   the base weights are frozen. On the experts it adapts every expert's slice of the stacked
-  3-D weights (moekit.finetune.lora). An export merges the adapters.
+  3-D weights (moekit.finetune.lora). An export merges the adapters. ``lora_also``: groups
+  that train in full beside the adapters (peft's modules_to_save): "embeddings" (with tied
+  embeddings also the output head), "norms", "routers". Measured on rotten-tomatoes from a
+  4.7M-active news model: with the tied embedding frozen the label token's loss stayed at
+  ~3 nats (its row cannot reach a high logit) and LoRA stayed at the majority class; with
+  "embeddings" it learns.
 - ``eval_examples = 512``: validation accuracy during training on the first N validation
   examples; ``test_examples = None``: test accuracy at the end on the whole test split (or
   its first N: a large model on a CPU).
@@ -25,6 +30,7 @@ from moekit.checks import bad, check_choice, check_int, check_real
 
 FREEZE = ("none", "router", "moe", "non_expert", "esft")
 LORA_TARGETS = ("experts", "attention", "dense_ffn", "shared")
+LORA_ALSO = ("embeddings", "norms", "routers")
 
 
 @dataclass
@@ -35,6 +41,7 @@ class FinetuneConfig:
     lora_rank: int | None = None          # None = no LoRA
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["experts", "attention"])
+    lora_also: list[str] = field(default_factory=list)
     eval_examples: int = 512
     test_examples: int | None = None
 
@@ -57,6 +64,14 @@ class FinetuneConfig:
             if t not in LORA_TARGETS:
                 raise bad(own, "lora_targets", self.lora_targets, f"has {t!r}",
                           f"use some of {list(LORA_TARGETS)}")
+        if isinstance(self.lora_also, str):
+            self.lora_also = [t.strip() for t in self.lora_also.split(",") if t.strip()]
+        if not isinstance(self.lora_also, list) or any(t not in LORA_ALSO for t in self.lora_also):
+            raise bad(own, "lora_also", self.lora_also, f"must be a list of {list(LORA_ALSO)}",
+                      "use e.g. ['embeddings'], or [] for the adapters alone")
+        if self.lora_also and self.lora_rank is None:
+            raise bad(own, "lora_also", self.lora_also, "needs LoRA",
+                      "set finetune.lora_rank, or drop lora_also")
         check_int(own, "eval_examples", self.eval_examples, 1, "use e.g. 512")
         if self.test_examples is not None:
             check_int(own, "test_examples", self.test_examples, 1, "use e.g. 1000, or leave it unset for all")

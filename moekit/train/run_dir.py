@@ -244,7 +244,7 @@ def load_run(run_dir: Path):
         from moekit.finetune.lora import merge_lora
         merge_lora(model)
         model.requires_grad_(True)
-        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(ft, lora_rank=None))
+        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(ft, lora_rank=None, lora_also=[]))
     return model.eval(), tok, cfg
 
 

@@ -131,11 +131,22 @@ def test_lora_reaches_every_expert_and_merges_on_export(src, lang_task, tmp_path
     assert all(torch.equal(exported[k], merged[k]) for k in merged)
 
 
+def test_lora_also_trains_the_embeddings_beside_the_adapters(src, lang_task, tmp_path):
+    out = tmp_path / "lora-embed"
+    assert finetune(src, lang_task, out, "finetune.lora_rank=4", "finetune.lora_also=embeddings") == 0
+    before, after = weights(src), weights(out)
+    assert not torch.equal(before["embed.weight"], after["embed.weight"])
+    assert torch.equal(before["norm.weight"], after["norm.weight"])            # not asked for
+    assert not torch.equal(before["blocks.0.attn.wq.weight"], after["blocks.0.attn.wq.weight"])  # merged
+
+
 @pytest.mark.parametrize("sets, needles", [
     (["finetune.lora_rank=0"], ["lora_rank", ">= 1"]),
     (["finetune.freeze=everything"], ["freeze", "esft"]),
     (["finetune.freeze=esft", "finetune.esft_experts={}"], ["nothing to train"]),
     (["finetune.lora_rank=4", "finetune.freeze=router"], ["LoRA"]),
+    (["finetune.lora_also=embeddings"], ["lora_also", "needs LoRA"]),
+    (["finetune.lora_rank=4", "finetune.lora_also=heads"], ["lora_also", "embeddings"]),
 ])
 def test_bad_finetune_settings_leave_nothing(src, lang_task, tmp_path, capsys, sets, needles):
     out = tmp_path / "bad"
