@@ -42,7 +42,8 @@ def mixture() -> str:
 
 def mutual_information(run: Path) -> dict[int, float]:
     from moekit.report.routing import frequency_class, routing_breakdown
-    from moekit.train.run_dir import load_run, open_split
+    from moekit.train.run_dir import load_run
+    from moekit.train.splits import open_split
     model, tok, cfg = load_run(run)
     val, train = open_split(cfg, run, "val"), open_split(cfg, run, "train")
     by_tag, _ = routing_breakdown(model, val, frequency_class(train, tok.get_vocab_size()), max_windows=512)

@@ -16,7 +16,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from moekit.train.evaluate import evaluate
-    from moekit.train.run_dir import load_run, open_split, prepare_data
+    from moekit.train.run_dir import load_run
+    from moekit.train.splits import open_split, prepare_data
     if args.batches is not None and args.batches < 1:
         raise ValueError(f"--batches {args.batches}: must be >= 1 (leave it out for the whole split)")
     run_dir = Path(args.run_dir)

@@ -38,7 +38,7 @@ def _check_flags(args) -> None:
 def _splits(cfg, run_dir: Path, model, tag: str):
     """(train split, val split) of the run, after the tag is known to be one it saw."""
     from moekit.scale.extract import split_tags
-    from moekit.train.run_dir import open_split
+    from moekit.train.splits import open_split
     if not any((run_dir / "data" / f).exists() for f in ("meta.json", "mixture.json")):
         raise ValueError(f"{str(run_dir)!r} has no token cache (data/): extract reads the tag's validation "
                          "windows; give the run directory")

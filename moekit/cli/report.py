@@ -18,7 +18,8 @@ def run(args) -> int:
     from moekit.model.transformer import model_flops
     from moekit.report.html import build_report
     from moekit.report.routing import frequency_class, routing_breakdown
-    from moekit.train.run_dir import load_run, open_split
+    from moekit.train.run_dir import load_run
+    from moekit.train.splits import open_split
     run_dir = Path(args.run_dir)
     model, tok, cfg = load_run(run_dir)
     val, train = open_split(cfg, run_dir, "val"), open_split(cfg, run_dir, "train")

@@ -32,6 +32,7 @@ from moekit.parallel.checkpointing import training_state
 from moekit.parallel.parallelize import build_mesh, clip_grad_norm, parallelize
 from moekit.runtime import tune_cpu_allocator
 from moekit.train import run_dir as rd
+from moekit.train import splits
 from moekit.train.checkpoint import Checkpoint
 from moekit.train.optim import build_optimizer
 from moekit.train.telemetry import RoutingTelemetry
@@ -152,11 +153,11 @@ class Run:
 def _data(cfg: RunConfig, run_dir: Path, rank: int, world: int):
     """Rank 0 trains the tokenizer and builds the token cache; the others then read both."""
     if rank == 0:
-        data = rd.prepare_data(cfg, run_dir)
+        data = splits.prepare_data(cfg, run_dir)
     if world > 1:
         dist.barrier()
     if rank != 0:
-        data = rd.prepare_data(cfg, run_dir)
+        data = splits.prepare_data(cfg, run_dir)
     return data
 
 

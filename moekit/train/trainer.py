@@ -29,7 +29,7 @@ import torch.distributed as dist
 from moekit.checks import is_int
 from moekit.config import RunConfig
 from moekit.model.transformer import model_flops
-from moekit.train import growth
+from moekit.train import growth, splits
 from moekit.train import run_dir as rd
 from moekit.train.checkpoint import Checkpoint, save_checkpoint, save_sharded_checkpoint
 from moekit.train.evaluate import evaluate
@@ -323,7 +323,7 @@ def _task_scores(run: Run, split: str) -> dict:
     if getattr(run.val_split, "label_ids", None) is None:
         return {}
     from moekit.finetune.data import accuracy
-    data = run.val_split if split == "val" else rd.open_split(run.cfg, run.run_dir, split)
+    data = run.val_split if split == "val" else splits.open_split(run.cfg, run.run_dir, split)
     n = run.cfg.finetune.eval_examples if split == "val" else run.cfg.finetune.test_examples
     return {f"acc/{split}": accuracy(run.model, data, run.device, run.cfg.train.batch_size, n, run.autocast)}
 

@@ -302,7 +302,8 @@ def check_evaluation_maps_each_source_to_its_tag(run_dir):
     """A mixture source's own split knows one tag (index 0 there): evaluate routes it by the
     model's index of that tag (en = 1), not by 0."""
     from moekit.train.evaluate import evaluate, lm_loss
-    from moekit.train.run_dir import load_run, open_split
+    from moekit.train.run_dir import load_run
+    from moekit.train.splits import open_split
     model, _, cfg = load_run(run_dir)
     en = open_split(cfg, run_dir, "val").parts[1]
     loss = evaluate(model, en, 4, torch.device("cpu"), 1)

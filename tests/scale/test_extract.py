@@ -10,7 +10,8 @@ from moekit.cli.main import main as cli
 from moekit.model.config import ModelConfig
 from moekit.model.transformer import MoETransformer
 from moekit.scale.extract import experts_by_load, extract_experts, is_exact, tag_loads, tag_split
-from moekit.train.run_dir import load_run, open_split
+from moekit.train.run_dir import load_run
+from moekit.train.splits import open_split
 
 from ..moe.test_tag_routing import mixture_argv
 from ..train.test_faults import one_line_error
