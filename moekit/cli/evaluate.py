@@ -32,12 +32,15 @@ def run(args) -> int:
     if not math.isfinite(loss):
         raise ValueError(f"the validation loss of {str(run_dir)!r} is {loss}: its weights are not usable; "
                          "retrain with a lower train.lr")
-    result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_windows": len(val),
+    B = cfg.train.batch_size
+    used = len(val) if args.batches is None else min(len(val), args.batches * B)
+    result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_windows": used,
               **{f"val_loss/{k}": v for k, v in sources.items()}}
     if getattr(val, "label_ids", None) is not None:     # a classification task: accuracy too
         from moekit.finetune.data import accuracy
         device = next(model.parameters()).device
-        result["val_accuracy"] = accuracy(model, val, device)
-        result["test_accuracy"] = accuracy(model, open_split(cfg, run_dir, "test"), device)
+        n = None if args.batches is None else args.batches * B
+        result["val_accuracy"] = accuracy(model, val, device, B, n)
+        result["test_accuracy"] = accuracy(model, open_split(cfg, run_dir, "test"), device, B, n)
     print(json.dumps(result))
     return 0

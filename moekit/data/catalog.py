@@ -178,7 +178,8 @@ MODELS: dict[str, PackagedFile] = {m.name: m for m in [
 
 
 def load_documents(source: str | Path) -> list[Document]:
-    """A catalog name, or a path to the user's own text file / directory / JSONL."""
+    """A catalog name, or a path to the user's own text file / directory / JSONL; "NAME:TAG"
+    (e.g. "parlspeech:de") keeps the documents of one tag."""
     if isinstance(source, str) and not source.strip():
         raise ValueError(f"data.corpus={source!r} is empty (it would read the current directory); give a "
                          f"catalog name ({', '.join(sorted(CATALOG))}) or a path to a text file, "
@@ -186,6 +187,14 @@ def load_documents(source: str | Path) -> list[Document]:
     path = Path(source)
     if path.exists():
         return _read_user_data(path)
+    name, _, only = str(source).partition(":")
+    if only and (name in CATALOG or Path(name).exists()):      # one tag of a corpus: "parlspeech:de"
+        docs = [d for d in load_documents(name) if d.tag == only]
+        if not docs:
+            tags = sorted({d.tag for d in load_documents(name)})
+            raise ValueError(f"data {str(source)!r}: {name!r} has no documents tagged {only!r}; its tags are "
+                             f"{tags}")
+        return docs
     if str(source) not in CATALOG and (os.sep in str(source) or path.suffix):
         raise FileNotFoundError(f"data {str(source)!r}: no such file or directory; give an existing path "
                                 f"or a catalog name ({', '.join(sorted(CATALOG))})")

@@ -17,6 +17,7 @@ break routing down by source.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,15 +43,30 @@ def check_mixture(mixture) -> list[dict]:
             raise ValueError(f"data.mixture[{i}]: unknown key {unknown[0]!r}; the keys are source, weight, "
                              "tag")
         weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise ValueError(f"data.mixture[{i}].weight={weight!r}: must be a number > 0; use e.g. 1.0")
-        out.append({"source": entry["source"], "weight": float(weight),
-                    "tag": str(entry.get("tag") or entry["source"])})
+        if (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < 1e12):
+            raise ValueError(f"data.mixture[{i}].weight={weight!r}: must be a finite number > 0 (and "
+                             "< 1e12); use e.g. 1.0")
+        tag = entry.get("tag", _default_tag(source))
+        if not isinstance(tag, str) or not tag.strip():
+            raise ValueError(f"data.mixture[{i}].tag={tag!r}: must be a non-empty name; use e.g. \"de\", or "
+                             "leave it out for the source's name")
+        out.append({"source": source, "weight": float(weight), "tag": tag})
     tags = [e["tag"] for e in out]
     if len(set(tags)) != len(tags):
         dup = next(t for t in tags if tags.count(t) > 1)
         raise ValueError(f"data.mixture: the tag {dup!r} is given twice; give every source its own tag")
     return out
+
+
+def _default_tag(source: str) -> str:
+    """A source's tag when none is given: a file's stem ("speeches" for data/speeches.jsonl), a
+    corpus tag's name ("de" for parlspeech:de), else the source itself."""
+    if source.startswith("task:"):
+        return Path(source[5:]).stem
+    name, _, only = source.partition(":")
+    if only and not Path(source).exists():
+        return only
+    return Path(source).stem if (os.sep in source or Path(source).suffix) else source
 
 
 def source_documents(source: str, tag: str) -> list[Document]:
@@ -59,16 +75,7 @@ def source_documents(source: str, tag: str) -> list[Document]:
         from moekit.finetune.tasks import load_task
         task = load_task(source[len("task:"):])
         return [Document(e.prompt + e.completion, tag) for e in task.splits["train"]]
-    name, _, only = source.partition(":")
-    if only and not Path(source).exists():
-        docs = [d for d in load_documents(name) if d.tag == only]
-        if not docs:
-            tags = sorted({d.tag for d in load_documents(name)})
-            raise ValueError(f"data.mixture source {source!r}: {name!r} has no documents tagged {only!r}; "
-                             f"its tags are {tags}")
-    else:
-        docs = load_documents(source)
-    return [Document(d.text, tag) for d in docs]
+    return [Document(d.text, tag) for d in load_documents(source)]
 
 
 @dataclass

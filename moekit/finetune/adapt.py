@@ -37,7 +37,7 @@ def choose_esft_experts(model, split, share: float, batch_size: int = 16, max_ex
         chosen[int(layer)] = sorted(int(e) for e in order[:n])
     if not chosen:
         raise ValueError("finetune.freeze='esft' needs a model with token-choice MoE layers; this one has "
-                         "none (dense, or expert choice); use freeze='moe' or 'none'")
+                         "none (dense, or expert choice); use freeze='none', or LoRA (finetune.lora_rank)")
     return chosen
 
 
@@ -55,8 +55,9 @@ def apply(model, cfg: FinetuneConfig) -> list:
         if cfg.lora_also:
             log.info("training %s in full beside the adapters: %s parameters", ", ".join(cfg.lora_also),
                      f"{also:,}")
+        where = ", ".join(f"{t} ({n})" for t, n in info["targets"].items() if n)
         log.info("LoRA rank %d on %s: %d adapted tensors, %s trainable of %s parameters", cfg.lora_rank,
-                 ", ".join(cfg.lora_targets), info["adapted"], f"{info['lora_params']:,}",
+                 where, info["adapted"], f"{info['lora_params']:,}",
                  f"{info['base_params']:,}")
         return []
     if cfg.freeze == "none":
@@ -64,7 +65,7 @@ def apply(model, cfg: FinetuneConfig) -> list:
     layers = model.moe_layers()
     if not layers:
         raise ValueError(f"finetune.freeze={cfg.freeze!r} needs MoE layers; the model is dense: use "
-                         "freeze='none' (or LoRA)")
+                         "freeze='none', or LoRA (finetune.lora_rank)")
     moe_params = {id(p) for layer in layers.values() for p in layer.parameters()}
     hooks = []
     for name, p in model.named_parameters():
@@ -100,9 +101,17 @@ def _esft(layers: dict, chosen: dict | None) -> list:
     if chosen is None:
         raise ValueError("finetune.freeze='esft': no experts chosen (finetune.esft_experts); moekit finetune "
                          "chooses them from the task's routing when the run starts")
+    unknown = sorted(set(chosen) - set(layers))
+    if unknown:
+        raise ValueError(f"finetune.esft_experts names layer {unknown[0]}, which is not an MoE layer; the "
+                         f"MoE layers are {sorted(layers)}")
     hooks = []
     for i, layer in layers.items():
         experts = chosen.get(int(i), [])
+        bad = [e for e in experts if not 0 <= e < layer.cfg.num_experts]
+        if bad:
+            raise ValueError(f"finetune.esft_experts[{i}] has expert {bad[0]}; layer {i} has experts 0.."
+                             f"{layer.cfg.num_experts - 1}")
         if not experts:
             continue
         E = layer.cfg.num_experts

@@ -75,6 +75,9 @@ class FinetuneConfig:
         check_int(own, "eval_examples", self.eval_examples, 1, "use e.g. 512")
         if self.test_examples is not None:
             check_int(own, "test_examples", self.test_examples, 1, "use e.g. 1000, or leave it unset for all")
+        if self.esft_experts is not None and self.freeze != "esft":
+            raise bad(own, "esft_experts", self.esft_experts, f"is only read with freeze='esft' (freeze is "
+                      f"{self.freeze!r})", "set finetune.freeze='esft', or drop esft_experts")
         if self.esft_experts is not None:
             self.esft_experts = {int(k): sorted(int(e) for e in v)
                                  for k, v in dict(self.esft_experts).items()}

@@ -109,8 +109,10 @@ def build_task_cache(task: Task, tok, out_dir: Path) -> dict:
 @torch.no_grad()
 def accuracy(model, split: TaskSplit, device, batch_size: int = 32, max_examples: int | None = None,
              autocast=None) -> float:
-    """Share of examples whose most likely label (the highest summed log-probability of the
-    label's tokens after the prompt) is the true one."""
+    """Share of examples whose most likely label is the true one: the highest log-probability
+    of the label's tokens after the prompt, per token (length-normalised, so a longer label is
+    not penalised for its length; lm-eval-harness's acc_norm idea). The prompt is cut from the
+    left so that the model sees at most seq_len tokens, as in training."""
     if split.label_ids is None:
         raise ValueError("accuracy: the task has no label set (a prompt/completion task); "
                          "its quality is the validation loss")
@@ -134,24 +136,25 @@ def accuracy(model, split: TaskSplit, device, batch_size: int = 32, max_examples
 
 
 def _label_logprob(model, split: TaskSplit, idx: list[int], label: list[int], device, autocast):
-    """([B] log p(label tokens | prompt), [B, V] log-probabilities of the token after the prompt)
-    for examples ``idx``."""
-    rows = []
+    """([B] mean log p(label tokens | prompt) per token, [B, V] log-probabilities of the token
+    after the prompt) for examples ``idx``. The model reads prompt + label[:-1]: at most
+    seq_len tokens."""
+    rows, L = [], len(label)
     for i in idx:
         prompt = split.tokens[split.starts[i]:split.starts[i] + split.prompt_lens[i]]
-        keep = max(1, split.seq_len - len(label) + 1)
-        rows.append(np.concatenate([prompt[-keep:], np.asarray(label, dtype=np.int64)]))
+        keep = max(1, split.seq_len - max(L - 1, 0))
+        rows.append(np.concatenate([prompt[-keep:], np.asarray(label[:-1], dtype=np.int64)]))
     S = max(len(r) for r in rows)
-    x = torch.full((len(rows), S + 1), split.pad_id, dtype=torch.long)
+    x = torch.full((len(rows), S), split.pad_id, dtype=torch.long)
     for b, r in enumerate(rows):
         x[b, :len(r)] = torch.from_numpy(r)
     with (autocast() if autocast is not None else nullcontext()):
-        logits = model(x[:, :-1].to(device)).logits.float()
+        logits = model(x.to(device)).logits.float()
     logp = torch.log_softmax(logits, -1).cpu()
     total, after_prompt = torch.zeros(len(rows)), torch.empty(len(rows), logp.shape[-1])
     for b, r in enumerate(rows):
-        P = len(r) - len(label)
+        P = len(r) - max(L - 1, 0)            # the prompt's length: the label's first token follows it
         after_prompt[b] = logp[b, P - 1]
         if label:
-            total[b] = logp[b, torch.arange(P - 1, len(r) - 1), torch.tensor(label)].sum()
+            total[b] = logp[b, torch.arange(P - 1, P - 1 + L), torch.tensor(label)].mean()
     return total, after_prompt

@@ -66,10 +66,21 @@ def split_of(key: str) -> str:
     return "test" if bucket == 0 else "val" if bucket == 1 else "train"
 
 
-def load_task(source: str, labels: list[str] | None = None) -> Task:
+def load_task(source: str, labels: list[str] | None = None, max_train: int | None = None) -> Task:
     """A catalog task name or a path to a JSONL file; ``labels``: the label set of a
-    {"text", "label"} file (None = the labels it uses)."""
+    {"text", "label"} file (None = the labels it uses); ``max_train``: keep only the first N
+    training examples (data.max_docs)."""
+    task = _load(source, labels)
+    if max_train is not None:
+        task.splits["train"] = task.splits["train"][:max_train]
+    return task
+
+
+def _load(source: str, labels: list[str] | None) -> Task:
     if source in TASKS:
+        if labels is not None:
+            raise ValueError(f"data.task_labels={labels}: {source!r} has its own labels; leave "
+                             "task_labels unset")
         return _rotten_tomatoes(TASKS[source])
     path = Path(source)
     if not path.exists():
@@ -77,7 +88,7 @@ def load_task(source: str, labels: list[str] | None = None) -> Task:
                                 f"file or one of {sorted(TASKS)}")
     if not path.is_file():
         raise ValueError(f"data.task={source!r} is not a file; give a JSONL file of {{\"prompt\", "
-                         "\"completion\"}} or {\"text\", \"label\"} objects")
+                         "\"completion\"} or {\"text\", \"label\"} objects")
     return _jsonl_task(path, labels)
 
 
@@ -109,11 +120,14 @@ def _jsonl_task(path: Path, given_labels: list[str] | None) -> Task:
         raise ValueError(f"{path}:{first}: mixes {{\"text\", \"label\"}} and {{\"prompt\", \"completion\"}} "
                          "rows; use one schema per file")
     labels = None
+    if kinds != {"label"} and given_labels is not None:
+        raise ValueError(f"data.task_labels={given_labels}: {path} is a prompt/completion file (no labels); "
+                         "leave task_labels unset")
     if kinds == {"label"}:
-        used = sorted({str(r["label"]) for _, r in rows})
-        labels = [str(x) for x in given_labels] if given_labels is not None else used
+        used = sorted({_label(r) for _, r in rows})
+        labels = [str(x).strip() for x in given_labels] if given_labels is not None else used
         for lineno, r in rows:
-            if str(r["label"]) not in labels:
+            if _label(r) not in labels:
                 raise ValueError(f"{path}:{lineno}: label {r['label']!r} is not in data.task_labels="
                                  f"{labels}; add it to task_labels or fix the line")
     splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
@@ -121,14 +135,21 @@ def _jsonl_task(path: Path, given_labels: list[str] | None) -> Task:
         if labels is None:
             ex = Example(str(r["prompt"]), str(r["completion"]))
         else:
-            y = labels.index(str(r["label"]))
+            y = labels.index(_label(r))
             ex = Example(f"{r['text']}\nLabel:", f" {labels[y]}", y)
         splits[split_of(line_key(r))].append(ex)
     return Task(path.stem, splits, [f" {x}" for x in labels] if labels is not None else None)
 
 
 def line_key(row: dict) -> str:
-    return json.dumps(row, sort_keys=True, ensure_ascii=False)
+    """What decides a line's split: its text (or prompt) alone, so the same text with another
+    label or id field cannot land on both sides."""
+    return str(row["text"] if "text" in row else row["prompt"])
+
+
+def _label(row: dict) -> str:
+    """A label as its name: 1, "1" and " 1" are one label."""
+    return str(row["label"]).strip()
 
 
 def _row(path: Path, lineno: int, line: str) -> dict:

@@ -36,6 +36,8 @@ def tag_index(model, tag: str | None, flag: str = "--tag") -> int | None:
                              f"drop {flag}")
         return None
     known = cfg.moe.route_tags
+    if tag is None and len(known) == 1:      # a model extracted for one tag: that tag
+        return 0
     if tag not in known:
         given = f"{flag} {tag!r} is not one of its tags" if tag is not None else f"pass {flag}, one of"
         raise ValueError(f"this model routes by tag (model.moe.router_input={cfg.moe.router_input!r}): "

@@ -266,8 +266,10 @@ def _no_task_for_tag_routing(cfg: RunConfig) -> None:
     on a mixture instead (the task's source is one tag of it)."""
     if cfg.data.task is not None and cfg.model.routes_by_tag:
         raise ValueError(f"data.task={cfg.data.task!r}: a model that routes by tag (model.moe.router_input="
-                         f"{cfg.model.moe.router_input!r}) is not fine-tuned on a task alone; fine-tune it "
-                         "with a data mixture that holds the task: source = 'task:NAME'")
+                         f"{cfg.model.moe.router_input!r}) is not fine-tuned on a task alone (its examples "
+                         "are tagged by label); train it on a mixture that holds the task instead: moekit "
+                         "train --from SRC --set data.mixture=[{source=\"task:NAME\"}, ...] (LM loss, no "
+                         "accuracy)")
 
 
 def _finetune(model: MoETransformer, cfg: RunConfig, train_split) -> list:

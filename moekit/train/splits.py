@@ -15,7 +15,9 @@ from moekit.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenize
 def prepare_data(cfg: RunConfig, run_dir: Path):
     """(tokenizer, train split, val split, token-cache meta); the tokenizer is trained once
     on the training documents and saved in the run directory. With ``data.task`` the splits
-    are the task's (moekit.finetune.data.TaskSplit)."""
+    are the task's (moekit.finetune.data.TaskSplit), with ``data.mixture`` the sources'
+    (moekit.data.mixture.MixtureSplit): prepared once, then read from RUN/data on resume.
+    ``data.max_docs`` cuts a corpus, each mixture source, or a task's training examples."""
     if cfg.data.task is not None:
         return _prepare_task(cfg, run_dir)
     if cfg.data.mixture is not None:
@@ -39,10 +41,21 @@ def prepare_data(cfg: RunConfig, run_dir: Path):
     return tok, train, val, meta
 
 
+def _cached(run_dir: Path, marker: str) -> bool:
+    """Whether this run already prepared its task or mixture cache (a new run's directory is
+    fresh): then a resume reads it, not the source again (which may have moved or changed)."""
+    return (run_dir / "data" / marker).exists() and (run_dir / "tokenizer.json").exists()
+
+
 def _prepare_task(cfg: RunConfig, run_dir: Path):
     from moekit.finetune.data import TaskSplit, build_task_cache
     from moekit.finetune.tasks import load_task
-    task = load_task(cfg.data.task, cfg.data.task_labels)
+    if _cached(run_dir, "task-test.npz"):
+        import json
+        meta = json.loads((run_dir / "data" / "meta.json").read_text())
+        return (load_tokenizer(run_dir / "tokenizer.json"), open_split(cfg, run_dir, "train"),
+                open_split(cfg, run_dir, "val"), meta)
+    task = load_task(cfg.data.task, cfg.data.task_labels, cfg.data.max_docs)
     tok_path = run_dir / "tokenizer.json"
     if tok_path.exists():
         tok = load_tokenizer(tok_path)
@@ -56,8 +69,13 @@ def _prepare_task(cfg: RunConfig, run_dir: Path):
 
 def _prepare_mixture(cfg: RunConfig, run_dir: Path):
     from moekit.data.mixture import build_mixture, source_documents, training_texts
+    if _cached(run_dir, "mixture.json"):
+        import json
+        meta = json.loads((run_dir / "data" / "mixture.json").read_text())
+        return (load_tokenizer(run_dir / "tokenizer.json"), open_split(cfg, run_dir, "train"),
+                open_split(cfg, run_dir, "val"), meta)
     entries = cfg.data.mixture
-    docs = [source_documents(e["source"], e["tag"]) for e in entries]
+    docs = [source_documents(e["source"], e["tag"])[:cfg.data.max_docs] for e in entries]
     tok_path = run_dir / "tokenizer.json"
     if tok_path.exists():
         tok = load_tokenizer(tok_path)

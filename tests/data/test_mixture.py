@@ -8,6 +8,7 @@ import pytest
 
 from moekit.cli.main import main as cli
 from moekit.config import RunConfig
+from moekit.data.catalog import load_documents
 from moekit.data.mixture import MixtureSplit, WeightedSampler, check_mixture, source_documents
 
 from ..train.test_faults import one_line_error
@@ -25,6 +26,9 @@ def mixture(path):
     ([{"source": "a"}, {"source": "b", "weight": True}], "weight=True"),
     ([{"source": "a", "tag": "x"}, {"source": "b", "tag": "x"}], "tag 'x' is given twice"),
     ([{"source": "a"}, {"source": "b", "share": 2}], "unknown key 'share'"),
+    ([{"source": "a", "weight": float("inf")}, {"source": "b"}], "finite"),
+    ([{"source": "a", "weight": 1e308}, {"source": "b", "weight": 1e308}], "finite"),
+    ([{"source": "a", "tag": ""}, {"source": "b"}], "non-empty name"),
     ("news-en", "at least 2 sources"),
 ])
 def test_bad_mixtures(bad, match):
@@ -37,11 +41,14 @@ def test_bad_mixtures(bad, match):
 def test_defaults_and_one_tag_of_a_corpus(parl_subset):
     entries = check_mixture(mixture(parl_subset))
     assert [e["weight"] for e in entries] == [3.0, 1.0, 0.5]
-    assert entries[2]["tag"] == f"{parl_subset}:es"
+    assert entries[2]["tag"] == "es"                           # a corpus tag's name
+    assert check_mixture([{"source": "a/speeches.jsonl"}, {"source": "task:rotten-tomatoes"}])[0]["tag"] == \
+        "speeches"
     docs = source_documents(f"{parl_subset}:de", "german")
     assert len(docs) == 75 and {d.tag for d in docs} == {"german"}
     with pytest.raises(ValueError, match=r"tagged 'fr'; its tags are \['de', 'en', 'es', 'nl'\]"):
         source_documents(f"{parl_subset}:fr", "fr")
+    assert len(load_documents(f"{parl_subset}:en")) == 75      # data.corpus takes "corpus:tag" too
 
 
 class _Part:
@@ -97,7 +104,7 @@ def test_a_mixture_run_logs_every_source_and_resumes(parl_subset, tmp_path, caps
     strip = [[{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows[run]] for run in rows]
     assert strip[0] == strip[1]                                 # the resumed run logs the same
     val = [r for r in rows["whole"] if "loss/val" in r]
-    tags = ["de", "en", f"{parl_subset}:es"]
+    tags = ["de", "en", "es"]
     for r in val:
         parts = [r[f"loss/val/{t}"] for t in tags]
         assert r["loss/val"] == pytest.approx((3 * parts[0] + parts[1] + 0.5 * parts[2]) / 4.5)

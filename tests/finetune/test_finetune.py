@@ -79,6 +79,20 @@ def test_resume_is_exact(src, lang_task, tmp_path):
         json.loads((parts / "config.json").read_text())["finetune"]["esft_experts"]
 
 
+def test_resume_reads_the_runs_own_cache_not_the_moved_file(src, lang_task, tmp_path):
+    task = tmp_path / "task.jsonl"
+    task.write_text(lang_task.read_text())
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert finetune(src, task, whole) == 0
+    assert finetune(src, task, parts, stop_at=3) == 0
+    task.write_text('{"prompt": "other", "completion": " data"}\n' * 40)   # changed after the start
+    assert cli(["finetune", "--resume", str(parts), "--no-progress"]) == 0
+    a, b = weights(whole), weights(parts)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    task.unlink()                                                         # or gone
+    assert cli(["eval", str(parts)]) == 0
+
+
 def test_esft_trains_only_the_chosen_experts(src, lang_task, tmp_path):
     out = tmp_path / "esft"
     assert finetune(src, lang_task, out, "finetune.freeze=esft", "finetune.esft_share=0.4") == 0
@@ -146,6 +160,9 @@ def test_lora_also_trains_the_embeddings_beside_the_adapters(src, lang_task, tmp
     (["finetune.freeze=esft", "finetune.esft_experts={}"], ["nothing to train"]),
     (["finetune.lora_rank=4", "finetune.freeze=router"], ["LoRA"]),
     (["finetune.lora_also=embeddings"], ["lora_also", "needs LoRA"]),
+    (["finetune.freeze=esft", "finetune.esft_experts={1=[9]}"], ["esft_experts[1]", "experts 0..3"]),
+    (["finetune.freeze=esft", "finetune.esft_experts={5=[1]}"], ["layer 5", "MoE layers are [0, 1]"]),
+    (["finetune.esft_experts={1=[1]}"], ["esft_experts", "freeze='esft'"]),
     (["finetune.lora_rank=4", "finetune.lora_also=heads"], ["lora_also", "embeddings"]),
 ])
 def test_bad_finetune_settings_leave_nothing(src, lang_task, tmp_path, capsys, sets, needles):

@@ -70,6 +70,17 @@ def test_bad_task_files(tmp_path, rows, match):
         load_task(str(_write(tmp_path / "bad.jsonl", rows)))
 
 
+def test_labels_are_names_and_task_labels_need_labels(tmp_path):
+    rows = [{"text": f"t{i}", "label": [1, "1", " 1", "2"][i % 4]} for i in range(40)]
+    task = load_task(str(_write(tmp_path / "n.jsonl", rows)))
+    assert task.labels == [" 1", " 2"]                          # 1, "1" and " 1" are one label
+    pc = _write(tmp_path / "pc.jsonl", [{"prompt": f"q{i}", "completion": " a"} for i in range(20)])
+    with pytest.raises(ValueError, match="prompt/completion file"):
+        load_task(str(pc), ["a", "b"])
+    with pytest.raises(ValueError, match="has its own labels"):
+        load_task("rotten-tomatoes", ["a", "b"])
+
+
 def test_label_not_in_given_set(tmp_path):
     path = _write(tmp_path / "t.jsonl", _labelled())
     with pytest.raises(ValueError, match=r"t.jsonl:1: label 'bad' is not in data.task_labels"):
@@ -134,10 +145,11 @@ def test_accuracy_equals_one_by_one_scoring(split):
     for i in range(n):                              # unbatched, unpadded: the plain definition
         prompt = list(data.tokens[data.starts[i]:data.starts[i] + data.prompt_lens[i]])
         scores = []
-        for label in data.label_ids:
+        for label in data.label_ids:        # the model reads at most seq_len tokens: prompt + label[:-1]
             seq = (prompt + label)[-(data.seq_len + 1):]
             logp = torch.log_softmax(model(torch.tensor([seq[:-1]])).logits[0].float(), -1)
-            scores.append(sum(float(logp[len(seq) - len(label) - 1 + k, t]) for k, t in enumerate(label)))
+            scores.append(sum(float(logp[len(seq) - len(label) - 1 + k, t]) for k, t in enumerate(label))
+                          / len(label))
         right += int(np.argmax(scores) == data.labels[i])
     assert accuracy(model, data, "cpu", batch_size=7, max_examples=n) == right / n
 

@@ -260,9 +260,9 @@ def test_a_task_cannot_fine_tune_a_tag_routed_model():
     from moekit.train.run import _fill_route_tags, _finetune
     cfg = RunConfig.from_dict({"data": {"task": "rotten-tomatoes"}, "model": {
         "d_model": 16, "n_heads": 2, "moe": {"router_input": "tag", "route_tags": TAGS}}})
-    with pytest.raises(ValueError, match="source = 'task:NAME'"):
+    with pytest.raises(ValueError, match="data.mixture=.*task:NAME"):
         _finetune(None, cfg, None)
-    with pytest.raises(ValueError, match="source = 'task:NAME'"):
+    with pytest.raises(ValueError, match="data.mixture=.*task:NAME"):
         _fill_route_tags(cfg, {"tags": TAGS})
 
 
