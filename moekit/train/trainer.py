@@ -233,6 +233,7 @@ class _LoopState:
 
 # a loss this many times its recent mean (an EMA) is reported as a spike
 SPIKE_RATIO, SPIKE_EMA = 1.5, 0.9
+SPIKE_MIN_NATS = 0.5     # ... and this far above it: a fine-tuning loss near 0 doubles on one hard batch
 
 
 def _watch(run: Run, stats: StepStats, state: _LoopState) -> None:
@@ -251,7 +252,8 @@ def _watch(run: Run, stats: StepStats, state: _LoopState) -> None:
         return
     run.history.append(stats.losses["lm"])
     lm, ema = stats.losses["lm"], state.loss_ema
-    if ema is not None and run.step > t.warmup_steps and lm > SPIKE_RATIO * ema and run.main:
+    spike = ema is not None and lm > SPIKE_RATIO * ema and lm - ema > SPIKE_MIN_NATS
+    if spike and run.step > t.warmup_steps and run.main:
         log.warning("step %d: loss spike: %.3f against a recent mean of %.3f; if this repeats lower train.lr "
                     "or train.grad_clip", run.step, lm, ema)
     state.loss_ema = lm if ema is None else SPIKE_EMA * ema + (1 - SPIKE_EMA) * lm

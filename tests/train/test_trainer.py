@@ -213,3 +213,20 @@ def test_only_complete_checkpoints_are_found(tmp_path):
     (tmp_path / "checkpoint" / ".metadata").unlink()
     assert find_checkpoint(tmp_path).name == "checkpoint"         # torn and alone: the reader reports it
 
+
+
+def test_a_loss_spike_is_warned_only_when_it_is_large(caplog):
+    """1.5x the recent mean and 0.5 nats above it: a fine-tuning loss of 0.03 -> 0.12 is not one."""
+    import logging
+    from types import SimpleNamespace
+
+    from moekit.config import TrainConfig
+    from moekit.train.step import StepStats
+    from moekit.train.trainer import _LoopState, _watch
+    run = SimpleNamespace(cfg=SimpleNamespace(train=TrainConfig(warmup_steps=0)), history=[], main=True, step=5)
+    for ema, loss, warned in ((0.03, 0.12, False), (2.0, 3.2, True), (2.0, 2.6, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="moekit"):
+            _watch(run, StepStats(losses={"lm": loss, "total": loss}, grad_norm=1.0, lr=1e-3, tokens=1),
+                   _LoopState(saved_step=None, loss_ema=ema))
+        assert ("loss spike" in caplog.text) == warned, (ema, loss)
