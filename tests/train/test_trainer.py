@@ -223,7 +223,8 @@ def test_a_loss_spike_is_warned_only_when_it_is_large(caplog):
     from moekit.config import TrainConfig
     from moekit.train.step import StepStats
     from moekit.train.trainer import _LoopState, _watch
-    run = SimpleNamespace(cfg=SimpleNamespace(train=TrainConfig(warmup_steps=0)), history=[], main=True, step=5)
+    cfg = SimpleNamespace(train=TrainConfig(warmup_steps=0))
+    run = SimpleNamespace(cfg=cfg, history=[], main=True, step=5)
     for ema, loss, warned in ((0.03, 0.12, False), (2.0, 3.2, True), (2.0, 2.6, False)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="moekit"):
