@@ -11,7 +11,9 @@ probability proportional to its weight (seeded by the step, so a resume draws th
 and take that source's windows in a seeded order, epoch after epoch. Validation: the
 windows of every source's validation split (``loss/val``), and each source's own
 (``loss/val/<tag>``, in metrics and the report). A window's tag is its source's: reports
-break routing down by source.
+break routing down by source. Sources are split independently, each by its own document
+order: two sources that hold the same documents (``parlspeech`` and ``parlspeech:en``) can
+put one document on both sides; give sources that do not overlap.
 """
 
 from __future__ import annotations
