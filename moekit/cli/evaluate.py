@@ -17,12 +17,12 @@ def register(sub) -> None:
 def run(args) -> int:
     from moekit.train.evaluate import evaluate
     from moekit.train.run_dir import load_run
-    from moekit.train.splits import open_split, prepare_data
+    from moekit.train.splits import has_cache, open_split, prepare_data
     if args.batches is not None and args.batches < 1:
         raise ValueError(f"--batches {args.batches}: must be >= 1 (leave it out for the whole split)")
     run_dir = Path(args.run_dir)
     model, _, cfg = load_run(run_dir)
-    if any((run_dir / "data" / f).exists() for f in ("meta.json", "mixture.json")):
+    if has_cache(run_dir):
         val = open_split(cfg, run_dir, "val")
     else:   # an export: rebuild the token cache from the recipe's corpus with the run's tokenizer
         _, _, val, _ = prepare_data(cfg, run_dir)

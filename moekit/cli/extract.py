@@ -38,8 +38,8 @@ def _check_flags(args) -> None:
 def _splits(cfg, run_dir: Path, model, tag: str):
     """(train split, val split) of the run, after the tag is known to be one it saw."""
     from moekit.scale.extract import split_tags
-    from moekit.train.splits import open_split
-    if not any((run_dir / "data" / f).exists() for f in ("meta.json", "mixture.json")):
+    from moekit.train.splits import has_cache, open_split
+    if not has_cache(run_dir):
         raise ValueError(f"{str(run_dir)!r} has no token cache (data/): extract reads the tag's validation "
                          "windows; give the run directory")
     if cfg.data.task is not None:

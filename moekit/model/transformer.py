@@ -299,6 +299,15 @@ def route_tag_ids(cfg: ModelConfig, names: list[str], tags: Tensor) -> Tensor:
     return ids
 
 
+def tag_kwargs(cfg: ModelConfig, names: list[str], tags: Tensor, device=None) -> dict:
+    """The forward's ``tags=`` for a batch of a split whose tag indices point into ``names``:
+    ``{"tags": ...}`` (:func:`route_tag_ids`, on ``device``) for a model that routes by tag,
+    else ``{}``."""
+    if not cfg.routes_by_tag:
+        return {}
+    return {"tags": route_tag_ids(cfg, names, tags).to(device)}
+
+
 def model_flops(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
     """Parameters (total and active per token) and training FLOPs per token.
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from moekit.data.stream import PackedSplit
-from moekit.model.transformer import route_tag_ids
+from moekit.model.transformer import tag_kwargs
 from moekit.moe.layer import MoELayer
 
 FREQ_CLASSES = ("top-100 tokens", "rank 101-1000", "rank > 1000")
@@ -77,10 +77,7 @@ def routing_breakdown(model, split: PackedSplit, freq_class_V: np.ndarray, batch
         for start in range(0, n, batch_size):
             indices = order[start:start + batch_size]
             x_BS, _, tags_B = split.batch(indices)
-            if model.cfg.routes_by_tag:     # task-level routing: the routers read each window's tag
-                model(x_BS, tags=route_tag_ids(model.cfg, split.tags, tags_B))
-            else:
-                model(x_BS)
+            model(x_BS, **tag_kwargs(model.cfg, split.tags, tags_B))   # task-level routing: the tag
             tag_T = token_tags(split, indices)
             cls_T = freq_class_V[x_BS.reshape(-1).numpy()]
             real = tag_T >= 0                   # not padding

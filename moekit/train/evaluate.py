@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moekit.data.stream import PackedSplit
-from moekit.model.transformer import route_tag_ids
+from moekit.model.transformer import tag_kwargs
 
 
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
@@ -64,16 +64,13 @@ def evaluate(model, val: PackedSplit, batch_size: int, device: torch.device, bat
     mine = list(range(rank, windows, world))
     calls = math.ceil(math.ceil(windows / world) / B)
     total, count, counts = 0.0, 0, {}
-    by_tag = getattr(getattr(model, "cfg", None), "routes_by_tag", False)
     for b in range(calls):
         idx = mine[b * B:(b + 1) * B]
         weight = len(idx)
         x, y, tags = val.batch(idx or [0])
         with autocast():
-            if by_tag:           # task-level routing: each window's tag, as the router indexes it
-                out = model(x.to(device), tags=route_tag_ids(model.cfg, val.tags, tags).to(device))
-            else:
-                out = model(x.to(device))
+            # task-level routing: each window's tag, as the router indexes it
+            out = model(x.to(device), **tag_kwargs(model.cfg, val.tags, tags, device))
         total += float(lm_loss(out.logits, y.to(device))) * weight
         count += weight
         for i, aux in (out.moe.items() if loads is not None and weight else ()):

@@ -4,6 +4,7 @@ extract."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from moekit.config import RunConfig
@@ -25,13 +26,8 @@ def prepare_data(cfg: RunConfig, run_dir: Path):
     docs = load_documents(cfg.data.corpus)
     if cfg.data.max_docs is not None:
         docs = docs[: cfg.data.max_docs]
-    tok_path = run_dir / "tokenizer.json"
-    if tok_path.exists():
-        tok = load_tokenizer(tok_path)
-    else:
-        train_texts = (d.text for i, d in enumerate(docs) if not is_val_doc(i, cfg.data.val_fraction))
-        tok = train_tokenizer(train_texts, cfg.data.vocab_size)
-        save_tokenizer(tok, tok_path)
+    tok = _tokenizer(run_dir, cfg, lambda: (d.text for i, d in enumerate(docs)
+                                            if not is_val_doc(i, cfg.data.val_fraction)))
     meta = build_token_cache(docs, tok, run_dir / "data", cfg.data.val_fraction)
     train = PackedSplit.open(run_dir / "data", "train", cfg.data.seq_len)
     val = PackedSplit.open(run_dir / "data", "val", cfg.data.seq_len)
@@ -41,50 +37,56 @@ def prepare_data(cfg: RunConfig, run_dir: Path):
     return tok, train, val, meta
 
 
-def _cached(run_dir: Path, marker: str) -> bool:
-    """Whether this run already prepared its task or mixture cache (a new run's directory is
-    fresh): then a resume reads it, not the source again (which may have moved or changed)."""
-    return (run_dir / "data" / marker).exists() and (run_dir / "tokenizer.json").exists()
+def _tokenizer(run_dir: Path, cfg: RunConfig, texts):
+    """The run's tokenizer: RUN/tokenizer.json (a resume, or SRC's for --from), else one trained
+    on ``texts()`` (the training text) and saved there."""
+    path = run_dir / "tokenizer.json"
+    if path.exists():
+        return load_tokenizer(path)
+    tok = train_tokenizer(texts(), cfg.data.vocab_size)
+    save_tokenizer(tok, path)
+    return tok
+
+
+def _reopen(cfg: RunConfig, run_dir: Path, meta_file: str):
+    """A resumed task or mixture run: its own prepared RUN/data, not the source again (which
+    may have moved or changed); None when this run has not prepared it yet (a new run's
+    directory is fresh)."""
+    meta_path = run_dir / "data" / meta_file
+    marker = run_dir / "data" / ("task-test.npz" if cfg.data.task is not None else meta_file)
+    if not (marker.exists() and (run_dir / "tokenizer.json").exists()):
+        return None
+    return (load_tokenizer(run_dir / "tokenizer.json"), open_split(cfg, run_dir, "train"),
+            open_split(cfg, run_dir, "val"), json.loads(meta_path.read_text()))
 
 
 def _prepare_task(cfg: RunConfig, run_dir: Path):
-    from moekit.finetune.data import TaskSplit, build_task_cache
+    from moekit.finetune.data import build_task_cache
     from moekit.finetune.tasks import load_task
-    if _cached(run_dir, "task-test.npz"):
-        import json
-        meta = json.loads((run_dir / "data" / "meta.json").read_text())
-        return (load_tokenizer(run_dir / "tokenizer.json"), open_split(cfg, run_dir, "train"),
-                open_split(cfg, run_dir, "val"), meta)
+    if (prepared := _reopen(cfg, run_dir, "meta.json")) is not None:
+        return prepared
     task = load_task(cfg.data.task, cfg.data.task_labels, cfg.data.max_docs)
-    tok_path = run_dir / "tokenizer.json"
-    if tok_path.exists():
-        tok = load_tokenizer(tok_path)
-    else:                       # a task trained from scratch: a tokenizer of its training text
-        tok = train_tokenizer((e.prompt + e.completion for e in task.splits["train"]), cfg.data.vocab_size)
-        save_tokenizer(tok, tok_path)
+    # a task trained from scratch gets a tokenizer of its training text
+    tok = _tokenizer(run_dir, cfg, lambda: (e.prompt + e.completion for e in task.splits["train"]))
     meta = build_task_cache(task, tok, run_dir / "data")
-    return (tok, TaskSplit.open(run_dir / "data", "train", cfg.data.seq_len),
-            TaskSplit.open(run_dir / "data", "val", cfg.data.seq_len), meta)
+    return tok, open_split(cfg, run_dir, "train"), open_split(cfg, run_dir, "val"), meta
 
 
 def _prepare_mixture(cfg: RunConfig, run_dir: Path):
     from moekit.data.mixture import build_mixture, source_documents, training_texts
-    if _cached(run_dir, "mixture.json"):
-        import json
-        meta = json.loads((run_dir / "data" / "mixture.json").read_text())
-        return (load_tokenizer(run_dir / "tokenizer.json"), open_split(cfg, run_dir, "train"),
-                open_split(cfg, run_dir, "val"), meta)
+    if (prepared := _reopen(cfg, run_dir, "mixture.json")) is not None:
+        return prepared
     entries = cfg.data.mixture
     docs = [source_documents(e["source"], e["tag"])[:cfg.data.max_docs] for e in entries]
-    tok_path = run_dir / "tokenizer.json"
-    if tok_path.exists():
-        tok = load_tokenizer(tok_path)
-    else:
-        tok = train_tokenizer(training_texts(docs, cfg.data.val_fraction), cfg.data.vocab_size)
-        save_tokenizer(tok, tok_path)
+    tok = _tokenizer(run_dir, cfg, lambda: training_texts(docs, cfg.data.val_fraction))
     train, val, meta = build_mixture(entries, docs, tok, run_dir / "data", cfg.data.val_fraction,
                                      cfg.data.seq_len)
     return tok, train, val, meta
+
+
+def has_cache(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a prepared token cache (a run directory, not an export)."""
+    return any((Path(run_dir) / "data" / f).exists() for f in ("meta.json", "mixture.json"))
 
 
 def open_split(cfg: RunConfig, run_dir: Path, split: str):
