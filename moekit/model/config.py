@@ -58,6 +58,9 @@ class ModelConfig:
                                         # fine-tuning: 0.1; inside experts: moe.expert_dropout)
     moe_layers: str | list[int] = "all"
     moe: MoEConfig | None = field(default=None)
+    # weight-only quantization (moekit compress --method quantize): {"bits": 8 | 4, "group_size":
+    # int, "attention": bool}; None = full-precision weights. Set by quantize, not by a recipe.
+    quant: dict | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
@@ -96,6 +99,8 @@ class ModelConfig:
                                        or len(set(self.moe_layers)) != len(self.moe_layers)):
             raise bad(_OWN, "moe_layers", self.moe_layers, "must list distinct layer indices, at least one",
                       "list each MoE layer once (a dense model: moe = false)")
+        if self.quant is not None:
+            check_quant(self.quant)
         if self.moe is not None and not isinstance(self.moe, MoEConfig):
             raise bad(_OWN, "moe", self.moe, "must be an MoEConfig or None", "pass MoEConfig(...) or None")
         if self.moe is not None and self.moe.d_model != self.d_model:
@@ -136,3 +141,19 @@ class ModelConfig:
             raise ValueError(f"dense_baseline: MoE layers are active-width {active_ff} but dense layers "
                              f"are d_ff={self.d_ff}; one dense width cannot match both, set d_ff={active_ff}")
         return dataclasses.replace(self, moe=None, moe_layers="all")
+
+
+QUANT_BITS = (8, 4)
+
+
+def check_quant(spec) -> None:
+    """``ModelConfig.quant``: {"bits": 8 | 4, "group_size": int >= 2 (even for 4 bits), "attention": bool}."""
+    if not isinstance(spec, dict) or set(spec) != {"bits", "group_size", "attention"}:
+        raise bad(_OWN, "quant", spec, "must be a dict with exactly bits, group_size and attention",
+                  "let moekit compress --method quantize write it, or set quant = None")
+    check_choice(_OWN, "quant.bits", spec["bits"], QUANT_BITS)
+    check_int(_OWN, "quant.group_size", spec["group_size"])
+    if spec["group_size"] < 2 or spec["group_size"] % 2:
+        raise bad(_OWN, "quant.group_size", spec["group_size"], "must be an even integer >= 2",
+                  "use e.g. 32, 64 or 128")
+    check_bool(_OWN, "quant.attention", spec["attention"])

@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moekit.model.config import ModelConfig
 from moekit.moe.config import MoEConfig  # noqa: F401  (MoEConfig: the doctests)
-from moekit.moe.experts import DenseFFN
+from moekit.moe.experts import DenseFFN, GroupedExperts
 from moekit.moe.layer import MoEAux, MoELayer, moe_layers
 
 
@@ -189,8 +189,9 @@ class MoETransformer(nn.Module):
             block.attn.reset_parameters(std, out_std)
             if isinstance(block.ffn, MoELayer):
                 block.ffn.router.reset_parameters()
-                block.ffn.experts.reset_parameters()
-                nn.init.normal_(block.ffn.experts.w_down_EFD, std=out_std)
+                if isinstance(block.ffn.experts, GroupedExperts):   # quantized experts are loaded, not drawn
+                    block.ffn.experts.reset_parameters()
+                    nn.init.normal_(block.ffn.experts.w_down_EFD, std=out_std)
                 if block.ffn.shared_gate is not None:
                     nn.init.normal_(block.ffn.shared_gate.weight, std=std)
                 shared = block.ffn.shared
@@ -229,6 +230,9 @@ class MoETransformer(nn.Module):
         a large model never exists twice in memory."""
         with torch.device("meta"):
             model = cls(cfg)
+            if cfg.quant is not None:   # a quantized model: its quantized modules, empty, to load into
+                from moekit.serve.compress.quantize import quantize_structure
+                quantize_structure(model, cfg.quant)
         model.to_empty(device=device)
         if cfg.tie_embeddings:   # to_empty gives tied parameters separate storage: tie again
             model.lm_head.weight = model.embed.weight
