@@ -111,10 +111,12 @@ class Attention(nn.Module):
     def reset_parameters(self, std: float, out_std: float) -> None:
         """q, k, v N(0, std), biases zero, q/k norms one; the output projection N(0, out_std)."""
         for lin in (self.wq, self.wk, self.wv):
-            nn.init.normal_(lin.weight, std=std)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
-        nn.init.normal_(self.wo.weight, std=out_std)
+            if isinstance(lin, nn.Linear):      # quantized projections are loaded, not drawn
+                nn.init.normal_(lin.weight, std=std)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+        if isinstance(self.wo, nn.Linear):
+            nn.init.normal_(self.wo.weight, std=out_std)
         if self.qk_norm != "none":
             self.q_norm.reset_parameters()
             self.k_norm.reset_parameters()
