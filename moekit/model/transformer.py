@@ -65,10 +65,68 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple
 
 
 def apply_rope(x_BHSD: Tensor, cos_SF: Tensor, sin_SF: Tensor) -> Tensor:
-    """Rotate pairs (first half, second half) of each head's dims (the Llama/NeoX layout)."""
+    """Rotate pairs (first half, second half) of each head's dims (the Llama/NeoX layout).
+    ``cos_SF``/``sin_SF``: the tables from position 0 ([S', F], S' >= S), or each row's own
+    positions already gathered ([B, 1, S, F], cached generation)."""
     x1, x2 = x_BHSD.float().chunk(2, dim=-1)
-    cos, sin = cos_SF[: x_BHSD.shape[2]], sin_SF[: x_BHSD.shape[2]]
+    if cos_SF.dim() == 2:
+        cos, sin = cos_SF[: x_BHSD.shape[2]], sin_SF[: x_BHSD.shape[2]]
+    else:
+        cos, sin = cos_SF, sin_SF
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x_BHSD.dtype)
+
+
+class KVCache:
+    """Every layer's keys and values for B sequences, with room for ``capacity`` positions
+    (cached generation: :mod:`moekit.serve.generate`).
+
+    Rows are left-padded to a common length: row b's first ``pad_B[b]`` slots are padding, its
+    tokens sit at positions 0, 1, ... from slot ``pad_B[b]`` on (RoPE sees each row's own
+    positions) and no query attends to a padding slot (a padding slot attends to itself only,
+    so nothing is NaN). ``length``: the slots filled so far, the same for every row.
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=2, d_ff=64)
+        >>> model = MoETransformer(cfg).eval()
+        >>> x = torch.randint(0, 97, (1, 6))
+        >>> cache = KVCache.empty(cfg, 1, 8)
+        >>> a = model(x[:, :4], cache=cache).logits; b = model(x[:, 4:], cache=cache).logits
+        >>> torch.allclose(torch.cat([a, b], 1), model(x).logits, atol=1e-5), cache.length
+        (True, 6)
+    """
+
+    def __init__(self, k: list[Tensor], v: list[Tensor], pad_B: Tensor):
+        self.k, self.v, self.pad_B = k, v, pad_B
+        self.length = 0
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, capacity: int, pad_B: Tensor | None = None,
+              dtype: torch.dtype = torch.float32, device=None) -> KVCache:
+        if capacity > cfg.max_seq_len:
+            raise ValueError(f"KVCache capacity {capacity} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}; "
+                             "the model has no rotary positions past it")
+        G = cfg.n_kv_heads or cfg.n_heads
+        shape = (batch, G, capacity, cfg.head_dim)
+        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        pad = torch.zeros(batch, dtype=torch.long, device=device) if pad_B is None else pad_B.to(device)
+        return cls(k, v, pad)
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def positions(self, S: int) -> Tensor:
+        """[B, S] rotary positions of the next S slots (0 on a padding slot)."""
+        slots = torch.arange(self.length, self.length + S, device=self.pad_B.device)
+        return (slots[None, :] - self.pad_B[:, None]).clamp(min=0)
+
+    def mask(self, S: int) -> Tensor:
+        """[B, 1, S, length + S]: query slot i may see key slot j <= i that is not padding."""
+        q = torch.arange(self.length, self.length + S, device=self.pad_B.device)[:, None]
+        k = torch.arange(self.length + S, device=self.pad_B.device)[None, :]
+        real = k[None] >= self.pad_B[:, None, None]
+        return ((k <= q)[None] & (real | (k == q)[None]))[:, None]
 
 
 class Attention(nn.Module):
@@ -92,7 +150,11 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.n_heads * Dh, cfg.norm_eps)
             self.k_norm = RMSNorm(self.n_kv_heads * Dh, cfg.norm_eps)
 
-    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
+                layer: int = 0, mask: Tensor | None = None) -> Tensor:
+        """With ``cache``: x holds the next S slots of every row; their keys and values are
+        written to the cache's ``layer`` and the queries attend to all filled slots under
+        ``mask`` (:meth:`KVCache.mask`)."""
         B, S, _ = x_BSD.shape
         q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)   # [B, S, H*Dh], [B, S, G*Dh] x 2
         if self.qk_norm == "full":
@@ -104,8 +166,15 @@ class Attention(nn.Module):
         q_BHSD, k_BGSD = q_BSHD.transpose(1, 2), k_BSGD.transpose(1, 2)
         v_BGSD = v.view(B, S, self.n_kv_heads, -1).transpose(1, 2)
         q_BHSD, k_BGSD = apply_rope(q_BHSD, cos, sin), apply_rope(k_BGSD, cos, sin)
-        out_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BGSD, v_BGSD, is_causal=True,
-                                                  enable_gqa=self.n_kv_heads != self.n_heads)
+        gqa = self.n_kv_heads != self.n_heads
+        if cache is None:
+            out_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BGSD, v_BGSD, is_causal=True, enable_gqa=gqa)
+        else:
+            end = cache.length + S
+            cache.k[layer][:, :, cache.length:end] = k_BGSD
+            cache.v[layer][:, :, cache.length:end] = v_BGSD
+            out_BHSD = F.scaled_dot_product_attention(q_BHSD, cache.k[layer][:, :, :end],
+                                                      cache.v[layer][:, :, :end], attn_mask=mask, enable_gqa=gqa)
         return self.wo(out_BHSD.transpose(1, 2).reshape(B, S, -1))
 
     def reset_parameters(self, std: float, out_std: float) -> None:
@@ -136,11 +205,13 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoELayer(cfg.moe) if moe else DenseFFN(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor,
-                tags_T: Tensor | None = None) -> tuple[Tensor, MoEAux | None]:
-        """``tags_T`` [B*S]: each token's route tag, for an MoE layer that routes by tag."""
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, tags_T: Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0,
+                mask: Tensor | None = None) -> tuple[Tensor, MoEAux | None]:
+        """``tags_T`` [B*S]: each token's route tag, for an MoE layer that routes by tag;
+        ``cache``, ``layer``, ``mask``: cached generation (:class:`KVCache`)."""
         p, training = self.dropout_p, self.training
-        x_BSD = x_BSD + dropout(self.attn(self.attn_norm(x_BSD), cos, sin), p, training)
+        x_BSD = x_BSD + dropout(self.attn(self.attn_norm(x_BSD), cos, sin, cache, layer, mask), p, training)
         h = self.ffn_norm(x_BSD)
         h = self.ffn(h, tags_T) if tags_T is not None and isinstance(self.ffn, MoELayer) else self.ffn(h)
         h, aux = h if isinstance(h, tuple) else (h, None)
@@ -257,19 +328,32 @@ class MoETransformer(nn.Module):
                              f"into model.moe.route_tags of shape [B]=[{B}] or [B, S]=[{B}, {S}]")
         return (tags[:, None] if tags.dim() == 1 else tags).expand(B, S).reshape(-1).long()
 
-    def forward(self, tokens_BS: Tensor, tags: Tensor | None = None) -> ModelOutput:
+    def forward(self, tokens_BS: Tensor, tags: Tensor | None = None,
+                cache: KVCache | None = None) -> ModelOutput:
         """``tags``: [B] or [B, S] indices into ``cfg.moe.route_tags`` (each sequence's language
-        or source), needed when the model routes by tag (:attr:`ModelConfig.routes_by_tag`)."""
+        or source), needed when the model routes by tag (:attr:`ModelConfig.routes_by_tag`).
+        ``cache``: the tokens are the next slots of the sequences held in a :class:`KVCache`
+        (cached generation), which this call fills and advances."""
         S = tokens_BS.shape[1]
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds ModelConfig.max_seq_len="
                              f"{self.cfg.max_seq_len}; raise max_seq_len or feed shorter sequences")
         tags_T = self._tags(tokens_BS, tags)
+        cos, sin, mask = self.rope_cos, self.rope_sin, None
+        if cache is not None:
+            if cache.length + S > cache.capacity or tokens_BS.shape[0] != cache.pad_B.shape[0]:
+                raise ValueError(f"KVCache: {tokens_BS.shape[0]} rows of {S} tokens after {cache.length} do not "
+                                 f"fit a cache of {cache.pad_B.shape[0]} rows and {cache.capacity} slots; "
+                                 "make a larger cache")
+            pos_BS = cache.positions(S)
+            cos, sin, mask = self.rope_cos[pos_BS][:, None], self.rope_sin[pos_BS][:, None], cache.mask(S)
         x_BSD = dropout(self.embed(tokens_BS), self.cfg.dropout, self.training)
         zero = x_BSD.new_zeros((), dtype=torch.float32)
         aux_loss, z_loss, stats = zero, zero, {}
         for i, block in enumerate(self.blocks):
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            if cache is not None:
+                x_BSD, aux = block(x_BSD, cos, sin, tags_T, cache, i, mask)
+            elif self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # keep only the block's input; recompute its activations in backward (the RNG
                 # state is replayed, so jitter, noise and dropout recompute identically)
                 x_BSD, aux = checkpoint(block, x_BSD, self.rope_cos, self.rope_sin, tags_T,
@@ -280,6 +364,8 @@ class MoETransformer(nn.Module):
                 aux_loss = aux_loss + aux.load_balancing_loss
                 z_loss = z_loss + aux.z_loss
                 stats[i] = aux
+        if cache is not None:
+            cache.length += S
         logits_BSV = self.lm_head(self.norm(x_BSD))
         return ModelOutput(logits=logits_BSV, aux_loss=aux_loss, z_loss=z_loss, moe=stats)
 

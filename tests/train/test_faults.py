@@ -121,6 +121,9 @@ def test_bad_values_are_one_line_naming_the_field(setting, field, tmp_path, caps
     (["generate", "RUN", "--max-new-tokens", "-5"], "--max-new-tokens=-5"),
     (["generate", "RUN", "--temperature", "-1"], "--temperature=-1"),
     (["generate", "RUN", "--top-k", "-2"], "--top-k=-2"),
+    (["generate", "RUN", "--top-p", "0"], "--top-p=0.0"),
+    (["generate", "RUN", "--top-p", "1.5"], "--top-p=1.5"),
+    (["generate", "RUN", "--prompts-file", "/nonexistent/p.txt"], "--prompts-file '/nonexistent/p.txt'"),
     (["train", "--set", "train.lr=1e-3", "--set", "train.lr=2e-3"], "--set train.lr given twice"),
 ])
 def test_bad_flags_are_one_line(args, needle, tmp_path, capsys):
