@@ -64,3 +64,10 @@ def check_choice(owner: str, name: str, value, choices: tuple) -> None:
 def check_bool(owner: str, name: str, value) -> None:
     if not isinstance(value, bool):
         raise bad(owner, name, value, "must be true or false", f"set {name} to true or false")
+
+
+def require_float(model, verb: str) -> None:
+    """Transformations that read or write float weights refuse a quantized model: one line."""
+    if getattr(model.cfg, "quant", None) is not None:
+        raise ValueError(f"{verb}: the model is quantized (model.quant={model.cfg.quant}); {verb} the "
+                         "full-precision model, then quantize the result")

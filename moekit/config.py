@@ -21,8 +21,9 @@ from moekit.finetune.config import FinetuneConfig
 from moekit.model.config import ModelConfig
 from moekit.moe.config import MoEConfig, default_moe
 from moekit.recipe import apply_overrides
+from moekit.serve.compress.distill import DistillConfig
 
-__all__ = ["DataConfig", "FinetuneConfig",
+__all__ = ["DataConfig", "DistillConfig", "FinetuneConfig",
            "ModelConfig", "MoEConfig", "ParallelConfig", "RunConfig", "TrainConfig",
            "apply_overrides", "check_layout", "default_moe"]
 
@@ -235,11 +236,16 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         check_layout(self.parallel, self.model)
         check_schedule(self.train, self.model, self.parallel)
         check_finetune(self)
+        if self.distill.teacher is not None and self.train.init_from is not None:
+            raise ValueError(f"distill.teacher={self.distill.teacher!r} and train.init_from="
+                             f"{self.train.init_from!r}: a distilled student starts from fresh weights; "
+                             "drop train.init_from (--from)")
 
     @classmethod
     def from_dict(cls, raw: dict) -> RunConfig:

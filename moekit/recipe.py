@@ -102,6 +102,7 @@ def build(cls, raw: dict, prefix: str = ""):
     """A dataclass (RunConfig and its sections) from a nested dict, naming unknown keys."""
     from moekit.config import (
         DataConfig,
+        DistillConfig,
         FinetuneConfig,
         ModelConfig,
         MoEConfig,
@@ -121,7 +122,8 @@ def build(cls, raw: dict, prefix: str = ""):
         raise ValueError(f"unknown config key {prefix + unknown[0]!r}; known keys in "
                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}")
     sections = {RunConfig: {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-                            "parallel": ParallelConfig, "finetune": FinetuneConfig},
+                            "parallel": ParallelConfig, "finetune": FinetuneConfig,
+                            "distill": DistillConfig},
                 ModelConfig: {"moe": MoEConfig}}.get(cls, {})
     kwargs = {}
     d_model = raw.get("d_model", names["d_model"].default) if cls is ModelConfig else None

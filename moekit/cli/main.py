@@ -12,6 +12,7 @@
     moekit train --from models/smol-moe --set data.corpus=news-en   # a new run from those weights
     moekit finetune runs/moe --task rotten-tomatoes --out runs/ft   # supervised fine-tuning, accuracy
     moekit extract runs/mix --task de --out models/de   # only the experts one tag is routed to
+    moekit compress runs/moe --method prune --experts 4 --out models/moe-e4   # also merge, quantize, distill
     moekit report runs/moe --baseline runs/dense   # HTML: losses, expert load, routing by language
     moekit data list | moekit data get parlspeech
 """
@@ -23,6 +24,7 @@ import os
 import select
 import sys
 
+from moekit.cli import compress as compress_cmd
 from moekit.cli import data as data_cmd
 from moekit.cli import evaluate as eval_cmd
 from moekit.cli import export as export_cmd
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (train_cmd, finetune_cmd, generate_cmd, eval_cmd, export_cmd, import_cmd, upcycle_cmd,
-                   grow_cmd, extract_cmd, report_cmd, data_cmd):
+                   grow_cmd, extract_cmd, compress_cmd, report_cmd, data_cmd):
         module.register(sub)
     return parser
 

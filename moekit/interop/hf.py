@@ -158,7 +158,11 @@ def _names(names: list[str]) -> str:
 
 
 def to_hf_state(model: MoETransformer) -> tuple[dict, dict[str, Tensor]]:
-    """(config.json dict, Hugging Face state dict with per-expert keys) of a moekit model."""
+    """(config.json dict, Hugging Face state dict with per-expert keys) of a moekit model
+    (a quantized one as its dequantized float weights: Hugging Face has no layout for them)."""
+    if model.cfg.quant is not None:
+        from moekit.serve.compress.quantize import dequantize_model
+        model = dequantize_model(model)
     mcfg = model.cfg
     ours = model.state_dict()
     config = to_hf_config(mcfg, ours)

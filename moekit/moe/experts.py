@@ -17,7 +17,9 @@ have no gate), ``w_down_EFD`` [E, F, D]. Backends, all computing the same thing:
 
 ``auto`` picks ``grouped_mm`` where torch has it and the dims allow, else ``segment_mm``:
 one call for all experts, and fewer large buffers per step than ``segment_mm`` allocates
-(the two backends' timings are in docs/benchmarks.md). Parameters may be in any floating
+(the two backends' timings are in docs/benchmarks.md). On CPU with fewer rows than experts
+(generation, one token per sequence per step) it picks ``segment_mm``, which skips the empty
+experts that CPU ``_grouped_mm`` still runs a GEMM for. Parameters may be in any floating
 dtype (``layer.to(torch.bfloat16)``): every backend computes in the input's dtype.
 
 ``segment_mm``'s backward is once-differentiable: double backward raises.
@@ -168,6 +170,10 @@ class GroupedExperts(nn.Module):
             return self.backend
         if torch.compiler.is_compiling() and x_RD.dtype != torch.bfloat16:
             return "segment_mm"   # torch.compile traces _grouped_mm only in bf16 (torch 2.13)
+        if x_RD.device.type == "cpu" and x_RD.shape[0] < self.w_up_EDF.shape[0]:
+            # fewer rows than experts (decoding a token at a time): torch's CPU _grouped_mm runs
+            # a GEMM for every expert, empty or not; segment_mm only for the experts hit
+            return "segment_mm"
         return "grouped_mm" if HAS_GROUPED_MM and self._grouped_mm_aligned(x_RD) else "segment_mm"
 
     def weights(self, dtype: torch.dtype) -> tuple[Tensor | None, Tensor, Tensor]:

@@ -169,7 +169,9 @@ def build_report(run_dir: Path, summary: dict, by_tag: RoutingBreakdown | None,
                  can_drop: bool = True) -> str:
     """The page. ``by_tag`` is shown only when the data has more than one tag; the dropped
     fraction only when ``can_drop`` (a capacity) or when anything was dropped."""
-    rows = read_metrics(run_dir)
+    # an export (compress, extract, upcycle) has no training history: the routing panels only
+    exported = not (Path(run_dir) / "metrics.jsonl").exists() and (Path(run_dir) / "model.safetensors").exists()
+    rows = [] if exported else read_metrics(run_dir)
     baseline = read_metrics(baseline_dir) if baseline_dir else None
     layers = sorted({int(k.split("/")[1][5:]) for r in rows for k in r if k.startswith("moe/layer")
                      and k.endswith("/load")})

@@ -114,6 +114,8 @@ def extract_experts(model, tag: str, loads: dict[int, list[int]] | None = None,
         >>> small.cfg.moe.num_experts == model.cfg.moe.top_k   # doctest: +SKIP
         True
     """
+    from moekit.checks import require_float
+    require_float(model, "extract_experts")
     moe = model.cfg.moe
     if moe is None:
         raise ValueError("extract: the model is dense; it has no experts to extract")

@@ -73,6 +73,8 @@ def grow_experts(model: MoETransformer, num_experts: int, *, which: str = "all",
         >>> big.cfg.moe.num_experts, mapping
         (4, {0: [0, 1, 0, 1]})
     """
+    from moekit.checks import require_float
+    require_float(model, "grow_experts")
     if model.cfg.routes_by_tag:
         raise ValueError(f"grow_experts: the model routes by tag (model.moe.router_input="
                          f"{model.cfg.moe.router_input!r}); growing its tag tables is not supported yet")

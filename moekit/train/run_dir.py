@@ -133,8 +133,8 @@ def write_json(path: Path, obj) -> None:
 def model_config_for(cfg: RunConfig, vocab_size: int):
     """The model a run builds: the recipe's, with the tokenizer's vocabulary and room for seq_len.
     A run started from weights (train.init_from) keeps their vocabulary, which may be padded
-    past the tokenizer's."""
-    if cfg.train.init_from is not None:
+    past the tokenizer's; so does a distilled student (distill.teacher) the teacher's."""
+    if cfg.train.init_from is not None or cfg.distill.teacher is not None:
         vocab_size = max(cfg.model.vocab_size, vocab_size)
     return dataclasses.replace(cfg.model, vocab_size=vocab_size,
                                max_seq_len=max(cfg.model.max_seq_len, cfg.data.seq_len))

@@ -31,7 +31,7 @@ RUNTIME_FIELDS = ("max_seq_len", "dropout", "moe.backend", "moe.aux_loss_scope",
 class Initial:
     """What a run started with ``--from`` begins with."""
 
-    state: dict[str, Tensor]        # SRC's weights, moekit names (float32, CPU)
+    state: dict[str, Tensor] | None  # SRC's weights, moekit names (float32, CPU); None: fresh weights
     tokenizer: object
 
 

@@ -76,6 +76,11 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
             rd.check_fresh(run_dir)
         from moekit.train.source import load_source
         cfg, initial = load_source(cfg, model_section)
+    elif ckpt is None and cfg.distill.teacher is not None:   # fresh student weights, the teacher's tokenizer
+        from moekit.serve.compress.distill import student_start
+        if rank == 0:
+            rd.check_fresh(run_dir)
+        cfg, initial = student_start(cfg)
     if ckpt is None:
         growth.check_start(cfg)
     run = setup(cfg, run_dir, ckpt, initial)   # a new run: checked, made, and removed again if setup fails
@@ -87,7 +92,18 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
                 rd.discard(run_dir, None)
             raise
     del ckpt                                # release a consolidated state's memory
-    return _loop(run, Pretraining(cfg.train.aux_loss_coef, cfg.train.z_loss_coef), resume, stop_at, progress)
+    return _loop(run, objective_for(run), resume, stop_at, progress)
+
+
+def objective_for(run: Run):
+    """What the run minimises: next-token prediction with the balancing terms, or with
+    ``distill.teacher`` set the distillation objective (the teacher loaded on the run's device)."""
+    t = run.cfg.train
+    if run.cfg.distill.teacher is None:
+        return Pretraining(t.aux_loss_coef, t.z_loss_coef)
+    from moekit.serve.compress.distill import Distillation, load_teacher
+    teacher = load_teacher(run.cfg, run.device)[0] if run.cfg.distill.alpha > 0 else None
+    return Distillation(teacher, run.cfg.distill, t.aux_loss_coef, t.z_loss_coef)
 
 
 def _open(cfg, run_dir: Path, resume: bool, layout: dict | None, changes: dict, world: int, rank: int):

@@ -2,7 +2,6 @@
 
 import inspect
 
-import numpy as np
 import pytest
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
@@ -11,7 +10,7 @@ from moekit.moe.experts import expert_ffn
 from moekit.serve.compress.calibrate import calibrate, expert_usage
 from moekit.serve.compress.merge import group_experts, merge_experts
 
-from .test_prune import VOCAB, hooked_inputs, state, tiny, token_batches
+from .test_prune import hooked_inputs, state, tiny, token_batches
 
 
 def ffn(layer, e, x_ND):
@@ -67,24 +66,50 @@ CONFIGS = {
 @pytest.mark.parametrize("router", ["mean", "dominant"])
 def test_merging_exact_copies_keeps_the_top1_model(name, router):
     """Experts 2, 3 are copies of 0, 1 (router rows and bias too). Top-1 ties go to the lower
-    index, so 2 and 3 never get a token; merged, each pair's weight must still be what expert
-    0 (1) had: for Switch weights (probabilities over all 4) the merged softmax offset +log 2
-    keeps each pair's mass, for sigmoid the score is the expert's own."""
+    index, so 2 and 3 never get a token, and each token keeps its pair after merging. With
+    weight 1 (top1_weight="one") or a sigmoid score (the expert's own) the model is unchanged.
+    A Switch weight (softmax over all 4) is not kept: the chosen copy had half its pair's
+    probability, the merged expert gets the pair's whole mass, so that weight doubles."""
     model, batches = tiny(num_experts=4, top_k=1, **CONFIGS[name]), token_batches()
     with torch.no_grad():
         for layer in model.moe_layers().values():
             if name.startswith("sigmoid"):
-                layer.router.expert_bias_E[:2] = torch.tensor([0.3, -0.2])
+                layer.router.expert_bias_E[:2] = torch.tensor([0.05, -0.03])
             copy_expert(layer, 0, 2)
             copy_expert(layer, 1, 3)
     usage = expert_usage(model, batches)
     assert all(u[2:].sum() == 0 and u[:2].min() > 0 for u in usage.values())   # the premise
+    xs = hooked_inputs(model, token_batches(1, seed=9))
     for similarity in ("expert-output", "router-logits"):
         small, groups = merge_experts(model, batches, 2, similarity=similarity, router=router)
         assert groups == {0: [[0, 2], [1, 3]], 1: [[0, 2], [1, 3]]}
-        x = token_batches(1, seed=9)[0]
         with torch.no_grad():
-            assert torch.allclose(small(x).logits, model(x).logits, atol=1e-5, rtol=0)
+            moe = model.cfg.moe
+            if moe.router == "softmax" and moe.top1_weight == "prob":
+                for i, layer in model.moe_layers().items():
+                    full, merged = layer.router(xs[i]), small.moe_layers()[i].router(xs[i])
+                    assert torch.equal(merged.experts_TK, full.experts_TK)
+                    assert torch.allclose(merged.weights_TK, 2 * full.weights_TK, atol=1e-6)
+            else:
+                x = token_batches(1, seed=9)[0]
+                assert torch.allclose(small(x).logits, model(x).logits, atol=1e-5, rtol=0)
+
+
+def test_a_merged_softmax_expert_keeps_its_groups_probability_mass():
+    """Experts 2, 3 copy expert 0: merged, the group {0, 2, 3} gets the logit offset log 3, so its
+    probability is the three copies' summed probability (and expert 1's is its own)."""
+    model, batches = tiny(num_experts=4, top_k=2), token_batches()
+    for layer in model.moe_layers().values():
+        copy_expert(layer, 0, 2)
+        copy_expert(layer, 0, 3)
+    xs = hooked_inputs(model, batches)
+    small, groups = merge_experts(model, batches, 2)
+    assert groups == {0: [[0, 2, 3], [1]], 1: [[0, 2, 3], [1]]}
+    with torch.no_grad():
+        for i, layer in model.moe_layers().items():
+            full, merged = layer.router(xs[i]).probs_TE, small.moe_layers()[i].router(xs[i]).probs_TE
+            assert torch.allclose(merged[:, 0], full[:, [0, 2, 3]].sum(1), atol=1e-6)
+            assert torch.allclose(merged[:, 1], full[:, 1], atol=1e-6)
 
 
 def test_groups_partition_the_experts_into_exactly_n():
@@ -176,6 +201,3 @@ def test_merging_refusals(kw, match):
     with pytest.raises(ValueError, match="expert_choice"):
         merge_experts(tiny(router="expert_choice"), token_batches(1), 3)
 
-
-def test_vocab_is_shared_with_the_prune_tests():
-    assert VOCAB == 61 and np.int64(VOCAB) == 61

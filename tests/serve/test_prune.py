@@ -33,8 +33,9 @@ def token_batches(n: int = 2, B: int = 2, S: int = 16, seed: int = 1) -> list:
 def hooked_inputs(model, batches) -> dict:
     """{MoE layer: all its inputs [T, D]} by a hook of the test's own."""
     xs = {i: [] for i in model.moe_layers()}
-    hooks = [layer.register_forward_pre_hook(lambda _m, a, i=i: xs[i].append(a[0].reshape(-1, a[0].shape[-1])))
-             for i, layer in model.moe_layers().items()]
+    def take(i):
+        return lambda _module, args: xs[i].append(args[0].reshape(-1, args[0].shape[-1]))
+    hooks = [layer.register_forward_pre_hook(take(i)) for i, layer in model.moe_layers().items()]
     with torch.no_grad():
         for x in batches:
             model(x)
@@ -161,11 +162,13 @@ def test_pruning_leaves_the_source_model_unchanged():
     ("dense", "dense"), ("too_many", "num_experts=6 must be .* fewer than the model's 6"),
     ("below_k", "below model.moe.top_k=2"), ("expert_choice", "expert_choice"),
     ("tags", "routes by tag"), ("method", "method"), ("no_batches", "no calibration batches"),
+    ("max_tokens", "max_tokens=0"),
 ])
 def test_pruning_refusals(case, match):
     batches, n, kw = token_batches(1), 4, {}
     if case == "dense":
-        model = MoETransformer.build(ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=2, d_ff=64))
+        cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=2, d_ff=64)
+        model = MoETransformer.build(cfg)
     elif case == "expert_choice":
         model = tiny(router="expert_choice")
     elif case == "tags":
@@ -173,7 +176,8 @@ def test_pruning_refusals(case, match):
     else:
         model = tiny()
     n = {"too_many": 6, "below_k": 1}.get(case, n)
-    kw = {"method": "magnitude"} if case == "method" else {}
+    kw = {"method": {"method": "magnitude"}, "max_tokens": {"method": "reconstruction", "max_tokens": 0}
+          }.get(case, {})
     batches = [] if case == "no_batches" else batches
     with pytest.raises(ValueError, match=match):
         prune_experts(model, batches, n, **kw)

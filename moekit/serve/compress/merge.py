@@ -25,8 +25,13 @@ count-weighted mean of the group's rows, or ``"dominant"``, the dominant's row. 
 aux-loss-free selection bias of a sigmoid router is merged the same way. A softmax router's
 logit offset (``expert_bias_E``) becomes the log of the group's summed exp(offset): a group
 of c equal experts then keeps the probability mass of its c members (the inverse of
-:func:`moekit.scale.grow_experts.grow_experts`, which splits one expert's mass with -log c),
-so merging exact copies keeps top-1 Switch weights unchanged.
+:func:`moekit.scale.grow_experts.grow_experts`, which splits one expert's mass with -log c).
+On random 8-expert models merged to 4 this cut the relative layer error by 0.1-0.25 against a
+plain mean of the offsets, top-1 and top-2 alike. What it cannot keep: a top-1 Switch weight
+of one of c exact copies was 1/c of the group's mass, and the merged expert gets all of it.
+The router default "mean" measured lower than "dominant" for softmax routers (relative layer
+error 0.84 vs 0.87 at top-2, 0.90 vs 0.96 at top-1) and slightly higher for sigmoid (0.95 vs
+0.94); tests/serve/test_merge.py holds the softmax comparison.
 """
 
 from __future__ import annotations
@@ -63,7 +68,8 @@ def merge_experts(model, batches: list[Tensor], num_experts: int, similarity: st
                                  ("metric", metric, METRICS)):
         check_choice("merge_experts", name, value, choices)
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise ValueError(f"merge_experts: max_tokens={max_tokens!r} must be a positive integer; use e.g. 4096")
+        raise ValueError(f"merge_experts: max_tokens={max_tokens!r} must be a positive integer; "
+                         "use e.g. 4096")
     calib = calibrate(model, batches, max_tokens)
     state = dict(model.state_dict())
     groups = {}

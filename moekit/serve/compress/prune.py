@@ -49,6 +49,9 @@ def prune_experts(model, batches: list[Tensor], num_experts: int, method: str = 
     """
     check_target(model, num_experts, "prune_experts")
     check_choice("prune_experts", "method", method, METHODS)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise ValueError(f"prune_experts: max_tokens={max_tokens!r} must be a positive integer; "
+                         "use e.g. 4096")
     calib = calibrate(model, batches, max_tokens if method == "reconstruction" else 0)
     if method == "usage":
         kept = {i: sorted(c.order()[:num_experts]) for i, c in calib.items()}
@@ -74,7 +77,8 @@ class SubsetLayer:
 
     def __init__(self, layer: MoELayer, n: int):
         self.layer = layer
-        self.pruned = MoELayer(dataclasses.replace(layer.cfg, num_experts=n)).to(layer.experts.w_up_EDF.device)
+        pruned = MoELayer(dataclasses.replace(layer.cfg, num_experts=n))
+        self.pruned = pruned.to(layer.experts.w_up_EDF.device)
         self.pruned.eval()
 
     @torch.no_grad()

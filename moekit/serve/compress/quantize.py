@@ -117,10 +117,18 @@ def _register(module: nn.Module, name: str, shape: tuple[int, ...], bits: int, g
 class QuantizedExperts(nn.Module):
     """:class:`GroupedExperts` with int8 / int4 weights (buffers ``w_{gate,up}_q`` [E, P, F],
     ``w_{gate,up}_scale`` [E, G, F] over D, ``w_down_q`` [E, P, D], ``w_down_scale`` [E, G, D]
-    over F); same forward. Experts are dequantized ``chunk_experts`` at a time (empty experts
-    never), so the float weights in flight at once are at most ``chunk_experts`` experts' worth:
-    ``chunk_experts * mats * D * F * 4`` bytes (float32, about DEQUANT_BUDGET_BYTES) plus the same
-    in x's dtype when that is not float32; mats = 3 (SwiGLU) or 2 (GELU).
+    over F); same forward and attributes (``activation``, ``backend``, ``expert_dropout``,
+    :meth:`weights`), and ``num_experts``, ``d_model``, ``d_ff`` for the shapes. There is no
+    ``w_up_EDF``: code that reads or writes the float parameters fails loudly here instead of
+    writing into a dequantized copy (use ``weights(dtype)``).
+
+    The forward reads counts_E on the host (one sync, as ``segment_mm`` does) and dequantizes
+    the experts that got rows, ``chunk_experts`` (C) at a time, C * mats * D * F * 4 <=
+    DEQUANT_BUDGET_BYTES (mats = 3 SwiGLU, 2 GELU), running the backend on each chunk's rows.
+    Peak transient float memory: the chunk's weights in x's dtype, C * mats * D * F *
+    x.element_size(), plus one float32 [C, D, F] being scaled (and for int4 about 4 bytes per
+    weight of one [C, D, F] of unpacking temporaries). ``.to(torch.bfloat16)`` on the module
+    rounds its float32 scales too: move it with ``.to(device)`` only.
 
     Example:
         >>> cfg = MoEConfig(d_model=16, d_ff=32, num_experts=4)
@@ -161,12 +169,6 @@ class QuantizedExperts(nn.Module):
         out = {n: dequantize_weight(getattr(self, f"{n}_q")[experts], getattr(self, f"{n}_scale")[experts],
                                     self.bits, dtype) for n in self.names}
         return out.get("w_gate"), out["w_up"], out["w_down"]
-
-    # the float experts' parameter names, dequantized on every read (a copy: writing to it
-    # changes nothing): for code that reads shapes or values of ``experts.w_up_EDF``
-    w_gate_EDF = property(lambda self: self.weights(self.dtype)[0])
-    w_up_EDF = property(lambda self: self.weights(self.dtype)[1])
-    w_down_EFD = property(lambda self: self.weights(self.dtype)[2])
 
     def resolve_backend(self, x_RD: Tensor) -> str:
         if self.backend != "auto":
@@ -212,7 +214,8 @@ class QuantizedExperts(nn.Module):
 class QuantizedLinear(nn.Module):
     """An ``nn.Linear`` with int8 / int4 weights: buffers ``weight_q`` [P, O], ``weight_scale``
     [G, O] over in_features (the weight stored input dim first, ``weight.t()``), float ``bias``
-    [O] or None. y = x @ dequant(W_IO) + bias, in x's dtype."""
+    [O] or None. y = x @ dequant(W_IO) + bias, in x's dtype; each forward dequantizes the whole
+    weight (O * I elements in x's dtype, transient)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int):
         super().__init__()
