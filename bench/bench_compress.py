@@ -124,7 +124,8 @@ def table(rows: dict[str, dict]) -> str:
     for name, r in rows.items():
         acc = f" {r['test_accuracy']:.3f} |" if "test_accuracy" in r else ""
         lines.append(f"| {name} | {r['params'] / 1e6:.2f}M | {r['weight_bytes'] / 2**20:.1f} | "
-                     f"{r['disk_bytes'] / 2**20:.1f} | {r['peak_rss_mb']:.0f} | {r['gen_tokens_per_s']:.0f} | "
+                     f"{r['disk_bytes'] / 2**20:.1f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['gen_tokens_per_s']:.0f} | "
                      f"{r['val_loss']:.4f} | {r['val_ppl']:.1f} |{acc}")
     return "\n".join(lines)
 
@@ -176,7 +177,8 @@ def main(argv=None) -> int:
         dirs[name] = args.out / name
     if not args.no_distill:
         dirs.update(distill_arms(src, args.out, args.distill_steps))
-    rows = {name: measure(d, src, args.val_batches, args.gen_batch, args.gen_tokens) for name, d in dirs.items()}
+    rows = {name: measure(d, src, args.val_batches, args.gen_batch, args.gen_tokens)
+            for name, d in dirs.items()}
     if "distill" in rows:
         alone, student, moe = (rows[k]["val_loss"] for k in ("dense-alone", "distill", "original"))
         rows["distill"]["kept_share"] = (alone - student) / (alone - moe) if alone != moe else None

@@ -119,7 +119,8 @@ def main(argv=None) -> int:
             unc = row.get("moekit-uncached", {}).get("tokens_per_s")
             print(f"{res['model'][:58]:<58} {row['batch']:>5} {row['moekit']['tokens_per_s']:>13.1f} "
                   f"{unc if unc is None else round(unc, 1)!s:>9} {row['transformers']['tokens_per_s']:>9.1f} "
-                  f"{row['moekit']['ratio_to_transformers']:>9.2f} {row['greedy_rows_equal_transformers']:>11}")
+                  f"{row['moekit']['ratio_to_transformers']:>9.2f} "
+                  f"{row['greedy_rows_equal_transformers']:>11}")
     if args.json:
         import transformers
         meta = {"command": "python bench/bench_generate.py " + " ".join(argv or sys.argv[1:]),

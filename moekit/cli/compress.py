@@ -25,7 +25,8 @@ METHODS = ("distill", "merge", "prune", "quantize")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("compress", help="distill, merge, prune or quantize a trained model", allow_abbrev=False,
+    p = sub.add_parser("compress", help="distill, merge, prune or quantize a trained model",
+                       allow_abbrev=False,
                        description="Read SRC (a run or export; never modified) and write a smaller model to "
                                    "OUT. See docs/compression.md for what each method keeps.")
     p.add_argument("src")
@@ -33,7 +34,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--experts", type=int, help="merge / prune: experts per MoE layer to keep")
     p.add_argument("--prune-by", default="reconstruction", help="prune: usage (most routed tokens) or "
-                   "reconstruction (NAEE: the subset whose layer output is closest on the calibration tokens)")
+                   "reconstruction (NAEE: the subset whose layer output is closest on the calibration "
+                   "tokens)")
     p.add_argument("--similarity", default="expert-output", help="merge: group experts by expert-output "
                    "(HC-SMoE) or router-logits similarity on the calibration tokens")
     p.add_argument("--router", default="mean", help="merge: a merged expert's router row is the usage-"
@@ -126,7 +128,8 @@ def _transform(args, model, tok, cfg, src: Path):
         info.update(experts={"source": model.cfg.moe.num_experts, "compressed": args.experts},
                     calib_tokens=sum(b.numel() for b in batches))
     # quantized weights are buffers, not parameters: the same count, fewer bytes
-    info["params"]["compressed"] = count_params(small) if args.method != "quantize" else info["params"]["source"]
+    quantized = args.method == "quantize"
+    info["params"]["compressed"] = info["params"]["source"] if quantized else count_params(small)
     return small, info
 
 
@@ -200,10 +203,13 @@ def _recover(args, cfg, compressed: Path, out: Path) -> None:
 def _report(info: dict, out: Path) -> None:
     p = info["params"]
     what = {"quantize": lambda: f"{info['bits']}-bit weights, groups of {info['group_size']}; weight bytes "
-                                f"{info['bytes']['source']['total']:,} -> {info['bytes']['compressed']['total']:,}",
-            "prune": lambda: f"{info['experts']['compressed']} of {info['experts']['source']} experts per layer "
+                                f"{info['bytes']['source']['total']:,} -> "
+                                f"{info['bytes']['compressed']['total']:,}",
+            "prune": lambda: f"{info['experts']['compressed']} of {info['experts']['source']} experts per "
+                             f"layer "
                              f"(by {info['prune_by']})",
-            "merge": lambda: f"{info['experts']['source']} -> {info['experts']['compressed']} experts per layer "
+            "merge": lambda: f"{info['experts']['source']} -> {info['experts']['compressed']} experts per "
+                             f"layer "
                              f"(by {info['similarity']})"}[info["method"]]()
     print(f"compressed {info['source']} into {out} ({info['method']}: {what}); parameters {p['source']:,} -> "
           f"{p['compressed']:,}")
@@ -219,7 +225,8 @@ def _distill(args, src: Path, out: Path) -> int:
     teacher, _, cfg = load_run(src)
     student = teacher.cfg.dense_baseline() if teacher.cfg.moe is not None else teacher.cfg
     base = cfg.to_dict()
-    train = {k: v for k, v in base["train"].items() if k not in ("init_from", "expert_schedule", "warmup_steps")}
+    dropped = ("init_from", "expert_schedule", "warmup_steps")
+    train = {k: v for k, v in base["train"].items() if k not in dropped}
     model = {k: v for k, v in dataclasses.asdict(student).items() if k not in ("quant", "dropout")}
     raw = {"model": model, "data": base["data"], "train": {**train, "seed": args.seed},
            "distill": {"teacher": str(src), "temperature": args.temperature, "alpha": args.alpha}}

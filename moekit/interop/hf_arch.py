@@ -258,7 +258,8 @@ def check_router_offsets(mcfg: ModelConfig, state: dict) -> None:
         if offset is not None and offset.numel() and bool(offset.max() != offset.min()):
             lo, hi = float(offset.min()), float(offset.max())
             raise ValueError(f"export to Hugging Face: layer {i}'s router logit offsets differ between "
-                             f"experts ({lo:.3g} to {hi:.3g}: experts grown with which='most_loaded', or merged "
+                             f"experts ({lo:.3g} to {hi:.3g}: experts grown with which='most_loaded', or "
+                             "merged "
                              "in groups of unequal size), which no Hugging Face router holds; export before "
                              "growing or merging, grow with which='all', or prune instead of merging")
 

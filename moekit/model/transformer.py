@@ -103,7 +103,8 @@ class KVCache:
     def empty(cls, cfg: ModelConfig, batch: int, capacity: int, pad_B: Tensor | None = None,
               dtype: torch.dtype = torch.float32, device=None) -> KVCache:
         if capacity > cfg.max_seq_len:
-            raise ValueError(f"KVCache capacity {capacity} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}; "
+            raise ValueError(f"KVCache capacity {capacity} exceeds ModelConfig.max_seq_len="
+                             f"{cfg.max_seq_len}; "
                              "the model has no rotary positions past it")
         G = cfg.n_kv_heads or cfg.n_heads
         shape = (batch, G, capacity, cfg.head_dim)
@@ -174,7 +175,8 @@ class Attention(nn.Module):
             cache.k[layer][:, :, cache.length:end] = k_BGSD
             cache.v[layer][:, :, cache.length:end] = v_BGSD
             out_BHSD = F.scaled_dot_product_attention(q_BHSD, cache.k[layer][:, :, :end],
-                                                      cache.v[layer][:, :, :end], attn_mask=mask, enable_gqa=gqa)
+                                                      cache.v[layer][:, :, :end], attn_mask=mask,
+                                                      enable_gqa=gqa)
         return self.wo(out_BHSD.transpose(1, 2).reshape(B, S, -1))
 
     def reset_parameters(self, std: float, out_std: float) -> None:
@@ -342,7 +344,8 @@ class MoETransformer(nn.Module):
         cos, sin, mask = self.rope_cos, self.rope_sin, None
         if cache is not None:
             if cache.length + S > cache.capacity or tokens_BS.shape[0] != cache.pad_B.shape[0]:
-                raise ValueError(f"KVCache: {tokens_BS.shape[0]} rows of {S} tokens after {cache.length} do not "
+                raise ValueError(f"KVCache: {tokens_BS.shape[0]} rows of {S} tokens after {cache.length} "
+                                 "do not "
                                  f"fit a cache of {cache.pad_B.shape[0]} rows and {cache.capacity} slots; "
                                  "make a larger cache")
             pos_BS = cache.positions(S)

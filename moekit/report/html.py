@@ -170,7 +170,8 @@ def build_report(run_dir: Path, summary: dict, by_tag: RoutingBreakdown | None,
     """The page. ``by_tag`` is shown only when the data has more than one tag; the dropped
     fraction only when ``can_drop`` (a capacity) or when anything was dropped."""
     # an export (compress, extract, upcycle) has no training history: the routing panels only
-    exported = not (Path(run_dir) / "metrics.jsonl").exists() and (Path(run_dir) / "model.safetensors").exists()
+    run_dir = Path(run_dir)
+    exported = not (run_dir / "metrics.jsonl").exists() and (run_dir / "model.safetensors").exists()
     rows = [] if exported else read_metrics(run_dir)
     baseline = read_metrics(baseline_dir) if baseline_dir else None
     layers = sorted({int(k.split("/")[1][5:]) for r in rows for k in r if k.startswith("moe/layer")

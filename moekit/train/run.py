@@ -217,7 +217,7 @@ def _build(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None, rank: int, wo
     tok, train_split, val_split, meta = data or _data(cfg, run_dir, rank, world)
     _fill_route_tags(cfg, meta)
     model = MoETransformer.build(rd.model_config_for(cfg, tok.get_vocab_size()), device=device)
-    if initial is not None and initial.state is not None:   # before parallelizing: SRC's weights on every rank
+    if initial is not None and initial.state is not None:   # before parallelizing: SRC's weights, all ranks
         model.load_state_dict(initial.state)
     hooks = _finetune(model, cfg, train_split)
     forward, accumulate, sync, mesh, ep_group = _parallel_model(cfg, model, world, rank, device)

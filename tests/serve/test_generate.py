@@ -15,7 +15,8 @@ V = 101
 
 def model_of(moe=None, vocab=V, **kw) -> MoETransformer:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=96, moe=moe, **kw)
+    cfg = ModelConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=96, moe=moe,
+                      **kw)
     model = MoETransformer.build(cfg).eval()
     with torch.no_grad():                   # sharper logits: greedy choices far from ties
         model.lm_head.weight.mul_(4)
@@ -133,7 +134,8 @@ def test_cli_generates_a_batch_of_prompts(tmp_path, capsys):
     texts = ["the cat sat on the mat", "a dog ran in the park", "birds sing in the morning"] * 20
     tok = train_tokenizer(texts, vocab_size=300)
     model = model_of(vocab=tok.get_vocab_size())
-    save_export(model, tok, RunConfig.from_dict({"model": {"vocab_size": tok.get_vocab_size()}}), tmp_path / "m")
+    cfg = RunConfig.from_dict({"model": {"vocab_size": tok.get_vocab_size()}})
+    save_export(model, tok, cfg, tmp_path / "m")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the cat\n\na dog\n")
     args = ["generate", str(tmp_path / "m"), "--prompt", "birds", "--prompts-file", str(prompts),
