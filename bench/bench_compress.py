@@ -55,17 +55,33 @@ def compress(src: Path, out: Path, argv: list[str]) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
-def measure(model_dir: Path, src: Path, val_batches: int, gen_batch: int, gen_tokens: int) -> dict:
+def measure(model_dir: Path, src: Path, val_batches: int, gen_batch: int, gen_tokens: int,
+            val_cache: Path | None) -> dict:
     """One model in a fresh process (for its peak memory): see :func:`_measure_here`."""
     cmd = [sys.executable, __file__, str(src), "--measure", str(model_dir), "--val-batches",
-           str(val_batches), "--gen-batch", str(gen_batch), "--gen-tokens", str(gen_tokens)]
+           str(val_batches), "--gen-batch", str(gen_batch), "--gen-tokens", str(gen_tokens),
+           *(["--val-cache", str(val_cache)] if val_cache else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"measuring {model_dir} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _measure_here(model_dir: Path, src: Path, val_batches: int, gen_batch: int, gen_tokens: int) -> dict:
+def val_cache_for(src: Path, corpus: str, out: Path, max_docs: int) -> Path:
+    """A token cache of ``corpus`` with SRC's tokenizer (for a source without one, such as an
+    upcycled SmolLM2): its validation split is what every arm is evaluated on."""
+    from moekit.data.catalog import load_documents
+    from moekit.data.stream import build_token_cache
+    from moekit.train.run_dir import load_run
+    cache = out / "val-cache"
+    if not (cache / "val.bin").exists():
+        tok = load_run(src)[1]
+        build_token_cache(load_documents(corpus)[:max_docs], tok, cache, 0.05)
+    return cache
+
+
+def _measure_here(model_dir: Path, src: Path, val_batches: int, gen_batch: int, gen_tokens: int,
+                  val_cache: Path | None = None) -> dict:
     import resource
     import tempfile
     import time
@@ -91,7 +107,11 @@ def _measure_here(model_dir: Path, src: Path, val_batches: int, gen_batch: int, 
     sample_batch(model, prompts, gen_tokens, temperature=0)
     gen_s = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    val = open_split(src_cfg, src, "val")
+    if val_cache is None:
+        val = open_split(src_cfg, src, "val")
+    else:
+        from moekit.data.stream import PackedSplit
+        val = PackedSplit.open(val_cache, "val", src_cfg.data.seq_len)
     loss = evaluate(model, val, src_cfg.train.batch_size, torch.device("cpu"), val_batches)
     per_byte = 2 if model.cfg.quant and model.cfg.quant["bits"] == 4 else 1   # packed int4: 2 per byte
     weights = sum(p.numel() for p in model.parameters()) + per_byte * sum(
@@ -160,11 +180,15 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
+    ap.add_argument("--val-corpus", help="a source without a token cache: evaluate on this corpus's "
+                                         "validation documents (tokenized with its tokenizer)")
+    ap.add_argument("--val-docs", type=int, default=3000, help="--val-corpus: its first N documents")
+    ap.add_argument("--val-cache", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.measure:
         print(json.dumps(_measure_here(args.measure, Path(args.src), args.val_batches, args.gen_batch,
-                                       args.gen_tokens)))
+                                       args.gen_tokens, args.val_cache)))
         return 0
     from moekit.train.run_dir import load_run
     src = Path(args.src)
@@ -177,7 +201,13 @@ def main(argv=None) -> int:
         dirs[name] = args.out / name
     if not args.no_distill:
         dirs.update(distill_arms(src, args.out, args.distill_steps))
-    rows = {name: measure(d, src, args.val_batches, args.gen_batch, args.gen_tokens)
+    from moekit.train.splits import has_cache
+    val_cache = None
+    if not has_cache(src):
+        if not args.val_corpus:
+            raise SystemExit(f"{src} has no token cache (data/): give --val-corpus to evaluate on")
+        val_cache = val_cache_for(src, args.val_corpus, args.out, args.val_docs)
+    rows = {name: measure(d, src, args.val_batches, args.gen_batch, args.gen_tokens, val_cache)
             for name, d in dirs.items()}
     if "distill" in rows:
         alone, student, moe = (rows[k]["val_loss"] for k in ("dense-alone", "distill", "original"))

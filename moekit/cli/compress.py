@@ -73,6 +73,11 @@ def _check_flags(args) -> None:
         raise ValueError(f"--similarity {args.similarity!r}: use expert-output or router-logits")
     if args.method == "merge" and args.router not in ("mean", "dominant"):
         raise ValueError(f"--router {args.router!r}: use mean or dominant")
+    if args.method == "quantize" and args.bits not in (8, 4):
+        raise ValueError(f"--bits {args.bits}: use 8 or 4")
+    if args.method == "quantize" and (args.group_size < 2 or args.group_size % 2):
+        raise ValueError(f"--group-size {args.group_size}: must be an even number >= 2 that divides the "
+                         "model's d_model and expert d_ff (e.g. 32, 64, 128)")
     if args.calib_tokens < 1:
         raise ValueError(f"--calib-tokens {args.calib_tokens}: must be >= 1 (e.g. 16384)")
     if args.recover_steps < 0 or (args.recover_steps and args.method not in ("merge", "prune")):
@@ -97,8 +102,15 @@ def run(args) -> int:
         return _distill(args, src, out)
     from moekit.train.run_dir import load_run
     model, tok, cfg = load_run(src)
+    if args.recover_steps:               # a bad --set is found before the work, not after it
+        from moekit.config import RunConfig
+        RunConfig.from_dict(_recover_raw(args, cfg))
     small, info = _transform(args, model, tok, cfg, src)
-    _write(small, tok, cfg, src, out, args, info)
+    if args.recover_steps:
+        _recover(args, small, tok, cfg, out, info)
+    else:
+        _write(small, tok, cfg, src, out, info)
+    _report(info, out)
     return 0
 
 
@@ -172,32 +184,63 @@ def _text_windows(source, tok, S: int, n: int, g):
     return torch.tensor(ids[:usable]).view(-1, S)[:n]
 
 
-def _write(small, tok, cfg, src: Path, out: Path, args, info: dict) -> None:
-    """OUT: the export (with SRC's token cache), or with --recover-steps a run trained from it."""
+def _write(small, tok, cfg, src: Path, out: Path, info: dict) -> None:
+    """OUT: the export with SRC's token cache and compress.json, written beside OUT first and
+    moved into place whole, so a failure (a full disk) leaves no half-written OUT."""
     from moekit.train.run_dir import save_export
     from moekit.train.splits import has_cache
-    target = out if not args.recover_steps else out.parent / f".{out.name}.compressed"
-    save_export(small, tok, cfg, target)
-    if has_cache(src) and not (target / "data").exists():
-        shutil.copytree(src / "data", target / "data")
-    (target / "compress.json").write_text(json.dumps(info, indent=1))
-    if args.recover_steps:
-        _recover(args, cfg, target, out)
-        shutil.copy(target / "compress.json", out / "compress.json")
-        shutil.rmtree(target, ignore_errors=True)
-    _report(info, out)
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        save_export(small, tok, cfg, staging)
+        if has_cache(src):
+            shutil.copytree(src / "data", staging / "data")
+        (staging / "compress.json").write_text(json.dumps(info, indent=1))
+        if out.exists():                    # an earlier export of ours (check_export_target)
+            shutil.rmtree(out)
+        staging.rename(out)
+    except (OSError, ValueError) as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, ValueError):     # save_export's one line, about the staging directory
+            raise ValueError(str(err).replace(repr(str(staging)), repr(str(out)))) from None
+        # shutil.Error (copytree) lists (src, dst, why) per file: the first why says it
+        reason = err.strerror or (str(err.args[0][0][-1]).split(": ")[0] if isinstance(err, shutil.Error)
+                                  else str(err))
+        raise ValueError(f"writing {str(out)!r} failed: {reason}; free space or choose another "
+                         "--out") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
-def _recover(args, cfg, compressed: Path, out: Path) -> None:
-    from moekit.cli import train as train_cmd
+def _recover_raw(args, cfg) -> dict:
+    """The recovery run's recipe: SRC's data, a short schedule at a tenth of SRC's LR, --set."""
     from moekit.recipe import apply_overrides
     raw = {"data": dataclasses.asdict(cfg.data),
            "train": {"max_steps": args.recover_steps, "lr": cfg.train.lr / 10,
                      "batch_size": cfg.train.batch_size, "seed": args.seed}}
-    raw = apply_overrides(raw, args.set)
-    ns = argparse.Namespace(config=None, set=[], out=str(out), resume=None, init_from=str(compressed),
-                            no_progress=args.no_progress, stop_at=None, nproc=None, raw=raw)
-    train_cmd.run(ns)
+    return apply_overrides(raw, args.set)
+
+
+def _recover(args, small, tok, cfg, out: Path, info: dict) -> None:
+    """OUT: a run trained from the compressed model, which stays in OUT/init (its init_from),
+    with compress.json beside it; a resume (moekit train --resume OUT) continues it."""
+    from moekit.cli import train as train_cmd
+    from moekit.train.checkpoint import find_checkpoint
+    from moekit.train.run_dir import create, save_export
+    made = create(out)
+    try:
+        save_export(small, tok, cfg, out / "init")
+        info = {**info, "recover_steps": args.recover_steps}
+        (out / "compress.json").write_text(json.dumps(info, indent=1))
+        ns = argparse.Namespace(config=None, set=[], out=str(out), resume=None,
+                                init_from=str((out / "init").resolve()), no_progress=args.no_progress,
+                                stop_at=None, nproc=None, raw=_recover_raw(args, cfg))
+        train_cmd.run(ns)
+    except BaseException:
+        if made is not None and find_checkpoint(out) is None:   # nothing to resume: leave nothing
+            shutil.rmtree(made, ignore_errors=True)
+        raise
 
 
 def _report(info: dict, out: Path) -> None:

@@ -87,7 +87,8 @@ def _dispatch(argv: list[str] | None) -> int:
         raise                                        # main() decides: a closed stdout, or a real error
     except OSError as err:   # the machine said no (a full disk, a permission): one line, what and where
         where = f" ({err.filename})" if err.filename else ""
-        print(f"moekit {args.command}: error: {(err.strerror or str(err)).lower()}{where}", file=sys.stderr)
+        text = err.strerror or str(err)         # lower-case its first letter only: paths keep their case
+        print(f"moekit {args.command}: error: {text[:1].lower() + text[1:]}{where}", file=sys.stderr)
         return 1
 
 

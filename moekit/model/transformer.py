@@ -215,7 +215,10 @@ class Block(nn.Module):
         p, training = self.dropout_p, self.training
         x_BSD = x_BSD + dropout(self.attn(self.attn_norm(x_BSD), cos, sin, cache, layer, mask), p, training)
         h = self.ffn_norm(x_BSD)
-        h = self.ffn(h, tags_T) if tags_T is not None and isinstance(self.ffn, MoELayer) else self.ffn(h)
+        if isinstance(self.ffn, MoELayer):   # generation (a cache) needs no routing statistics
+            h = self.ffn(h, tags_T, stats=cache is None)
+        else:
+            h = self.ffn(h)
         h, aux = h if isinstance(h, tuple) else (h, None)
         return x_BSD + dropout(h, p, training), aux
 
@@ -335,7 +338,8 @@ class MoETransformer(nn.Module):
         """``tags``: [B] or [B, S] indices into ``cfg.moe.route_tags`` (each sequence's language
         or source), needed when the model routes by tag (:attr:`ModelConfig.routes_by_tag`).
         ``cache``: the tokens are the next slots of the sequences held in a :class:`KVCache`
-        (cached generation), which this call fills and advances."""
+        (cached generation), which this call fills and advances; such a forward computes no
+        routing statistics or aux losses (``out.moe`` is empty, the losses are 0)."""
         S = tokens_BS.shape[1]
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds ModelConfig.max_seq_len="

@@ -140,9 +140,11 @@ class MoELayer(nn.Module):
                              "tag per token (the model broadcasts one per sequence)")
         return tags.reshape(-1).to(device=x_TD.device, dtype=torch.long)
 
-    def forward(self, x: Tensor, tags_T: Tensor | None = None) -> tuple[Tensor, MoEAux]:
+    def forward(self, x: Tensor, tags_T: Tensor | None = None,
+                stats: bool = True) -> tuple[Tensor, MoEAux | None]:
         """``tags_T`` [T] (or x's leading shape): each token's index into ``cfg.route_tags``;
-        needed when ``cfg.router_input`` routes by tag, ignored otherwise."""
+        needed when ``cfg.router_input`` routes by tag, ignored otherwise. ``stats=False``
+        (generation): no aux losses or statistics, the second value is None."""
         self._check_input(x)
         x_TD = x.reshape(-1, x.shape[-1])
         tags_T = self._check_tags(tags_T, x_TD)
@@ -158,7 +160,7 @@ class MoELayer(nn.Module):
             y_TD = self.dispatcher.combine(y_RD, plan)
             if self.shared is not None:
                 y_TD = y_TD + self._shared(x_cast)
-        return y_TD.view(x.shape), self._aux(routing, plan)
+        return y_TD.view(x.shape), self._aux(routing, plan) if stats else None
 
     def _shared(self, x_TD: Tensor) -> Tensor:
         """The shared FFN's output [T, D], times sigmoid(x . w_gate) when gated (Qwen2-MoE); the

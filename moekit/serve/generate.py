@@ -9,8 +9,9 @@ sequences that drew end-of-text leave the batch. The slow twin (``use_cache=Fals
 recomputes each sequence's whole window for every token. Both draw from the same logits in
 the same order, so greedy decoding gives the same tokens (tested on dense and MoE models).
 
-Where they can differ: past ``max_seq_len`` tokens the uncached path slides its window by
-one token per step while the cache restarts from the last half window; a router with capacity
+Where they can differ: once a sequence is ``max_seq_len`` tokens long the uncached path slides
+its window by one token per step while the cache restarts it from its last half window (the
+other sequences of the batch keep all their tokens); a router with capacity
 (token dropping) or expert choice routes a step's tokens together, so its choices depend on
 which tokens share the forward (the window vs one new token per sequence).
 """
@@ -70,7 +71,8 @@ def next_tokens(logits_BV: Tensor, temperature: float, top_k: int = 0, top_p: fl
     logits_BV = logits_BV.float()
     if temperature == 0:
         return logits_BV.argmax(-1)
-    logits_BV = logits_BV / temperature
+    # shifted so the largest is 0 first: a tiny temperature then gives -inf, never inf - inf
+    logits_BV = (logits_BV - logits_BV.max(-1, keepdim=True).values) / temperature
     if top_k:
         kth_B1 = torch.topk(logits_BV, min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
@@ -103,10 +105,10 @@ class _Cached:
         self.cache = None
         self.prefill(rows)
 
-    def prefill(self, rows: list[list[int]], keep: int | None = None) -> None:
-        """A new cache holding each row's last ``keep`` tokens (default: as many as fit)."""
+    def prefill(self, rows: list[list[int]], keep: list[int] | None = None) -> None:
+        """A new cache holding each row's last ``keep[b]`` tokens (default: as many as fit)."""
         S_max = self.model.cfg.max_seq_len
-        ctx = [r[-(keep or S_max):] for r in rows]
+        ctx = [r[-(keep[b] if keep else S_max):] for b, r in enumerate(rows)]
         longest = max(len(c) for c in ctx)
         pad_B = torch.tensor([longest - len(c) for c in ctx], device=self.device)
         filler = ctx[0][0]
@@ -123,8 +125,11 @@ class _Cached:
     def step(self, new_B: Tensor, rows: list[list[int]]) -> None:
         """Feed each live row's new token (``rows``: the live rows, the new token included)."""
         self.budget -= 1
-        if self.cache.length == self.cache.capacity:   # full: restart from the last half window
-            self.prefill(rows, keep=max(1, self.model.cfg.max_seq_len // 2))
+        if self.cache.length == self.cache.capacity:
+            # full: a row that has reached the window restarts from its last half window; the
+            # others keep every token (their output stays the uncached one until theirs is full)
+            S_max = self.model.cfg.max_seq_len
+            self.prefill(rows, keep=[len(r) if len(r) < S_max else max(1, S_max // 2) for r in rows])
         else:
             self.last_BV = self._forward(new_B[:, None])[:, -1]
 

@@ -246,7 +246,7 @@ def save_export(model: MoETransformer, tok: Tokenizer, cfg: RunConfig, out_dir: 
     with the model's own config, the tokenizer); files are replaced atomically."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
-    create(out_dir)
+    made = create(out_dir)
     # the vocabulary and length the weights have; a saved model has no growth ahead of it
     train = dataclasses.replace(cfg.train, expert_schedule=None)
     cfg = dataclasses.replace(cfg, model=model.cfg, train=train)
@@ -255,7 +255,7 @@ def save_export(model: MoETransformer, tok: Tokenizer, cfg: RunConfig, out_dir: 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
              if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
     tmp = out_dir / (EXPORT_WEIGHTS + ".tmp")
-    with _writing(out_dir, tmp):
+    with _writing(out_dir, tmp, made):
         save_file(state, str(tmp), metadata={"format": "moekit"})
         os.replace(tmp, out_dir / EXPORT_WEIGHTS)
         write_json(out_dir / "config.json", cfg.to_dict())
@@ -264,14 +264,19 @@ def save_export(model: MoETransformer, tok: Tokenizer, cfg: RunConfig, out_dir: 
 
 
 @contextmanager
-def _writing(out_dir: Path, tmp: Path | None = None):
-    """A failed write into an output directory (a full disk) is one line; ``tmp`` goes."""
+def _writing(out_dir: Path, tmp: Path | None = None, made: Path | None = None):
+    """A failed write into an output directory (a full disk) is one line; ``tmp`` goes, and so
+    does ``made``, the directory this write created."""
+    from safetensors import SafetensorError
     try:
         yield
-    except OSError as err:
+    except (OSError, SafetensorError) as err:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        raise ValueError(f"writing {str(out_dir)!r} failed: {err.strerror or err}; free space or "
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        reason = getattr(err, "strerror", None) or str(err).split(": ")[-1]
+        raise ValueError(f"writing {str(out_dir)!r} failed: {reason}; free space or "
                          "choose another --out") from None
 
 

@@ -102,7 +102,10 @@ def test_prune_with_recovery_trains_and_improves(src, tmp_path, capsys):
     assert cli(["compress", str(src), "--out", str(out), "--method", "prune", "--experts", "2",
                 "--prune-by", "usage", "--recover-steps", "8", "--no-progress"]) == 0
     assert (out / "checkpoint.pt").exists() and (out / "compress.json").exists()
-    assert not (tmp_path / ".rec.compressed").exists()    # the intermediate export is gone
+    assert load_run(out / "init")[0].cfg.moe.num_experts == 2     # the pruned model it started from
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["init_from"] == str((out / "init").resolve())
+    assert [p.name for p in tmp_path.iterdir()] == ["rec"]         # nothing beside it
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == 8
     assert load_run(out)[0].cfg.moe.num_experts == 2
@@ -158,8 +161,11 @@ def test_alpha_zero_is_the_student_alone(src, tmp_path, capsys):
     (["--method", "prune", "--experts", "4"], "num_experts=4 must be an integer fewer than"),
     (["--method", "merge", "--experts", "9"], "num_experts=9 must be an integer fewer than"),
     (["--method", "merge", "--experts", "1"], "top_k"),
-    (["--method", "quantize", "--bits", "3"], "bits=3"),
+    (["--method", "quantize", "--bits", "3"], "--bits 3"),
+    (["--method", "quantize", "--bits", "8", "--group-size", "7"], "--group-size 7"),
     (["--method", "quantize", "--bits", "8", "--group-size", "48"], "group_size=48"),
+    (["--method", "prune", "--experts", "2", "--recover-steps", "3", "--set", "train.lr=abc"],
+     "TrainConfig.lr='abc'"),
     (["--method", "prune", "--experts", "2", "--calib", "EMPTY"], "holds no text"),
     (["--method", "merge", "--experts", "2", "--calib", "TINY"], "fewer than one window"),
     (["--method", "prune", "--experts", "2", "--similarity", "x"], None),

@@ -157,3 +157,18 @@ def test_tag_routed_model_generates_each_row_under_its_own_tag():
     assert cached[1] == sample_batch(model, [PROMPTS[1]], 25, temperature=0, tags="en")[0]
     with pytest.raises(ValueError, match="2 tags for 3 prompts"):
         sample_batch(model, PROMPTS, 2, tags=["de", "en"])
+
+
+def test_a_rows_output_does_not_depend_on_a_long_batch_mate():
+    model = model_of(MoEConfig(d_model=64, d_ff=64, num_experts=4, top_k=2))
+    model.cfg.max_seq_len = 32              # the long row fills the cache and restarts twice
+    short, long_ = [3, 4, 5], list(range(1, 31))
+    alone = sample_batch(model, [short], 26, temperature=0)[0]
+    assert alone == sample_batch(model, [short], 26, temperature=0, use_cache=False)[0]
+    together = sample_batch(model, [short, long_], 26, temperature=0)
+    assert together[0] == alone and len(together[1]) == 26
+
+
+def test_a_tiny_temperature_is_greedy_not_a_crash():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
+    assert next_tokens(logits, 1e-45, 50, 0.9).tolist() == [1, 0]
