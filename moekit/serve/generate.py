@@ -24,7 +24,7 @@ from torch import Tensor
 
 from moekit.checks import is_int, is_real
 from moekit.data.tokenizer import eos_id
-from moekit.model.transformer import KVCache
+from moekit.model.kv_cache import KVCache
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float = 1.0,
