@@ -80,9 +80,20 @@ def val_cache_for(src: Path, corpus: str, out: Path, max_docs: int) -> Path:
     return cache
 
 
+def _rss_peak_mb(reset: bool = False) -> float:
+    """The process's peak resident memory (VmHWM) in MiB; ``reset`` starts a new peak from the
+    current resident size (Linux: /proc/self/clear_refs), so a peak can be one phase's."""
+    if reset:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _measure_here(model_dir: Path, src: Path, val_batches: int, gen_batch: int, gen_tokens: int,
                   val_cache: Path | None = None) -> dict:
-    import resource
     import tempfile
     import time
 
@@ -93,20 +104,23 @@ def _measure_here(model_dir: Path, src: Path, val_batches: int, gen_batch: int, 
     from moekit.train.evaluate import evaluate
     from moekit.train.run_dir import EXPORT_WEIGHTS, load_run, save_export
     from moekit.train.splits import open_split
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base_rss = _rss_peak_mb()
     model, tok, cfg = load_run(model_dir)
+    load_rss = _rss_peak_mb()
     if (model_dir / EXPORT_WEIGHTS).exists():
         disk = (model_dir / EXPORT_WEIGHTS).stat().st_size
     else:   # a run: its model as an export (the checkpoint also holds the optimizer)
         with tempfile.TemporaryDirectory() as tmp:
             disk = (save_export(model, tok, cfg, Path(tmp) / "x") / EXPORT_WEIGHTS).stat().st_size
-    src_cfg = load_run(src)[2]
+    from moekit.config import RunConfig
+    src_cfg = RunConfig.from_dict(json.loads((src / "config.json").read_text()))   # not its weights
     prompts = [list(range(1, 9)) for _ in range(gen_batch)]
     sample_batch(model, prompts, 4, temperature=0)      # warm-up
+    _rss_peak_mb(reset=True)                             # the peak of generating, not of loading
     t0 = time.perf_counter()
     sample_batch(model, prompts, gen_tokens, temperature=0)
     gen_s = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _rss_peak_mb()
     if val_cache is None:
         val = open_split(src_cfg, src, "val")
     else:
@@ -118,7 +132,7 @@ def _measure_here(model_dir: Path, src: Path, val_batches: int, gen_batch: int, 
         b.numel() for n, b in model.named_buffers() if n.endswith("_q"))
     out = {"params": weights,
            "weight_bytes": quantized_bytes(model)["total"], "disk_bytes": disk,
-           "peak_rss_mb": peak / 1024, "rss_before_load_mb": base_rss / 1024,
+           "peak_rss_mb": peak, "rss_before_load_mb": base_rss, "peak_rss_load_mb": load_rss,
            "gen_tokens_per_s": gen_batch * gen_tokens / gen_s, "val_loss": loss, "val_ppl": math.exp(loss)}
     if getattr(val, "label_ids", None) is not None:
         from moekit.finetune.data import accuracy

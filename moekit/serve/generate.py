@@ -4,7 +4,7 @@ top-p sampling, stop on end-of-text.
     completions = sample_batch(model, [ids_a, ids_b], max_new_tokens=50, top_p=0.9, eos=eos)
 
 The fast path prefills every prompt at once (left-padded, see
-:class:`moekit.model.transformer.KVCache`) and then runs one token per sequence per step;
+:class:`moekit.model.kv_cache.KVCache`) and then runs one token per sequence per step;
 sequences that drew end-of-text leave the batch. The slow twin (``use_cache=False``)
 recomputes each sequence's whole window for every token. Both draw from the same logits in
 the same order, so greedy decoding gives the same tokens (tested on dense and MoE models).
