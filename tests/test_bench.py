@@ -88,3 +88,32 @@ def test_expert_sweep_runs_every_arm_and_reports_steps_to_dense(tmp_path, parl_s
     assert cfg["model"]["moe"]["num_experts"] == 4 and cfg["model"]["moe"]["d_ff"] == 32
     assert json.loads((out / "dense-s0" / "config.json").read_text())["model"]["d_ff"] == 64
     assert "<table>" in (out / "sweep.html").read_text()
+
+
+def test_generation_benchmark_compares_with_transformers(tmp_path):
+    import torch
+
+    from moekit.config import RunConfig
+    from moekit.data.tokenizer import train_tokenizer
+    from moekit.model.config import ModelConfig
+    from moekit.model.transformer import MoETransformer
+    from moekit.moe.config import MoEConfig
+    from moekit.train.run_dir import save_export
+    texts = ["Mr Speaker, the Government has made it clear", "Officials in Brussels warned"] * 30
+    tok = train_tokenizer(texts, vocab_size=300)
+    V = tok.get_vocab_size()
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=64,
+                      moe=MoEConfig(d_model=32, d_ff=32, num_experts=4, top_k=2))
+    run_cfg = RunConfig.from_dict({"model": {"vocab_size": V}})
+    save_export(MoETransformer.build(cfg), tok, run_cfg, tmp_path / "m")
+    out = tmp_path / "gen.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_generate.py"), str(tmp_path / "m"),
+           "--batch", "1", "3", "--max-new-tokens", "6", "--reps", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
+    assert "moekit/HF" in proc.stdout
+    rows = json.loads(out.read_text())["results"][0]["rows"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["transformers"]["ratio_to_transformers"] == 1.0 and r["moekit"]["tokens_per_s"] > 0
+        assert r["greedy_rows_equal_transformers"] == f"{r['batch']}/{r['batch']}"   # the same model twice
