@@ -62,7 +62,7 @@ def run(args) -> int:
                      args.tag, args.top_p, use_cache=not args.no_cache, counts=counts)
     seconds = time.perf_counter() - start
     new = sum(counts)
-    print("\n\n".join(texts))
+    print("\n\n".join(texts), flush=True)
     print(f"{len(prompts)} prompt(s), {new} new tokens in {seconds:.2f} s ({new / max(seconds, 1e-9):.1f} "
           f"tokens/s, {'no cache' if args.no_cache else 'KV cache'})", file=sys.stderr)
     return 0
