@@ -25,9 +25,19 @@ def test_grouped_experts_alone_take_a_stride_zero_grad(backend):
 
 def test_auto_backend_falls_back_for_unaligned_bf16():
     experts = GroupedExperts(MoEConfig(d_model=12, d_ff=16, num_experts=4))
-    assert experts.resolve_backend(torch.randn(3, 12, dtype=torch.bfloat16)) == "segment_mm"
+    assert experts.resolve_backend(torch.randn(8, 12, dtype=torch.bfloat16)) == "segment_mm"
     expected = "grouped_mm" if HAS_GROUPED_MM else "segment_mm"
-    assert experts.resolve_backend(torch.randn(3, 12)) == expected
+    assert experts.resolve_backend(torch.randn(8, 12)) == expected
+
+
+def test_auto_backend_decodes_few_rows_with_segment_mm_on_cpu():
+    # fewer rows than experts (one token per sequence): CPU _grouped_mm would run a GEMM for
+    # every expert, empty or not; segment_mm runs one per expert hit, with the same result
+    experts = GroupedExperts(MoEConfig(d_model=16, d_ff=16, num_experts=8, top_k=2))
+    x, counts = torch.randn(3, 16), torch.tensor([1, 0, 0, 2, 0, 0, 0, 0])
+    assert experts.resolve_backend(x) == "segment_mm"
+    assert experts.resolve_backend(torch.randn(8, 16)) == ("grouped_mm" if HAS_GROUPED_MM else "segment_mm")
+    torch.testing.assert_close(experts(x, counts), expert_loop(x, counts, *experts.weights(x.dtype)))
 
 
 @pytest.mark.parametrize("backend", ["segment_mm", "grouped_mm"])
