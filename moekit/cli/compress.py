@@ -189,6 +189,7 @@ def _write(small, tok, cfg, src: Path, out: Path, info: dict) -> None:
     moved into place whole, so a failure (a full disk) leaves no half-written OUT."""
     from moekit.train.run_dir import save_export
     from moekit.train.splits import has_cache
+    out = out.resolve()                     # "." or a link to an earlier export: the real place
     staging = out.parent / f".{out.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -196,9 +197,7 @@ def _write(small, tok, cfg, src: Path, out: Path, info: dict) -> None:
         if has_cache(src):
             shutil.copytree(src / "data", staging / "data")
         (staging / "compress.json").write_text(json.dumps(info, indent=1))
-        if out.exists():                    # an earlier export of ours (check_export_target)
-            shutil.rmtree(out)
-        staging.rename(out)
+        _replace(staging, out)
     except (OSError, ValueError) as err:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, ValueError):     # save_export's one line, about the staging directory
@@ -211,6 +210,23 @@ def _write(small, tok, cfg, src: Path, out: Path, info: dict) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _replace(new: Path, out: Path) -> None:
+    """Move ``new`` to ``out``; an earlier export there (check_export_target allowed it) is
+    moved aside first and removed only once ``new`` is in place, else put back."""
+    old = out.parent / f".{out.name}.old" if out.exists() else None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    try:
+        new.rename(out)
+    except OSError:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _recover_raw(args, cfg) -> dict:

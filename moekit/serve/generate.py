@@ -9,9 +9,10 @@ sequences that drew end-of-text leave the batch. The slow twin (``use_cache=Fals
 recomputes each sequence's whole window for every token. Both draw from the same logits in
 the same order, so greedy decoding gives the same tokens (tested on dense and MoE models).
 
-Where they can differ: once a sequence is ``max_seq_len`` tokens long the uncached path slides
-its window by one token per step while the cache restarts it from its last half window (the
-other sequences of the batch keep all their tokens); a router with capacity
+Where they can differ: when the cache is full, a sequence within a quarter window of
+``max_seq_len`` tokens restarts from its last half window (the other sequences keep all their
+tokens), while the uncached path slides its window by one token per step from
+``max_seq_len`` on; a router with capacity
 (token dropping) or expert choice routes a step's tokens together, so its choices depend on
 which tokens share the forward (the window vs one new token per sequence).
 """
@@ -126,10 +127,12 @@ class _Cached:
         """Feed each live row's new token (``rows``: the live rows, the new token included)."""
         self.budget -= 1
         if self.cache.length == self.cache.capacity:
-            # full: a row that has reached the window restarts from its last half window; the
-            # others keep every token (their output stays the uncached one until theirs is full)
+            # full: a row within a quarter window of max_seq_len restarts from its last half
+            # window; the others keep every token (their output stays the uncached one). So a
+            # restart leaves at least a quarter window of room: no re-prefill every few steps
             S_max = self.model.cfg.max_seq_len
-            self.prefill(rows, keep=[len(r) if len(r) < S_max else max(1, S_max // 2) for r in rows])
+            near = S_max - max(1, S_max // 4)
+            self.prefill(rows, keep=[len(r) if len(r) < near else max(1, S_max // 2) for r in rows])
         else:
             self.last_BV = self._forward(new_B[:, None])[:, -1]
 

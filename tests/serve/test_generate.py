@@ -163,10 +163,10 @@ def test_a_rows_output_does_not_depend_on_a_long_batch_mate():
     model = model_of(MoEConfig(d_model=64, d_ff=64, num_experts=4, top_k=2))
     model.cfg.max_seq_len = 32              # the long row fills the cache and restarts twice
     short, long_ = [3, 4, 5], list(range(1, 31))
-    alone = sample_batch(model, [short], 26, temperature=0)[0]
-    assert alone == sample_batch(model, [short], 26, temperature=0, use_cache=False)[0]
-    together = sample_batch(model, [short, long_], 26, temperature=0)
-    assert together[0] == alone and len(together[1]) == 26
+    alone = sample_batch(model, [short], 20, temperature=0)[0]      # it ends at 23 < 32 - 32 // 4
+    assert alone == sample_batch(model, [short], 20, temperature=0, use_cache=False)[0]
+    together = sample_batch(model, [short, long_], 20, temperature=0)
+    assert together[0] == alone and len(together[1]) == 20
 
 
 def test_a_tiny_temperature_is_greedy_not_a_crash():
