@@ -70,7 +70,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     if ckpt is not None and ckpt.meta["step"] >= min(cfg.train.max_steps, stop_at or cfg.train.max_steps):
         # nothing to do: touch nothing (config, metrics, summary)
         return {"steps": ckpt.meta["step"], "steps_run": 0, "max_steps": cfg.train.max_steps}
-    initial = None
+    initial = teacher = None
     if ckpt is None and cfg.train.init_from is not None:
         if rank == 0:                       # a bad --out is found before a long load
             rd.check_fresh(run_dir)
@@ -80,7 +80,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
         from moekit.serve.compress.distill import student_start
         if rank == 0:
             rd.check_fresh(run_dir)
-        cfg, initial = student_start(cfg)
+        cfg, initial, teacher = student_start(cfg)
     if ckpt is None:
         growth.check_start(cfg)
     run = setup(cfg, run_dir, ckpt, initial)   # a new run: checked, made, and removed again if setup fails
@@ -92,17 +92,23 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
                 rd.discard(run_dir, None)
             raise
     del ckpt                                # release a consolidated state's memory
-    return _loop(run, objective_for(run), resume, stop_at, progress)
+    return _loop(run, objective_for(run, teacher), resume, stop_at, progress)
 
 
-def objective_for(run: Run):
+def objective_for(run: Run, teacher=None):
     """What the run minimises: next-token prediction with the balancing terms, or with
-    ``distill.teacher`` set the distillation objective (the teacher loaded on the run's device)."""
+    ``distill.teacher`` set the distillation objective (``teacher``, the model a new run read
+    already, else loaded here, on the run's device)."""
     t = run.cfg.train
     if run.cfg.distill.teacher is None:
         return Pretraining(t.aux_loss_coef, t.z_loss_coef)
     from moekit.serve.compress.distill import Distillation, load_teacher
-    teacher = load_teacher(run.cfg, run.device)[0] if run.cfg.distill.alpha > 0 else None
+    if run.cfg.distill.alpha == 0:
+        teacher = None                      # the student alone: no teacher forward
+    elif teacher is None:
+        teacher = load_teacher(run.cfg, run.device)[0]
+    else:
+        teacher = teacher.to(run.device)
     return Distillation(teacher, run.cfg.distill, t.aux_loss_coef, t.z_loss_coef)
 
 

@@ -10,7 +10,7 @@ from moekit.moe.experts import expert_ffn
 from moekit.serve.compress.calibrate import calibrate, expert_usage
 from moekit.serve.compress.merge import group_experts, merge_experts
 
-from .test_prune import hooked_inputs, state, tiny, token_batches
+from .test_prune import hooked_inputs, noisy_sigmoid_model, state, tiny, token_batches
 
 
 def ffn(layer, e, x_ND):
@@ -151,11 +151,7 @@ def test_the_default_router_merge_has_the_lower_error():
 
 
 def test_merged_router_rows_and_bias_are_the_count_weighted_means():
-    model, batches = tiny(router="sigmoid", aux_loss_free=True, noisy_gating=True), token_batches()
-    with torch.no_grad():
-        for layer in model.moe_layers().values():
-            layer.router.expert_bias_E.normal_()
-            layer.router.noise_ED.normal_()
+    model, batches = noisy_sigmoid_model(), token_batches()
     before = state(model)
     calib = calibrate(model, batches)
     small, groups = merge_experts(model, batches, 3, router="mean")

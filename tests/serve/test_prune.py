@@ -30,6 +30,17 @@ def token_batches(n: int = 2, B: int = 2, S: int = 16, seed: int = 1) -> list:
     return [torch.randint(0, VOCAB, (B, S), generator=g) for _ in range(n)]
 
 
+def noisy_sigmoid_model() -> MoETransformer:
+    """A sigmoid, aux-loss-free, noisy-gated model with random biases and noise rows: every
+    router tensor a prune or merge must carry."""
+    model = tiny(router="sigmoid", aux_loss_free=True, noisy_gating=True)
+    with torch.no_grad():
+        for layer in model.moe_layers().values():
+            layer.router.expert_bias_E.normal_()
+            layer.router.noise_ED.normal_()
+    return model
+
+
 def hooked_inputs(model, batches) -> dict:
     """{MoE layer: all its inputs [T, D]} by a hook of the test's own."""
     xs = {i: [] for i in model.moe_layers()}
@@ -141,11 +152,7 @@ def test_greedy_removal_equals_exhaustive_for_one_removal():
 
 
 def test_pruning_leaves_the_source_model_unchanged():
-    model, batches = tiny(router="sigmoid", aux_loss_free=True, noisy_gating=True), token_batches()
-    with torch.no_grad():
-        for layer in model.moe_layers().values():
-            layer.router.expert_bias_E.normal_()
-            layer.router.noise_ED.normal_()
+    model, batches = noisy_sigmoid_model(), token_batches()
     before = state(model)
     model.train()
     for method in ("usage", "reconstruction"):

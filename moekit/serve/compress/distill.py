@@ -91,8 +91,9 @@ def load_teacher(cfg, device):
 
 def student_start(cfg):
     """(the run's config, a :class:`moekit.train.source.Initial` with no weights and the
-    teacher's tokenizer) for a new distillation run: the student's vocabulary is the
-    teacher's (the same token ids, padded rows included)."""
+    teacher's tokenizer, the teacher on the CPU) for a new distillation run: the student's
+    vocabulary is the teacher's (the same token ids, padded rows included); the objective
+    takes the teacher from here instead of reading it again."""
     import dataclasses
 
     from moekit.train.source import Initial
@@ -100,4 +101,4 @@ def student_start(cfg):
     if cfg.model.max_seq_len < cfg.data.seq_len:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_seq_len=cfg.data.seq_len))
     model = dataclasses.replace(cfg.model, vocab_size=teacher.cfg.vocab_size)
-    return dataclasses.replace(cfg, model=model), Initial(state=None, tokenizer=tok)
+    return dataclasses.replace(cfg, model=model), Initial(state=None, tokenizer=tok), teacher
