@@ -41,6 +41,7 @@ class ModelOutput:
     aux_loss: Tensor                   # sum over MoE layers of the load-balancing loss
     z_loss: Tensor                     # sum over MoE layers of the router z-loss
     moe: dict[int, MoEAux]             # per MoE layer: statistics (layer index -> aux)
+    sparsity_loss: Tensor | None = None   # relu routing: sum over layers of coef x L1 (added as is)
 
 
 class RMSNorm(nn.Module):
@@ -303,7 +304,7 @@ class MoETransformer(nn.Module):
             cos, sin, mask = self.rope_cos[pos_BS][:, None], self.rope_sin[pos_BS][:, None], cache.mask(S)
         x_BSD = dropout(self.embed(tokens_BS), self.cfg.dropout, self.training)
         zero = x_BSD.new_zeros((), dtype=torch.float32)
-        aux_loss, z_loss, stats = zero, zero, {}
+        aux_loss, z_loss, sparsity, stats = zero, zero, zero, {}
         for i, block in enumerate(self.blocks):
             if cache is not None:
                 x_BSD, aux = block(x_BSD, cos, sin, tags_T, cache, i, mask)
@@ -317,11 +318,13 @@ class MoETransformer(nn.Module):
             if aux is not None:
                 aux_loss = aux_loss + aux.load_balancing_loss
                 z_loss = z_loss + aux.z_loss
+                sparsity = sparsity + aux.sparsity_loss
                 stats[i] = aux
         if cache is not None:
             cache.length += S
         logits_BSV = self.lm_head(self.norm(x_BSD))
-        return ModelOutput(logits=logits_BSV, aux_loss=aux_loss, z_loss=z_loss, moe=stats)
+        return ModelOutput(logits=logits_BSV, aux_loss=aux_loss, z_loss=z_loss, moe=stats,
+                           sparsity_loss=sparsity)
 
 
 def route_tag_ids(cfg: ModelConfig, names: list[str], tags: Tensor) -> Tensor:

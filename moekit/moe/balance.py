@@ -12,6 +12,13 @@ by K (each token counted once), which gives 1 at perfect balance for any K; to c
 coefficients with those codebases, divide ours by K (or scale their coefficient by 1/K).
 The gradient flows through P_i only; f_i is a count.
 
+With a dynamic number of experts per token (moekit.moe.dynamic) the same formula holds with
+f_i over the assignments made: sum_i f_i = mean k, so the loss is mean k at perfect balance.
+P_i is the distribution the router selects by: softmax probabilities (top_p), the real
+experts' share of the E + N softmax (null: the null experts are not balanced, they cost
+nothing), or each token's gates normalised to sum 1 (relu). The z-loss covers every logit,
+the null experts' too. Aux-loss-free balancing moves the bias by the variable counts as it is.
+
 Router z-loss (ST-MoE eq. 5): mean over tokens of logsumexp(logits)^2.
 """
 
@@ -25,8 +32,9 @@ from torch import Tensor
 
 
 def tokens_per_expert(experts_TK: Tensor, num_experts: int) -> Tensor:
-    """Counts of token->expert assignments: [E] int64."""
-    return torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
+    """Counts of token->expert assignments: [E] int64 (a dynamic-k slot holding id E, no
+    expert, is not counted)."""
+    return torch.bincount(experts_TK.reshape(-1), minlength=num_experts + 1)[:num_experts]
 
 
 @dataclass(frozen=True)

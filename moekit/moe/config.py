@@ -16,6 +16,10 @@ BACKENDS = ("auto", "segment_mm", "grouped_mm", "reference")
 SCOPES = ("local", "global")
 TOP1_WEIGHTS = ("prob", "one")
 ROUTER_INPUTS = ("token", "token+tag", "tag")
+DYNAMIC_K = ("none", "top_p", "null", "relu")
+# the compute-budget controller's step when MoEConfig.budget_rate is None (docs/dynamic_routing.md):
+# top_p moves p, null moves the null experts' logit bias, relu multiplies the L1 coefficient by 1 + rate
+BUDGET_RATES = {"top_p": 0.005, "null": 0.02, "relu": 0.2}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -84,6 +88,23 @@ class MoEConfig:
     backend: str = "auto"              # "auto" | "segment_mm" | "grouped_mm" | "reference"
     dtype: torch.dtype | str = torch.float32   # parameter dtype
 
+    # a dynamic number of experts per token (docs/dynamic_routing.md). "none": top_k each.
+    # "top_p" (Huang et al. 2024): experts in order of probability until their mass reaches
+    # top_p, between min_k and max_k. "null" (AdaMoE, Zeng et al. 2024): top_k of the experts
+    # and num_null_experts zero-compute ones. "relu" (ReMoE, Wang et al. 2024): gates
+    # relu(logits), every positive gate up to max_k, sparsity from an L1 penalty.
+    dynamic_k: str = "none"            # "none" | "top_p" | "null" | "relu"
+    top_p: float = 0.5                 # top_p: the probability mass a token's experts reach
+    min_k: int | None = None           # top_p: fewest experts a token gets (None: 1); relu: 0
+    max_k: int | None = None           # top_p / relu: most experts a token gets (None: num_experts)
+    num_null_experts: int = 0          # null: how many zero-compute experts the router may pick
+    relu_l1: float = 1e-3              # relu: the L1 coefficient to start from (fixed without target_k)
+    # the compute budget: the mean number of real experts per token a controller holds, moving
+    # p (top_p), the null experts' logit bias (null) or the L1 coefficient (relu) after each
+    # optimizer step, outside the backward pass; None: no controller
+    target_k: float | None = None
+    budget_rate: float | None = None   # the controller's step; None: BUDGET_RATES[dynamic_k]
+
     def __post_init__(self) -> None:
         own = "MoEConfig"
         self.dtype = as_dtype(self.dtype)
@@ -128,6 +149,7 @@ class MoEConfig:
             raise bad(own, "aux_loss_free", True, f"needs router='sigmoid', got router={self.router!r}",
                       "set router='sigmoid' or aux_loss_free=False")
         self._check_tags()
+        self._check_dynamic()
         if self.dtype in (torch.bfloat16, torch.float16):
             # torch._grouped_mm needs 16-byte aligned row strides: 8 elements of 2 bytes.
             for name in ("d_model", "d_ff"):
@@ -154,6 +176,87 @@ class MoEConfig:
             raise bad(own, "route_tags", tags, "is set, but router_input='token' does not route by tag",
                       "set router_input='token+tag' or 'tag', or drop route_tags")
         self.route_tags = list(tags)
+
+    def _check_dynamic(self) -> None:
+        own, mode = "MoEConfig", self.dynamic_k
+        check_choice(own, "dynamic_k", mode, DYNAMIC_K)
+        check_int(own, "num_null_experts", self.num_null_experts, 0, "use 0 for none")
+        check_real(own, "relu_l1", self.relu_l1, 0, fix="use e.g. 1e-3")
+        check_real(own, "top_p", self.top_p, 0, 1, low_open=True, fix="use a probability mass in (0, 1], e.g. 0.5")
+        if mode == "none":
+            for name, default in (("min_k", None), ("max_k", None), ("target_k", None), ("budget_rate", None),
+                                  ("num_null_experts", 0)):
+                if getattr(self, name) != default:
+                    raise bad(own, name, getattr(self, name), "configures a dynamic number of experts, but "
+                              "dynamic_k='none'", "set dynamic_k='top_p', 'null' or 'relu', or leave "
+                              f"{name} unset")
+            return
+        if self.router == "expert_choice":
+            raise bad(own, "dynamic_k", mode, "gives each token its own number of experts, which needs token "
+                      "choice, got router='expert_choice' (whose experts pick tokens)",
+                      "use router='softmax' or set dynamic_k='none'")
+        if self.top1_weight == "one":
+            raise bad(own, "top1_weight", "one", f"is for a fixed top_k=1, got dynamic_k={mode!r}",
+                      "set top1_weight='prob'")
+        if mode == "null":
+            check_int(own, "num_null_experts", self.num_null_experts, 1,
+                      "give the router at least one zero-compute expert, e.g. num_null_experts=4")
+        elif self.num_null_experts:
+            raise bad(own, "num_null_experts", self.num_null_experts, f"is for dynamic_k='null', got "
+                      f"{mode!r}", "set num_null_experts=0 or dynamic_k='null'")
+        if mode == "relu" and (self.router != "softmax" or self.aux_loss_free):
+            raise bad(own, "dynamic_k", "relu", f"scores experts by relu(logits), so it takes no "
+                      f"router={self.router!r} / aux_loss_free={self.aux_loss_free}",
+                      "leave router='softmax' and aux_loss_free=False")
+        self._check_k_range()
+
+    def _check_k_range(self) -> None:
+        own, mode, E = "MoEConfig", self.dynamic_k, self.num_experts
+        if mode == "null":
+            for name in ("min_k", "max_k"):
+                if getattr(self, name) is not None:
+                    raise bad(own, name, getattr(self, name), "is for dynamic_k='top_p' or 'relu'; null routing "
+                              "gives 0 to top_k real experts", f"leave {name} unset (top_k bounds it)")
+        for name in ("min_k", "max_k"):
+            if getattr(self, name) is not None:
+                check_int(own, name, getattr(self, name), 0 if name == "min_k" else 1)
+        if self.max_k is not None and self.max_k > E:
+            raise bad(own, "max_k", self.max_k, f"exceeds num_experts={E}", f"use max_k <= {E} or add experts")
+        if mode == "relu" and self.min_k not in (None, 0):
+            raise bad(own, "min_k", self.min_k, "relu routing gives no expert to a token whose gates are all 0",
+                      "leave min_k unset (0), or use dynamic_k='top_p'")
+        lo, hi = self.k_range
+        if lo > hi:
+            raise bad(own, "min_k", self.min_k, f"exceeds max_k={hi}", f"use min_k <= {hi}")
+        if self.target_k is not None:
+            check_real(own, "target_k", self.target_k, lo, hi, fix=f"use a mean number of experts per token "
+                       f"in [{lo}, {hi}] (min_k .. max_k), or None for no budget controller")
+        if self.budget_rate is not None:
+            check_real(own, "budget_rate", self.budget_rate, 0, low_open=True,
+                       fix=f"use a positive step, e.g. {BUDGET_RATES[mode]}")
+
+    @property
+    def dynamic(self) -> bool:
+        """True when tokens get a varying number of experts (``dynamic_k`` is not "none")."""
+        return self.dynamic_k != "none"
+
+    @property
+    def k_range(self) -> tuple[int, int]:
+        """(fewest, most) real experts a token is routed to (before capacity drops)."""
+        if self.router == "expert_choice":   # experts pick tokens: a token gets any number
+            return (0, self.num_experts)
+        if self.dynamic_k == "none":
+            return (self.top_k, self.top_k)
+        if self.dynamic_k == "null":
+            return (0, self.top_k)
+        hi = self.num_experts if self.max_k is None else self.max_k
+        lo = (1 if self.dynamic_k == "top_p" else 0) if self.min_k is None else self.min_k
+        return (lo, hi)
+
+    @property
+    def rate(self) -> float:
+        """The budget controller's step (``budget_rate`` or the mode's default)."""
+        return BUDGET_RATES.get(self.dynamic_k, 0.0) if self.budget_rate is None else self.budget_rate
 
     @property
     def num_route_tags(self) -> int:
@@ -182,8 +285,10 @@ class MoEConfig:
         if not isinstance(m, int) or isinstance(m, bool) or m < 1 or self.d_ff % m:
             raise ValueError(f"granularity m={m!r}: must be a positive integer dividing d_ff={self.d_ff}; "
                              f"pick a divisor of {self.d_ff}")
+        scaled = {name: getattr(self, name) * m for name in ("min_k", "max_k", "target_k")
+                  if getattr(self, name) is not None}
         return dataclasses.replace(self, d_ff=self.d_ff // m, num_experts=self.num_experts * m,
-                                   top_k=self.top_k * m)
+                                   top_k=self.top_k * m, num_null_experts=self.num_null_experts * m, **scaled)
 
 
 def default_moe(d_model: int) -> MoEConfig:

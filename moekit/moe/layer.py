@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from moekit.moe import dynamic
 from moekit.moe.balance import StatsReducer, load_balancing_loss, z_loss
 from moekit.moe.config import MoEConfig
 from moekit.moe.dispatch import DispatchPlan, LocalDispatcher
@@ -33,6 +34,8 @@ class MoEAux:
     logit_mean: Tensor            # router logits: mean, std and max over tokens and experts
     logit_std: Tensor
     logit_max: Tensor
+    experts_per_token: Tensor     # [max_k + 1] int64: tokens routed to 0, 1, ..., max_k experts
+    sparsity_loss: Tensor         # relu routing: coef * ReMoE's L1 penalty (added unscaled); else 0
 
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -193,11 +196,35 @@ class MoELayer(nn.Module):
                 l_mean, l_std, l_max = logits.mean(), logits.std(unbiased=False), logits.max()
             else:
                 l_mean = l_std = l_max = logits.new_zeros(())
-        return MoEAux(load_balancing_loss=lb, z_loss=z_loss(routing.logits_TE),
+            hist = self._experts_per_token(routing)
+        sparsity = (dynamic.relu_l1(routing.gates_TE, counts_E, self.router.k_control)
+                    if routing.gates_TE is not None else routing.probs_TE.new_zeros(()))
+        return MoEAux(load_balancing_loss=lb, z_loss=z_loss(routing.all_logits_TE),
                       tokens_per_expert=counts_E, dropped_fraction=dropped,
                       unrouted_fraction=unrouted, load_cv=load_cv(counts_E),
                       router_entropy=router_entropy(routing.probs_TE),
-                      logit_mean=l_mean, logit_std=l_std, logit_max=l_max)
+                      logit_mean=l_mean, logit_std=l_std, logit_max=l_max,
+                      experts_per_token=hist, sparsity_loss=sparsity)
+
+    def _experts_per_token(self, routing: RouterOutput) -> Tensor:
+        """[max_k + 1] tokens per number of experts the router gave them (before capacity)."""
+        lo, hi = self.cfg.k_range
+        if routing.dynamic:
+            return dynamic.experts_per_token_hist(routing.experts_TK, self.cfg.num_experts, hi)
+        if routing.experts_TK is None:   # expert choice: a token gets 0 .. E experts
+            E = self.cfg.num_experts
+            k_T = torch.bincount(routing.tokens_EC.reshape(-1), minlength=routing.num_tokens)
+            return torch.bincount(k_T, minlength=E + 1)
+        hist = torch.zeros(hi + 1, dtype=torch.long, device=routing.probs_TE.device)
+        hist[hi] = routing.num_tokens
+        return hist
+
+    @torch.no_grad()
+    def update_budget(self, hist_K: Tensor) -> None:
+        """The compute-budget controller's step (:func:`moekit.moe.dynamic.update_budget`): call it
+        once per optimizer step with ``MoEAux.experts_per_token`` summed over the step's
+        micro-batches and ranks, as :meth:`update_router_bias`."""
+        self.router.update_budget(hist_K)
 
     @torch.no_grad()
     def update_router_bias(self, tokens_per_expert_E: Tensor) -> None:

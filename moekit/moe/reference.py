@@ -16,6 +16,7 @@ from torch import Tensor
 
 from moekit.moe.experts import expert_ffn
 from moekit.moe.router import capacity
+from moekit.moe.router import slots as capacity_slots
 
 
 def _top(scores: list[float], k: int) -> list[int]:
@@ -35,6 +36,62 @@ def _router_logits(layer, x_TD: Tensor, tags_T: Tensor | None) -> Tensor:
     if cfg.router_input == "tag":
         return rows_T
     return (h_TD + rows_T) @ router.weight_ED.float().t()
+
+
+def _token_slots(layer, t: int, x_D: Tensor, logits_E: Tensor) -> list[tuple[int, int, Tensor]]:
+    """One token's (slot, expert, weight) under a dynamic number of experts, read off the papers."""
+    cfg, router = layer.cfg, layer.router
+    E, control = cfg.num_experts, router.k_control
+    lo, hi = cfg.k_range
+    if cfg.dynamic_k == "relu":   # ReMoE: every positive gate, the largest max_k of them
+        gates = torch.relu(logits_E)
+        return [(j, e, gates[e]) for j, e in enumerate(_top(gates.tolist(), hi)) if float(gates[e]) > 0]
+    if cfg.dynamic_k == "null":   # AdaMoE: top_k of E experts and N zero-output ones
+        null_N = x_D.float() @ router.null_ND.float().t()
+        every = torch.cat([logits_E, null_N])
+        if cfg.router == "softmax":
+            scores = torch.softmax(every, dim=0)
+            choice = torch.cat([logits_E, null_N + control])
+        else:
+            scores = torch.sigmoid(every)
+            real = scores[:E] + router.expert_bias_E if cfg.aux_loss_free else scores[:E]
+            choice = torch.cat([real, torch.sigmoid(null_N + control)])
+        ids = _top(choice.tolist(), cfg.top_k)
+        w = torch.stack([scores[i] for i in ids])
+        if cfg.normalize_topk:           # over all k chosen, the null experts' share included
+            w = w / w.sum()
+        return [(j, i, w[j]) for j, i in enumerate(ids) if i < E]
+    # top_p (Huang et al.): in order of score while the mass before is below p, min_k .. max_k
+    if cfg.router == "softmax":
+        scores = probs = choice = torch.softmax(logits_E, dim=0)
+    else:
+        scores = torch.sigmoid(logits_E)
+        probs = scores / scores.sum()
+        choice = scores + router.expert_bias_E if cfg.aux_loss_free else scores
+    taken, mass = [], torch.zeros((), dtype=torch.float32)
+    for j, e in enumerate(_top(choice.tolist(), hi)):
+        if j >= lo and not bool(mass < control):
+            break
+        taken.append(e)
+        mass = mass + probs[e].detach()
+    w = torch.stack([scores[e] for e in taken])
+    if cfg.normalize_topk:
+        w = w / w.sum()
+    return [(j, e, w[j]) for j, e in enumerate(taken)]
+
+
+def _dynamic_ranked(layer, x_TD: Tensor, logits_TE: Tensor) -> list[tuple[int, Tensor, Tensor]]:
+    """Every token's (token, expert, weight) in GShard priority: all first slots (in token
+    order), then all second slots, ...; a slot a token left empty claims nothing."""
+    cfg = layer.cfg
+    if cfg.router == "softmax" and cfg.dynamic_k != "relu":   # the grown experts' logit offset
+        logits_TE = logits_TE + layer.router.expert_bias_E
+    per_token = [_token_slots(layer, t, x_TD[t], logits_TE[t]) for t in range(x_TD.shape[0])]
+    ranked = []
+    for j in range(cfg.k_range[1]):
+        for t, slots in enumerate(per_token):
+            ranked += [(t, e, w) for slot, e, w in slots if slot == j]
+    return ranked
 
 
 def reference_moe(layer, x: Tensor, tags_T: Tensor | None = None) -> Tensor:
@@ -58,6 +115,16 @@ def reference_moe(layer, x: Tensor, tags_T: Tensor | None = None) -> Tensor:
         for e in range(E):
             for t in _top(probs_TE[:, e].tolist(), C):
                 assignments.append((t, e, probs_TE[t, e]))
+    elif cfg.dynamic:
+        ranked = _dynamic_ranked(layer, x_TD, logits_TE)
+        if cfg.capacity_factor is not None and cfg.drop_policy == "probability":
+            ranked.sort(key=lambda a: -float(a[2].detach()))
+        slots = None if cfg.capacity_factor is None else capacity_slots(cfg.capacity_factor, len(ranked), E)
+        used = [0] * E
+        for t, e, w in ranked:
+            if slots is None or used[e] < slots:
+                used[e] += 1
+                assignments.append((t, e, w))
     else:
         if cfg.router == "softmax":   # + the logit offset grown experts share (zero otherwise)
             scores_TE = torch.softmax(logits_TE + layer.router.expert_bias_E, dim=-1)

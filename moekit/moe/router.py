@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.moe import dynamic
 from moekit.moe.config import MoEConfig
+from moekit.moe.topk import topk_stable  # noqa: F401  (re-exported: moekit.moe.router.topk_stable)
 
 
 @dataclass
@@ -33,26 +35,22 @@ class RouterOutput:
     experts_TK: Tensor | None = None   # expert ids (int64)
     tokens_EC: Tensor | None = None    # expert choice: token ids each expert took (int64)
     weights_EC: Tensor | None = None   # expert choice: their combine weights (float32)
+    # a dynamic number of experts per token (MoEConfig.dynamic_k): experts_TK has max_k slots,
+    # and a slot a token does not use holds expert id E (no expert) with weight 0
+    dynamic: bool = False
+    null_logits_TN: Tensor | None = None   # null routing: the null experts' logits (for the z-loss)
+    gates_TE: Tensor | None = None     # relu routing: relu(logits), for the L1 penalty
+
+    @property
+    def all_logits_TE(self) -> Tensor:
+        """Every logit the router made: the experts', then the null experts' (null routing)."""
+        if self.null_logits_TN is None:
+            return self.logits_TE
+        return torch.cat([self.logits_TE, self.null_logits_TN], dim=-1)
 
     @property
     def num_tokens(self) -> int:
         return self.probs_TE.shape[0]
-
-
-def topk_stable(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k along the last dim of a float32 tensor; among equal scores the lower index wins.
-
-    ``torch.topk`` alone breaks ties arbitrarily, and a stable sort costs far more than a
-    top-k at many experts (docs/benchmarks.md), so we take the top-k of an int64 key: the
-    float's bits made order-preserving (negative floats have their magnitude bits flipped),
-    then the reversed index below them.
-    """
-    n = scores.shape[-1]
-    bits = (scores.detach().float() + 0.0).view(torch.int32).to(torch.int64)  # -0.0 -> +0.0
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    reversed_index = torch.arange(n - 1, -1, -1, device=scores.device)
-    indices = torch.topk(bits * n + reversed_index, k, dim=-1).indices
-    return scores.gather(-1, indices), indices
 
 
 def capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
@@ -61,7 +59,14 @@ def capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: i
     The product is rounded to 9 decimals before the ceiling, so that binary floating point
     does not add a slot: 1.1 * 100 / 10 is 11.000000000000002 in floats, and 11 slots here.
     """
-    return math.ceil(round(capacity_factor * num_tokens * top_k / num_experts, 9))
+    return slots(capacity_factor, num_tokens * top_k, num_experts)
+
+
+def slots(capacity_factor: float, num_assignments: int, num_experts: int) -> int:
+    """ceil(capacity_factor * A / E) for A token->expert assignments: :func:`capacity` with
+    A = T * K, or, with a dynamic number of experts per token, A = T * mean k (the assignments
+    the router made), so capacity follows the mean k of the batch."""
+    return math.ceil(round(capacity_factor * num_assignments / num_experts, 9))
 
 
 def jitter(x_TD: Tensor, eps: float, training: bool) -> Tensor:
@@ -103,7 +108,7 @@ class TopKRouter(nn.Module):
         super().__init__()
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.init_std = cfg.router_init_std
-        self.score = cfg.router
+        self.score = "relu" if cfg.dynamic_k == "relu" else cfg.router
         self.normalize_topk = cfg.normalize_topk
         self.unit_top1 = cfg.top1_weight == "one"
         self.jitter_eps = cfg.jitter_eps
@@ -123,6 +128,15 @@ class TopKRouter(nn.Module):
                          if cfg.noisy_gating else None)
         self.register_buffer("expert_bias_E", torch.zeros(cfg.num_experts, dtype=torch.float32),
                              persistent=True)
+        # a dynamic number of experts per token (moekit.moe.dynamic): the null experts' router
+        # rows, and the budget controller's knob (p, the null logit bias or the L1 coefficient)
+        self.dynamic_cfg = cfg if cfg.dynamic else None
+        self.k_min, self.k_max = cfg.k_range
+        self.null_ND = (nn.Parameter(torch.empty(cfg.num_null_experts, cfg.d_model, dtype=self.dtype))
+                        if cfg.dynamic_k == "null" else None)
+        if cfg.dynamic:
+            self.register_buffer("k_control", torch.tensor(dynamic.initial_control(cfg), dtype=torch.float32),
+                                 persistent=True)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -134,24 +148,29 @@ class TopKRouter(nn.Module):
             nn.init.normal_(self.tag_logits_NE, std=self.init_std or 0.02)
         if self.noise_ED is not None:
             nn.init.zeros_(self.noise_ED)
+        if self.null_ND is not None:
+            nn.init.normal_(self.null_ND, std=self.init_std or self.null_ND.shape[1] ** -0.5)
         self.expert_bias_E.zero_()
+        if self.dynamic_cfg is not None:
+            self.k_control.fill_(dynamic.initial_control(self.dynamic_cfg))
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .bfloat16() cast every floating buffer; the bias is a counter moved in
         # steps of bias_update_rate, which bf16 rounds away once |bias| is large: keep the
         # float32 values (on whatever device the buffer moved to)
-        bias_E = self.expert_bias_E
+        kept = {name: getattr(self, name) for name in ("expert_bias_E", "k_control") if hasattr(self, name)}
         super()._apply(fn, recurse)
-        if self.expert_bias_E.dtype != torch.float32:
-            self.expert_bias_E = bias_E.to(self.expert_bias_E.device)
+        for name, value in kept.items():   # (the budget controller's knob, likewise)
+            if getattr(self, name).dtype != torch.float32:
+                setattr(self, name, value.to(getattr(self, name).device))
         return self
 
     def logits(self, x_TD: Tensor, tags_T: Tensor | None = None) -> Tensor:
         with torch.autocast(x_TD.device.type, enabled=False):   # float32 even under autocast
-            return self._logits(x_TD.to(self.dtype), tags_T)
+            return self._logits(jitter(x_TD.to(self.dtype), self.jitter_eps, self.training), tags_T)
 
     def _logits(self, x_TD: Tensor, tags_T: Tensor | None = None) -> Tensor:
-        x_TD = jitter(x_TD, self.jitter_eps, self.training)
+        """The experts' logits of the (already jittered) router input."""
         if self.router_input == "token":
             # .float(): a no-op for float32 weights, a cast for weights .to() made bf16
             logits_TE = F.linear(x_TD, self.weight_ED.float())
@@ -173,7 +192,68 @@ class TopKRouter(nn.Module):
 
     def forward(self, x_TD: Tensor, tags_T: Tensor | None = None) -> RouterOutput:
         with torch.autocast(x_TD.device.type, enabled=False):
-            return self._route(self.logits(x_TD, tags_T))
+            x_TD = jitter(x_TD.to(self.dtype), self.jitter_eps, self.training)
+            logits_TE = self._logits(x_TD, tags_T)
+            if self.dynamic_cfg is None:
+                return self._route(logits_TE)
+            if self.null_ND is not None:
+                return self._route_null(logits_TE, F.linear(x_TD, self.null_ND.float()))
+            return self._route_relu(logits_TE) if self.score == "relu" else self._route_top_p(logits_TE)
+
+    def _scores(self, logits_TE: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(scores, the distribution the losses see, selection scores) of softmax or sigmoid."""
+        if self.score == "softmax":
+            probs_TE = torch.softmax(logits_TE, dim=-1)
+            return probs_TE, probs_TE, probs_TE
+        scores_TE = torch.sigmoid(logits_TE)
+        choice_TE = scores_TE + self.expert_bias_E if self.aux_loss_free else scores_TE
+        return scores_TE, scores_TE / scores_TE.sum(dim=-1, keepdim=True), choice_TE
+
+    def _normalized(self, weights_TK: Tensor) -> Tensor:
+        if not self.normalize_topk:
+            return weights_TK
+        return weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+    def _route_top_p(self, logits_TE: Tensor) -> RouterOutput:
+        scores_TE, probs_TE, choice_TE = self._scores(logits_TE)
+        experts_TM, _, active_TM = dynamic.top_p_slots(probs_TE, choice_TE, self.k_control, self.k_min,
+                                                       self.k_max)
+        # the slots' own scores (a sigmoid router's raw scores, as in top-k); unused slots 0
+        weights_TM = self._normalized(scores_TE.gather(1, experts_TM.clamp(max=self.num_experts - 1))
+                                      * active_TM)
+        return RouterOutput(probs_TE=probs_TE, logits_TE=logits_TE, weights_TK=weights_TM,
+                            experts_TK=experts_TM, dynamic=True)
+
+    def _route_null(self, logits_TE: Tensor, null_TN: Tensor) -> RouterOutput:
+        E = self.num_experts
+        if self.score == "softmax":     # one softmax over the E + N experts; select on the logits
+            scores_TX = torch.softmax(torch.cat([logits_TE, null_TN], dim=-1), dim=-1)
+            probs_TX = scores_TX
+            choice_TX = torch.cat([logits_TE, null_TN + self.k_control], dim=-1)
+        else:
+            scores_TX = torch.sigmoid(torch.cat([logits_TE, null_TN], dim=-1))
+            probs_TX = scores_TX / scores_TX.sum(dim=-1, keepdim=True)
+            real_TE = scores_TX[:, :E] + self.expert_bias_E if self.aux_loss_free else scores_TX[:, :E]
+            choice_TX = torch.cat([real_TE, torch.sigmoid(null_TN + self.k_control)], dim=-1)
+        experts_TK, ids_TK = dynamic.null_slots(choice_TX, self.top_k, E)
+        weights_TK = self._normalized(scores_TX.gather(1, ids_TK)) * (ids_TK < E)
+        return RouterOutput(probs_TE=probs_TX[:, :E], logits_TE=logits_TE, weights_TK=weights_TK,
+                            experts_TK=experts_TK, dynamic=True, null_logits_TN=null_TN)
+
+    def _route_relu(self, logits_TE: Tensor) -> RouterOutput:
+        gates_TE = torch.relu(logits_TE)
+        experts_TM, weights_TM = dynamic.relu_slots(gates_TE, self.k_max)
+        probs_TE = gates_TE / gates_TE.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return RouterOutput(probs_TE=probs_TE, logits_TE=logits_TE, weights_TK=weights_TM,
+                            experts_TK=experts_TM, dynamic=True, gates_TE=gates_TE)
+
+    @torch.no_grad()
+    def update_budget(self, hist_K: Tensor) -> None:
+        """The compute-budget controller's step (:func:`moekit.moe.dynamic.update_budget`)."""
+        if self.dynamic_cfg is None:
+            raise ValueError("update_budget: the router has dynamic_k='none'; set MoEConfig.dynamic_k and "
+                             "target_k to use the compute-budget controller")
+        dynamic.update_budget(self.k_control, self.dynamic_cfg, hist_K)
 
     def _route(self, logits_TE: Tensor) -> RouterOutput:
         if self.score == "softmax":

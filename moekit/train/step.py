@@ -6,7 +6,7 @@ An *objective* maps (model output, batch) to a :class:`Loss`: the scalar that ba
 and its named parts (logged as ``loss/<name>``). Pretraining is :class:`Pretraining`
 (LM + aux_loss_coef x load balancing + z_loss_coef x z-loss); fine-tuning, distillation and
 federated rounds bring their own, and get gradient accumulation, every parallel layout,
-clipping, the aux-loss-free bias update, telemetry and non-finite protection from here.
+clipping, the aux-loss-free bias update, the compute-budget controller, telemetry and non-finite protection from here.
 
 Gradient accumulation over k micro-batches is the mean of their losses: each backward
 sees loss / k, so k micro-batches of B give the gradient of one batch of k*B (when the
@@ -50,15 +50,30 @@ class Objective(Protocol):
 
 @dataclass
 class Pretraining:
-    """Next-token LM loss plus the MoE balancing terms (README: "Load-balancing loss")."""
+    """Next-token LM loss plus the MoE router terms (:func:`router_terms`; README:
+    "Load-balancing loss")."""
 
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 1e-3
 
     def __call__(self, out: ModelOutput, batch: Batch) -> Loss:
         lm = lm_loss(out.logits, batch.targets)
-        total = lm + self.aux_loss_coef * out.aux_loss + self.z_loss_coef * out.z_loss
-        return Loss(total, {"lm": lm, "aux": out.aux_loss, "z": out.z_loss})
+        total, parts = router_terms(lm, out, self.aux_loss_coef, self.z_loss_coef)
+        return Loss(total, {"lm": lm, **parts})
+
+
+def router_terms(base: Tensor, out: ModelOutput, aux_loss_coef: float, z_loss_coef: float
+                 ) -> tuple[Tensor, dict[str, Tensor]]:
+    """(base + aux_loss_coef x load balancing + z_loss_coef x z-loss + the relu routers' L1
+    penalty, its parts): the router terms every objective adds. The L1 penalty comes already
+    weighted by its adapted coefficient (moekit.moe.dynamic.relu_l1) and is a part only when
+    some layer routes by relu."""
+    total = base + aux_loss_coef * out.aux_loss + z_loss_coef * out.z_loss
+    parts = {"aux": out.aux_loss, "z": out.z_loss}
+    if any(a.sparsity_loss.requires_grad for a in out.moe.values()):
+        total = total + out.sparsity_loss
+        parts["sparsity"] = out.sparsity_loss
+    return total, parts
 
 
 @dataclass
@@ -71,8 +86,8 @@ class StepStats:
 
 
 def _reduce(losses: dict[str, float], counts: dict, world: int) -> tuple[dict[str, float], dict]:
-    """One all-reduce per step: the losses averaged over ranks and the per-expert token counts
-    (aux-loss-free layers: every rank must move its router bias the same way) summed."""
+    """One all-reduce per step: the losses averaged over ranks and the counts (the aux-loss-free
+    bias and the budget controller: every rank must move them the same way) summed."""
     names = list(losses)
     parts = [torch.tensor([losses[n] for n in names], dtype=torch.float64)]
     parts += [c.double().cpu() for c in counts.values()]
@@ -93,7 +108,10 @@ def train_step(run, micro_batches: list[Batch], objective: Objective) -> StepSta
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
     k = len(micro_batches)
-    counts = {i: 0 for i, layer in run.moe_layers.items() if layer.cfg.aux_loss_free}
+    # summed over the step for the updates outside backward: tokens per expert for the
+    # aux-loss-free bias, tokens per number of experts for the compute-budget controller
+    counts = {("bias", i): 0 for i, layer in run.moe_layers.items() if layer.cfg.aux_loss_free}
+    counts.update({("k", i): 0 for i, layer in run.moe_layers.items() if layer.cfg.target_k is not None})
     by_tag = run.model.cfg.routes_by_tag   # task-level routing: the routers read each window's tag
     sums: dict[str, float] = {}
     stats = StepStats(losses={}, grad_norm=0.0, lr=lr, tokens=0)
@@ -107,8 +125,9 @@ def train_step(run, micro_batches: list[Batch], objective: Objective) -> StepSta
         for name, value in loss.parts.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())
         sums["total"] = sums.get("total", 0.0) + float(loss.total.detach())
-        for i in counts:            # aux-loss-free layers: tokens per expert for the bias
-            counts[i] = counts[i] + out.moe[i].tokens_per_expert
+        for kind, i in counts:
+            aux = out.moe[i]
+            counts[kind, i] = counts[kind, i] + (aux.tokens_per_expert if kind == "bias" else aux.experts_per_token)
         if run.telemetry is not None:
             run.telemetry.update(out.moe)
         stats.tokens += batch.inputs.numel() * run.world
@@ -121,8 +140,9 @@ def train_step(run, micro_batches: list[Batch], objective: Objective) -> StepSta
     stats.skipped = not (math.isfinite(losses["total"]) and math.isfinite(stats.grad_norm))
     if not stats.skipped:
         run.optimizer.step()
-        for i, c in counts.items():
-            run.moe_layers[i].update_router_bias(c)
+        for (kind, i), c in counts.items():
+            layer = run.moe_layers[i]
+            layer.update_router_bias(c) if kind == "bias" else layer.update_budget(c)
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     return stats

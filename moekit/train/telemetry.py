@@ -2,7 +2,10 @@
 
 Per layer and interval: tokens per expert, load CV, max/mean load, mean per-token router
 entropy, entropy of the load distribution, dead experts, dropped fraction, router logit
-mean/std/max, z-loss, aux loss, and the aux-loss-free bias. Accumulated as tensors on the
+mean/std/max, z-loss, aux loss, the aux-loss-free bias, and the experts each token got: their
+mean (``experts_per_token``), the share of tokens with 0, 1, ..., max_k of them (``k_hist``)
+and, with a dynamic number of experts, the budget controller's knob (``k_control``: p, the
+null logit bias or the L1 coefficient) and the relu L1 penalty. Accumulated as tensors on the
 device (no host sync per step); one sync per interval in :meth:`RoutingTelemetry.flush`.
 
 Collapse warning: one expert above ``collapse_share`` of a layer's assignments for
@@ -48,7 +51,8 @@ class RoutingTelemetry:
             stats = {"counts": a.tokens_per_expert.float(), "entropy": a.router_entropy.float(),
                      "dropped": a.dropped_fraction.float().to(a.router_entropy.device),
                      "logit_mean": a.logit_mean, "logit_var": a.logit_std.square() + a.logit_mean.square(),
-                     "aux": a.load_balancing_loss.detach(), "z": a.z_loss.detach()}
+                     "aux": a.load_balancing_loss.detach(), "z": a.z_loss.detach(),
+                     "k_hist": a.experts_per_token.float(), "sparsity": a.sparsity_loss.detach()}
             acc = self.acc.get(i)
             if acc is None:
                 self.acc[i] = {**stats, "logit_max": a.logit_max.clone()}
@@ -87,6 +91,9 @@ class RoutingTelemetry:
                 p + "aux_loss": host["aux"] / n,
                 p + "z_loss": host["z"] / n,
             })
+            metrics.update(_k_metrics(p, host["k_hist"], self.layers[i]))
+            if host["sparsity"]:
+                metrics[p + "sparsity_loss"] = host["sparsity"] / n
             router = self.layers[i].router
             if getattr(router, "aux_loss_free", False):
                 bias = router.expert_bias_E.tolist()
@@ -113,12 +120,12 @@ class RoutingTelemetry:
             for k in self._SUMMED:
                 n = self.acc[i][k].numel()
                 part = flat[offset:offset + n].view_as(self.acc[i][k])
-                self.acc[i][k] = part if k == "counts" else part / self.world
+                self.acc[i][k] = part if k in ("counts", "k_hist") else part / self.world
                 offset += n
         for j, i in enumerate(keys):
             self.acc[i]["logit_max"] = maxes[j]
 
-    _SUMMED = ("counts", "entropy", "dropped", "logit_mean", "logit_var", "aux", "z")
+    _SUMMED = ("counts", "entropy", "dropped", "logit_mean", "logit_var", "aux", "z", "k_hist", "sparsity")
 
     def _check_collapse(self, layer: int, share: list[float], counts: list[float]) -> list[str]:
         top = max(range(len(share)), key=share.__getitem__)
@@ -132,6 +139,16 @@ class RoutingTelemetry:
             out.append(f"{len(dead)} dead experts in layer {layer} (no tokens this interval): {dead}; "
                        f"remedies: {REMEDIES}")
         return out
+
+
+def _k_metrics(p: str, hist: list[float], layer: MoELayer) -> dict:
+    """Mean experts per token, the share of tokens per number of experts, the controller's knob."""
+    tokens = sum(hist) or 1.0
+    out = {p + "experts_per_token": sum(j * h for j, h in enumerate(hist)) / tokens,
+           p + "k_hist": [h / tokens for h in hist]}
+    if layer.cfg.dynamic:
+        out[p + "k_control"] = float(layer.router.k_control)
+    return out
 
 
 def _cv(counts: list[float]) -> float:

@@ -299,6 +299,8 @@ def _log(run: Run, writer: MetricsWriter | None, stats: StepStats, state: _LoopS
         metrics.update({f"moe/layer{i}/load": c for i, c in loads.items()})
         if writer is not None:
             writer.histograms(run.step, {f"moe/layer{i}/tokens_per_expert": c for i, c in loads.items()})
+            writer.histograms(run.step, {k.replace("/k_hist", "/experts_per_token_hist"): v
+                                         for k, v in routing.items() if k.endswith("/k_hist")})
         state.last_loads = loads or state.last_loads
         for w in warnings if run.main else ():
             log.warning("step %d: %s", run.step, w)

@@ -62,10 +62,10 @@ class Distillation:
 
     def __call__(self, out, batch):
         from moekit.train.evaluate import lm_loss
-        from moekit.train.step import Loss
+        from moekit.train.step import Loss, router_terms
         lm = lm_loss(out.logits, batch.targets)
-        total = (1 - self.cfg.alpha) * lm + self.aux * out.aux_loss + self.z * out.z_loss
-        parts = {"lm": lm, "aux": out.aux_loss, "z": out.z_loss}
+        total, parts = router_terms((1 - self.cfg.alpha) * lm, out, self.aux, self.z)
+        parts = {"lm": lm, **parts}
         if self.teacher is not None and self.cfg.alpha > 0:
             with torch.no_grad():
                 tags = {"tags": batch.tags} if self.teacher.cfg.routes_by_tag else {}
