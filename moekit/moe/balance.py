@@ -14,10 +14,14 @@ The gradient flows through P_i only; f_i is a count.
 
 With a dynamic number of experts per token (moekit.moe.dynamic) the same formula holds with
 f_i over the assignments made: sum_i f_i = mean k, so the loss is mean k at perfect balance.
-P_i is the distribution the router selects by: softmax probabilities (top_p), the real
-experts' share of the E + N softmax (null: the null experts are not balanced, they cost
-nothing), or each token's gates normalised to sum 1 (relu). The z-loss covers every logit,
-the null experts' too. Aux-loss-free balancing moves the bias by the variable counts as it is.
+P_i is the distribution the router selects by: softmax probabilities (top_p); the real
+experts' share of the E + N softmax renormalised to sum 1 (null: the null experts cost nothing
+and are not balanced, and balancing the real ones puts no pressure on the null mass, which
+would otherwise grow to lower the loss); each token's gates normalised to sum 1 (relu). The
+z-loss covers every logit, the null experts' too, except under relu routing, where it is 0:
+there is no exponential to stabilise, and pushing the logits down would switch experts off
+behind the budget controller's back. Aux-loss-free balancing moves the bias by the variable
+counts as it is.
 
 Router z-loss (ST-MoE eq. 5): mean over tokens of logsumexp(logits)^2.
 """

@@ -19,7 +19,7 @@ ROUTER_INPUTS = ("token", "token+tag", "tag")
 DYNAMIC_K = ("none", "top_p", "null", "relu")
 # the compute-budget controller's step when MoEConfig.budget_rate is None (docs/dynamic_routing.md):
 # top_p moves p, null moves the null experts' logit bias, relu multiplies the L1 coefficient by 1 + rate
-BUDGET_RATES = {"top_p": 0.005, "null": 0.02, "relu": 0.2}
+BUDGET_RATES = {"top_p": 0.005, "null": 0.05, "relu": 0.2}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

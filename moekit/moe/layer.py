@@ -199,7 +199,10 @@ class MoELayer(nn.Module):
             hist = self._experts_per_token(routing)
         sparsity = (dynamic.relu_l1(routing.gates_TE, counts_E, self.router.k_control)
                     if routing.gates_TE is not None else routing.probs_TE.new_zeros(()))
-        return MoEAux(load_balancing_loss=lb, z_loss=z_loss(routing.all_logits_TE),
+        # relu routing has no exponential to keep stable, and a z-loss would push every logit
+        # below 0, i.e. switch experts off past the budget controller: none
+        z = z_loss(routing.all_logits_TE) if routing.gates_TE is None else routing.logits_TE.sum() * 0.0
+        return MoEAux(load_balancing_loss=lb, z_loss=z,
                       tokens_per_expert=counts_E, dropped_fraction=dropped,
                       unrouted_fraction=unrouted, load_cv=load_cv(counts_E),
                       router_entropy=router_entropy(routing.probs_TE),

@@ -227,8 +227,7 @@ class TopKRouter(nn.Module):
     def _route_null(self, logits_TE: Tensor, null_TN: Tensor) -> RouterOutput:
         E = self.num_experts
         if self.score == "softmax":     # one softmax over the E + N experts; select on the logits
-            scores_TX = torch.softmax(torch.cat([logits_TE, null_TN], dim=-1), dim=-1)
-            probs_TX = scores_TX
+            scores_TX = probs_TX = torch.softmax(torch.cat([logits_TE, null_TN], dim=-1), dim=-1)
             choice_TX = torch.cat([logits_TE, null_TN + self.k_control], dim=-1)
         else:
             scores_TX = torch.sigmoid(torch.cat([logits_TE, null_TN], dim=-1))
@@ -237,7 +236,11 @@ class TopKRouter(nn.Module):
             choice_TX = torch.cat([real_TE, torch.sigmoid(null_TN + self.k_control)], dim=-1)
         experts_TK, ids_TK = dynamic.null_slots(choice_TX, self.top_k, E)
         weights_TK = self._normalized(scores_TX.gather(1, ids_TK)) * (ids_TK < E)
-        return RouterOutput(probs_TE=probs_TX[:, :E], logits_TE=logits_TE, weights_TK=weights_TK,
+        # the losses see the real experts' share renormalised: balancing among them puts no
+        # pressure on how much mass the null experts get (the controller's business)
+        real_TE = probs_TX[:, :E]
+        probs_TE = real_TE / real_TE.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return RouterOutput(probs_TE=probs_TE, logits_TE=logits_TE, weights_TK=weights_TK,
                             experts_TK=experts_TK, dynamic=True, null_logits_TN=null_TN)
 
     def _route_relu(self, logits_TE: Tensor) -> RouterOutput:
