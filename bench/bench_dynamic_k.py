@@ -58,11 +58,10 @@ def by_class(run: Path) -> dict:
     """Mean experts per token by frequency class and by tag on the validation split."""
     from moekit.report.routing import frequency_class, routing_breakdown
     from moekit.train.run_dir import load_run
-    from moekit.train.splits import load_splits
-    model, cfg = load_run(run)
-    train, val = load_splits(run, cfg)
-    by_tag, by_freq = routing_breakdown(model, val, frequency_class(train, cfg.model.vocab_size),
-                                        max_windows=128)
+    from moekit.train.splits import open_split
+    model, tok, cfg = load_run(run)
+    val, train = open_split(cfg, run, "val"), open_split(cfg, run, "train")
+    by_tag, by_freq = routing_breakdown(model, val, frequency_class(train, tok.get_vocab_size()))
     return {"by_frequency": by_freq.experts_per_token(), "by_tag": by_tag.experts_per_token()}
 
 
@@ -74,7 +73,8 @@ def report(out: Path, arms: list[str]) -> dict:
             continue
         rows = read_metrics(run)
         summary = json.loads((run / "summary.json").read_text())
-        layers = sorted({int(k.split("/")[1][5:]) for r in rows for k in r if k.endswith("/experts_per_token")})
+        layers = sorted({int(k.split("/")[1][5:]) for r in rows for k in r
+                         if k.endswith("/experts_per_token")})
         _, tps = series(rows, "perf/tokens_per_s")
         results[arm] = {"val_loss": summary["final_val_loss"], "mean_k": mean_k(rows, layers),
                         "mean_k_last_quarter": mean_k(rows, layers, 0.25),

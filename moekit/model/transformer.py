@@ -360,8 +360,10 @@ def tag_kwargs(cfg: ModelConfig, names: list[str], tags: Tensor, device=None) ->
 def model_flops(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
     """Parameters (total and active per token) and training FLOPs per token.
 
-    Active parameters = total minus the experts a token does not use ((E - top_k) experts per
-    MoE layer): embeddings, norms, biases and routers count in both, so a dense model's active
+    Active parameters = total minus the experts a token does not use ((E - k) experts per
+    MoE layer, k = ``MoEConfig.nominal_k``: top_k, or with a dynamic k the budget's target_k,
+    else its most experts per token, an upper bound; the measured mean is in the telemetry):
+    embeddings, norms, biases and routers count in both, so a dense model's active
     count is its total (OLMoE, DeepSeek-MoE and Mixtral count the same way).
     FLOPs per token = 6 * (active matmul parameters) + 12 * n_layers * n_heads * head_dim * seq_len
     (attention scores and values, forward + backward; PaLM appendix B / nanoGPT's MFU; n_heads *
@@ -387,14 +389,15 @@ def model_flops(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float
             m = cfg.moe
             mats = 3 if m.activation == "swiglu" else 2
             expert = mats * D * m.d_ff
-            router_mm = m.num_experts * D * (m.router_input != "tag")   # "tag": a table lookup, no matmul
+            # "tag": a table lookup, no matmul; null experts (dynamic_k="null") have router rows too
+            router_mm = m.num_experts * D * (m.router_input != "tag") + m.num_null_experts * D
             N = len(m.route_tags or ())                               # tag tables (task-level routing)
             tags = N * (m.num_experts if m.router_input == "tag" else D) * (m.router_input != "token")
             router = router_mm + m.num_experts * D * m.noisy_gating + tags
             shared = mats * D * m.shared_width + D * m.shared_gate
             total += m.num_experts * expert + router + shared
-            matmul += m.top_k * expert + shared + router_mm
-            unused += (m.num_experts - min(m.top_k, m.num_experts)) * expert
+            matmul += m.nominal_k * expert + shared + router_mm
+            unused += (m.num_experts - min(m.nominal_k, m.num_experts)) * expert
         else:
             total += dense_ffn
             matmul += dense_ffn

@@ -182,7 +182,8 @@ class MoEConfig:
         check_choice(own, "dynamic_k", mode, DYNAMIC_K)
         check_int(own, "num_null_experts", self.num_null_experts, 0, "use 0 for none")
         check_real(own, "relu_l1", self.relu_l1, 0, fix="use e.g. 1e-3")
-        check_real(own, "top_p", self.top_p, 0, 1, low_open=True, fix="use a probability mass in (0, 1], e.g. 0.5")
+        check_real(own, "top_p", self.top_p, 0, 1, low_open=True,
+                   fix="use a probability mass in (0, 1], e.g. 0.5")
         if mode == "none":
             for name, default in (("min_k", None), ("max_k", None), ("target_k", None), ("budget_rate", None),
                                   ("num_null_experts", 0)):
@@ -215,15 +216,18 @@ class MoEConfig:
         if mode == "null":
             for name in ("min_k", "max_k"):
                 if getattr(self, name) is not None:
-                    raise bad(own, name, getattr(self, name), "is for dynamic_k='top_p' or 'relu'; null routing "
+                    raise bad(own, name, getattr(self, name), "is for dynamic_k='top_p' or 'relu'; null "
+                              "routing "
                               "gives 0 to top_k real experts", f"leave {name} unset (top_k bounds it)")
         for name in ("min_k", "max_k"):
             if getattr(self, name) is not None:
                 check_int(own, name, getattr(self, name), 0 if name == "min_k" else 1)
         if self.max_k is not None and self.max_k > E:
-            raise bad(own, "max_k", self.max_k, f"exceeds num_experts={E}", f"use max_k <= {E} or add experts")
+            raise bad(own, "max_k", self.max_k, f"exceeds num_experts={E}",
+                      f"use max_k <= {E} or add experts")
         if mode == "relu" and self.min_k not in (None, 0):
-            raise bad(own, "min_k", self.min_k, "relu routing gives no expert to a token whose gates are all 0",
+            raise bad(own, "min_k", self.min_k,
+                      "relu routing gives no expert to a token whose gates are all 0",
                       "leave min_k unset (0), or use dynamic_k='top_p'")
         lo, hi = self.k_range
         if lo > hi:
@@ -252,6 +256,14 @@ class MoEConfig:
         hi = self.num_experts if self.max_k is None else self.max_k
         lo = (1 if self.dynamic_k == "top_p" else 0) if self.min_k is None else self.min_k
         return (lo, hi)
+
+    @property
+    def nominal_k(self) -> float:
+        """Experts per token for FLOP counts: top_k, or with a dynamic k the target_k the budget
+        controller holds, else the most a token can get (an upper bound)."""
+        if not self.dynamic:
+            return self.top_k
+        return self.k_range[1] if self.target_k is None else self.target_k
 
     @property
     def rate(self) -> float:

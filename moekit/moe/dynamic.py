@@ -87,7 +87,8 @@ def experts_per_token_hist(experts_TM: Tensor, num_experts: int, k_max: int) -> 
 def mean_k(hist_K: Tensor) -> Tensor:
     """Mean real experts per token of a histogram (0 for no tokens), float64."""
     hist = hist_K.double()
-    return (hist * torch.arange(len(hist), dtype=torch.float64, device=hist.device)).sum() / hist.sum().clamp_min(1)
+    k_K = torch.arange(len(hist), dtype=torch.float64, device=hist.device)
+    return (hist * k_K).sum() / hist.sum().clamp_min(1)
 
 
 @torch.no_grad()

@@ -45,7 +45,8 @@ def _token_slots(layer, t: int, x_D: Tensor, logits_E: Tensor) -> list[tuple[int
     lo, hi = cfg.k_range
     if cfg.dynamic_k == "relu":   # ReMoE: every positive gate, the largest max_k of them
         gates = torch.relu(logits_E)
-        return [(j, e, gates[e]) for j, e in enumerate(_top(gates.tolist(), hi)) if float(gates[e]) > 0]
+        top = _top(gates.tolist(), hi)
+        return [(j, e, gates[e]) for j, e in enumerate(top) if float(gates[e].detach()) > 0]
     if cfg.dynamic_k == "null":   # AdaMoE: top_k of E experts and N zero-output ones
         null_N = x_D.float() @ router.null_ND.float().t()
         every = torch.cat([logits_E, null_N])

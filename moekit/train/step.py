@@ -6,7 +6,8 @@ An *objective* maps (model output, batch) to a :class:`Loss`: the scalar that ba
 and its named parts (logged as ``loss/<name>``). Pretraining is :class:`Pretraining`
 (LM + aux_loss_coef x load balancing + z_loss_coef x z-loss); fine-tuning, distillation and
 federated rounds bring their own, and get gradient accumulation, every parallel layout,
-clipping, the aux-loss-free bias update, the compute-budget controller, telemetry and non-finite protection from here.
+clipping, the aux-loss-free bias update, the compute-budget controller, telemetry and
+non-finite protection from here.
 
 Gradient accumulation over k micro-batches is the mean of their losses: each backward
 sees loss / k, so k micro-batches of B give the gradient of one batch of k*B (when the
@@ -127,7 +128,8 @@ def train_step(run, micro_batches: list[Batch], objective: Objective) -> StepSta
         sums["total"] = sums.get("total", 0.0) + float(loss.total.detach())
         for kind, i in counts:
             aux = out.moe[i]
-            counts[kind, i] = counts[kind, i] + (aux.tokens_per_expert if kind == "bias" else aux.experts_per_token)
+            step_counts = aux.tokens_per_expert if kind == "bias" else aux.experts_per_token
+            counts[kind, i] = counts[kind, i] + step_counts
         if run.telemetry is not None:
             run.telemetry.update(out.moe)
         stats.tokens += batch.inputs.numel() * run.world

@@ -53,10 +53,16 @@ def _worker(rank: int, world: int, case: str, cfg_kw: dict):
         expected = getattr(ref.experts, name).grad[lo:hi]
         got = getattr(ep.experts, name).grad
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=name)
-    router_grad = ep.router.weight_ED.grad.clone()
-    dist.all_reduce(router_grad)          # replicated parameter: DDP/FSDP sums it over ranks
-    torch.testing.assert_close(router_grad, ref.router.weight_ED.grad, rtol=1e-5, atol=1e-5)
+    for name, p in ep.router.named_parameters():     # weight_ED (and null_ND for null experts)
+        router_grad = p.grad.clone()
+        dist.all_reduce(router_grad)          # replicated parameter: DDP/FSDP sums it over ranks
+        torch.testing.assert_close(router_grad, ref.router.get_parameter(name).grad, rtol=1e-5, atol=1e-5)
     assert aux.tokens_per_expert.shape == (cfg.num_experts,)
+    if cfg.dynamic:   # each rank's tokens routed as one process routes them: the same histogram
+        _, aux_all = ref(x_all.detach())
+        hist = aux.experts_per_token.clone()
+        dist.all_reduce(hist)
+        assert torch.equal(hist, aux_all.experts_per_token)
     # aux_loss_scope="global": the mean of the ranks' load-balancing losses is the loss of
     # the whole batch, and so is the summed router gradient (uneven and empty ranks too)
     ep.stats_reducer = StatsReducer(dist.all_reduce, world)
@@ -79,6 +85,11 @@ def _worker(rank: int, world: int, case: str, cfg_kw: dict):
     ("normal", dict(num_experts=4, top_k=2, capacity_factor=8.0)),
     ("idle_experts", dict(num_experts=4, top_k=2)),
     ("empty_rank", dict(num_experts=4, top_k=2)),
+    # a dynamic number of experts per token: variable per-token counts through the all-to-all
+    ("normal", dict(num_experts=4, dynamic_k="top_p", top_p=0.6)),
+    ("normal", dict(num_experts=4, top_k=3, dynamic_k="null", num_null_experts=2)),
+    ("normal", dict(num_experts=4, dynamic_k="relu", max_k=3)),
+    ("empty_rank", dict(num_experts=4, dynamic_k="top_p", top_p=0.9, capacity_factor=2.0)),
 ])
 def test_ep2_equals_single_process(case, cfg_kw):
     run_ranks(_worker, 2, case, cfg_kw)
@@ -113,9 +124,12 @@ def _drops_worker(rank: int, world: int, cfg_kw: dict):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["position", "probability"])
-def test_ep4_with_capacity_drops_and_uneven_ranks(policy):
-    run_ranks(_drops_worker, 4, dict(num_experts=8, top_k=2, capacity_factor=0.6, drop_policy=policy))
+@pytest.mark.parametrize("policy, dynamic", [("position", {}), ("probability", {}),
+                                             ("position", dict(dynamic_k="top_p", top_p=0.7))])
+def test_ep4_with_capacity_drops_and_uneven_ranks(policy, dynamic):
+    """With a dynamic k the capacity comes from each rank's own mean k."""
+    kw = dict(num_experts=8, capacity_factor=0.6, drop_policy=policy)
+    run_ranks(_drops_worker, 4, dict(kw, **dynamic) if dynamic else dict(kw, top_k=2))
 
 
 def _mesh_worker(rank: int, world: int) -> str:
