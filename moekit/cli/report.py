@@ -29,18 +29,33 @@ def run(args) -> int:
     source = ("task", cfg.data.task) if cfg.data.task else ("corpus", cfg.data.corpus)
     summary = {source[0]: source[1], "parameters (total / active)":
                f"{flops['params_total']:,.0f} / {flops['params_active']:,.0f}",
-               "experts": "dense" if cfg.model.moe is None else
-               f"{cfg.model.moe.num_experts} x top-{cfg.model.moe.top_k}, router {cfg.model.moe.router}"}
+               "experts": experts_line(cfg.model.moe)}
     can_drop = cfg.model.moe is not None and (cfg.model.moe.capacity_factor is not None
                                               or cfg.model.moe.router == "expert_choice")
     page = build_report(run_dir, summary, by_tag, by_freq, Path(args.baseline) if args.baseline else None,
-                        can_drop=can_drop)
+                        can_drop=can_drop, moe=cfg.model.moe)
     out = Path(args.out) if args.out else run_dir / "report.html"
     out.write_text(page, encoding="utf-8")
     tags = len(by_tag.labels) > 1
+    dynamic = cfg.model.moe is not None and cfg.model.moe.dynamic
     for i in sorted(by_tag.counts):
         lang = (f"I(expert; language) = {by_tag.mutual_information(i):.3f} bits "
                 f"(H(language) = {by_tag.class_entropy(i):.3f}), " if tags else "")
-        print(f"layer {i}: {lang}I(expert; frequency class) = {by_freq.mutual_information(i):.3f} bits")
+        k = (f", {by_freq.counts[i].sum() / max(by_freq.tokens[i].sum(), 1):.2f} experts per token"
+             if dynamic else "")
+        print(f"layer {i}: {lang}I(expert; frequency class) = {by_freq.mutual_information(i):.3f} bits{k}")
     print(f"wrote {out}")
     return 0
+
+
+def experts_line(moe) -> str:
+    """The summary's experts: "8 x top-2, router softmax", or a dynamic router's range and target."""
+    if moe is None:
+        return "dense"
+    if not moe.dynamic:
+        return f"{moe.num_experts} x top-{moe.top_k}, router {moe.router}"
+    lo, hi = moe.k_range
+    null = f" + {moe.num_null_experts} null" if moe.dynamic_k == "null" else ""
+    target = f", target {moe.target_k:g}" if moe.target_k is not None else ""
+    return (f"{moe.num_experts}{null} experts, dynamic_k={moe.dynamic_k} ({lo}-{hi} per token{target}), "
+            f"router {moe.router}")

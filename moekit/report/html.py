@@ -166,9 +166,12 @@ def curve(rows_by_key: dict[str, list[dict]], key_fmt: str, layers: list[int], t
 
 def build_report(run_dir: Path, summary: dict, by_tag: RoutingBreakdown | None,
                  by_freq: RoutingBreakdown | None, baseline_dir: Path | None = None,
-                 can_drop: bool = True) -> str:
+                 can_drop: bool = True, moe=None) -> str:
     """The page. ``by_tag`` is shown only when the data has more than one tag; the dropped
-    fraction only when ``can_drop`` (a capacity) or when anything was dropped."""
+    fraction only when ``can_drop`` (a capacity) or when anything was dropped; the experts per
+    token when tokens got varying numbers of them (``moe``, the run's MoEConfig, names the
+    budget controller's knob and target)."""
+    from moekit.report.experts_per_token import experts_per_token_section  # (it imports this module)
     # an export (compress, extract, upcycle) has no training history: the routing panels only
     run_dir = Path(run_dir)
     exported = not (run_dir / "metrics.jsonl").exists() and (run_dir / "model.safetensors").exists()
@@ -207,6 +210,9 @@ def build_report(run_dir: Path, summary: dict, by_tag: RoutingBreakdown | None,
             drops = curve({"run": rows}, "moe/layer{i}/dropped_fraction", layers,
                           "share of assignments dropped by capacity")
             sections.append(("drops", "Dropped fraction", drops))
+    if (content := experts_per_token_section(rows, by_tag, by_freq, moe)) is not None:
+        mode = f" (dynamic_k={moe.dynamic_k})" if moe is not None and moe.dynamic else ""
+        sections.append(("experts-per-token", f"Experts per token{mode}", content))
     if by_tag is not None and by_tag.counts and len(by_tag.labels) > 1:
         mi = "".join(f"<tr><td>{i}</td><td>{by_tag.mutual_information(i):.3f}</td>"
                      f"<td>{by_tag.class_entropy(i):.3f}</td></tr>" for i in sorted(by_tag.counts))

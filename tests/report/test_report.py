@@ -41,6 +41,7 @@ def test_report_has_every_section_and_embedded_plots(reported_run, capsys):
                     "by-frequency", "throughput"):
         assert f'id="{section}"' in page, section
     assert 'id="drops"' not in page                       # dropless: nothing can be dropped
+    assert 'id="experts-per-token"' not in page           # top-2: every token gets 2 experts
     assert len(re.findall(r'src="data:image/png;base64,', page)) >= 6
     assert "http" not in page.split("<body>")[1]          # self-contained: nothing to fetch
     mi = [float(v) for v in re.findall(r"<tr><td>\d+</td><td>([0-9.]+)</td>", page)]
