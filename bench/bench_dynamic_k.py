@@ -12,11 +12,13 @@ a mean of 2 experts per token (``model.moe.target_k=2``), the FLOPs of the top-2
     null   dynamic_k=null, top_k=4 of 8 experts + 8 null experts (AdaMoE)
     relu   dynamic_k=relu, up to 8 experts, L1 coefficient from 1e-3 (ReMoE)
 
-A finished arm's run directory is reused (an interrupted benchmark continues; ``--report-only``
-reports what is there). Reported per arm: the final validation loss, the mean experts per
-token over training and over the last quarter (active expert FLOPs relative to top-2), the
-training tokens/s, and, on the validation split after training, the mean experts per token by
-token-frequency class and by language (moekit.report.routing.routing_breakdown).
+A finished arm's run directory is reused (an interrupted benchmark continues;
+``--report-only`` reports what is there; ``--speed-rounds N`` also times each trained model's training
+step, interleaved, in one process: run it on an idle machine). Reported per arm: the final
+validation loss, the mean experts per token over training and over the last quarter (active
+expert FLOPs relative to top-2), the training tokens/s, and, on the validation split after
+training, the mean experts per token by token-frequency class and by language
+(moekit.report.routing.routing_breakdown).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +68,34 @@ def by_class(run: Path) -> dict:
     return {"by_frequency": by_freq.experts_per_token(), "by_tag": by_tag.experts_per_token()}
 
 
+def speed(out: Path, arms: list[str], rounds: int, batches: int = 4) -> dict[str, float]:
+    """Training tokens/s of each arm's trained model (its learned routing, so its own k) on the
+    same validation batches: forward, the loss with the router terms, backward; interleaved
+    rounds in this one process, the median per arm."""
+    from moekit.train.evaluate import lm_loss
+    from moekit.train.run_dir import load_run
+    from moekit.train.splits import open_split
+    from moekit.train.step import router_terms
+    models = {arm: load_run(out / arm)[0].train() for arm in arms}
+    cfg = load_run(out / arms[0])[2]
+    val = open_split(cfg, out / arms[0], "val")
+    B = cfg.train.batch_size
+    data = [val.batch(list(range(b * B, (b + 1) * B)))[:2] for b in range(batches)]
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    for r in range(rounds + 1):                       # round 0 warms up
+        for arm, model in models.items():
+            t0 = time.perf_counter()
+            for x, y in data:
+                out_ = model(x)
+                total, _ = router_terms(lm_loss(out_.logits, y), out_, 0.01, 1e-3)
+                total.backward()
+                model.zero_grad(set_to_none=True)
+            if r:
+                times[arm].append(time.perf_counter() - t0)
+    tokens = sum(x.numel() for x, _ in data)
+    return {arm: tokens / statistics.median(t) for arm, t in times.items()}
+
+
 def report(out: Path, arms: list[str]) -> dict:
     results = {}
     for arm in arms:
@@ -98,6 +129,8 @@ def main() -> None:
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--extra", action="append", default=[], help="another --set for every arm")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--speed-rounds", type=int, default=0,
+                    help="also time each trained model's training step, interleaved, this many rounds")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     arms = args.arms.split(",")
@@ -110,6 +143,14 @@ def main() -> None:
         for arm in arms:
             train_arm(args.out / arm, ["--no-progress"], base + ARMS[arm])
     results = report(args.out, arms)
+    if args.speed_rounds:
+        done = [a for a in arms if a in results]
+        tps = speed(args.out, done, args.speed_rounds)
+        print(f"{'arm':>6} {'step tokens/s':>14} {'vs top2':>8}")
+        for arm in done:
+            results[arm]["step_tokens_per_s"] = tps[arm]
+            base = tps.get("top2")
+            print(f"{arm:>6} {tps[arm]:14.0f} {tps[arm] / base if base else float('nan'):8.3f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"corpus": args.corpus, "steps": args.steps, "seed": args.seed,

@@ -184,13 +184,8 @@ class MoEConfig:
         check_real(own, "relu_l1", self.relu_l1, 0, fix="use e.g. 1e-3")
         check_real(own, "top_p", self.top_p, 0, 1, low_open=True,
                    fix="use a probability mass in (0, 1], e.g. 0.5")
+        self._check_unused()
         if mode == "none":
-            for name, default in (("min_k", None), ("max_k", None), ("target_k", None), ("budget_rate", None),
-                                  ("num_null_experts", 0)):
-                if getattr(self, name) != default:
-                    raise bad(own, name, getattr(self, name), "configures a dynamic number of experts, but "
-                              "dynamic_k='none'", "set dynamic_k='top_p', 'null' or 'relu', or leave "
-                              f"{name} unset")
             return
         if self.router == "expert_choice":
             raise bad(own, "dynamic_k", mode, "gives each token its own number of experts, which needs token "
@@ -211,14 +206,25 @@ class MoEConfig:
                       "leave router='softmax' and aux_loss_free=False")
         self._check_k_range()
 
+    def _check_unused(self) -> None:
+        """A dynamic-k field set where it does nothing is refused: ``--set top_p=0.9`` without
+        ``dynamic_k='top_p'`` would otherwise train a different model than the one asked for."""
+        own, mode = "MoEConfig", self.dynamic_k
+        for name, default, modes in (("top_p", 0.5, ("top_p",)), ("relu_l1", 1e-3, ("relu",)),
+                                     ("min_k", None, ("top_p", "relu")), ("max_k", None, ("top_p", "relu")),
+                                     ("num_null_experts", 0, ("null",)), ("target_k", None, DYNAMIC_K[1:])):
+            value = getattr(self, name)
+            if value != default and mode not in modes:
+                want = " or ".join(repr(m) for m in modes)
+                raise bad(own, name, value, f"configures dynamic_k={want}, but dynamic_k={mode!r}",
+                          f"set dynamic_k={want}, or leave {name} unset")
+        if self.budget_rate is not None and self.target_k is None:
+            raise bad(own, "budget_rate", self.budget_rate, "is the budget controller's step, but "
+                      "target_k is unset (no controller)", "set target_k (the mean experts per token to hold) or leave "
+                      "budget_rate unset")
+
     def _check_k_range(self) -> None:
         own, mode, E = "MoEConfig", self.dynamic_k, self.num_experts
-        if mode == "null":
-            for name in ("min_k", "max_k"):
-                if getattr(self, name) is not None:
-                    raise bad(own, name, getattr(self, name), "is for dynamic_k='top_p' or 'relu'; null "
-                              "routing "
-                              "gives 0 to top_k real experts", f"leave {name} unset (top_k bounds it)")
         for name in ("min_k", "max_k"):
             if getattr(self, name) is not None:
                 check_int(own, name, getattr(self, name), 0 if name == "min_k" else 1)
@@ -229,6 +235,9 @@ class MoEConfig:
             raise bad(own, "min_k", self.min_k,
                       "relu routing gives no expert to a token whose gates are all 0",
                       "leave min_k unset (0), or use dynamic_k='top_p'")
+        if mode == "top_p" and self.min_k == 0:
+            raise bad(own, "min_k", 0, "top_p routing always takes the most probable expert (the mass before "
+                      "it is 0 < p)", "use min_k >= 1, or dynamic_k='relu' or 'null' for tokens with none")
         lo, hi = self.k_range
         if lo > hi:
             raise bad(own, "min_k", self.min_k, f"exceeds max_k={hi}", f"use min_k <= {hi}")
@@ -236,8 +245,12 @@ class MoEConfig:
             check_real(own, "target_k", self.target_k, lo, hi, fix=f"use a mean number of experts per token "
                        f"in [{lo}, {hi}] (min_k .. max_k), or None for no budget controller")
         if self.budget_rate is not None:
-            check_real(own, "budget_rate", self.budget_rate, 0, low_open=True,
-                       fix=f"use a positive step, e.g. {BUDGET_RATES[mode]}")
+            high = 1 if mode == "top_p" else None      # a step of p as wide as its whole range
+            check_real(own, "budget_rate", self.budget_rate, 0, high, low_open=True, high_open=True,
+                       fix=f"use a small positive step, e.g. {BUDGET_RATES[mode]}")
+        if mode == "relu" and self.target_k is not None and self.relu_l1 <= 0:
+            raise bad(own, "relu_l1", self.relu_l1, "is the L1 coefficient the controller multiplies; from 0 "
+                      "it never moves", "start from a positive coefficient, e.g. relu_l1=1e-3")
 
     @property
     def dynamic(self) -> bool:

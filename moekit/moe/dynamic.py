@@ -32,6 +32,9 @@ from torch import Tensor
 from moekit.moe.config import MoEConfig
 from moekit.moe.topk import topk_stable
 
+P_MIN = 1e-6                 # top_p's controller keeps p in [P_MIN, 1]: p > 0 means min_k experts
+L1_RANGE = (1e-12, 1e4)      # and relu's the L1 coefficient in this range
+
 
 def initial_control(cfg: MoEConfig) -> float:
     """The controller's starting value: p, the null logit bias (0) or the L1 coefficient."""
@@ -42,14 +45,16 @@ def top_p_slots(probs_TE: Tensor, choice_TE: Tensor, p: Tensor, k_min: int, k_ma
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """(experts_TM, probs_TM, active_TM): the top max_k by ``choice_TE`` (the probabilities,
     or a sigmoid router's biased scores), each active while the mass of the ones before it
-    (a float32 running sum, in slot order) is below p, and the first min_k always."""
+    (a float32 running sum, in slot order) is below p, the first min_k always, and all of them
+    at p = 1."""
     E = probs_TE.shape[1]
     experts_TM = topk_stable(choice_TE.detach(), k_max)[1]
     probs_TM = probs_TE.gather(1, experts_TM)
     mass_TM = torch.cumsum(probs_TM.detach(), dim=1)
     before_TM = torch.cat([torch.zeros_like(mass_TM[:, :1]), mass_TM[:, :-1]], dim=1)
     first_M = torch.arange(k_max, device=probs_TE.device) < k_min
-    active_TM = (before_TM < p) | first_M
+    # p = 1 takes every max_k: a float32 running sum can reach 1 before the last slot
+    active_TM = (before_TM < p) | first_M | (p >= 1)
     return torch.where(active_TM, experts_TM, E), probs_TM, active_TM
 
 
@@ -94,17 +99,17 @@ def mean_k(hist_K: Tensor) -> Tensor:
 @torch.no_grad()
 def update_budget(control: Tensor, cfg: MoEConfig, hist_K: Tensor) -> None:
     """One controller step from a step's histogram (summed over micro-batches and ranks):
-    s = sign(mean k - target_k), then p -= rate * s (top_p, kept in [rate, 1]), null bias +=
+    s = sign(mean k - target_k), then p -= rate * s (top_p, kept in [P_MIN, 1]), null bias +=
     rate * s (more null choices when over budget), L1 coefficient *= (1 + rate) ** s (relu,
-    ReMoE's multiplicative rule). No tokens, or no target: nothing moves."""
+    ReMoE's multiplicative rule, kept in L1_RANGE). No tokens, or no target: nothing moves."""
     if cfg.target_k is None:
         return
     hist = hist_K.to(control.device)
     s = torch.sign(mean_k(hist) - cfg.target_k).float() * (hist.sum() > 0).float()
     rate = cfg.rate
     if cfg.dynamic_k == "top_p":
-        control.copy_((control - rate * s).clamp(min=min(rate, 1.0), max=1.0))
+        control.copy_((control - rate * s).clamp(min=P_MIN, max=1.0))
     elif cfg.dynamic_k == "null":
         control.add_(rate * s)
-    else:
-        control.mul_((1.0 + rate) ** s)
+    else:   # kept finite: an infinite coefficient would make every step non-finite, for good
+        control.copy_((control * (1.0 + rate) ** s).clamp(min=L1_RANGE[0], max=L1_RANGE[1]))

@@ -59,7 +59,7 @@ def _token_slots(layer, t: int, x_D: Tensor, logits_E: Tensor) -> list[tuple[int
             choice = torch.cat([real, torch.sigmoid(null_N + control)])
         ids = _top(choice.tolist(), cfg.top_k)
         w = torch.stack([scores[i] for i in ids])
-        if cfg.normalize_topk:           # over all k chosen, the null experts' share included
+        if cfg.normalize_topk and cfg.top_k > 1:   # over all k chosen, the null experts' share too
             w = w / w.sum()
         return [(j, i, w[j]) for j, i in enumerate(ids) if i < E]
     # top_p (Huang et al.): in order of score while the mass before is below p, min_k .. max_k
@@ -71,12 +71,12 @@ def _token_slots(layer, t: int, x_D: Tensor, logits_E: Tensor) -> list[tuple[int
         choice = scores + router.expert_bias_E if cfg.aux_loss_free else scores
     taken, mass = [], torch.zeros((), dtype=torch.float32)
     for j, e in enumerate(_top(choice.tolist(), hi)):
-        if j >= lo and not bool(mass < control):
+        if j >= lo and not bool(mass < control) and float(control) < 1:   # p = 1: every max_k
             break
         taken.append(e)
         mass = mass + probs[e].detach()
     w = torch.stack([scores[e] for e in taken])
-    if cfg.normalize_topk:
+    if cfg.normalize_topk and len(taken) > 1:     # one expert keeps its probability (Switch)
         w = w / w.sum()
     return [(j, e, w[j]) for j, e in enumerate(taken)]
 

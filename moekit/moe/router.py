@@ -209,10 +209,16 @@ class TopKRouter(nn.Module):
         choice_TE = scores_TE + self.expert_bias_E if self.aux_loss_free else scores_TE
         return scores_TE, scores_TE / scores_TE.sum(dim=-1, keepdim=True), choice_TE
 
-    def _normalized(self, weights_TK: Tensor) -> Tensor:
+    def _normalized(self, weights_TK: Tensor, several_T: Tensor | bool) -> Tensor:
+        """The weights renormalised to sum 1 (``normalize_topk``) where ``several_T``: a token with
+        one slot keeps its probability (the Switch weight, as a fixed top_k=1 does), which a
+        weight of 1 would take the router's gradient from."""
         if not self.normalize_topk:
             return weights_TK
-        return weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        total_T1 = weights_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        if isinstance(several_T, bool):
+            return weights_TK / total_T1 if several_T else weights_TK
+        return torch.where(several_T.unsqueeze(1), weights_TK / total_T1, weights_TK)
 
     def _route_top_p(self, logits_TE: Tensor) -> RouterOutput:
         scores_TE, probs_TE, choice_TE = self._scores(logits_TE)
@@ -220,7 +226,7 @@ class TopKRouter(nn.Module):
                                                        self.k_max)
         # the slots' own scores (a sigmoid router's raw scores, as in top-k); unused slots 0
         weights_TM = self._normalized(scores_TE.gather(1, experts_TM.clamp(max=self.num_experts - 1))
-                                      * active_TM)
+                                      * active_TM, active_TM.sum(dim=1) > 1)
         return RouterOutput(probs_TE=probs_TE, logits_TE=logits_TE, weights_TK=weights_TM,
                             experts_TK=experts_TM, dynamic=True)
 
@@ -235,7 +241,7 @@ class TopKRouter(nn.Module):
             real_TE = scores_TX[:, :E] + self.expert_bias_E if self.aux_loss_free else scores_TX[:, :E]
             choice_TX = torch.cat([real_TE, torch.sigmoid(null_TN + self.k_control)], dim=-1)
         experts_TK, ids_TK = dynamic.null_slots(choice_TX, self.top_k, E)
-        weights_TK = self._normalized(scores_TX.gather(1, ids_TK)) * (ids_TK < E)
+        weights_TK = self._normalized(scores_TX.gather(1, ids_TK), self.top_k > 1) * (ids_TK < E)
         # the losses see the real experts' share renormalised: balancing among them puts no
         # pressure on how much mass the null experts get (the controller's business)
         real_TE = probs_TX[:, :E]

@@ -107,6 +107,8 @@ def test_top_p_takes_experts_until_the_mass_reaches_p():
     assert (routing.experts_TK < 4).sum(1).tolist() == [2, 1, 3]
     assert routing.experts_TK[0].tolist() == [0, 1, 4]            # an unused slot holds id E = 4
     torch.testing.assert_close(routing.weights_TK[0], torch.tensor([0.625, 0.375, 0.0]))
+    # one expert keeps its probability (the Switch weight): a weight of 1 has no router gradient
+    torch.testing.assert_close(routing.weights_TK[1], torch.tensor([0.7, 0.0, 0.0]))
     assert experts_per_token_hist(routing.experts_TK, 4, 3).tolist() == [0, 1, 1, 1]
 
 
@@ -237,14 +239,24 @@ BAD = [
                                                       "number of experts, which needs token choice"),
     (dict(dynamic_k="wide"), "MoEConfig.dynamic_k='wide': is not one of ('none', 'top_p', 'null', 'relu')"),
     (dict(dynamic_k="null"), "MoEConfig.num_null_experts=0: must be an integer >= 1; give the router"),
-    (dict(num_null_experts=2), "MoEConfig.num_null_experts=2: configures a dynamic number of experts, but "
-                               "dynamic_k='none'"),
-    (dict(target_k=2.0), "MoEConfig.target_k=2.0: configures a dynamic number of experts"),
+    (dict(num_null_experts=2), "MoEConfig.num_null_experts=2: configures dynamic_k='null', but "
+                               "dynamic_k='none'; set dynamic_k='null', or leave num_null_experts unset"),
+    (dict(target_k=2.0), "MoEConfig.target_k=2.0: configures dynamic_k='top_p' or 'null' or 'relu', but"),
+    (dict(top_p=0.9), "MoEConfig.top_p=0.9: configures dynamic_k='top_p', but dynamic_k='none'"),
+    (dict(dynamic_k="top_p", relu_l1=0.1), "MoEConfig.relu_l1=0.1: configures dynamic_k='relu', but"),
+    (dict(dynamic_k="top_p", budget_rate=0.1), "MoEConfig.budget_rate=0.1: is the budget controller's step, "
+                                               "but target_k is unset"),
+    (dict(dynamic_k="top_p", target_k=2, budget_rate=1.0), "MoEConfig.budget_rate=1.0: must be a finite "
+                                                           "number in (0, 1)"),
+    (dict(dynamic_k="relu", relu_l1=0.0, target_k=2), "MoEConfig.relu_l1=0.0: is the L1 coefficient the "
+                                                      "controller multiplies"),
+    (dict(dynamic_k="top_p", min_k=0), "MoEConfig.min_k=0: top_p routing always takes the most probable"),
     (dict(dynamic_k="relu", router="sigmoid"), "MoEConfig.dynamic_k='relu': scores experts by relu(logits)"),
     (dict(dynamic_k="relu", min_k=1), "MoEConfig.min_k=1: relu routing gives no expert"),
     (dict(dynamic_k="null", num_null_experts=2, max_k=3),
-     "MoEConfig.max_k=3: is for dynamic_k='top_p' or 'relu'"),
-    (dict(dynamic_k="top_p", budget_rate=0.0), "MoEConfig.budget_rate=0.0: must be a finite number > 0"),
+     "MoEConfig.max_k=3: configures dynamic_k='top_p' or 'relu', but dynamic_k='null'"),
+    (dict(dynamic_k="null", num_null_experts=2, target_k=1, budget_rate=0.0),
+     "MoEConfig.budget_rate=0.0: must be a finite number > 0"),
 ]
 
 
@@ -260,3 +272,40 @@ def test_granularity_scales_the_dynamic_budget():
     cfg = MoEConfig(d_model=8, d_ff=16, num_experts=4, dynamic_k="top_p", max_k=2, target_k=1.5)
     fine = cfg.with_granularity(2)
     assert (fine.num_experts, fine.max_k, fine.target_k) == (8, 4, 3.0)
+
+
+def test_one_expert_keeps_its_probability_like_a_fixed_top1():
+    """top_p with max_k=1 is the Switch router (weight = probability), and a router whose tokens
+    get one expert each still learns from the task loss."""
+    torch.manual_seed(0)
+    fixed = MoELayer(MoEConfig(d_model=8, d_ff=8, num_experts=4, top_k=1))
+    dyn = MoELayer(MoEConfig(d_model=8, d_ff=8, num_experts=4, dynamic_k="top_p", max_k=1))
+    dyn.load_state_dict(fixed.state_dict(), strict=False)
+    x = torch.randn(16, 8)
+    y_fixed, y_dyn = fixed(x)[0], dyn(x)[0]
+    torch.testing.assert_close(y_dyn, y_fixed)
+    y_dyn.square().sum().backward()
+    assert float(dyn.router.weight_ED.grad.norm()) > 1e-3
+
+
+def test_p_of_one_takes_every_max_k_even_for_a_confident_router():
+    """A float32 running sum reaches 1 before the last slot once the router is confident."""
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=16, d_ff=8, num_experts=8, dynamic_k="top_p", top_p=1.0))
+    with torch.no_grad():
+        layer.router.weight_ED.mul_(40.0)
+    _, aux = layer(torch.randn(200, 16))
+    assert aux.experts_per_token.tolist() == [0] * 8 + [200]
+
+
+def test_the_controllers_stay_in_range():
+    relu = MoEConfig(d_model=4, d_ff=4, num_experts=4, dynamic_k="relu", target_k=1.0)
+    coef = torch.tensor(1e-3)
+    for _ in range(2000):                                  # always over budget: the coefficient grows
+        update_budget(coef, relu, torch.tensor([0, 0, 10, 0, 0]))
+    assert math.isfinite(float(coef)) and float(coef) == pytest.approx(1e4)
+    top_p = MoEConfig(d_model=4, d_ff=4, num_experts=4, dynamic_k="top_p", target_k=1.5, budget_rate=0.5)
+    p = torch.tensor(0.5)
+    for _ in range(3):                                     # over budget: p falls to its floor, stays > 0
+        update_budget(p, top_p, torch.tensor([0, 0, 10, 0, 0]))
+    assert 0 < float(p) <= 1e-6
