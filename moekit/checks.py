@@ -71,3 +71,12 @@ def require_float(model, verb: str) -> None:
     if getattr(model.cfg, "quant", None) is not None:
         raise ValueError(f"{verb}: the model is quantized (model.quant={model.cfg.quant}); {verb} the "
                          "full-precision model, then quantize the result")
+
+
+def require_fixed_k(moe, verb: str, why: str, fix: str, allowed: tuple[str, ...] = ()) -> None:
+    """Transformations that cannot carry a dynamic number of experts per token (``MoEConfig.
+    dynamic_k`` other than "none" and not in ``allowed``) refuse it: one line naming the field,
+    its value, why and the fix. ``moe`` is an MoEConfig or None (a dense model: nothing to refuse)."""
+    mode = getattr(moe, "dynamic_k", "none")
+    if mode != "none" and mode not in allowed:
+        raise ValueError(f"{verb}: model.moe.dynamic_k={mode!r} {why}; {fix}")

@@ -316,8 +316,12 @@ def check_schedule(train: TrainConfig, model: ModelConfig, parallel: ParallelCon
     if moe.router_input != "token":
         raise ValueError(f"{where} cannot grow a router that routes by tag (model.moe.router_input="
                          f"{moe.router_input!r}) yet; use router_input='token' or drop the schedule")
+    if moe.dynamic_k in ("top_p", "null"):   # what moekit.scale.grow_experts refuses, said up front
+        raise ValueError(f"{where} cannot grow the experts of a dynamic_k={moe.dynamic_k!r} router (copies "
+                         "change which experts a token takes: a different function); use dynamic_k='relu' "
+                         "or 'none', or drop the schedule")
     counts = [n for _, n in parse_expert_schedule(train.expert_schedule)]
-    if counts[0] < moe.top_k:
+    if counts[0] < moe.top_k and not moe.dynamic:
         raise ValueError(f"{where} starts with {counts[0]} expert{'s' * (counts[0] > 1)}, fewer than "
                          f"model.moe.top_k={moe.top_k}; start with >= {moe.top_k} experts")
     if moe.num_experts not in counts:

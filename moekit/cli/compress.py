@@ -3,7 +3,9 @@
 Each method writes OUT, a directory eval, generate, report and export read:
 
 - ``distill``: a run (the training engine with the distillation objective) whose student is
-  by default the teacher's dense baseline (the same active parameters per token);
+  by default the teacher's dense baseline (the same active parameters per token); a
+  ``--set model.moe.*`` makes it an MoE of the teacher's architecture (a dense teacher's: the
+  recipe's default MoE) with those fields, e.g. a dynamic number of experts per token;
 - ``merge`` / ``prune``: an export with fewer experts per MoE layer (with ``--recover-steps``
   a short training run from it instead);
 - ``quantize``: an export whose experts (and with ``--attention`` the attention projections)
@@ -282,11 +284,19 @@ def _distill(args, src: Path, out: Path) -> int:
     from moekit.recipe import apply_overrides
     from moekit.train.run_dir import load_run
     teacher, _, cfg = load_run(src)
-    student = teacher.cfg.dense_baseline() if teacher.cfg.moe is not None else teacher.cfg
     base = cfg.to_dict()
     dropped = ("init_from", "expert_schedule", "warmup_steps")
     train = {k: v for k, v in base["train"].items() if k not in dropped}
-    model = {k: v for k, v in dataclasses.asdict(student).items() if k not in ("quant", "dropout")}
+    if any(item.split("=", 1)[0].strip().startswith("model.moe.") for item in args.set):
+        # an MoE student (e.g. --set model.moe.dynamic_k=top_p): the teacher's architecture, or the
+        # recipe's default MoE on a dense teacher's
+        arch = dataclasses.replace(cfg, model=teacher.cfg).to_dict()["model"]
+        model = {k: v for k, v in arch.items() if k not in ("quant", "dropout")}
+        if not isinstance(model.get("moe"), dict):
+            model["moe"] = {}
+    else:
+        student = teacher.cfg.dense_baseline() if teacher.cfg.moe is not None else teacher.cfg
+        model = {k: v for k, v in dataclasses.asdict(student).items() if k not in ("quant", "dropout")}
     raw = {"model": model, "data": base["data"], "train": {**train, "seed": args.seed},
            "distill": {"teacher": str(src), "temperature": args.temperature, "alpha": args.alpha}}
     raw = apply_overrides(raw, args.set)

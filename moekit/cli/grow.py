@@ -70,7 +70,13 @@ def run(args) -> int:
 
 def _run_experts(args) -> int:
     """--experts: grow the number of experts (moekit.scale.grow_experts); the model only."""
-    from moekit.scale.grow_experts import exact_top_k, grow_experts, last_loads, preserves_function
+    from moekit.scale.grow_experts import (
+        exact_max_k,
+        exact_top_k,
+        grow_experts,
+        last_loads,
+        preserves_function,
+    )
     from moekit.train.run_dir import check_export_target, load_run, save_export
     given = [f"--{name.replace('_', '-')}" for name in _DIMS if getattr(args, name) is not None]
     given += [f"--{flag}-mode" for flag, default in (("width", "fpi"), ("depth", "zero"))
@@ -88,6 +94,11 @@ def _run_experts(args) -> int:
     m = model.cfg.moe
     if preserves_function(model, big, mapping):
         same = "the source function at step 0"
+    elif m.dynamic_k == "relu":
+        k = exact_max_k(model, mapping)
+        why = ("router noise" if args.noise_std else "the capacity of unevenly copied experts"
+               if m.max_k is None else f"max_k {m.max_k} kept" + (f"; max_k={k} would be exact" if k else ""))
+        same = f"not the source function at step 0 ({why})"
     else:
         k = exact_top_k(model, mapping) if not args.noise_std else None
         same = f"top_k {m.top_k} kept, so not the source function at step 0" + (

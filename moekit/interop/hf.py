@@ -25,7 +25,8 @@ Export picks the model type by what the model uses (:func:`moekit.interop.hf_arc
 Llama (plain dense), Qwen2 (q/k/v biases), Qwen3 (per-head q/k norm); Mixtral (renormalised
 softmax top-k in every layer and nothing else), OLMoE (q/k norm over the projection), Qwen3-MoE
 (per-head q/k norm), else Qwen2-MoE (shared experts, q/k/v biases, unnormalised top-k, dense
-layers among MoE ones). What none expresses is refused before anything is written.
+layers among MoE ones). What none expresses (e.g. a dynamic number of experts per token,
+``MoEConfig.dynamic_k``) is refused before anything is written.
 Router jitter is training-only noise: only Mixtral's config keeps it, the others drop it.
 """
 

@@ -178,6 +178,9 @@ def export_target(mcfg: ModelConfig) -> str:
         return {"head": "qwen3", "none": "qwen2" if mcfg.qkv_bias else "llama"}[mcfg.qk_norm]
     m = mcfg.moe
     for feature, present, fix in (
+            (f"dynamic_k={m.dynamic_k!r} (a dynamic number of experts per token)", m.dynamic,
+             "export a fixed top-k model (dynamic_k='none'), or keep moekit's own format (moekit export "
+             "RUN)"),
             (f"router={m.router!r}", m.router != "softmax", "export a softmax top-k router"),
             ("noisy_gating", m.noisy_gating, "export a model trained without it"),
             (f"router_input={m.router_input!r} (routing by tag)", m.router_input != "token",

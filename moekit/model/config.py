@@ -129,12 +129,13 @@ class ModelConfig:
 
     def dense_baseline(self) -> ModelConfig:
         """The dense model with the same active parameters per token: every MoE layer becomes
-        a dense FFN of width top_k * d_ff_expert + the shared FFN's width (the FLOPs a token
-        sees); router and shared-gate parameters are not counted (E * D and D per layer, small)."""
+        a dense FFN of width k * d_ff_expert + the shared FFN's width (the FLOPs a token sees;
+        k = ``MoEConfig.nominal_k``: top_k, or a dynamic k's target, rounded); router and
+        shared-gate parameters are not counted (E * D and D per layer, small)."""
         if self.moe is None:
             return self
         m = self.moe
-        active_ff = m.d_ff * m.top_k + m.shared_width
+        active_ff = round(m.d_ff * m.nominal_k) + m.shared_width
         if len(self.moe_layer_ids()) == self.n_layers:
             return dataclasses.replace(self, d_ff=active_ff, moe=None, moe_layers="all")
         if active_ff != self.d_ff:

@@ -220,8 +220,8 @@ class MoEConfig:
                           f"set dynamic_k={want}, or leave {name} unset")
         if self.budget_rate is not None and self.target_k is None:
             raise bad(own, "budget_rate", self.budget_rate, "is the budget controller's step, but "
-                      "target_k is unset (no controller)", "set target_k (the mean experts per token to hold) or leave "
-                      "budget_rate unset")
+                      "target_k is unset (no controller)",
+                      "set target_k (the mean experts per token to hold) or leave budget_rate unset")
 
     def _check_k_range(self) -> None:
         own, mode, E = "MoEConfig", self.dynamic_k, self.num_experts

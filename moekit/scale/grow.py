@@ -42,6 +42,10 @@ evenly over the L - 1 gaps (:func:`block_plan`; first and last blocks stay first
 each a copy of the old block below it with its residual outputs (wo, FFN/expert/shared down)
 zero: the identity at step 0. ``depth_mode="stack"`` (G_stack, Du et al. 2024) repeats the
 whole block sequence (n_layers' a multiple); not function-preserving.
+
+A dynamic number of experts per token (``MoEConfig.dynamic_k``) grows like any router: the
+null experts' rows (``null_ND``) read the residual stream as the expert rows do, and the budget
+controller's ``k_control`` is carried as it is, so fpi and zero keep the function there too.
 """
 
 from __future__ import annotations
@@ -87,6 +91,8 @@ _LAYOUT = {
     "ffn.router.weight_ED": (None, ("D", READ)),
     "ffn.router.noise_ED": (None, ("D", READ)),
     "ffn.router.expert_bias_E": (None,),     # the aux-loss-free bias: carried as it is
+    "ffn.router.null_ND": (None, ("D", READ)),   # dynamic_k="null": the null experts' router rows
+    "ffn.router.k_control": (),              # the budget controller's knob (a scalar): carried
     "ffn.experts.w_gate_EDF": (None, ("D", READ), ("X", OWN)),
     "ffn.experts.w_up_EDF": (None, ("D", READ), ("X", OWN)),
     "ffn.experts.w_down_EFD": (None, ("X", READ), ("D", OWN)),

@@ -35,6 +35,18 @@ more tokens drop); top_k' = m * top_k with renormalised weights (or top_k = 1 wi
 expert; capacity ceil(capacity_factor * T * K / E') keeps its slots per expert).
 ``most_loaded`` divides the copied experts' probabilities by c, so a token may change experts.
 ``noise_std`` adds N(0, noise_std) (seeded) to the copies' router rows to break their symmetry.
+
+A dynamic number of experts per token (``MoEConfig.dynamic_k``): ``relu`` routing (gates
+relu(x W), unnormalised) divides the router rows of a source and its copies by c instead of
+an offset: relu is positively homogeneous, so each of the c gates is the source's gate / c and
+they sum to it, with the same tokens (and with ``which="all"`` the load-weighted L1 penalty is
+unchanged too; uneven copies change its load weights). Every positive gate is
+taken, so this is the source function (any ``which``, dropless; with a capacity under
+``which="all"``) unless ``max_k`` cuts: max_k and target_k (the compute budget, which the
+controller then returns to) stay as they are, as top_k does, and max_k = m * max_k would be
+exact. ``top_p`` and ``null`` are refused (no copy keeps which experts a token takes).
+The null experts' rows and the budget controller's ``k_control`` are per layer, not per
+expert: carried as they are.
 """
 
 from __future__ import annotations
@@ -53,8 +65,16 @@ from moekit.model.transformer import MoETransformer
 from moekit.scale.grow import _build
 
 WHICH = ("all", "most_loaded")
-# per MoE layer, every tensor under these has one row per expert on dim 0
+# per MoE layer, every tensor under these has one row per expert on dim 0 (but _PER_LAYER's)
 _PER_EXPERT = ("ffn.experts.", "ffn.router.")
+_PER_LAYER = ("ffn.router.k_control", "ffn.router.null_ND")   # dynamic_k: not per expert
+# why no copy keeps a dynamic number of experts' function (relu's is kept: see the docstring)
+_DYNAMIC_WHY = {
+    "top_p": "takes experts until their probability mass reaches p, and a source's copies share its "
+             "probability, so a token may take some of them but not all (a different function)",
+    "null": "compares each expert's logit with the null experts', and copies (logit offset -log c, the "
+            "null experts uncopied) lose to them where the source won (a different function)",
+}
 _LOAD_KEY = re.compile(r"moe/layer(\d+)/load")
 
 
@@ -73,8 +93,12 @@ def grow_experts(model: MoETransformer, num_experts: int, *, which: str = "all",
         >>> big.cfg.moe.num_experts, mapping
         (4, {0: [0, 1, 0, 1]})
     """
-    from moekit.checks import require_float
+    from moekit.checks import require_fixed_k, require_float
     require_float(model, "grow_experts")
+    mode = getattr(model.cfg.moe, "dynamic_k", "none")
+    require_fixed_k(model.cfg.moe, "grow_experts", _DYNAMIC_WHY.get(mode, ""), "grow the experts of a "
+                    "dynamic_k='none' or 'relu' model, or train this one with more experts from the "
+                    "start (model.moe.num_experts)", allowed=("relu",))
     if model.cfg.routes_by_tag:
         raise ValueError(f"grow_experts: the model routes by tag (model.moe.router_input="
                          f"{model.cfg.moe.router_input!r}); growing its tag tables is not supported yet")
@@ -91,11 +115,12 @@ def grow_experts(model: MoETransformer, num_experts: int, *, which: str = "all",
     grown = {}
     for name, t in model.state_dict().items():
         layer, key = _block_key(name)
-        if layer in mapping and key.startswith(_PER_EXPERT):
+        if layer in mapping and _per_expert(key):
             t = t.index_select(0, torch.tensor(mapping[layer], device=t.device))
         grown[name] = t
+    score = "relu" if m.dynamic_k == "relu" else m.router
     for i, src in mapping.items():
-        _split_router(grown, f"blocks.{i}.ffn.router.", src, m.num_experts, m.router, noise_std, gen)
+        _split_router(grown, f"blocks.{i}.ffn.router.", src, m.num_experts, score, noise_std, gen)
     with torch.no_grad():
         new.load_state_dict(grown)
     return new, mapping
@@ -161,6 +186,11 @@ def _checked_loads(loads, layers: list[int], E: int) -> dict[int, list[float]]:
     return out
 
 
+def _per_expert(key: str) -> bool:
+    """Whether a block's tensor (``key`` without "blocks.i.") has one row per expert on dim 0."""
+    return key.startswith(_PER_EXPERT) and key not in _PER_LAYER
+
+
 def _block_key(name: str) -> tuple[int | None, str]:
     """"blocks.3.ffn.router.weight_ED" -> (3, "ffn.router.weight_ED"); (None, name) outside blocks."""
     hit = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
@@ -169,13 +199,17 @@ def _block_key(name: str) -> tuple[int | None, str]:
 
 def _split_router(state: dict[str, Tensor], prefix: str, src: list[int], E: int, router: str,
                   noise_std: float, gen: torch.Generator) -> None:
-    """The -log(c) offset of a softmax router (c experts share a source) and the copies' noise,
-    in ``state``, whose per-expert rows are already the sources' (index_select copies them)."""
+    """The -log(c) offset of a softmax router (c experts share a source), the 1/c rows of a
+    relu router, and the copies' noise, in ``state``, whose per-expert rows are already the
+    sources' (index_select copies them)."""
     src_N = torch.tensor(src)
+    shared_E = torch.bincount(src_N, minlength=E).double()              # c per source
     if router == "softmax":
-        shared_E = torch.bincount(src_N, minlength=E).double()          # c per source
         bias = state[prefix + "expert_bias_E"]
         state[prefix + "expert_bias_E"] = bias - shared_E.log()[src_N].to(bias)   # c = 1: minus 0, exact
+    elif router == "relu":                                              # relu(x w / c) = relu(x w) / c
+        w = state[prefix + "weight_ED"]
+        state[prefix + "weight_ED"] = w / shared_E[src_N].to(device=w.device, dtype=w.dtype)[:, None]
     if noise_std:
         w = state[prefix + "weight_ED"].clone()
         noise = torch.randn(len(src) - E, w.shape[1], generator=gen, dtype=torch.float32) * noise_std
@@ -220,7 +254,7 @@ def grow_optimizer_state(optimizer_state: dict, model_before: MoETransformer, mo
     params = dict(model_before.named_parameters())
     _check_pair(model_before, model_after, mapping, params)
     index = {name: torch.tensor(mapping[layer]) for name in params
-             for layer, key in [_block_key(name)] if layer in mapping and key.startswith(_PER_EXPERT)}
+             for layer, key in [_block_key(name)] if layer in mapping and _per_expert(key)}
     torch_format = isinstance(optimizer_state, dict) and {"state", "param_groups"} <= set(optimizer_state)
     by_name = _names_of_ids(optimizer_state, model_before) if torch_format else None
     entries = optimizer_state["state"] if torch_format else optimizer_state
@@ -291,15 +325,45 @@ def preserves_function(model: MoETransformer, grown: MoETransformer, mapping: di
     """True when ``grown`` computes ``model``'s function at step 0 as it is: a dropless softmax
     top-1 router with weight one (``top1_weight="one"``), every expert copied equally, no router
     noise (with a capacity, each expert's slots shrink by the copy factor). (Every
-    softmax growth keeps each expert's probability mass; see the module docstring.)"""
+    softmax growth keeps each expert's probability mass; see the module docstring.) relu
+    routing: no max_k and no noise, dropless or every expert copied equally."""
     m = model.cfg.moe
     even = all(src == [j % m.num_experts for j in range(len(src))] for src in mapping.values())
+    if m.dynamic_k == "relu":
+        return _relu_exact(model, grown, mapping, even)
     if m.router != "softmax" or m.top_k != 1 or m.top1_weight != "one" or not even:
         return False
     if m.capacity_factor is not None:   # E' experts have 1/m of the slots each: more tokens dropped
         return False
     old, new = model.moe_layers(), grown.moe_layers()
     return all(torch.equal(new[i].router.weight_ED, old[i].router.weight_ED[mapping[i]]) for i in mapping)
+
+
+def _relu_exact(model: MoETransformer, grown: MoETransformer, mapping: dict[int, list[int]],
+                even: bool) -> bool:
+    """relu routing: every positive gate taken (no max_k), the rows the sources' / c (no noise),
+    and dropless or every expert copied equally (the same slots per expert)."""
+    m = model.cfg.moe
+    if m.max_k is not None or (m.capacity_factor is not None and not even):
+        return False
+    old, new = model.moe_layers(), grown.moe_layers()
+    for i, src in mapping.items():
+        w = old[i].router.weight_ED
+        c = torch.bincount(torch.tensor(src), minlength=m.num_experts).double()[src]
+        if not torch.equal(new[i].router.weight_ED, w[src] / c.to(w)[:, None]):
+            return False
+    return True
+
+
+def exact_max_k(model: MoETransformer, mapping: dict[int, list[int]]) -> int | None:
+    """relu routing with a max_k, every expert copied m times: m * max_k takes the m copies of
+    each expert a token took, the source function; None otherwise."""
+    m = model.cfg.moe
+    E = m.num_experts
+    even = all(len(src) % E == 0 and src == [j % E for j in range(len(src))] for src in mapping.values())
+    if m.dynamic_k != "relu" or m.max_k is None or not even or len({len(s) for s in mapping.values()}) != 1:
+        return None
+    return len(next(iter(mapping.values()))) // E * m.max_k
 
 
 def exact_top_k(model: MoETransformer, mapping: dict[int, list[int]]) -> int | None:
@@ -310,7 +374,7 @@ def exact_top_k(model: MoETransformer, mapping: dict[int, list[int]]) -> int | N
     m = model.cfg.moe
     E = m.num_experts
     even = all(len(src) % E == 0 and src == [j % E for j in range(len(src))] for src in mapping.values())
-    if m.router != "softmax" or not even or len({len(src) for src in mapping.values()}) != 1:
+    if m.router != "softmax" or m.dynamic or not even or len({len(src) for src in mapping.values()}) != 1:
         return None
     if m.top_k == 1 and m.top1_weight == "one":
         return 1

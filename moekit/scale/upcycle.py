@@ -28,9 +28,10 @@ projections are halved so their sum is still the dense function (with ``shared_g
 gate starts at weight zero, sigmoid(0) = 1/2, and the shared down projection is not halved).
 
 Function preservation needs a token-choice router with renormalised top-k weights (or
-top_k = 1 with ``top1_weight="one"``) and no capacity drops; :func:`preserves_function`
-says whether an upcycle is exact. Other router options are allowed (the result is then
-not the dense function at step 0).
+top_k = 1 with ``top1_weight="one"``) and no capacity drops; with a dynamic number of experts
+per token (``dynamic_k``) only top_p's renormalised weights with min_k >= 2, by ``copy``;
+:func:`preserves_function` says whether an upcycle is exact. Other router options are allowed
+(the result is then not the dense function at step 0).
 """
 
 from __future__ import annotations
@@ -143,7 +144,11 @@ def upcycle_config(model: MoETransformer, num_experts: int, top_k: int, *, metho
     for name in ("num_shared_experts", "d_ff", "shared_d_ff"):
         if name in moe_options:
             raise ValueError(f"upcycle: {name} is set by the method (shared_from_ffn, granularity); drop it")
-    if top_k == 1 and moe_options.get("router") != "expert_choice":
+    dynamic = moe_options.get("dynamic_k", "none")
+    if dynamic == "relu" and router_init == "zeros":
+        raise ValueError("upcycle: router_init='zeros' with dynamic_k='relu' gates every expert relu(0) = 0: "
+                         "no token reaches an expert and no gate gets a gradient; use router_init='normal'")
+    if top_k == 1 and moe_options.get("router") != "expert_choice" and dynamic == "none":
         moe_options.setdefault("top1_weight", "one")
     shared = {"num_shared_experts": 1} if shared_from_ffn else {}
     if shared_from_ffn and G > 1:
@@ -158,6 +163,13 @@ def preserves_function(moe: MoEConfig, method: str) -> bool:
     experts do not care)."""
     if method == "drop" or moe.router == "expert_choice" or moe.capacity_factor is not None:
         return False
+    if moe.dynamic:
+        # top_p: renormalised weights over equal experts sum to one, so copies are exact when
+        # every token takes at least 2 (a token with one expert keeps its probability as its
+        # weight; a virtual group may be cut by the mass p); null: the chosen null experts take a
+        # share of the weight; relu: the gates do not sum to one
+        return (moe.dynamic_k == "top_p" and moe.normalize_topk and moe.k_range[0] >= 2
+                and method == "copy")
     if moe.top_k == 1:
         return moe.top1_weight == "one"
     return moe.normalize_topk
@@ -198,3 +210,8 @@ def _init_router(router: nn.Module, init: str, std: float, G: int, gen: torch.Ge
         w.copy_(rows.repeat_interleave(G, dim=0))
     if getattr(router, "noise_ED", None) is not None:
         nn.init.zeros_(router.noise_ED)
+    if getattr(router, "null_ND", None) is not None:   # dynamic_k="null": the null experts' rows alike
+        if init == "zeros":
+            router.null_ND.zero_()
+        else:
+            router.null_ND.copy_(torch.randn(router.null_ND.shape, generator=gen) * std)

@@ -1,6 +1,7 @@
 """Hugging Face checkpoints: logits equal transformers' own, both ways, every tensor accounted for."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -236,6 +237,13 @@ EXPORT_REFUSALS = [   # (ModelConfig options, the feature named)
     (dict(moe=moe(), qk_norm="full", head_dim=12), r"head_dim != d_model / n_heads"),
     (dict(moe=moe(num_shared_experts=1), qk_norm="head"), "shared experts with qk_norm='head' has no "
                                                            "equivalent in qwen3_moe"),
+    # a dynamic number of experts per token, whatever else the model is (a sigmoid router: named first)
+    *[(dict(moe=moe(dynamic_k=mode, **extra)), re.escape(
+        f"dynamic_k={mode!r} (a dynamic number of experts per token) has no equivalent in any Hugging Face "
+        "model type (llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, olmoe, qwen3_moe); export a fixed "
+        "top-k model (dynamic_k='none'), or keep moekit's own format (moekit export RUN)"))
+      for mode, extra in (("top_p", {}), ("null", dict(num_null_experts=2)), ("relu", {}),
+                          ("top_p", dict(router="sigmoid", target_k=2)))],
 ]
 
 

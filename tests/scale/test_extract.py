@@ -140,3 +140,48 @@ def test_a_token_plus_tag_router_keeps_the_tags_embedding_row():
     assert torch.equal(s.weight_ED, r.weight_ED[[0, 3, 4]])
     assert torch.equal(small.blocks[1].ffn.experts.w_up_EDF, model.blocks[1].ffn.experts.w_up_EDF[[1, 2, 3]])
     assert experts_by_load({0: [0, 0, 7, 0]}, 2, 0.0) == {0: [0, 2]}   # at least top_k, ties: lower index
+
+
+@pytest.mark.parametrize("moe", [dict(dynamic_k="relu"), dict(dynamic_k="relu", max_k=3, target_k=2.5)])
+def test_a_relu_tag_router_extracts_exactly_padding_the_layers_to_one_count(moe):
+    model = tiny(**moe)
+    assert is_exact(model.cfg.moe)
+    gates = {i: torch.relu(layer.router.tag_logits_NE[1]) for i, layer in model.moe_layers().items()}
+    cap = moe.get("max_k", 8)
+    used = {i: sorted(torch.topk(g, cap).indices[torch.topk(g, cap).values > 0].tolist())
+            for i, g in gates.items()}
+    assert len({len(u) for u in used.values()}) == 2            # the premise: the layers use different counts
+    small, kept = extract_experts(model, "b")
+    n = max(len(u) for u in used.values())
+    assert all(len(e) == n and set(used[i]) <= set(e) for i, e in kept.items())   # padded, E never kept
+    assert small.cfg.moe.num_experts == n and small.cfg.moe.max_k == (min(cap, n) if "max_k" in moe else None)
+    assert small.cfg.moe.target_k == (min(2.5, n) if "target_k" in moe else None)
+    for i, layer in small.moe_layers().items():                 # the controller's knob travels
+        assert torch.equal(layer.router.k_control, model.moe_layers()[i].router.k_control)
+    x = torch.randint(0, 50, (3, 9))
+    with torch.no_grad():
+        want = model(x, tags=torch.ones(3, dtype=torch.long)).logits
+        got = small(x, tags=torch.zeros(3, dtype=torch.long)).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("moe", [dict(dynamic_k="top_p", top_p=0.7, max_k=6, target_k=5.0),
+                                 dict(dynamic_k="null", num_null_experts=3)])
+def test_top_p_and_null_tag_routers_extract_by_load(moe):
+    model = tiny(**moe)
+    assert not is_exact(model.cfg.moe)
+    with pytest.raises(ValueError, match="pass loads"):
+        extract_experts(model, "b")
+    batches = [torch.randint(0, 50, (3, 9))]
+    loads = tag_loads(model, batches, "b")
+    small, kept = extract_experts(model, "b", loads=loads)
+    n = small.cfg.moe.num_experts
+    assert n < 8 and all(len(e) == n for e in kept.values())
+    if moe["dynamic_k"] == "top_p":                              # the bounds follow the smaller count
+        assert small.cfg.moe.max_k == min(6, n) and small.cfg.moe.target_k == min(5.0, n)
+    else:                                                        # the null experts' rows are kept whole
+        assert n >= model.cfg.moe.top_k
+        for i, layer in small.moe_layers().items():
+            assert torch.equal(layer.router.null_ND, model.moe_layers()[i].router.null_ND)
+    with torch.no_grad():
+        assert torch.isfinite(small(batches[0], tags=torch.zeros(3, dtype=torch.long)).logits).all()

@@ -269,3 +269,41 @@ def test_growth_is_seeded_and_leaves_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(a.blocks[1].ffn.w_down.weight, b.blocks[1].ffn.w_down.weight)
     assert not torch.equal(a.blocks[1].ffn.w_down.weight, c.blocks[1].ffn.w_down.weight)
+
+
+DYNAMIC = {"top_p": dict(top_p=0.7, max_k=3, target_k=2), "null": dict(num_null_experts=3),
+           "relu": dict(max_k=3, target_k=1.5)}
+
+
+def dynamic_source(mode):
+    """Layers 0 and 2 MoE with a dynamic number of experts per token, a moved budget knob."""
+    torch.manual_seed(0)
+    moe = MoEConfig(d_model=32, d_ff=32, num_experts=4, top_k=2, num_shared_experts=1, dynamic_k=mode,
+                    **DYNAMIC[mode])
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64,
+                      moe_layers=[0, 2], moe=moe)
+    model = MoETransformer.build(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.mul_(5.0) if "norm" not in name else p.uniform_(0.5, 1.5)
+        for i, layer in model.moe_layers().items():
+            layer.router.k_control.fill_({"top_p": 0.8, "null": -0.5, "relu": 0.01}[mode] + i / 100)
+    return model.eval()
+
+
+@pytest.mark.parametrize("mode", sorted(DYNAMIC))
+@pytest.mark.parametrize("growth", ["all_fpi", "all_zero"])
+def test_a_dynamic_number_of_experts_grows_with_its_function(mode, growth):
+    src = dynamic_source(mode)
+    with torch.no_grad():
+        hist = src(TOKENS).moe[0].experts_per_token
+    assert (hist > 0).sum() >= 2                         # the premise: tokens take different numbers
+    big = grow(src, **GROWTHS[growth])
+    assert_same_function(src, big)
+    old, new = src.blocks, big.blocks
+    plan = block_plan(3, big.cfg.n_layers, "zero")
+    for p, (i, _) in enumerate(plan):                    # every block's knob is its source block's
+        if i in (0, 2):
+            assert torch.equal(new[p].ffn.router.k_control, old[i].ffn.router.k_control)
+            if mode == "null":
+                assert new[p].ffn.router.null_ND.shape == (3, big.cfg.d_model)

@@ -19,6 +19,7 @@ from moekit.model.transformer import MoETransformer
 from moekit.moe.config import MoEConfig
 from moekit.moe.dispatch import LocalDispatcher
 from moekit.scale.grow_experts import (
+    exact_max_k,
     exact_top_k,
     grow_experts,
     grow_optimizer_state,
@@ -378,3 +379,78 @@ def test_cli_refusals_are_one_line_and_write_nothing(tmp_path, capsys, flags, ma
     err = capsys.readouterr().err
     assert match in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "bad").exists()
+
+
+def with_moe(model, **change):
+    """The same weights under other MoEConfig fields (a config change only)."""
+    cfg = dataclasses.replace(model.cfg, moe=dataclasses.replace(model.cfg.moe, **change))
+    other = MoETransformer(cfg)
+    other.load_state_dict(model.state_dict())
+    return other.eval()
+
+
+@pytest.mark.parametrize("which, n, moe", [("all", 8, {}), ("all", 12, {}), ("most_loaded", 6, {}),
+                                           ("most_loaded", 11, {}), ("all", 8, dict(capacity_factor=1.0)),
+                                           ("all", 8, dict(target_k=1.5))])
+def test_relu_routing_grows_with_its_function(which, n, moe):
+    """relu gates: a source shared by c experts has its router row divided by c (relu(x w / c) =
+    relu(x w) / c): the gates of the copies sum to the source's, so the function is the same."""
+    src = source(dynamic_k="relu", **moe)
+    with torch.no_grad():
+        for layer in src.moe_layers().values():
+            layer.router.k_control.fill_(0.05)
+        hist = src(TOKENS).moe[0].experts_per_token
+    assert (hist > 0).sum() >= 2                                   # the premise: different numbers per token
+    big, mapping = grow_experts(src, n, which=which, loads=LOADS if which == "most_loaded" else None)
+    assert preserves_function(src, big, mapping) and big.cfg.moe == dataclasses.replace(src.cfg.moe,
+                                                                                          num_experts=n)
+    for i, s in mapping.items():
+        old, new = src.moe_layers()[i].router, big.moe_layers()[i].router
+        c = torch.bincount(torch.tensor(s), minlength=4)[s].float()
+        torch.testing.assert_close(new.weight_ED * c[:, None], old.weight_ED[s])
+        assert torch.equal(new.k_control, old.k_control) and torch.equal(new.expert_bias_E, torch.zeros(n))
+    torch.testing.assert_close(logits(big), logits(src), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():      # every expert copied alike: the (load-weighted) L1 penalty is the source's too
+        a, b = src.train()(TOKENS), big.train()(TOKENS)
+    assert float(a.sparsity_loss) > 0
+    if which == "all":
+        torch.testing.assert_close(b.sparsity_loss, a.sparsity_loss, atol=1e-7, rtol=1e-5)
+    noisy, mapping = grow_experts(src, n, which=which, loads=LOADS if which == "most_loaded" else None,
+                                  noise_std=0.1)
+    assert not preserves_function(src, noisy, mapping)
+
+
+def test_relu_routing_with_max_k_is_exact_at_m_times_max_k():
+    src = source(dynamic_k="relu", max_k=2)
+    big, mapping = grow_experts(src, 8)
+    assert not preserves_function(src, big, mapping) and exact_max_k(src, mapping) == 4
+    assert float((logits(big) - logits(src)).abs().max()) > 1e-3          # max_k 2 kept cuts the copies
+    torch.testing.assert_close(logits(with_moe(big, max_k=4)), logits(src), atol=1e-5, rtol=1e-5)
+    assert exact_max_k(src, grow_experts(src, 6, which="most_loaded", loads=LOADS)[1]) is None
+    assert exact_top_k(src, mapping) is None
+
+
+@pytest.mark.parametrize("mode, extra, why", [
+    ("top_p", {}, "takes experts until their probability mass reaches p, and a source's copies share its "
+                  "probability, so a token may take some of them but not all (a different function)"),
+    ("null", dict(num_null_experts=2), "compares each expert's logit with the null experts', and copies "
+                                       "(logit offset -log c, the null experts uncopied) lose to them where "
+                                       "the source won (a different function)"),
+])
+def test_top_p_and_null_routing_refuse_to_grow_experts(tmp_path, capsys, mode, extra, why):
+    src = source(dynamic_k=mode, **extra)
+    message = (f"grow_experts: model.moe.dynamic_k={mode!r} {why}; grow the experts of a dynamic_k='none' or "
+               "'relu' model, or train this one with more experts from the start (model.moe.num_experts)")
+    with pytest.raises(ValueError) as err:
+        grow_experts(src, 8)
+    assert str(err.value) == message
+    from moekit.config import RunConfig
+    from moekit.data.tokenizer import train_tokenizer
+    from moekit.train.run_dir import save_export
+    tok = train_tokenizer(["the house will come to order " * 10] * 4, vocab_size=V)
+    save_export(src, tok, RunConfig(model=src.cfg), tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir() if p.is_file()}
+    assert cli(["grow", str(tmp_path / "m"), "--experts", "8", "--out", str(tmp_path / "big")]) == 2
+    assert capsys.readouterr().err.strip() == f"moekit grow: error: {message}"
+    assert not (tmp_path / "big").exists()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir() if p.is_file()} == before

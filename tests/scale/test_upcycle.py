@@ -212,3 +212,67 @@ def test_cli_methods_and_options(tmp_path, capsys):
         err = capsys.readouterr().err
         assert match in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_top_p_upcycle_equals_the_dense_model(top_k, router):
+    """top_p's renormalised weights over identical experts sum to one, whichever experts a token
+    takes, once it takes two or more (min_k=2): the copy upcycle is the dense function (top_k = 1
+    takes no top1_weight here). A token with one expert keeps its probability as its weight."""
+    src = dense()
+    moe = upcycle(src, 8, top_k, router=router, dynamic_k="top_p", top_p=0.5, min_k=2, target_k=3).eval()
+    assert moe.cfg.moe.top1_weight == "prob" and preserves_function(moe.cfg.moe, "copy")
+    assert_same_function(src, moe)
+    hist = moe(TOKENS).moe[0].experts_per_token
+    assert (hist > 0).sum() >= 2                     # the premise: tokens took different numbers of experts
+    assert not preserves_function(moe.cfg.moe, "virtual-group")
+    one = upcycle(src, 8, top_k, router=router, dynamic_k="top_p", top_p=0.1).eval()   # one expert each
+    assert not preserves_function(one.cfg.moe, "copy")
+    with torch.no_grad():
+        assert float((one(TOKENS).logits - src(TOKENS).logits).abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("mode, extra", [("null", dict(num_null_experts=4)), ("relu", {})])
+@pytest.mark.parametrize("router_init", ["normal", "zeros"])
+def test_null_and_relu_upcycles_route_but_are_not_the_dense_function(mode, extra, router_init):
+    src = dense(n_layers=2)
+    if mode == "relu" and router_init == "zeros":
+        with pytest.raises(ValueError) as err:
+            upcycle(src, 4, 2, dynamic_k=mode, router_init=router_init)
+        assert str(err.value) == ("upcycle: router_init='zeros' with dynamic_k='relu' gates every expert "
+                                  "relu(0) = 0: no token reaches an expert and no gate gets a gradient; use "
+                                  "router_init='normal'")
+        return
+    moe = upcycle(src, 4, 2, dynamic_k=mode, router_init=router_init, seed=1, **extra).eval()
+    assert not preserves_function(moe.cfg.moe, "copy")
+    for layer in moe.moe_layers().values():          # the null experts' rows start like the experts'
+        r = layer.router
+        if mode == "null":
+            null = r.null_ND.detach()
+            assert (float(null.abs().max()) == 0) == (router_init == "zeros")
+            assert router_init == "zeros" or 0.01 < float(null.std()) < 0.03
+    with torch.no_grad():
+        out = moe(TOKENS)
+    assert torch.isfinite(out.logits).all() and sum(int(a.tokens_per_expert.sum()) for a in out.moe.values())
+
+
+def test_cli_upcycles_into_a_dynamic_number_of_experts(tmp_path, capsys):
+    from moekit.config import RunConfig
+    from moekit.data.tokenizer import train_tokenizer
+    from moekit.train.run_dir import load_run, save_export
+    tok = train_tokenizer(["the house will come to order " * 10] * 4, vocab_size=300)
+    model = MoETransformer.build(ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4,
+                                             d_ff=64)).eval()
+    save_export(model, tok, RunConfig(model=model.cfg), tmp_path / "dense")
+    assert cli(["upcycle", str(tmp_path / "dense"), "--experts", "4", "--set", "dynamic_k=top_p", "--set",
+                "min_k=2", "--set", "target_k=2", "--out", str(tmp_path / "moe")]) == 0
+    out = capsys.readouterr().out
+    assert "; the dense function at step 0;" in out
+    assert "cannot be exported to Hugging Face (dynamic_k='top_p' (a dynamic number of experts per token) " \
+           "has no equivalent" in out
+    moe, _, _ = load_run(tmp_path / "moe")
+    assert (moe.cfg.moe.dynamic_k, moe.cfg.moe.min_k, moe.cfg.moe.target_k) == ("top_p", 2, 2)
+    x = torch.tensor([tok.encode("the house will come").ids])
+    with torch.no_grad():
+        assert torch.allclose(moe(x).logits, model(x).logits, atol=1e-5)

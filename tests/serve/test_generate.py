@@ -30,6 +30,12 @@ MODELS = {
                                                  num_shared_experts=1), n_kv_heads=2, qk_norm="head"),
     "moe-sigmoid": lambda: model_of(MoEConfig(d_model=64, d_ff=64, num_experts=4, top_k=1, router="sigmoid",
                                               aux_loss_free=True)),
+    # a dynamic number of experts per token: cached decoding routes one token at a time (stats=False)
+    "moe-top-p": lambda: model_of(MoEConfig(d_model=64, d_ff=32, num_experts=8, dynamic_k="top_p", top_p=0.6,
+                                            max_k=4, target_k=2)),
+    "moe-null": lambda: model_of(MoEConfig(d_model=64, d_ff=32, num_experts=8, top_k=3, dynamic_k="null",
+                                           num_null_experts=4)),
+    "moe-relu": lambda: model_of(MoEConfig(d_model=64, d_ff=32, num_experts=8, dynamic_k="relu", max_k=4)),
 }
 PROMPTS = [[1, 2, 3, 4, 5], [7], [9, 8, 7, 6, 5, 4, 3, 2, 1, 10, 11, 12, 13]]
 
@@ -42,6 +48,11 @@ def test_cached_greedy_equals_uncached_token_for_token(name):
     assert cached == uncached
     assert [len(c) for c in cached] == [40, 40, 40]
     assert len({tuple(c) for c in cached}) == 3     # the rows did not collapse into one
+    m = model.cfg.moe
+    if m is not None and m.dynamic:                 # the premise: tokens do get different numbers of experts
+        with torch.no_grad():
+            hist = model(torch.tensor(PROMPTS[2:])).moe[0].experts_per_token
+        assert (hist > 0).sum() >= 2, hist
 
 
 def test_batched_rows_equal_each_prompt_alone():

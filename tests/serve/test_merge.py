@@ -197,3 +197,48 @@ def test_merging_refusals(kw, match):
     with pytest.raises(ValueError, match="expert_choice"):
         merge_experts(tiny(router="expert_choice"), token_batches(1), 3)
 
+
+
+@pytest.mark.parametrize("router", ["mean", "dominant"])
+def test_merging_relu_copies_undoes_growing_them(router):
+    """relu gates: growing splits an expert's router row into c copies of row / c; merging the c
+    copies back multiplies the merged row by c, so the merged model is the source function."""
+    from moekit.scale.grow_experts import grow_experts
+    model, batches = tiny(dynamic_k="relu", max_k=None), token_batches()
+    with torch.no_grad():
+        for layer in model.moe_layers().values():
+            layer.router.k_control.fill_(0.02)
+    big, _ = grow_experts(model, 12)
+    small, groups = merge_experts(big, batches, 6, router=router)
+    assert groups == {i: [[e, e + 6] for e in range(6)] for i in (0, 1)}
+    assert small.cfg.moe == model.cfg.moe
+    for i, layer in small.moe_layers().items():
+        assert torch.allclose(layer.router.weight_ED, model.moe_layers()[i].router.weight_ED, atol=1e-7)
+        assert torch.equal(layer.router.k_control, model.moe_layers()[i].router.k_control)
+    x = token_batches(1, seed=9)[0]
+    with torch.no_grad():
+        want = model(x)
+        assert (want.moe[0].experts_per_token > 0).sum() >= 2          # tokens take different numbers
+        assert torch.allclose(small(x).logits, want.logits, atol=1e-5, rtol=0)
+        # a plain mean of the rows would halve every gate: a check that can fail
+        half = merge_experts(big, batches, 6, router=router)[0]
+        for layer in half.moe_layers().values():
+            layer.router.weight_ED.mul_(0.5)
+        assert float((half(x).logits - want.logits).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["top_p", "null", "relu"])
+def test_merging_a_dynamic_model_keeps_its_bounds_inside_the_experts(name):
+    from .test_prune import DYNAMIC
+    model, batches = tiny(**DYNAMIC[name]), token_batches()
+    small, groups = merge_experts(model, batches, 3)
+    m = small.cfg.moe
+    assert m.num_experts == 3 and m.dynamic_k == name
+    assert (m.max_k, m.target_k) == {"top_p": (3, 3.0), "null": (None, 1.5), "relu": (3, 3.0)}[name]
+    for i, layer in small.moe_layers().items():
+        old = model.moe_layers()[i].router
+        assert torch.equal(layer.router.k_control, old.k_control)
+        if name == "null":
+            assert torch.equal(layer.router.null_ND, old.null_ND)
+    with torch.no_grad():
+        assert torch.isfinite(small(token_batches(1, seed=9)[0]).logits).all()

@@ -188,3 +188,65 @@ def test_pruning_refusals(case, match):
     batches = [] if case == "no_batches" else batches
     with pytest.raises(ValueError, match=match):
         prune_experts(model, batches, n, **kw)
+
+
+DYNAMIC = {   # a dynamic number of experts per token, with bounds the pruned count must cut
+    "top_p": dict(dynamic_k="top_p", top_p=0.6, max_k=6, target_k=5.0),
+    "null": dict(dynamic_k="null", num_null_experts=3, target_k=1.5),
+    "relu": dict(dynamic_k="relu", max_k=5, target_k=4.5),
+}
+
+
+@pytest.mark.parametrize("method", ["usage", "reconstruction"])
+@pytest.mark.parametrize("name", sorted(DYNAMIC))
+def test_dynamic_pruning_is_exact_when_pruned_experts_get_no_weight(name, method):
+    model, batches = tiny(**DYNAMIC[name]), token_batches()
+    dead = {0: [1, 4], 1: [0, 5]}
+    with torch.no_grad():
+        for i, layer in model.moe_layers().items():
+            if name == "relu":      # a zero router row: gate relu(0) = 0, never an expert
+                layer.router.weight_ED[dead[i]] = 0.0
+            else:                   # probability exactly 0 (and null routing never selects them)
+                layer.router.expert_bias_E[dead[i]] = -1e4
+            layer.router.k_control.add_(0.01 * (i + 1))       # a moved knob, per layer
+    usage = expert_usage(model, batches)
+    for i in dead:
+        assert usage[i][dead[i]].sum() == 0 and (usage[i] > 0).sum() == 4   # the premise
+    before = state(model)
+    small, kept = prune_experts(model, batches, 4, method=method)
+    assert kept == {i: [e for e in range(6) if e not in dead[i]] for i in dead}
+    m = small.cfg.moe
+    assert m.num_experts == 4 and m.dynamic_k == name and model.cfg.moe.num_experts == 6
+    assert (m.max_k, m.target_k) == {"top_p": (4, 4.0), "null": (None, 1.5), "relu": (4, 4.0)}[name]
+    for i, layer in small.moe_layers().items():
+        old = model.moe_layers()[i].router
+        assert torch.equal(layer.router.k_control, old.k_control)
+        if name == "null":          # the null experts are not experts: every row kept
+            assert torch.equal(layer.router.null_ND, old.null_ND)
+    x = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        out = model(x)
+        assert (out.moe[0].experts_per_token > 0).sum() >= 2     # tokens take different numbers
+        assert torch.allclose(small(x).logits, out.logits, atol=1e-5, rtol=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("moe, n, message", [
+    (dict(dynamic_k="top_p", min_k=2), 1,
+     "prune_experts: num_experts=1 is below model.moe.min_k=2 (every token gets at least 2 experts); "
+     "pick one in [2, 5]"),
+    (dict(dynamic_k="null", num_null_experts=2, top_k=3), 2,
+     "prune_experts: num_experts=2 is below model.moe.top_k=3 (null routing picks top_k of the real and null "
+     "experts, at most num_experts); pick one in [3, 5]"),
+])
+def test_dynamic_pruning_refuses_too_few_experts(moe, n, message):
+    with pytest.raises(ValueError) as err:
+        prune_experts(tiny(**moe), token_batches(1), n)
+    assert str(err.value) == message
+
+
+def test_top_p_and_relu_prune_below_top_k_which_they_do_not_read():
+    for moe in (dict(dynamic_k="relu"), dict(dynamic_k="top_p", max_k=3)):
+        small, kept = prune_experts(tiny(**moe), token_batches(1), 1)
+        assert (small.cfg.moe.num_experts, small.cfg.moe.top_k, small.cfg.moe.max_k) == (
+            1, 1, None if "max_k" not in moe else 1)

@@ -54,13 +54,13 @@ def check_target(model, num_experts, verb: str) -> None:
     if model.cfg.routes_by_tag:
         raise ValueError(f"{verb}: model.moe.router_input={moe.router_input!r} routes by tag, which is not "
                          "supported yet; use a token-routed model (or moekit extract for one tag)")
-    E, K = moe.num_experts, moe.top_k
+    from moekit.scale.extract import fewest_experts
+    E, (K, why) = moe.num_experts, fewest_experts(moe)
     if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts >= E:
         raise ValueError(f"{verb}: num_experts={num_experts!r} must be an integer fewer than the model's "
                          f"{E} experts; pick one in [{K}, {E - 1}]")
     if num_experts < K:
-        raise ValueError(f"{verb}: num_experts={num_experts} is below model.moe.top_k={K} (every token "
-                         f"needs {K} experts); pick one in [{K}, {E - 1}]")
+        raise ValueError(f"{verb}: num_experts={num_experts} is below {why}; pick one in [{K}, {E - 1}]")
 
 
 def check_batches(batches, verb: str) -> None:
@@ -138,9 +138,11 @@ def layer_inputs(model, batches: list[Tensor], max_tokens: int) -> dict[int, Ten
 
 
 def build_like(model, num_experts: int, state: dict[str, Tensor]) -> MoETransformer:
-    """A new model of ``model``'s config with ``num_experts`` experts per MoE layer, holding
-    ``state``, in ``model``'s device and mode."""
-    cfg = dataclasses.replace(model.cfg, moe=dataclasses.replace(model.cfg.moe, num_experts=num_experts))
+    """A new model of ``model``'s config with ``num_experts`` experts per MoE layer (a dynamic
+    number of experts per token keeps its bounds inside them: :func:`moekit.scale.extract.
+    with_experts`), holding ``state``, in ``model``'s device and mode."""
+    from moekit.scale.extract import with_experts
+    cfg = dataclasses.replace(model.cfg, moe=with_experts(model.cfg.moe, num_experts))
     new = MoETransformer.build(cfg, device=model.embed.weight.device)
     new.load_state_dict(state)
     return new.train(model.training)

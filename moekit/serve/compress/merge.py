@@ -29,6 +29,11 @@ of c equal experts then keeps the probability mass of its c members (the inverse
 On random 8-expert models merged to 4 this cut the relative layer error by 0.1-0.25 against a
 plain mean of the offsets, top-1 and top-2 alike. What it cannot keep: a top-1 Switch weight
 of one of c exact copies was 1/c of the group's mass, and the merged expert gets all of it.
+Under relu routing (``dynamic_k="relu"``: gates relu(x W), unnormalised) the merged row is
+the group size c times that row, so c equal experts keep their summed gate (relu is
+positively homogeneous; the inverse of growing, which divides a copied row by c). A dynamic
+number of experts keeps the null experts' rows and ``k_control``; max_k and target_k follow
+the smaller count (:func:`moekit.scale.extract.with_experts`).
 The router default "mean" measured lower than "dominant" for softmax routers (relative layer
 error 0.84 vs 0.87 at top-2, 0.90 vs 0.96 at top-1) and slightly higher for sigmoid (0.95 vs
 0.94); tests/serve/test_merge.py holds the softmax comparison.
@@ -48,6 +53,7 @@ from moekit.moe.layer import MoELayer
 from moekit.serve.compress.calibrate import LayerCalibration, build_like, calibrate, check_target
 
 SIMILARITIES = ("expert-output", "router-logits")
+_PER_LAYER = ("null_ND", "k_control")      # router tensors that are not per expert (dynamic_k)
 ROUTER_MERGES = ("mean", "dominant")
 METRICS = ("euclidean", "cosine")
 
@@ -178,8 +184,11 @@ def merged_layer_state(layer: MoELayer, groups: list[list[int]], calib: LayerCal
     rank = {e: r for r, e in enumerate(calib.order())}          # 0 = the most used
     experts: list[tuple] = []
     rows: dict[str, list[Tensor]] = {}
-    router_state = dict(layer.router.state_dict())
-    softmax = layer.cfg.router == "softmax"
+    # per expert: the rows; the null experts' rows and the budget controller's knob are not
+    # experts' and stay as they are (the model's own state holds them)
+    router_state = {k: v for k, v in layer.router.state_dict().items() if k not in _PER_LAYER}
+    softmax = layer.router.score == "softmax"      # relu routing adds no logit offset
+    relu = layer.router.score == "relu"
     for group in groups:
         counts = calib.tokens_E[group].double() + 1           # +1: an unused member still counts
         weights = counts / counts.sum()
@@ -193,6 +202,8 @@ def merged_layer_state(layer: MoELayer, groups: list[list[int]], calib: LayerCal
                 merged = (weights.to(v.device).reshape(-1, *[1] * (v.dim() - 1)) * v).sum(0)
             else:
                 merged = v[group.index(dominant)]
+            if key == "weight_ED" and relu:                  # the group's gate: relu(c w) = c relu(w)
+                merged = merged * len(group)
             rows.setdefault(key, []).append(merged.to(value.dtype))
     unknown = set(router_state) - {"weight_ED", "noise_ED", "expert_bias_E"}
     assert not unknown, f"merge: no rule for the router tensors {sorted(unknown)}"

@@ -16,13 +16,16 @@ removal of one expert at a time (E - n rounds, each trying every remaining exper
 Each layer is judged on the full model's inputs to it (layer by layer, as NAEE does), and
 every layer keeps the same count (one MoEConfig). The router's rows (``weight_ED``,
 ``noise_ED``, ``expert_bias_E``) go with their experts: :func:`moekit.scale.extract._sliced_state`.
+A dynamic number of experts per token (``MoEConfig.dynamic_k``) keeps the null experts' rows
+and the budget controller's ``k_control``; max_k and a target_k above it are cut to the kept
+count (:func:`moekit.scale.extract.with_experts`), and min_k (top_p) bounds it from below as
+top_k does (top-k and null routing).
 Pruning is exact when the removed experts never carry routing weight (e.g. a softmax logit
 offset of -inf, or a selection bias that never lets them win with renormalised weights).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 
@@ -31,7 +34,7 @@ from torch import Tensor, nn
 
 from moekit.checks import check_choice
 from moekit.moe.layer import MoELayer
-from moekit.scale.extract import _sliced_state
+from moekit.scale.extract import _sliced_state, with_experts
 from moekit.serve.compress.calibrate import LayerCalibration, build_like, calibrate, check_target
 
 METHODS = ("usage", "reconstruction")
@@ -77,7 +80,7 @@ class SubsetLayer:
 
     def __init__(self, layer: MoELayer, n: int):
         self.layer = layer
-        pruned = MoELayer(dataclasses.replace(layer.cfg, num_experts=n))
+        pruned = MoELayer(with_experts(layer.cfg, n))
         self.pruned = pruned.to(layer.experts.w_up_EDF.device)
         self.pruned.eval()
 
