@@ -24,6 +24,9 @@ import shutil
 from pathlib import Path
 
 METHODS = ("distill", "merge", "prune", "quantize")
+# MoEConfig's fields of a dynamic number of experts per token (docs/dynamic_routing.md)
+DYNAMIC_FIELDS = ("dynamic_k", "top_p", "min_k", "max_k", "num_null_experts", "relu_l1", "target_k",
+                  "budget_rate")
 
 
 def register(sub) -> None:
@@ -294,6 +297,11 @@ def _distill(args, src: Path, out: Path) -> int:
         model = {k: v for k, v in arch.items() if k not in ("quant", "dropout")}
         if not isinstance(model.get("moe"), dict):
             model["moe"] = {}
+        if any(item.split("=", 1)[0].strip() == "model.moe.dynamic_k" for item in args.set):
+            # another mode for the student: the teacher's mode fields go (TOML cannot unset them;
+            # the --set ones are applied below)
+            for name in DYNAMIC_FIELDS:
+                model["moe"].pop(name, None)
     else:
         student = teacher.cfg.dense_baseline() if teacher.cfg.moe is not None else teacher.cfg
         model = {k: v for k, v in dataclasses.asdict(student).items() if k not in ("quant", "dropout")}

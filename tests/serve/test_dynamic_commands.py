@@ -205,5 +205,9 @@ def test_distill_from_a_dynamic_teacher_into_dense_and_dynamic_students(runs, tm
     parts = {k for r in rows for k in r if k.startswith("loss/")}
     assert {"loss/soft", "loss/sparsity", "loss/lm"} <= parts        # the student's L1 penalty trains too
     assert all(math.isfinite(r["loss/soft"]) for r in rows if "loss/soft" in r)
+    # another mode drops the teacher's mode fields (its target_k=2 would be refused under "none")
+    assert cli([*argv, "--out", str(tmp_path / "fixed"), *common, "--set", "model.moe.dynamic_k=none"]) == 0
+    m = load_run(tmp_path / "fixed")[0].cfg.moe
+    assert (m.dynamic_k, m.target_k, m.top_k) == ("none", None, teacher_model.cfg.moe.top_k)
     assert digest(teacher) == before
     capsys.readouterr()
