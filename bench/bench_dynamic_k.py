@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from _common import train_arm  # noqa: E402
 
+from moekit.report.experts_per_token import k_layers  # noqa: E402
 from moekit.report.html import read_metrics, series  # noqa: E402
 
 ARMS = {
@@ -104,8 +105,7 @@ def report(out: Path, arms: list[str]) -> dict:
             continue
         rows = read_metrics(run)
         summary = json.loads((run / "summary.json").read_text())
-        layers = sorted({int(k.split("/")[1][5:]) for r in rows for k in r
-                         if k.endswith("/experts_per_token")})
+        layers = k_layers(rows)
         _, tps = series(rows, "perf/tokens_per_s")
         results[arm] = {"val_loss": summary["final_val_loss"], "mean_k": mean_k(rows, layers),
                         "mean_k_last_quarter": mean_k(rows, layers, 0.25),

@@ -41,8 +41,7 @@ def run(args) -> int:
     for i in sorted(by_tag.counts):
         lang = (f"I(expert; language) = {by_tag.mutual_information(i):.3f} bits "
                 f"(H(language) = {by_tag.class_entropy(i):.3f}), " if tags else "")
-        k = (f", {by_freq.counts[i].sum() / max(by_freq.tokens[i].sum(), 1):.2f} experts per token"
-             if dynamic else "")
+        k = f", {by_freq.overall_experts_per_token(i):.2f} experts per token" if dynamic else ""
         print(f"layer {i}: {lang}I(expert; frequency class) = {by_freq.mutual_information(i):.3f} bits{k}")
     print(f"wrote {out}")
     return 0

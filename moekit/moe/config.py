@@ -194,12 +194,9 @@ class MoEConfig:
         if self.top1_weight == "one":
             raise bad(own, "top1_weight", "one", f"is for a fixed top_k=1, got dynamic_k={mode!r}",
                       "set top1_weight='prob'")
-        if mode == "null":
+        if mode == "null":   # (null experts under another mode: _check_unused)
             check_int(own, "num_null_experts", self.num_null_experts, 1,
                       "give the router at least one zero-compute expert, e.g. num_null_experts=4")
-        elif self.num_null_experts:
-            raise bad(own, "num_null_experts", self.num_null_experts, f"is for dynamic_k='null', got "
-                      f"{mode!r}", "set num_null_experts=0 or dynamic_k='null'")
         if mode == "relu" and (self.router != "softmax" or self.aux_loss_free):
             raise bad(own, "dynamic_k", "relu", f"scores experts by relu(logits), so it takes no "
                       f"router={self.router!r} / aux_loss_free={self.aux_loss_free}",

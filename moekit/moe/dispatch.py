@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from moekit.moe.router import RouterOutput, capacity, slots
+from moekit.moe.router import RouterOutput, slots
 
 
 @dataclass
@@ -133,45 +133,32 @@ class LocalDispatcher:
                                                     device=routing.tokens_EC.device),
                                 num_tokens=T, num_assignments=E * C)
         experts_TK, weights_TK = routing.experts_TK, routing.weights_TK
-        if routing.dynamic:
-            return self._plan_dynamic(experts_TK, weights_TK)
         K = experts_TK.shape[1]
         experts_A = experts_TK.reshape(-1)               # assignment a = t*K + k
-        counts_E = torch.bincount(experts_A, minlength=E)
+        # a dynamic number of experts per token: slots holding expert id E (no expert) count in
+        # the last bin, sort last and are never dispatched
+        counts_X = torch.bincount(experts_A, minlength=E + 1)
+        counts_E = counts_X[:E]
+        # the assignments made: T * K, or T * mean k (one host sync, as capacity's)
+        made = int(counts_E.sum()) if routing.dynamic else T * K
         if self.capacity_factor is None:
             order_R = torch.sort(experts_A, stable=True).indices
+            if routing.dynamic:
+                order_R = order_R[:made]
+                return DispatchPlan(token_R=order_R // K, weight_R=weights_TK.reshape(-1)[order_R],
+                                    counts_E=counts_E, num_tokens=T, num_assignments=made)
             inverse_A = torch.empty_like(order_R)
             inverse_A[order_R] = torch.arange(order_R.numel(), device=order_R.device)
             return DispatchPlan(token_R=order_R // K, weight_R=weights_TK.reshape(-1)[order_R],
                                 counts_E=counts_E, num_tokens=T, num_assignments=T * K,
                                 inverse_A=inverse_A, weights_TK=weights_TK)
         order_A = self._priority_order(experts_TK, weights_TK)
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-        rank_A = torch.arange(order_A.numel(), device=order_A.device) - starts_E[experts_A[order_A]]
-        C = capacity(self.capacity_factor, T, K, E)
-        order_R = order_A[rank_A < C]
-        return DispatchPlan(token_R=order_R // K, weight_R=weights_TK.reshape(-1)[order_R],
-                            counts_E=counts_E.clamp(max=C), num_tokens=T, num_assignments=T * K)
-
-    def _plan_dynamic(self, experts_TM: Tensor, weights_TM: Tensor) -> DispatchPlan:
-        """A dynamic number of experts per token: slots holding expert id E (no expert) sort last
-        and are never dispatched; capacity counts the assignments made (T * mean k)."""
-        E = self.num_experts
-        (T, M), experts_A = experts_TM.shape, experts_TM.reshape(-1)
-        counts_X = torch.bincount(experts_A, minlength=E + 1)      # the last bin: unused slots
-        counts_E = counts_X[:E]
-        made = int(counts_E.sum())                                  # one host sync, as capacity's
-        if self.capacity_factor is None:
-            order_R = torch.sort(experts_A, stable=True).indices[:made]
-            return DispatchPlan(token_R=order_R // M, weight_R=weights_TM.reshape(-1)[order_R],
-                                counts_E=counts_E, num_tokens=T, num_assignments=made)
-        order_A = self._priority_order(experts_TM, weights_TM)
         starts_X = torch.cumsum(counts_X, 0) - counts_X
         expert_O = experts_A[order_A]
         rank_A = torch.arange(order_A.numel(), device=order_A.device) - starts_X[expert_O]
-        C = slots(self.capacity_factor, made, E)
+        C = slots(self.capacity_factor, made, E)   # = capacity(cf, T, K, E) for a fixed k
         order_R = order_A[(rank_A < C) & (expert_O < E)]
-        return DispatchPlan(token_R=order_R // M, weight_R=weights_TM.reshape(-1)[order_R],
+        return DispatchPlan(token_R=order_R // K, weight_R=weights_TK.reshape(-1)[order_R],
                             counts_E=counts_E.clamp(max=C), num_tokens=T, num_assignments=made)
 
     def _priority_order(self, experts_TK: Tensor, weights_TK: Tensor) -> Tensor:

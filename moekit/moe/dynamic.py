@@ -43,19 +43,18 @@ def initial_control(cfg: MoEConfig) -> float:
 
 def top_p_slots(probs_TE: Tensor, choice_TE: Tensor, p: Tensor, k_min: int, k_max: int
                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(experts_TM, probs_TM, active_TM): the top max_k by ``choice_TE`` (the probabilities,
-    or a sigmoid router's biased scores), each active while the mass of the ones before it
-    (a float32 running sum, in slot order) is below p, the first min_k always, and all of them
-    at p = 1."""
+    """(experts_TM with unused slots as E, order_TM, active_TM): the top max_k by ``choice_TE``
+    (the probabilities, or a sigmoid router's biased scores) in ``order_TM``, each active while
+    the mass of the ones before it (a float32 running sum, in slot order) is below p, the first
+    min_k always, and all of them at p = 1."""
     E = probs_TE.shape[1]
-    experts_TM = topk_stable(choice_TE.detach(), k_max)[1]
-    probs_TM = probs_TE.gather(1, experts_TM)
-    mass_TM = torch.cumsum(probs_TM.detach(), dim=1)
+    order_TM = topk_stable(choice_TE.detach(), k_max)[1]
+    mass_TM = torch.cumsum(probs_TE.detach().gather(1, order_TM), dim=1)
     before_TM = torch.cat([torch.zeros_like(mass_TM[:, :1]), mass_TM[:, :-1]], dim=1)
     first_M = torch.arange(k_max, device=probs_TE.device) < k_min
     # p = 1 takes every max_k: a float32 running sum can reach 1 before the last slot
     active_TM = (before_TM < p) | first_M | (p >= 1)
-    return torch.where(active_TM, experts_TM, E), probs_TM, active_TM
+    return torch.where(active_TM, order_TM, E), order_TM, active_TM
 
 
 def null_slots(choice_TX: Tensor, k: int, num_experts: int) -> tuple[Tensor, Tensor]:

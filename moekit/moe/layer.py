@@ -211,7 +211,7 @@ class MoELayer(nn.Module):
 
     def _experts_per_token(self, routing: RouterOutput) -> Tensor:
         """[max_k + 1] tokens per number of experts the router gave them (before capacity)."""
-        lo, hi = self.cfg.k_range
+        hi = self.cfg.k_range[1]
         if routing.dynamic:
             return dynamic.experts_per_token_hist(routing.experts_TK, self.cfg.num_experts, hi)
         if routing.experts_TK is None:   # expert choice: a token gets 0 .. E experts

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from moekit.moe.experts import expert_ffn
 from moekit.moe.router import capacity
-from moekit.moe.router import slots as capacity_slots
+from moekit.moe.router import slots as capacity_slots  # the dynamic-k slot count, T * mean k
 
 
 def _top(scores: list[float], k: int) -> list[int]:

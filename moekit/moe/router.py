@@ -222,11 +222,10 @@ class TopKRouter(nn.Module):
 
     def _route_top_p(self, logits_TE: Tensor) -> RouterOutput:
         scores_TE, probs_TE, choice_TE = self._scores(logits_TE)
-        experts_TM, _, active_TM = dynamic.top_p_slots(probs_TE, choice_TE, self.k_control, self.k_min,
-                                                       self.k_max)
+        experts_TM, order_TM, active_TM = dynamic.top_p_slots(probs_TE, choice_TE, self.k_control,
+                                                              self.k_min, self.k_max)
         # the slots' own scores (a sigmoid router's raw scores, as in top-k); unused slots 0
-        weights_TM = self._normalized(scores_TE.gather(1, experts_TM.clamp(max=self.num_experts - 1))
-                                      * active_TM, active_TM.sum(dim=1) > 1)
+        weights_TM = self._normalized(scores_TE.gather(1, order_TM) * active_TM, active_TM.sum(dim=1) > 1)
         return RouterOutput(probs_TE=probs_TE, logits_TE=logits_TE, weights_TK=weights_TM,
                             experts_TK=experts_TM, dynamic=True)
 

@@ -105,8 +105,7 @@ def class_table(b: RoutingBreakdown, what: str) -> str:
     for i, by_class in k.items():
         cells = "".join(f"<td>{by_class[label]:.2f}</td>" if label in by_class else "<td>-</td>"
                         for label in b.labels)
-        overall = b.counts[i].sum() / max(b.tokens[i].sum(), 1)
-        body += f"<tr><td>{i}</td>{cells}<td>{overall:.2f}</td></tr>"
+        body += f"<tr><td>{i}</td>{cells}<td>{b.overall_experts_per_token(i):.2f}</td></tr>"
     return (f"<p>Mean experts per token by {html.escape(what)} (validation split):</p>"
             f"<table><tr><th>layer</th>{head}<th>all tokens</th></tr>{body}</table>")
 

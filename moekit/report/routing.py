@@ -37,6 +37,10 @@ class RoutingBreakdown:
                     enumerate(zip(self.labels, self.tokens[i].tolist())) if n > 0}
                 for i in sorted(self.counts) if i in self.tokens}
 
+    def overall_experts_per_token(self, layer: int) -> float:
+        """The layer's mean number of experts per token over every class."""
+        return float(self.counts[layer].sum() / max(self.tokens[layer].sum(), 1))
+
     def mutual_information(self, layer: int) -> float:
         """I(expert; class) in bits over the layer's assignments (0 = routing ignores the class)."""
         joint = self.counts[layer] / max(self.counts[layer].sum(), 1)

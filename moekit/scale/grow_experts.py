@@ -359,11 +359,19 @@ def exact_max_k(model: MoETransformer, mapping: dict[int, list[int]]) -> int | N
     """relu routing with a max_k, every expert copied m times: m * max_k takes the m copies of
     each expert a token took, the source function; None otherwise."""
     m = model.cfg.moe
-    E = m.num_experts
-    even = all(len(src) % E == 0 and src == [j % E for j in range(len(src))] for src in mapping.values())
-    if m.dynamic_k != "relu" or m.max_k is None or not even or len({len(s) for s in mapping.values()}) != 1:
+    copies = _copies_each(mapping, m.num_experts)
+    if m.dynamic_k != "relu" or m.max_k is None or copies is None:
         return None
-    return len(next(iter(mapping.values()))) // E * m.max_k
+    return copies * m.max_k
+
+
+def _copies_each(mapping: dict[int, list[int]], E: int) -> int | None:
+    """m when every layer copied each of its E experts m times (in the order of ``which="all"``),
+    else None."""
+    even = all(len(src) % E == 0 and src == [j % E for j in range(len(src))] for src in mapping.values())
+    if not even or len({len(src) for src in mapping.values()}) != 1:
+        return None
+    return len(next(iter(mapping.values()))) // E
 
 
 def exact_top_k(model: MoETransformer, mapping: dict[int, list[int]]) -> int | None:
@@ -372,12 +380,11 @@ def exact_top_k(model: MoETransformer, mapping: dict[int, list[int]]) -> int | N
     to p) and the weights are renormalised at top_k > 1 or not at top_k = 1 (Switch); 1 for
     top-1 with weight one (already exact); None otherwise."""
     m = model.cfg.moe
-    E = m.num_experts
-    even = all(len(src) % E == 0 and src == [j % E for j in range(len(src))] for src in mapping.values())
-    if m.router != "softmax" or m.dynamic or not even or len({len(src) for src in mapping.values()}) != 1:
+    copies = _copies_each(mapping, m.num_experts)
+    if m.router != "softmax" or m.dynamic or copies is None:
         return None
     if m.top_k == 1 and m.top1_weight == "one":
         return 1
     if m.normalize_topk != (m.top_k > 1):
         return None
-    return len(next(iter(mapping.values()))) // E * m.top_k
+    return copies * m.top_k
