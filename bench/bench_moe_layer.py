@@ -61,7 +61,6 @@ def hf_mixtral_block(D, F, E, K, dtype):
 
 
 def deepspeed_moe(D, F, E, K, dtype):
-    import torch
     from torch import nn
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("BENCH_DS_PORT", "29561"),
                       RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
