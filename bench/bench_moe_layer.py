@@ -1,6 +1,6 @@
 """The MoE layer against its peers, forward+backward, each setting in a fresh process.
 
-    python bench/bench_moe_layer.py                       # the whole grid (~10 min on 2 cores),
+    python bench/bench_moe_layer.py                       # the whole grid (several minutes),
                                                           # table into docs/benchmarks.md
     python bench/bench_moe_layer.py --settings tuned --dtypes bfloat16 --experts 64 --no-docs
 
@@ -101,8 +101,8 @@ def build(E: int, dtype_name: str, args) -> tuple[dict, dict]:
         try:
             modules[name] = (make(D, F, E, K, dtype), "batch" if name == "hf_mixtral" else "first")
         except Exception as exc:   # not installed, or this dtype does not run: a '-' in the table
-            missing[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
-    steps = {n: step_fn(m, x, grad, kind) for n, (m, kind) in modules.items() if n not in args.skip}
+            missing[name] = _why(exc)
+    steps = {n: step_fn(m, x, grad, kind) for n, (m, kind) in modules.items()}
     with torch.no_grad():   # the ceiling: the same expert FFN on rows grouped by the layer's routing
         plan = layer.dispatcher.plan(layer.router(x))
         x_RD = x[plan.token_R].detach().requires_grad_()
@@ -113,9 +113,15 @@ def build(E: int, dtype_name: str, args) -> tuple[dict, dict]:
         try:
             steps[name]()
         except Exception as exc:
-            missing[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            missing[name] = _why(exc)
             del steps[name]
     return steps, missing
+
+
+def _why(exc: Exception) -> str:
+    """One line on why a contender did not run."""
+    first = str(exc).splitlines()[0][:120] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"
 
 
 def step_fn(module, x, grad, kind: str, params=None):
@@ -213,7 +219,7 @@ def table(cases: list[dict]) -> str:
         ceiling = c["contenders"].get("experts_only", {}).get("median_s")
         over = f"{layer / ceiling:.3f}" if ceiling else "-"
         share = f"{100 * (1 - ceiling / layer):.1f}%" if ceiling else "-"
-        lines.append(f"| {c['setting']} | {c['dtype'].replace('float', 'f').replace('bf', 'bf')} | "
+        lines.append(f"| {c['setting']} | {c['dtype'].replace('float', 'f')} | "
                      f"{c['num_experts']} | {c['contenders']['dense']['median_s'] * 1e3:.1f} | "
                      f"{cell(c, 'moekit', best)} | {cell(c, 'hf_mixtral', best)} | "
                      f"{cell(c, 'deepspeed', best)} | {over} | {share} |")
@@ -239,7 +245,8 @@ def main() -> None:
                     help="dtypes of the busy setting (default float32: the slowest, and DeepSpeed runs)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--skip", nargs="*", default=[], help="contenders to leave out, e.g. deepspeed")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["hf_mixtral", "deepspeed"],
+                    help="peers to leave out (dense, moekit and experts_only always run)")
     ap.add_argument("--out", default="bench/results/moe_layer.json")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite the table in docs/benchmarks.md")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
