@@ -226,14 +226,14 @@ def table(cases: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str, command: str) -> None:
-    doc = DOC.read_text()
+def write_docs(path: Path, text: str, command: str) -> None:
+    doc = path.read_text()
     block = f"{BEGIN}\n```\n{command}\n```\n\n{text}\n{END}"
     if BEGIN in doc and END in doc:
         doc = doc[:doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
     else:
         doc = doc.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(doc)
+    path.write_text(doc)
 
 
 def main() -> None:
@@ -248,7 +248,8 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], choices=["hf_mixtral", "deepspeed"],
                     help="peers to leave out (dense, moekit and experts_only always run)")
     ap.add_argument("--out", default="bench/results/moe_layer.json")
-    ap.add_argument("--no-docs", action="store_true", help="do not rewrite the table in docs/benchmarks.md")
+    ap.add_argument("--doc", type=Path, default=DOC, help="the markdown file whose table block is rewritten")
+    ap.add_argument("--no-docs", action="store_true", help="do not rewrite the table in --doc")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--setting", default="tuned", choices=SETTINGS, help=argparse.SUPPRESS)
     ap.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
@@ -280,9 +281,9 @@ def main() -> None:
     out.write_text(json.dumps({"meta": meta, "results": cases}, indent=1))
     print(f"wrote {out}")
     if not args.no_docs:
-        write_docs(f"Machine: {meta['cpu']}, {cases[0]['threads']} threads, torch {cases[0]['torch']}.\n\n"
-                   + text, command)
-        print(f"wrote the table into {DOC.relative_to(ROOT)}")
+        where = f"Machine: {meta['cpu']}, {cases[0]['threads']} threads, torch {cases[0]['torch']}."
+        write_docs(args.doc, f"{where}\n\n{text}", command)
+        print(f"wrote the table into {args.doc}")
 
 
 def _cpu_name() -> str:

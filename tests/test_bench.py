@@ -11,18 +11,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_layer_benchmark_writes_table_and_json(tmp_path):
-    out = tmp_path / "bench.json"
+    out, doc = tmp_path / "bench.json", tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nearlier text\n")
     cmd = [sys.executable, str(ROOT / "bench" / "bench_moe_layer.py"), "--tokens", "64", "--d-model", "16",
-           "--d-ff", "32", "--experts", "2", "4", "--dtypes", "float32", "--reps", "1", "--warmup", "1",
-           "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
-    assert "vs dense" in proc.stdout
+           "--d-ff", "32", "--experts", "2", "4", "--dtypes", "float32", "--settings", "tuned", "untuned",
+           "--reps", "1", "--warmup", "1", "--skip", "deepspeed", "--out", str(out), "--doc", str(doc)]
+    for _ in range(2):   # the second run replaces the table block instead of adding one
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
+    assert "| tuned | f32 | 2 |" in proc.stdout and "| untuned | f32 | 4 |" in proc.stdout
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nearlier text") and text.count("bench_moe_layer:begin") == 1
+    assert "| untuned | f32 | 4 |" in text
     data = json.loads(out.read_text())
     assert data["meta"]["tokens"] == 64 and data["meta"]["command"].startswith("python")
-    assert [case["num_experts"] for case in data["results"]] == [2, 4]
+    assert [(c["setting"], c["num_experts"]) for c in data["results"]] == [
+        ("tuned", 2), ("tuned", 4), ("untuned", 2), ("untuned", 4)]
     for case in data["results"]:
         rows = case["contenders"]
-        assert {"dense", "moekit", "loop"} <= set(rows)
+        assert {"dense", "moekit", "experts_only"} <= set(rows) and "deepspeed" not in rows
         assert rows["dense"]["ratio_to_dense"] == 1.0
         for row in rows.values():
             assert row["median_s"] > 0 and row["tokens_per_s"] == 64 / row["median_s"]
