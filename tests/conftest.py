@@ -13,6 +13,20 @@ import torch
 torch.set_num_threads(int(os.environ.get("MOEKIT_TEST_THREADS", "1")))
 
 
+@pytest.fixture(autouse=True)
+def _pool_every_buffer():
+    """The layer's workspace pools only buffers >= 1 MiB, which the suite's small shapes never
+    reach: pool every size here, so that every test runs the reuse path, and start each test
+    with an empty pool."""
+    from moekit.moe.workspace import WORKSPACE
+    saved = WORKSPACE.min_bytes
+    WORKSPACE.min_bytes = 0
+    WORKSPACE.clear()
+    yield
+    WORKSPACE.min_bytes = saved
+    WORKSPACE.clear()
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / max(||b||, tiny), in float64."""
     a, b = a.detach().double(), b.detach().double()

@@ -15,12 +15,12 @@ have no gate), ``w_down_EFD`` [E, F, D]. Backends, all computing the same thing:
   instead would make the backward build a full-size [E, ...] gradient per expert.)
 - ``reference``: the plain autograd loop over experts; slow, for tests only.
 
-``auto`` picks ``grouped_mm`` where torch has it and the dims allow, else ``segment_mm``:
-one call for all experts, and fewer large buffers per step than ``segment_mm`` allocates
-(the two backends' timings are in docs/benchmarks.md). On CPU with fewer rows than experts
-(generation, one token per sequence per step) it picks ``segment_mm``, which skips the empty
-experts that CPU ``_grouped_mm`` still runs a GEMM for. Parameters may be in any floating
-dtype (``layer.to(torch.bfloat16)``): every backend computes in the input's dtype.
+``auto`` picks ``segment_mm`` on CPU: its temporaries, weight gradients included, come from
+:mod:`moekit.moe.workspace`'s reused buffers, where CPU ``_grouped_mm`` allocates fresh ones
+each step (page faults: ~1 GiB a step at 64 experts in float32) and runs a GEMM for every
+expert, empty or not (measured, docs/benchmarks.md). On other devices it picks ``grouped_mm``
+where torch has it and the dims allow, else ``segment_mm``. Parameters may be in any
+floating dtype (``layer.to(torch.bfloat16)``): every backend computes in the input's dtype.
 
 ``segment_mm``'s backward is once-differentiable: double backward raises.
 
@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from moekit.moe.config import MoEConfig
+from moekit.moe.workspace import WORKSPACE
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -51,6 +52,10 @@ class _SegmentFFN(torch.autograd.Function):
     on the strided halves of one fused [R, 2F] output measured slower (docs/benchmarks.md).
     ``w_gate_EDF`` is None for GELU experts. ``mask_RF`` (expert dropout, values 0 or
     1/(1-p)) multiplies a_RF before the down projection; None = no dropout.
+
+    Every [R, F], [R, D] and [E, ...] temporary, the weight gradients included, comes from
+    :data:`moekit.moe.workspace.WORKSPACE` and is written by an ``out=`` kernel: no fresh
+    pages to fault in per step.
     """
 
     @staticmethod
@@ -58,13 +63,13 @@ class _SegmentFFN(torch.autograd.Function):
         up_RF = _segment_mm(x_RD, w_up_EDF, counts)
         if w_gate_EDF is not None:
             gate_RF = _segment_mm(x_RD, w_gate_EDF, counts)
-            silu_RF = F.silu(gate_RF)
-            a_RF = silu_RF * up_RF
+            silu_RF = torch.ops.aten.silu.out(gate_RF, out=_ws(up_RF))
+            a_RF = torch.mul(silu_RF, up_RF, out=_ws(up_RF))
         else:
             gate_RF = silu_RF = None
-            a_RF = F.gelu(up_RF)
+            a_RF = torch.ops.aten.gelu.out(up_RF, out=_ws(up_RF))
         if mask_RF is not None:
-            a_RF = a_RF * mask_RF   # the dropped a_RF is what w_down's gradient needs
+            a_RF.mul_(mask_RF)   # the dropped a_RF is what w_down's gradient needs
         y_RD = _segment_mm(a_RF, w_down_EFD, counts)
         ctx.save_for_backward(x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, gate_RF, up_RF, silu_RF, a_RF,
                               mask_RF)
@@ -79,23 +84,29 @@ class _SegmentFFN(torch.autograd.Function):
         grad_RD = grad_RD.contiguous()   # a stride-0 grad (from .sum()) would break the GEMMs
         grad_a_RF, grad_down = _segment_mm_backward(grad_RD, a_RF, w_down, counts, need[3])
         if mask_RF is not None:
-            grad_a_RF = grad_a_RF * mask_RF
+            grad_a_RF.mul_(mask_RF)
         if w_gate is not None:
-            grad_up_RF = grad_a_RF * silu_RF
-            # out of place: bf16 in-place mul_ measured slower than mul (docs/benchmarks.md)
-            grad_gate_RF = torch.ops.aten.silu_backward(grad_a_RF * up_RF, gate_RF)
+            grad_up_RF = torch.mul(grad_a_RF, silu_RF, out=_ws(up_RF))
+            grad_silu_RF = torch.mul(grad_a_RF, up_RF, out=_ws(up_RF))
+            grad_gate_RF = torch.ops.aten.silu_backward.grad_input(grad_silu_RF, gate_RF,
+                                                                  grad_input=_ws(up_RF))
+            del grad_silu_RF, grad_a_RF
             grad_x_RD, grad_gate = _segment_mm_backward(grad_gate_RF, x_RD, w_gate, counts, need[1])
         else:
-            grad_up_RF = torch.ops.aten.gelu_backward(grad_a_RF, up_RF)
+            grad_up_RF = torch.ops.aten.gelu_backward.grad_input(grad_a_RF, up_RF, grad_input=_ws(up_RF))
             grad_x_RD, grad_gate = None, None
         grad_x_RD, grad_up = _segment_mm_backward(grad_up_RF, x_RD, w_up, counts, need[2],
                                                   accumulate_into=grad_x_RD)
         return grad_x_RD, grad_gate, grad_up, grad_down, None, None
 
 
+def _ws(like: Tensor) -> Tensor:
+    return WORKSPACE.empty_like(like)
+
+
 def _segment_mm(x_RI: Tensor, w_EIO: Tensor, counts: list[int]) -> Tensor:
     """out[rows of e] = x[rows of e] @ w[e]: one GEMM per non-empty expert, no copies."""
-    out_RO = x_RI.new_empty(x_RI.shape[0], w_EIO.shape[2])
+    out_RO = WORKSPACE.empty((x_RI.shape[0], w_EIO.shape[2]), x_RI.dtype, x_RI.device)
     start = 0
     for e, n in enumerate(counts):
         if n:
@@ -111,8 +122,8 @@ def _segment_mm_backward(grad_RO: Tensor, x_RI: Tensor, w_EIO: Tensor, counts: l
     grad_x is added to ``accumulate_into`` when given; grad_w is one [E, I, O] buffer,
     zero for experts with no rows.
     """
-    grad_x_RI = x_RI.new_empty(x_RI.shape) if accumulate_into is None else accumulate_into
-    grad_w_EIO = torch.empty_like(w_EIO) if need_weight_grad else None
+    grad_x_RI = _ws(x_RI) if accumulate_into is None else accumulate_into
+    grad_w_EIO = _ws(w_EIO) if need_weight_grad else None
     start = 0
     for e, n in enumerate(counts):
         rows = slice(start, start + n)
@@ -168,12 +179,13 @@ class GroupedExperts(nn.Module):
     def resolve_backend(self, x_RD: Tensor) -> str:
         if self.backend != "auto":
             return self.backend
+        if x_RD.device.type == "cpu":
+            # segment_mm writes every temporary into the workspace's reused buffers; CPU
+            # _grouped_mm allocates fresh ones (page faults) and runs a GEMM for every expert,
+            # empty or not: segment_mm measured faster at 8 and 64 experts (docs/benchmarks.md)
+            return "segment_mm"
         if torch.compiler.is_compiling() and x_RD.dtype != torch.bfloat16:
             return "segment_mm"   # torch.compile traces _grouped_mm only in bf16 (torch 2.13)
-        if x_RD.device.type == "cpu" and x_RD.shape[0] < self.w_up_EDF.shape[0]:
-            # fewer rows than experts (decoding a token at a time): torch's CPU _grouped_mm runs
-            # a GEMM for every expert, empty or not; segment_mm only for the experts hit
-            return "segment_mm"
         return "grouped_mm" if HAS_GROUPED_MM and self._grouped_mm_aligned(x_RD) else "segment_mm"
 
     def weights(self, dtype: torch.dtype) -> tuple[Tensor | None, Tensor, Tensor]:

@@ -23,20 +23,15 @@ def test_grouped_experts_alone_take_a_stride_zero_grad(backend):
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
 
 
-def test_auto_backend_falls_back_for_unaligned_bf16():
-    experts = GroupedExperts(MoEConfig(d_model=12, d_ff=16, num_experts=4))
-    assert experts.resolve_backend(torch.randn(8, 12, dtype=torch.bfloat16)) == "segment_mm"
-    expected = "grouped_mm" if HAS_GROUPED_MM else "segment_mm"
-    assert experts.resolve_backend(torch.randn(8, 12)) == expected
-
-
-def test_auto_backend_decodes_few_rows_with_segment_mm_on_cpu():
-    # fewer rows than experts (one token per sequence): CPU _grouped_mm would run a GEMM for
-    # every expert, empty or not; segment_mm runs one per expert hit, with the same result
-    experts = GroupedExperts(MoEConfig(d_model=16, d_ff=16, num_experts=8, top_k=2))
-    x, counts = torch.randn(3, 16), torch.tensor([1, 0, 0, 2, 0, 0, 0, 0])
-    assert experts.resolve_backend(x) == "segment_mm"
-    assert experts.resolve_backend(torch.randn(8, 16)) == ("grouped_mm" if HAS_GROUPED_MM else "segment_mm")
+def test_auto_backend_is_segment_mm_on_cpu_and_grouped_mm_needs_aligned_rows():
+    # CPU: segment_mm (pooled buffers) for every shape and dtype, few rows or many
+    experts = GroupedExperts(MoEConfig(d_model=12, d_ff=16, num_experts=8))
+    for x in (torch.randn(8, 12, dtype=torch.bfloat16), torch.randn(64, 12), torch.randn(3, 12)):
+        assert experts.resolve_backend(x) == "segment_mm"
+    # the rule auto applies on other devices: 16-byte rows
+    assert experts._grouped_mm_aligned(torch.randn(8, 12))
+    assert not experts._grouped_mm_aligned(torch.randn(8, 12, dtype=torch.bfloat16))
+    x, counts = torch.randn(3, 12), torch.tensor([1, 0, 0, 2, 0, 0, 0, 0])
     torch.testing.assert_close(experts(x, counts), expert_loop(x, counts, *experts.weights(x.dtype)))
 
 

@@ -1,0 +1,99 @@
+"""A pool of large CPU buffers that the MoE layer's temporaries reuse from step to step.
+
+Why: a training step of an MoE layer makes a dozen [R, F] and [E, D, F] temporaries (64-128
+MiB each at 64 experts in float32). glibc serves allocations above its mmap threshold (at
+most 32 MiB) with fresh ``mmap`` pages, and the kernel zero-fills each page on first touch:
+measured, a fresh 64 MiB buffer costs 3x a warm one in the kernel that writes it, and at 64
+experts untuned f32 the page faults alone were ~1 GiB per step. ``moekit.runtime.
+tune_cpu_allocator`` fixes it process-wide, which a library user who builds ``MoELayer`` in
+their own model never calls; this pool fixes it inside the layer.
+
+How: :meth:`Workspace.empty` returns a view of a pooled flat buffer whose storage nobody
+else references (storage use count: the pool's own reference and the probe's), else a new
+buffer that joins the pool. A view handed out stays valid for as long as anything holds it
+(a saved activation, a gradient that ``AccumulateGrad`` adopted as ``p.grad``): a buffer is
+reused only once every tensor on it is gone, so reuse never changes a result. GPU tensors,
+small requests (< ``min_bytes``) and code under ``torch.compile`` get plain ``torch.empty``
+(the CUDA caching allocator already reuses memory, and a compiled graph plans its own).
+
+The pool keeps at most ``max_bytes`` (default: a quarter of physical memory, at most 8 GiB);
+past it a request is served by ``torch.empty`` and not kept. :meth:`Workspace.clear` frees
+every idle buffer (e.g. after training, before generation).
+
+Example:
+    >>> ws = Workspace(min_bytes=0)
+    >>> a = ws.empty((4, 8), torch.float32, torch.device("cpu"))
+    >>> ptr = a.data_ptr(); del a
+    >>> ws.empty((2, 16), torch.float32, torch.device("cpu")).data_ptr() == ptr
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+
+import torch
+from torch import Tensor
+
+
+def _default_max_bytes() -> int:
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        physical = 8 << 30
+    return min(8 << 30, physical // 4)
+
+
+def _idle(buf: Tensor) -> bool:
+    """No tensor but the pool's own references buf's storage (the probe adds one)."""
+    return torch._C._storage_Use_Count(buf.untyped_storage()._cdata) <= 2
+
+
+class Workspace:
+    """Reusable flat CPU buffers, one list per dtype (thread-safe)."""
+
+    def __init__(self, min_bytes: int = 1 << 20, max_bytes: int | None = None, slack: float = 1.25):
+        self.min_bytes = min_bytes
+        self.max_bytes = _default_max_bytes() if max_bytes is None else max_bytes
+        self.slack = slack                  # reuse a buffer at most this many times too large
+        self.enabled = True
+        self._buffers: dict[torch.dtype, list[Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised contiguous tensor of ``shape``, from the pool where it applies."""
+        numel = math.prod(shape)
+        nbytes = numel * dtype.itemsize
+        if (not self.enabled or torch.device(device).type != "cpu" or nbytes < self.min_bytes
+                or torch.compiler.is_compiling()):
+            return torch.empty(shape, dtype=dtype, device=device)
+        with self._lock:
+            pool = self._buffers.setdefault(dtype, [])
+            fits = [b for b in pool if numel <= b.numel() <= numel * self.slack and _idle(b)]
+            if fits:
+                buf = min(fits, key=Tensor.numel)
+            else:
+                buf = torch.empty(numel, dtype=dtype)
+                if self.nbytes + nbytes <= self.max_bytes:
+                    pool.append(buf)
+            return buf[:numel].view(shape)
+
+    def empty_like(self, t: Tensor) -> Tensor:
+        return self.empty(tuple(t.shape), t.dtype, t.device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the pool holds, idle or in use."""
+        return sum(b.numel() * b.element_size() for pool in self._buffers.values() for b in pool)
+
+    def clear(self) -> None:
+        """Drop every idle buffer (those in use stay valid, and pooled)."""
+        with self._lock:
+            for dtype, pool in self._buffers.items():
+                self._buffers[dtype] = [b for b in pool if not _idle(b)]
+
+
+WORKSPACE = Workspace()
+"""The pool the MoE layer's expert FFN, dispatch and combine draw from."""

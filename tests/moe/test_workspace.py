@@ -1,0 +1,121 @@
+"""The buffer pool behind the expert FFN: a buffer is reused only when nothing holds it, and
+reuse never changes a result (outputs, gradients, accumulated and held gradients)."""
+
+import threading
+
+import torch
+
+from moekit import MoEConfig, MoELayer, reference_moe
+from moekit.moe.workspace import WORKSPACE, Workspace
+
+from ..conftest import rel_err
+
+CPU = torch.device("cpu")
+
+
+def test_an_idle_buffer_is_reused_and_a_held_one_is_not():
+    ws = Workspace(min_bytes=0)
+    a = ws.empty((4, 8), torch.float32, CPU)
+    ptr = a.data_ptr()
+    b = ws.empty((32,), torch.float32, CPU)      # a is held: a second buffer
+    assert b.data_ptr() != ptr and ws.nbytes == 2 * 32 * 4
+    view = a[1:]
+    del a
+    assert ws.empty((32,), torch.float32, CPU).data_ptr() != ptr   # a view still holds it
+    del view
+    c = ws.empty((2, 16), torch.float32, CPU)
+    assert c.data_ptr() == ptr and c.shape == (2, 16) and c.is_contiguous()
+    assert ws.empty((32,), torch.bfloat16, CPU).data_ptr() not in (ptr, b.data_ptr())   # per dtype
+
+
+def test_sizes_the_pool_does_not_serve():
+    ws = Workspace(min_bytes=1024, max_bytes=4096, slack=1.25)
+    small = ws.empty((10,), torch.float32, CPU)            # 40 bytes < min_bytes: not pooled
+    assert ws.nbytes == 0 and small.shape == (10,)
+    big = ws.empty((1000,), torch.float32, CPU)
+    ptr = big.data_ptr()
+    del big
+    assert ws.empty((700,), torch.float32, CPU).data_ptr() != ptr   # 1000 > 1.25 * 700: too big
+    assert ws.nbytes == 4000                                      # the 700 did not fit the cap
+    assert ws.empty((900,), torch.float32, CPU).data_ptr() == ptr
+    assert ws.empty((4, 4), torch.float32, torch.device("meta")).device.type == "meta"
+    ws.clear()
+    assert ws.nbytes == 0
+
+
+def test_clear_keeps_buffers_in_use():
+    ws = Workspace(min_bytes=0)
+    held = ws.empty((8,), torch.float32, CPU)
+    ws.empty((8,), torch.float32, CPU)
+    ws.clear()
+    assert ws.nbytes == 8 * 4
+    held.fill_(3.0)
+    assert float(held.sum()) == 24.0
+
+
+def _layer(num_experts=4):
+    torch.manual_seed(0)
+    return MoELayer(MoEConfig(d_model=16, d_ff=32, num_experts=num_experts, top_k=2,
+                              backend="segment_mm"))
+
+
+def _step(layer, x):
+    y, _ = layer(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+
+
+def test_gradients_adopted_from_the_pool_survive_the_next_step():
+    layer = _layer()
+    w = layer.experts.w_up_EDF
+    x1, x2 = torch.randn(40, 16), torch.randn(40, 16) * 3
+    _step(layer, x1)
+    g1, g1_copy = w.grad, w.grad.clone()
+    w_ptr = g1.data_ptr()
+    layer.zero_grad(set_to_none=True)
+    _step(layer, x2)                          # g1 is still held by the test: not overwritten
+    assert w.grad.data_ptr() != w_ptr
+    torch.testing.assert_close(g1, g1_copy, rtol=0, atol=0)
+    g2 = w.grad.clone()
+    del g1
+    layer.zero_grad(set_to_none=True)
+    _step(layer, x2)                          # the same step again, on reused buffers
+    torch.testing.assert_close(w.grad, g2, rtol=0, atol=0)
+
+
+def test_accumulated_and_retained_graph_gradients_equal_the_reference():
+    layer = _layer()
+    x = torch.randn(30, 16)
+    y_ref = reference_moe(layer, x)
+    ref = torch.autograd.grad(y_ref.square().sum(), list(layer.parameters()))
+    y, _ = layer(x)
+    loss = y.square().sum()
+    loss.backward(retain_graph=True)
+    loss.backward()                           # a second backward over the same saved buffers
+    layer(torch.randn(30, 16))                # a forward in between must not touch the grads
+    for p, r in zip(layer.parameters(), ref):
+        assert rel_err(p.grad, 2 * r) < 1e-5
+
+
+def test_layers_in_threads_get_their_own_buffers():
+    layers = [_layer(), _layer(8)]
+    xs = [torch.randn(64, 16), torch.randn(64, 16)]
+    want = [reference_moe(layer, x).detach() for layer, x in zip(layers, xs)]
+    got, errors = [None, None], []
+
+    def run(i):
+        try:
+            for _ in range(20):
+                with torch.no_grad():
+                    got[i] = layers[i](xs[i])[0]
+        except Exception as err:   # surfaced below: a thread's exception is otherwise lost
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
+    assert WORKSPACE.nbytes > 0               # the layers did draw from the shared pool
