@@ -22,7 +22,12 @@ train: setup
 test: setup
 	$(BIN)/python -m pytest moekit tests
 
-bench: setup
+# the benchmark's peers (DeepSpeed, transformers); DS_BUILD_OPS=0: no CUDA op builds
+$(BIN)/.bench: $(BIN)/.installed
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[bench]'
+	touch $@
+
+bench: $(BIN)/.bench
 	$(BIN)/python bench/bench_moe_layer.py
 
 lint: setup

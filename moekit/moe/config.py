@@ -12,7 +12,7 @@ from moekit.checks import bad, check_bool, check_choice, check_int, check_real
 ROUTERS = ("softmax", "sigmoid", "expert_choice")
 DROP_POLICIES = ("position", "probability")
 ACTIVATIONS = ("swiglu", "gelu")
-BACKENDS = ("auto", "segment_mm", "grouped_mm", "reference")
+BACKENDS = ("auto", "segment_mm", "padded_mm", "grouped_mm", "reference")
 SCOPES = ("local", "global")
 TOP1_WEIGHTS = ("prob", "one")
 ROUTER_INPUTS = ("token", "token+tag", "tag")
@@ -85,7 +85,7 @@ class MoEConfig:
     expert_dropout: float = 0.0        # dropout on each expert's hidden activation, training only;
                                        # Switch fine-tunes best with 0.4 here (0.1 elsewhere:
                                        # ModelConfig.dropout); 0 = pretraining, no extra op
-    backend: str = "auto"              # "auto" | "segment_mm" | "grouped_mm" | "reference"
+    backend: str = "auto"              # "auto" | "segment_mm" | "padded_mm" | "grouped_mm" | "reference"
     dtype: torch.dtype | str = torch.float32   # parameter dtype
 
     # a dynamic number of experts per token (docs/dynamic_routing.md). "none": top_k each.

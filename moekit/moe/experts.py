@@ -13,6 +13,8 @@ have no gate), ``w_down_EFD`` [E, F, D]. Backends, all computing the same thing:
   preallocated outputs inside a single autograd Function, whose backward writes every
   expert's weight gradient into one [E, ...] buffer. (Indexing ``w[e]`` under autograd
   instead would make the backward build a full-size [E, ...] gradient per expert.)
+- ``padded_mm``: every expert's rows padded to the largest count, one batched GEMM per
+  projection (:mod:`moekit.moe.padded`): fewer, larger parallel regions, for shared cores.
 - ``reference``: the plain autograd loop over experts; slow, for tests only.
 
 ``auto`` picks ``segment_mm`` on CPU: its temporaries, weight gradients included, come from
@@ -40,6 +42,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from moekit.moe.config import MoEConfig
+from moekit.moe.padded import padded_ffn
 from moekit.moe.workspace import WORKSPACE
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -212,7 +215,9 @@ class GroupedExperts(nn.Module):
         w_gate, w_up, w_down = self.weights(x_RD.dtype)
         mask_RF = self.dropout_mask(x_RD)
         backend = self.resolve_backend(x_RD)
-        if backend == "segment_mm":
+        if backend == "padded_mm" and x_RD.shape[0]:
+            return padded_ffn(x_RD, counts_E.tolist(), counts_E, w_gate, w_up, w_down, mask_RF)
+        if backend in ("segment_mm", "padded_mm"):
             return _SegmentFFN.apply(x_RD, w_gate, w_up, w_down, counts_E.tolist(), mask_RF)
         if backend == "grouped_mm":
             self._check_grouped_mm(x_RD)

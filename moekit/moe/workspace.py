@@ -16,8 +16,9 @@ reused only once every tensor on it is gone, so reuse never changes a result. GP
 small requests (< ``min_bytes``) and code under ``torch.compile`` get plain ``torch.empty``
 (the CUDA caching allocator already reuses memory, and a compiled graph plans its own).
 
-The pool keeps at most ``max_bytes`` (default: a quarter of physical memory, at most 8 GiB);
-past it a request is served by ``torch.empty`` and not kept. :meth:`Workspace.clear` frees
+The pool keeps at most ``max_bytes`` (default: a quarter of physical memory, at most 8 GiB):
+a new buffer that would pass it first frees idle buffers, largest first, and if the buffers
+in use leave no room it is served by ``torch.empty`` and not kept. :meth:`Workspace.clear` frees
 every idle buffer (e.g. after training, before generation).
 
 Example:
@@ -76,9 +77,23 @@ class Workspace:
                 buf = min(fits, key=Tensor.numel)
             else:
                 buf = torch.empty(numel, dtype=dtype)
-                if self.nbytes + nbytes <= self.max_bytes:
+                if self._make_room(nbytes):
                     pool.append(buf)
             return buf[:numel].view(shape)
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Free idle buffers, largest first, until ``nbytes`` more fit under ``max_bytes``."""
+        if nbytes > self.max_bytes:
+            return False
+        idle = sorted(((b, dtype) for dtype, pool in self._buffers.items() for b in pool if _idle(b)),
+                      key=lambda item: -item[0].numel())
+        total = self.nbytes
+        while total + nbytes > self.max_bytes and idle:
+            buf, dtype = idle.pop(0)
+            pool = self._buffers[dtype]
+            del pool[next(i for i, b in enumerate(pool) if b is buf)]
+            total -= buf.numel() * buf.element_size()
+        return total + nbytes <= self.max_bytes
 
     def empty_like(self, t: Tensor) -> Tensor:
         return self.empty(tuple(t.shape), t.dtype, t.device)

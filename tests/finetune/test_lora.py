@@ -126,7 +126,7 @@ def test_adapted_weight_is_the_base_plus_scaled_rank_r_delta():
                                    rtol=0, atol=1e-6)
 
 
-BACKENDS = ["auto", "segment_mm", "reference"] + (["grouped_mm"] if HAS_GROUPED_MM else [])
+BACKENDS = ["auto", "segment_mm", "padded_mm", "reference"] + (["grouped_mm"] if HAS_GROUPED_MM else [])
 
 
 def _grads(y, named, x, grad_out):

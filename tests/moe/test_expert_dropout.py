@@ -7,7 +7,7 @@ import torch
 from moekit import MoEConfig, MoELayer, reference_moe
 from moekit.moe.experts import HAS_GROUPED_MM, GroupedExperts, expert_loop
 
-BACKENDS = ["segment_mm", "reference"] + (["grouped_mm"] if HAS_GROUPED_MM else [])
+BACKENDS = ["segment_mm", "padded_mm", "reference"] + (["grouped_mm"] if HAS_GROUPED_MM else [])
 COUNTS = {"mixed": [3, 0, 5, 2], "one_expert": [0, 10, 0, 0]}
 
 

@@ -9,7 +9,7 @@ from moekit.moe.experts import HAS_GROUPED_MM, GroupedExperts, expert_loop
 
 from ..conftest import rel_err
 
-BACKENDS = ["segment_mm", "reference"] + (["grouped_mm"] if HAS_GROUPED_MM else [])
+BACKENDS = ["segment_mm", "padded_mm", "reference"] + (["grouped_mm"] if HAS_GROUPED_MM else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

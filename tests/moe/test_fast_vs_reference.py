@@ -13,7 +13,7 @@ from moekit.moe.experts import HAS_GROUPED_MM
 
 from ..conftest import rel_err
 
-BACKENDS = ["segment_mm", "reference"] + (["grouped_mm"] if HAS_GROUPED_MM else [])
+BACKENDS = ["segment_mm", "padded_mm", "reference"] + (["grouped_mm"] if HAS_GROUPED_MM else [])
 
 
 def grads(out, layer, x, grad_out):

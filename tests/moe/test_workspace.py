@@ -28,16 +28,19 @@ def test_an_idle_buffer_is_reused_and_a_held_one_is_not():
     assert ws.empty((32,), torch.bfloat16, CPU).data_ptr() not in (ptr, b.data_ptr())   # per dtype
 
 
-def test_sizes_the_pool_does_not_serve():
+def test_sizes_the_pool_does_not_serve_and_the_cap():
     ws = Workspace(min_bytes=1024, max_bytes=4096, slack=1.25)
     small = ws.empty((10,), torch.float32, CPU)            # 40 bytes < min_bytes: not pooled
     assert ws.nbytes == 0 and small.shape == (10,)
     big = ws.empty((1000,), torch.float32, CPU)
     ptr = big.data_ptr()
+    held = ws.empty((700,), torch.float32, CPU)            # big is in use: not evicted, not pooled
+    assert ws.nbytes == 4000 and held.data_ptr() != ptr
     del big
-    assert ws.empty((700,), torch.float32, CPU).data_ptr() != ptr   # 1000 > 1.25 * 700: too big
-    assert ws.nbytes == 4000                                      # the 700 did not fit the cap
     assert ws.empty((900,), torch.float32, CPU).data_ptr() == ptr
+    assert ws.empty((700,), torch.float32, CPU).data_ptr() != ptr   # 1000 > 1.25 * 700: too big
+    assert ws.nbytes == 2800                               # ... so the idle 1000 made room for it
+    assert ws.empty((2000,), torch.float32, CPU).numel() == 2000 and ws.nbytes == 2800   # > cap
     assert ws.empty((4, 4), torch.float32, torch.device("meta")).device.type == "meta"
     ws.clear()
     assert ws.nbytes == 0
@@ -119,3 +122,28 @@ def test_layers_in_threads_get_their_own_buffers():
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-5
     assert WORKSPACE.nbytes > 0               # the layers did draw from the shared pool
+
+
+def test_padded_layout_ignores_garbage_in_reused_buffers():
+    """padded_mm's pad rows come from reused buffers: fill every pooled buffer with NaN first;
+    the output and every gradient must still be the reference's, an empty expert's zero."""
+    torch.manual_seed(1)
+    layer = MoELayer(MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=1, backend="padded_mm"))
+    with torch.no_grad():
+        layer.router.weight_ED[3] = -10.0       # expert 3 gets no token (x > 0)
+    x = torch.rand(50, 16) + 0.1
+    for _ in range(2):
+        _step(layer, x)                         # fills the pool with this shape's buffers
+        layer.zero_grad(set_to_none=True)
+    for buffers in WORKSPACE._buffers.values():
+        for buf in buffers:
+            buf.fill_(float("nan"))
+    y, aux = layer(x)
+    assert int(aux.tokens_per_expert[3]) == 0
+    y.square().sum().backward()
+    y_ref = reference_moe(layer, x)
+    ref = torch.autograd.grad(y_ref.square().sum(), list(layer.parameters()))
+    assert rel_err(y, y_ref) < 1e-5
+    for p, r in zip(layer.parameters(), ref):
+        assert torch.isfinite(p.grad).all() and rel_err(p.grad, r) < 1e-5
+    assert float(layer.experts.w_up_EDF.grad[3].abs().max()) == 0.0

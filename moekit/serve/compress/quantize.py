@@ -203,7 +203,7 @@ class QuantizedExperts(nn.Module):
             w = self.weights(x_RD.dtype, torch.tensor(ids, device=x_RD.device))
             if backend == "grouped_mm":
                 outs.append(_grouped_ffn(x_rD, torch.tensor(sub, device=x_RD.device), *w))
-            elif backend == "segment_mm":
+            elif backend in ("segment_mm", "padded_mm"):   # inference: no padding needed
                 outs.append(_SegmentFFN.apply(x_rD, *w, sub, None))
             else:
                 outs.append(expert_loop(x_rD, torch.tensor(sub), *w))
