@@ -28,7 +28,7 @@ def test_layer_benchmark_writes_table_and_json(tmp_path):
         ("tuned", 2), ("tuned", 4), ("untuned", 2), ("untuned", 4)]
     for case in data["results"]:
         rows = case["contenders"]
-        assert {"dense", "moekit", "experts_only"} <= set(rows) and "deepspeed" not in rows
+        assert {"dense", "moekit", "moekit_padded", "experts_only"} <= set(rows) and "deepspeed" not in rows
         assert rows["dense"]["ratio_to_dense"] == 1.0
         for row in rows.values():
             assert row["median_s"] > 0 and row["tokens_per_s"] == 64 / row["median_s"]
