@@ -90,7 +90,8 @@ class _CombineTopK(torch.autograd.Function):
                 weight_R: Tensor) -> Tensor:
         T, K = weights_TK.shape
         y_TKD = y_RD.index_select(0, inverse_A).view(T, K, y_RD.shape[-1]).float()
-        out_TD = torch.bmm(weights_TK.unsqueeze(1), y_TKD).squeeze(1)   # [T, 1, K] @ [T, K, D]
+        out_TD = y_TKD.new_empty(T, y_RD.shape[-1])   # not a view: the caller may modify it in place
+        torch.bmm(weights_TK.unsqueeze(1), y_TKD, out=out_TD.unsqueeze(1))   # [T, 1, K] @ [T, K, D]
         ctx.save_for_backward(y_TKD, token_R, weight_R)
         return out_TD.to(y_RD.dtype)
 

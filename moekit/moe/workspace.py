@@ -16,9 +16,14 @@ reused only once every tensor on it is gone, so reuse never changes a result. GP
 small requests (< ``min_bytes``) and code under ``torch.compile`` get plain ``torch.empty``
 (the CUDA caching allocator already reuses memory, and a compiled graph plans its own).
 
-The pool keeps at most ``max_bytes`` (default: a quarter of physical memory, at most 8 GiB):
+The pool keeps at most ``max_bytes`` (default: an eighth of physical memory, at most 4 GiB):
 a new buffer that would pass it first frees idle buffers, largest first, and if the buffers
-in use leave no room it is served by ``torch.empty`` and not kept. :meth:`Workspace.clear` frees
+in use leave no room it is served by ``torch.empty`` and not kept. Before a new buffer is
+made, idle buffers not handed out for about two steps (twice the longest gap between two
+uses of one buffer seen so far, in requests) are freed, so that sizes that stopped coming do
+not pile up; row counts that swing widely from step to step (random batch sizes) can still
+fill the pool to its cap: lower ``WORKSPACE.max_bytes``, or set ``WORKSPACE.enabled =
+False``. Under ``torch.inference_mode`` nothing is pooled. :meth:`Workspace.clear` frees
 every idle buffer (e.g. after training, before generation).
 
 Example:
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 
 import torch
@@ -44,12 +50,23 @@ def _default_max_bytes() -> int:
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         physical = 8 << 30
-    return min(8 << 30, physical // 4)
+    return min(4 << 30, physical // 8)
+
+
+def _references(buf: Tensor) -> tuple[int, int]:
+    """(references to buf's storage, Python references to its storage object): the storage
+    object is one per storage, so a user holding ``t.untyped_storage()`` shows in the second."""
+    storage = buf.untyped_storage()
+    return torch._C._storage_Use_Count(storage._cdata), sys.getrefcount(storage)
+
+
+_BASE = _references(torch.empty(1))   # a tensor nothing else holds, probed the same way
 
 
 def _idle(buf: Tensor) -> bool:
-    """No tensor but the pool's own references buf's storage (the probe adds one)."""
-    return torch._C._storage_Use_Count(buf.untyped_storage()._cdata) <= 2
+    """No tensor or storage object but the pool's own references buf's memory."""
+    uses, refs = _references(buf)
+    return uses <= _BASE[0] and refs <= _BASE[1]
 
 
 class Workspace:
@@ -61,25 +78,45 @@ class Workspace:
         self.slack = slack                  # reuse a buffer at most this many times too large
         self.enabled = True
         self._buffers: dict[torch.dtype, list[Tensor]] = {}
-        self._lock = threading.Lock()
+        self._last_use: dict[int, int] = {}   # id(buffer) -> the request count when last handed out
+        self._tick = 0
+        self._reuse_gap = 0                    # the longest run of requests between two uses of a buffer
+        self._lock = threading.RLock()
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialised contiguous tensor of ``shape``, from the pool where it applies."""
         numel = math.prod(shape)
         nbytes = numel * dtype.itemsize
         if (not self.enabled or torch.device(device).type != "cpu" or nbytes < self.min_bytes
-                or torch.compiler.is_compiling()):
+                or torch.compiler.is_compiling() or torch.is_inference_mode_enabled()):
+            # (a buffer made under inference_mode is an inference tensor: unusable outside it)
             return torch.empty(shape, dtype=dtype, device=device)
         with self._lock:
+            self._tick += 1
             pool = self._buffers.setdefault(dtype, [])
             fits = [b for b in pool if numel <= b.numel() <= numel * self.slack and _idle(b)]
             if fits:
                 buf = min(fits, key=Tensor.numel)
+                self._reuse_gap = max(self._reuse_gap, self._tick - self._last_use.get(id(buf), self._tick))
             else:
+                self._drop_stale()
                 buf = torch.empty(numel, dtype=dtype)
                 if self._make_room(nbytes):
-                    pool.append(buf)
+                    self._buffers[dtype].append(buf)
+            self._last_use[id(buf)] = self._tick
             return buf[:numel].view(shape)
+
+    def _drop_stale(self) -> None:
+        """Free idle buffers not handed out for twice the longest gap seen between two uses of
+        one buffer (about two steps; at least 64 requests), so that shapes that stopped coming
+        do not stay pooled."""
+        horizon = self._tick - max(64, 2 * self._reuse_gap)
+        for dtype, pool in self._buffers.items():
+            keep = [b for b in pool if self._last_use.get(id(b), 0) >= horizon or not _idle(b)]
+            for b in pool:
+                if not any(b is k for k in keep):
+                    self._last_use.pop(id(b), None)
+            self._buffers[dtype] = keep
 
     def _make_room(self, nbytes: int) -> bool:
         """Free idle buffers, largest first, until ``nbytes`` more fit under ``max_bytes``."""
@@ -92,6 +129,7 @@ class Workspace:
             buf, dtype = idle.pop(0)
             pool = self._buffers[dtype]
             del pool[next(i for i, b in enumerate(pool) if b is buf)]
+            self._last_use.pop(id(buf), None)
             total -= buf.numel() * buf.element_size()
         return total + nbytes <= self.max_bytes
 
@@ -101,13 +139,16 @@ class Workspace:
     @property
     def nbytes(self) -> int:
         """Bytes the pool holds, idle or in use."""
-        return sum(b.numel() * b.element_size() for pool in self._buffers.values() for b in pool)
+        with self._lock:
+            return sum(b.numel() * b.element_size() for pool in self._buffers.values() for b in pool)
 
     def clear(self) -> None:
         """Drop every idle buffer (those in use stay valid, and pooled)."""
         with self._lock:
             for dtype, pool in self._buffers.items():
                 self._buffers[dtype] = [b for b in pool if not _idle(b)]
+            live = {id(b) for pool in self._buffers.values() for b in pool}
+            self._last_use = {k: v for k, v in self._last_use.items() if k in live}
 
 
 WORKSPACE = Workspace()

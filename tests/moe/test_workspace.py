@@ -1,6 +1,7 @@
 """The buffer pool behind the expert FFN: a buffer is reused only when nothing holds it, and
 reuse never changes a result (outputs, gradients, accumulated and held gradients)."""
 
+import struct
 import threading
 
 import torch
@@ -147,3 +148,47 @@ def test_padded_layout_ignores_garbage_in_reused_buffers():
     for p, r in zip(layer.parameters(), ref):
         assert torch.isfinite(p.grad).all() and rel_err(p.grad, r) < 1e-5
     assert float(layer.experts.w_up_EDF.grad[3].abs().max()) == 0.0
+
+
+def test_inference_mode_buffers_never_reach_training():
+    """A forward under inference_mode must not pool inference tensors that a later training
+    step (with a new size) would be handed and fail to write."""
+    layer = _layer()
+    WORKSPACE.clear()
+    with torch.inference_mode():
+        layer(torch.randn(64, 16))
+    assert WORKSPACE.nbytes == 0
+    _step(layer, torch.randn(64, 16))         # would raise on an inference buffer
+    assert layer.experts.w_up_EDF.grad is not None
+
+
+def test_a_held_storage_object_keeps_its_buffer():
+    ws = Workspace(min_bytes=0)
+    t = ws.empty((8,), torch.float32, CPU)
+    t.fill_(7.0)
+    kept = t.untyped_storage()                # the user keeps the storage, not the tensor
+    del t
+    other = ws.empty((8,), torch.float32, CPU)
+    other.fill_(-1.0)
+    assert bytes(kept.tolist()) == struct.pack("8f", *[7.0] * 8)   # not overwritten
+
+
+def test_sizes_that_stop_coming_are_freed():
+    ws = Workspace(min_bytes=0)
+    for n in range(1000, 1200):               # a new size every request, none held
+        ws.empty((n,), torch.float32, CPU)
+    assert ws.nbytes < 70 * 1200 * 4          # stale buffers dropped (200 made)
+    steady = [ws.empty((500,), torch.float32, CPU) for _ in range(3)]
+    ptrs = {t.data_ptr() for t in steady}
+    del steady
+    for _ in range(100):                      # the same three sizes step after step: all reused
+        step = [ws.empty((500,), torch.float32, CPU) for _ in range(3)]
+        assert {t.data_ptr() for t in step} == ptrs
+        del step
+
+
+def test_the_layer_output_can_be_modified_in_place():
+    layer = _layer()
+    y, _ = layer(torch.randn(12, 16))
+    y.add_(1.0).sum().backward()
+    assert layer.experts.w_up_EDF.grad is not None
