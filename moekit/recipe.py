@@ -144,3 +144,41 @@ def build(cls, raw: dict, prefix: str = ""):
         return cls(**kwargs)
     except TypeError as err:
         raise ValueError(f"config section {prefix.rstrip('.') or '(top)'}: {err}") from None
+
+
+def dump_toml(raw: dict) -> str:
+    """A nested dict of plain values (``RunConfig.to_dict()``) as TOML that :func:`load_toml`
+    reads back into the same dict: sections as tables, lists of tables inline. TOML has no
+    null: a None field is left out (it then takes its default) except ``model.moe``, written
+    ``false`` (a dense model, as :func:`build` reads it)."""
+    lines: list[str] = []
+
+    def table(node: dict, path: str) -> None:
+        scalars = {k: v for k, v in node.items() if not isinstance(v, dict)}
+        if path and scalars:
+            lines.append(f"\n[{path}]")
+        for key, value in scalars.items():
+            if value is None and key == "moe":
+                value = False
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+        for key, value in node.items():
+            if isinstance(value, dict):
+                table(value, f"{path}.{key}" if path else key)
+
+    table(raw, "")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)              # repr: a float reads back bit-exact (inf, nan are TOML too)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)   # a JSON string is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value if v is not None) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None) + " }"
+    raise ValueError(f"cannot write {value!r} ({type(value).__name__}) as TOML")

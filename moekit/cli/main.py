@@ -14,6 +14,7 @@
     moekit extract runs/mix --task de --out models/de   # only the experts one tag is routed to
     moekit compress runs/moe --method prune --experts 4 --out models/moe-e4   # also merge, quantize, distill
     moekit report runs/moe --baseline runs/dense   # HTML: losses, expert load, routing by language
+    moekit search --space space.toml --trials 12 --study sqlite:///runs/s.db --out runs/search   # Optuna
     moekit data list | moekit data get parlspeech
 """
 
@@ -34,6 +35,7 @@ from moekit.cli import generate as generate_cmd
 from moekit.cli import grow as grow_cmd
 from moekit.cli import imports as import_cmd
 from moekit.cli import report as report_cmd
+from moekit.cli import search as search_cmd
 from moekit.cli import train as train_cmd
 from moekit.cli import upcycle as upcycle_cmd
 
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (train_cmd, finetune_cmd, generate_cmd, eval_cmd, export_cmd, import_cmd, upcycle_cmd,
-                   grow_cmd, extract_cmd, compress_cmd, report_cmd, data_cmd):
+                   grow_cmd, extract_cmd, compress_cmd, report_cmd, search_cmd, data_cmd):
         module.register(sub)
     return parser
 

@@ -188,10 +188,8 @@ def build_report(run_dir: Path, summary: dict, by_tag: RoutingBreakdown | None,
     if baseline:
         _, bval = series(baseline, "loss/val")
         facts["baseline"] = f"{baseline_dir} (final val loss {bval[-1]:.4f})" if bval else str(baseline_dir)
-    sections = [("summary", "Run", "<table>" + "".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
-        + "</table>"),
-        ("losses", "Loss curves", loss_curves(rows, baseline))]
+    sections = [("summary", "Run", facts_table(facts)),
+                ("losses", "Loss curves", loss_curves(rows, baseline))]
     for sid, title, prefix, ylabel in (
             ("by-source", "Validation loss by source (data.mixture)", "loss/val/", "validation loss"),
             ("accuracy", "Task accuracy (validation while training, test at the end)", "acc/", "accuracy")):
@@ -224,17 +222,29 @@ def build_report(run_dir: Path, summary: dict, by_tag: RoutingBreakdown | None,
         sections.append(("by-frequency", "Routing by token-frequency class",
                          breakdown_heatmaps(by_freq, "frequency class")))
     sections.append(("throughput", "Throughput", curve({"run": rows}, "perf/tokens_per_s", [0], "tokens/s")))
-    body = "\n".join(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{content}</section>'
-                     for sid, title, content in sections)
+    return page(f"moekit run report: {run_dir}", "moekit run report", sections)
+
+
+def facts_table(facts: dict) -> str:
+    """A two-column table of ``{label: value}``, escaped."""
+    return "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                               for k, v in facts.items()) + "</table>"
+
+
+def page(title: str, heading: str, sections: list[tuple[str, str, str]]) -> str:
+    """The self-contained page around ``[(id, title, html content), ...]`` (the run report's and
+    the search report's)."""
+    body = "\n".join(f'<section id="{sid}"><h2>{html.escape(name)}</h2>{content}</section>'
+                     for sid, name, content in sections)
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>moekit run report: {html.escape(str(run_dir))}</title>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }}
 h1 {{ font-size: 1.5rem; }} h2 {{ font-size: 1.15rem; border-bottom: 1px solid #ddd; padding-bottom: .2rem; }}
 table {{ border-collapse: collapse; margin: .5rem 0; }} th, td {{ text-align: left; padding: .2rem .8rem; }}
 th {{ color: #555; font-weight: 600; }} img {{ max-width: 100%; }}
 </style></head><body>
-<h1>moekit run report</h1>
+<h1>{html.escape(heading)}</h1>
 {body}
 </body></html>
 """

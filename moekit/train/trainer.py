@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,7 +50,7 @@ class RunStopped(ValueError):
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
           stop_at: int | None = None, layout: dict | None = None, changes: dict | None = None,
-          model_section: dict | None = None) -> dict:
+          model_section: dict | None = None, on_eval: Callable[[int, float], bool] | None = None) -> dict:
     """Train (or resume) the run in ``run_dir``; returns a summary dict.
 
     ``stop_at``: stop after that step with a checkpoint, as if preempted (the schedule still
@@ -60,7 +61,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     {"max_steps": 2000} to train a finished run longer.
     ``cfg.train.init_from`` (a new run): start from those weights, architecture and tokenizer
     (:mod:`moekit.train.source`); ``model_section`` is the model fields the recipe set, which
-    may not contradict them."""
+    may not contradict them.
+    ``on_eval(step, val_loss)``: called after every evaluation, on every rank (in a parallel
+    run it must answer the same on each); a true answer stops the run there with a checkpoint,
+    as ``stop_at`` would (moekit.search prunes a trial this way)."""
     run_dir = Path(run_dir)
     rank, world = distributed_context()
     if stop_at is not None and stop_at < 1:
@@ -92,7 +96,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
                 rd.discard(run_dir, None)
             raise
     del ckpt                                # release a consolidated state's memory
-    return _loop(run, objective_for(run, teacher), resume, stop_at, progress)
+    return _loop(run, objective_for(run, teacher), resume, stop_at, progress, on_eval)
 
 
 def objective_for(run: Run, teacher=None):
@@ -164,7 +168,7 @@ def resumed_config(cfg: RunConfig, step: int, changes: dict) -> RunConfig:
     return dataclasses.replace(cfg, train=new)
 
 
-def _loop(run: Run, objective, resumed: bool, stop_at: int | None, progress: bool) -> dict:
+def _loop(run: Run, objective, resumed: bool, stop_at: int | None, progress: bool, on_eval=None) -> dict:
     t = run.cfg.train
     writer = MetricsWriter(run.run_dir, purge_after=run.step if resumed else None) if run.main else None
     bar = None
@@ -204,6 +208,8 @@ def _loop(run: Run, objective, resumed: bool, stop_at: int | None, progress: boo
                 if writer is not None:
                     writer.log(run.step, {"loss/val": state.val_loss,
                                           "loss/val_ppl": math.exp(min(state.val_loss, 50)), **scores})
+                if on_eval is not None and on_eval(run.step, state.val_loss):
+                    end = run.step          # stopped from outside: saved below, like stop_at
             saving = run.step % t.save_every == 0 or run.step in (t.max_steps, end)
             if saving and not (grows and run.step < end):      # a growth saves the grown run
                 _save(run, state)

@@ -231,3 +231,19 @@ def test_a_loss_spike_is_warned_only_when_it_is_large(caplog):
             _watch(run, StepStats(losses={"lm": loss, "total": loss}, grad_norm=1.0, lr=1e-3, tokens=1),
                    _LoopState(saved_step=None, loss_ema=ema))
         assert ("loss spike" in caplog.text) == warned, (ema, loss)
+
+
+def test_on_eval_sees_every_evaluation_and_can_stop_the_run_with_a_checkpoint(tmp_path, parl_subset):
+    from moekit.train.checkpoint import Checkpoint
+    seen = []
+
+    def on_eval(step, val_loss):
+        seen.append((step, val_loss))
+        return step >= 10                       # stop at the second evaluation
+
+    summary = train(tiny(parl_subset, max_steps=20, eval_every=5), tmp_path / "run", progress=False,
+                    on_eval=on_eval)
+    assert [s for s, _ in seen] == [5, 10] and all(math.isfinite(v) for _, v in seen)
+    assert summary["steps"] == 10 and summary["final_val_loss"] == seen[-1][1]
+    assert Checkpoint(tmp_path / "run").meta["step"] == 10
+    assert max(losses(tmp_path / "run")) == 10

@@ -1,0 +1,253 @@
+"""The Optuna study behind ``moekit search``: storage, objectives, pruners, and one trial.
+
+    study = open_study("sqlite:///s.db", name, space, objectives, base_raw, "median", seed=0)
+    run_until(study, Context(space, base_raw, objectives, Path("out")), trials=12)
+
+A trial is a real training run (:func:`moekit.train.trainer.train`) into ``OUT/trial-<n>/``;
+its evaluations are reported to the pruner through the trainer's ``on_eval``, and a pruned
+run stops there with a checkpoint (a normal run directory). A sampled config the config
+checks refuse is pruned with the reason in the trial's user attr ``prune_reason``.
+
+Several worker processes may share one study (the same command, the same ``--study``): each
+counts the study's finished trials before it starts another, so ``--trials N`` is reached by
+all of them together (a worker may overshoot by the trials the others have running).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import sqlite3
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from moekit.search.space import Space, apply
+
+log = logging.getLogger("moekit")
+
+# objective -> Optuna direction; tokens_per_s is measured in the trial on this machine
+OBJECTIVES = {"val_loss": "minimize", "active_params": "minimize", "params": "minimize",
+              "tokens_per_s": "maximize"}
+PRUNERS = ("median", "halving", "hyperband", "none")
+# a trial killed with its process: another worker fails it once its heartbeat is this old (s)
+HEARTBEAT_S, GRACE_S = 10, 30
+
+
+def require_optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise ValueError("moekit search needs Optuna; install it with pip install 'moekit[search]'") from None
+    return optuna
+
+
+def parse_objectives(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")]
+    for n in names:
+        if n not in OBJECTIVES:
+            raise ValueError(f"--objective {text!r}: unknown objective {n!r}; choose from "
+                             f"{', '.join(OBJECTIVES)} (several comma-separated)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--objective {text!r} names an objective twice; give each once")
+    return names
+
+
+def make_pruner(name: str | None, objectives: list[str], base_cfg):
+    """The pruner for ``--pruner`` (None: median for one objective, none for several: Optuna
+    prunes single-objective studies only)."""
+    optuna = require_optuna()
+    name = name or ("median" if len(objectives) == 1 else "none")
+    if name not in PRUNERS:
+        raise ValueError(f"--pruner {name!r}: choose from {', '.join(PRUNERS)}")
+    if name != "none" and len(objectives) > 1:
+        raise ValueError(f"--pruner {name} prunes a single objective; with --objective "
+                         f"{','.join(objectives)} use --pruner none")
+    every = base_cfg.train.eval_every
+    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=every),
+            "halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=every),
+            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=every,
+                                                                max_resource=base_cfg.train.max_steps),
+            "none": optuna.pruners.NopPruner}[name]()
+
+
+def check_storage(url: str) -> None:
+    """A ``sqlite:///PATH`` that exists must be an Optuna database: Optuna would otherwise add
+    its tables to someone else's file (or fail deep inside SQLAlchemy)."""
+    if not url.startswith("sqlite:///"):
+        if "://" not in url:
+            raise ValueError(f"--study {url!r} is not a database URL; give sqlite:///PATH.db")
+        return                              # another RDB (postgresql://...): Optuna checks it
+    path = Path(url[len("sqlite:///"):])
+    if not path.exists() or path.stat().st_size == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return
+    fix = "give a new path for a new study, or the .db file of an earlier moekit search"
+    try:
+        with open(path, "rb") as f:
+            if f.read(16) != b"SQLite format 3\x00":
+                raise ValueError(f"--study {url}: {str(path)!r} is not an SQLite database; {fix}")
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as err:
+        raise ValueError(f"--study {url}: {str(path)!r} is not a readable SQLite database ({err}); "
+                         f"{fix}") from None
+    if tables and not {"studies", "trials", "version_info"} <= tables:
+        raise ValueError(f"--study {url}: {str(path)!r} is an SQLite database but not an Optuna study "
+                         f"(tables {', '.join(sorted(tables)[:4])}); {fix}")
+
+
+def open_study(url: str, name: str, space: Space, objectives: list[str], base_raw: dict, pruner,
+               seed: int | None = None):
+    """The study ``name`` in ``url``, created or loaded (``load_if_exists``); one that holds
+    another space, objectives or base recipe is refused before anything runs."""
+    optuna = require_optuna()
+    check_storage(url)
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {}
+    # a trial whose worker died is failed once its heartbeat is stale, and run again once
+    params = inspect.signature(optuna.storages.RDBStorage).parameters
+    new = "heartbeat_stale_trial_callback" in params           # the names before Optuna 4.9: failed_trial_*
+    try:
+        with warnings.catch_warnings():     # heartbeats are "experimental" since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback" if new
+                            else "RetryFailedTrialCallback")(max_retry=1)
+            stale = {"heartbeat_stale_trial_callback" if new else "failed_trial_callback": retry}
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                                                 grace_period=GRACE_S, **stale)
+    except RuntimeError as err:       # a schema from another Optuna version
+        raise ValueError(f"--study {url}: {str(err).splitlines()[0]}; run `optuna storage upgrade --storage "
+                         f"{url}` or use a new --study") from None
+    study = optuna.create_study(storage=storage, study_name=name, pruner=pruner,
+                                directions=[OBJECTIVES[o] for o in objectives], load_if_exists=True)
+    _check_same(study, url, {"space": space.fingerprint(), "objectives": objectives,
+                             "base": json.dumps(base_raw, sort_keys=True)})
+    # the seed moves on with the trials already there: a resumed study (or a second worker
+    # given the same --seed) would otherwise draw the first trials' random samples again
+    study.sampler = optuna.samplers.TPESampler(
+        seed=None if seed is None else seed + len(study.get_trials(deepcopy=False)))
+    return study
+
+
+def _check_same(study, url: str, wanted: dict) -> None:
+    attrs = study.user_attrs
+    if "space" not in attrs:
+        if study.get_trials(deepcopy=False):
+            raise ValueError(f"study {study.study_name!r} in {url} was not made by moekit search (it has "
+                             "trials but no space); give another --name")
+        for key, value in wanted.items():
+            study.set_user_attr(key, value)
+        return
+    fix = {"space": "give the --space it was made with, or another --name / --study for this space",
+           "objectives": "give the --objective it was made with, or another --name",
+           "base": "give the --config and --set it was made with, or another --name"}
+    for key, value in wanted.items():
+        if attrs.get(key) != value:
+            raise ValueError(f"study {study.study_name!r} in {url} was made with another {key} "
+                             f"({_short(attrs.get(key))}); {fix[key]}")
+
+
+def _short(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def finished(study) -> int:
+    from optuna.trial import TrialState
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
+
+
+@dataclass
+class Context:
+    space: Space
+    base_raw: dict
+    objectives: list[str]
+    out: Path
+    prunes: bool = True         # report evaluations to the pruner (single objective)
+
+
+def run_until(study, ctx: Context, trials: int, report=print) -> int:
+    """Run trials until the study has ``trials`` finished (complete + pruned) ones; returns how
+    many this call ran. A fresh study starts with the base recipe when it lies in the space.
+    ``report(line)`` after each trial."""
+    if not study.get_trials(deepcopy=False) and (base := ctx.space.base_values(ctx.base_raw)) is not None:
+        study.enqueue_trial(base, user_attrs={"baseline": True})
+    ran = 0
+    while finished(study) < trials:
+        study.optimize(lambda trial: run_trial(trial, ctx), n_trials=1, catch=(),
+                       callbacks=[lambda _, t: report(trial_line(t, ctx.objectives))])
+        ran += 1
+    return ran
+
+
+def trial_line(t, objectives: list[str]) -> str:
+    state = t.state.name.lower()
+    if t.values:
+        values = ", ".join(f"{o} {v:.4g}" for o, v in zip(objectives, t.values))
+        return f"trial {t.number}: {state}, {values}; {t.params}"
+    return f"trial {t.number}: {state} ({t.user_attrs.get('prune_reason', '')}); {t.params}"
+
+
+def run_trial(trial, ctx: Context):
+    """One sampled config, trained in ``OUT/trial-<n>``; its objective values."""
+    from moekit.config import RunConfig
+    from moekit.train import growth
+    from moekit.train.run_dir import write_json
+    from moekit.train.trainer import RunStopped, train
+    params = ctx.space.suggest(trial)
+    run_dir = ctx.out / f"trial-{trial.number}"
+    trial.set_user_attr("run_dir", str(run_dir))
+    try:
+        cfg = RunConfig.from_dict(apply(ctx.base_raw, params))
+        growth.check_start(cfg)
+        growth.check_memory(cfg)
+    except ValueError as err:           # a combination the config refuses: not a result, not a crash
+        _prune(trial, f"config refused: {err}")
+    trial.set_user_attr("config", cfg.to_dict())
+    stopped: dict = {}
+
+    def on_eval(step: int, val_loss: float) -> bool:
+        if not ctx.prunes:              # Optuna prunes single-objective studies only
+            return False
+        trial.report(val_loss, step)
+        if step < cfg.train.max_steps and trial.should_prune():   # a finished run is a result
+            stopped.update(step=step, val_loss=val_loss)
+            return True
+        return False
+
+    t0 = time.perf_counter()
+    try:
+        summary = train(cfg, run_dir, progress=False, on_eval=on_eval)
+    except RunStopped as err:
+        if isinstance(err.__context__, OSError):   # a full disk is the machine's, not the config's
+            raise
+        _prune(trial, f"training stopped: {err}")
+    write_json(run_dir / "summary.json", summary)
+    measured = measure(summary, run_dir)
+    for key, value in {**measured, "wall_s": time.perf_counter() - t0}.items():
+        trial.set_user_attr(key, value)
+    if stopped:
+        _prune(trial, f"pruned at step {stopped['step']} of {cfg.train.max_steps}: val loss "
+                      f"{stopped['val_loss']:.4f} was worse than the pruner's bar")
+    values = tuple(measured[o] for o in ctx.objectives)
+    return values if len(values) > 1 else values[0]
+
+
+def _prune(trial, reason: str):
+    import optuna
+    trial.set_user_attr("prune_reason", reason)
+    raise optuna.TrialPruned(reason)
+
+
+def measure(summary: dict, run_dir: Path) -> dict:
+    """Every objective of a finished run: final val loss, parameters, median training tokens/s
+    (from metrics.jsonl: evaluation and saving excluded)."""
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl", encoding="utf-8") if line.strip()]
+    tps = [r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r]
+    val = summary["final_val_loss"]
+    return {"val_loss": float("nan") if val is None else float(val),
+            "params": summary["params"]["params_total"], "active_params": summary["params"]["params_active"],
+            "tokens_per_s": statistics.median(tps) if tps else 0.0, "steps": summary["steps"]}
