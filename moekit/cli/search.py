@@ -55,8 +55,11 @@ def run(args) -> int:
     name = args.name or space.default_name()
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)   # one line per trial is ours
-    study = st.open_study(args.study, name, space, objectives, base_raw, pruner, args.seed)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a directory (new or of this study)")
+    study = st.open_study(args.study, name, space, objectives, base_raw, pruner, args.seed,
+                          named=args.name is not None)
     before = st.finished(study)
     print(f"study {name!r} in {args.study}: {before} finished trial(s), running to {args.trials}; "
           f"trials in {out}/trial-<n>")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,6 +151,8 @@ def _param(name: str, entry: dict) -> Param:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"space entry {name!r}: {bound} = {value!r} is not a number; give a number, "
                              "or choices = [...] for other values")
+        if not math.isfinite(value):
+            raise ValueError(f"space entry {name!r}: {bound} = {value!r} is not finite; give a finite bound")
     if not isinstance(log, bool):
         raise ValueError(f"space entry {name!r}: log = {log!r} must be true or false")
     if low > high:

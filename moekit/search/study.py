@@ -83,7 +83,9 @@ def check_storage(url: str) -> None:
         return                              # another RDB (postgresql://...): Optuna checks it
     path = Path(url[len("sqlite:///"):])
     if not path.exists() or path.stat().st_size == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():
+            raise ValueError(f"--study {url}: the directory {str(path.parent)!r} does not exist; create it "
+                             "or give a path in an existing directory")
         return
     fix = "give a new path for a new study, or the .db file of an earlier moekit search"
     try:
@@ -101,11 +103,44 @@ def check_storage(url: str) -> None:
 
 
 def open_study(url: str, name: str, space: Space, objectives: list[str], base_raw: dict, pruner,
-               seed: int | None = None):
+               seed: int | None = None, named: bool = False):
     """The study ``name`` in ``url``, created or loaded (``load_if_exists``); one that holds
-    another space, objectives or base recipe is refused before anything runs."""
+    another space, objectives or base recipe is refused before anything runs. ``named``: the
+    user gave --name (else a file holding another study is refused: a new space would
+    otherwise start a second study beside the first, silently)."""
     optuna = require_optuna()
     check_storage(url)
+    for attempt in range(5):     # a second worker may be creating the same tables this instant
+        try:
+            storage = _storage(optuna, url)
+            others = [s.study_name for s in storage.get_all_studies()]
+            if others and name not in others and not named:
+                raise ValueError(f"--study {url} holds the study {', '.join(map(repr, others[:3]))}, not "
+                                 f"{name!r} (named after --space); give --name {others[0]} to continue it "
+                                 "with its space, --name NEW for a second study, or another --study")
+            study = optuna.create_study(storage=storage, study_name=name, pruner=pruner,
+                                        directions=[OBJECTIVES[o] for o in objectives], load_if_exists=True)
+            break
+        except ValueError:
+            raise
+        except Exception as err:
+            if not type(err).__module__.startswith(("sqlalchemy", "optuna")):
+                raise
+            if attempt == 4 or not type(err).__module__.startswith("sqlalchemy.exc"):
+                raise ValueError(f"--study {url}: {str(err).splitlines()[0][:160]}; give sqlite:///PATH.db "
+                                 "(three slashes, then the path) in a writable directory") from None
+            time.sleep(0.5 + attempt)
+    _check_same(study, url, {"space": space.fingerprint(), "objectives": objectives,
+                             "base": json.dumps(base_raw, sort_keys=True)})
+    # the seed moves on with the trials already there: a resumed study (or a second worker
+    # given the same --seed) would otherwise draw the first trials' random samples again; the
+    # factor keeps --seed 1 after one trial from being --seed 2 at none (two workers)
+    study.sampler = optuna.samplers.TPESampler(
+        seed=None if seed is None else seed * 1_000_003 + len(study.get_trials(deepcopy=False)))
+    return study
+
+
+def _storage(optuna, url: str):
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {}
     # a trial whose worker died is failed once its heartbeat is stale, and run again once
     params = inspect.signature(optuna.storages.RDBStorage).parameters
@@ -116,20 +151,13 @@ def open_study(url: str, name: str, space: Space, objectives: list[str], base_ra
             retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback" if new
                             else "RetryFailedTrialCallback")(max_retry=1)
             stale = {"heartbeat_stale_trial_callback" if new else "failed_trial_callback": retry}
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                                                 grace_period=GRACE_S, **stale)
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                                              grace_period=GRACE_S, **stale)
+    except ImportError as err:        # postgresql:// without its driver, ...
+        raise ValueError(f"--study {url}: {str(err).splitlines()[0][:160]}; give sqlite:///PATH.db") from None
     except RuntimeError as err:       # a schema from another Optuna version
         raise ValueError(f"--study {url}: {str(err).splitlines()[0]}; run `optuna storage upgrade --storage "
                          f"{url}` or use a new --study") from None
-    study = optuna.create_study(storage=storage, study_name=name, pruner=pruner,
-                                directions=[OBJECTIVES[o] for o in objectives], load_if_exists=True)
-    _check_same(study, url, {"space": space.fingerprint(), "objectives": objectives,
-                             "base": json.dumps(base_raw, sort_keys=True)})
-    # the seed moves on with the trials already there: a resumed study (or a second worker
-    # given the same --seed) would otherwise draw the first trials' random samples again
-    study.sampler = optuna.samplers.TPESampler(
-        seed=None if seed is None else seed + len(study.get_trials(deepcopy=False)))
-    return study
 
 
 def _check_same(study, url: str, wanted: dict) -> None:
@@ -169,12 +197,19 @@ class Context:
     prunes: bool = True         # report evaluations to the pruner (single objective)
 
 
+def _has_baseline(study) -> bool:
+    """A base-recipe trial that finished, runs or waits (a failed one is queued again)."""
+    from optuna.trial import TrialState
+    return any(t.user_attrs.get("baseline") and t.state != TrialState.FAIL
+               for t in study.get_trials(deepcopy=False))
+
+
 def run_until(study, ctx: Context, trials: int, report=print) -> int:
     """Run trials until the study has ``trials`` finished (complete + pruned) ones; returns how
     many this call ran. A fresh study starts with the base recipe when it lies in the space.
     ``report(line)`` after each trial."""
-    if not study.get_trials(deepcopy=False) and (base := ctx.space.base_values(ctx.base_raw)) is not None:
-        study.enqueue_trial(base, user_attrs={"baseline": True})
+    if not _has_baseline(study) and (base := ctx.space.base_values(ctx.base_raw)) is not None:
+        study.enqueue_trial(base, user_attrs={"baseline": True})   # again if it failed (Ctrl-C)
     ran = 0
     while finished(study) < trials:
         study.optimize(lambda trial: run_trial(trial, ctx), n_trials=1, catch=(),

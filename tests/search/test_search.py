@@ -2,6 +2,7 @@
 
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +48,7 @@ def trials_of(out) -> list[dict]:
     ('[space]\n"train.lr" = { choices = [1, 1] }', "repeats a value"),
     ('[space]\n"train.lr" = { low = "a", high = 1 }', "low = 'a' is not a number"),
     ('[spaces]\n"train.lr" = { low = 1, high = 2 }', "has no [space] table"),
+    ('[space]\n"train.lr" = { low = 1e-4, high = inf }', "high = inf is not finite"),
 ])
 def test_bad_space_entries_are_one_line_errors(tmp_path, text, message, capsys):
     path = tmp_path / "space.toml"
@@ -83,6 +85,8 @@ def test_the_shipped_space_holds_the_default_recipe():
     (["--objective", "val_loss,speed"], "unknown objective 'speed'"),
     (["--objective", "val_loss,params", "--pruner", "median"], "use --pruner none"),
     (["--trials", "0"], "--trials 0"),
+    (["--study", "sqlite://f.db"], "give sqlite:///PATH.db"),
+    (["--study", "sqlite:////no/such/dir/s.db"], "'/no/such/dir' does not exist"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, extra, message, capsys):
     (tmp_path / "space.toml").write_text(SPACE)
@@ -90,6 +94,15 @@ def test_bad_flags_are_one_line_errors(tmp_path, extra, message, capsys):
             f"sqlite:///{tmp_path}/s.db", "--out", str(tmp_path / "out")]
     assert cli(args + extra) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not Path("/no").exists()
+
+
+def test_out_that_is_a_file_is_refused_before_any_study(tmp_path, capsys):
+    (tmp_path / "space.toml").write_text(SPACE)
+    (tmp_path / "afile").write_text("x")
+    assert cli(["search", "--space", str(tmp_path / "space.toml"), "--trials", "1", "--study",
+                f"sqlite:///{tmp_path}/s.db", "--out", str(tmp_path / "afile")]) == 2
+    assert "--out" in capsys.readouterr().err and not (tmp_path / "s.db").exists()
 
 
 def test_a_sample_the_config_refuses_is_pruned_not_a_crash(tmp_path, parl_subset, capsys):
@@ -154,8 +167,12 @@ def test_resume_continues_to_n_and_keeps_what_finished(tmp_path, parl_subset, ca
     other = '[space]\n"train.lr" = { low = 1e-3, high = 1e-2 }\n'
     assert search(parl_subset, tmp_path, other, 4, "s.db", "out", "--name", "r") == 2
     assert "was made with another space" in capsys.readouterr().err
+    # ... and so is another space without --name (its derived name would start a second study)
+    assert search(parl_subset, tmp_path, other, 4, "s.db", "out") == 2
+    assert "give --name r to continue it" in capsys.readouterr().err
     study = optuna.load_study(study_name="r", storage=f"sqlite:///{tmp_path / 's.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert optuna.get_all_study_names(f"sqlite:///{tmp_path / 's.db'}") == ["r"]
 
 
 def test_a_file_that_is_not_an_optuna_study_is_refused_untouched(tmp_path, parl_subset, capsys):
