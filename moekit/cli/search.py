@@ -54,7 +54,7 @@ def run(args) -> int:
     pruner = st.make_pruner(args.pruner, objectives, base_cfg)
     name = args.name or space.default_name()
     import optuna
-    optuna.logging.set_verbosity(optuna.logging.WARNING)   # one line per trial is ours
+    optuna.logging.set_verbosity(optuna.logging.ERROR)   # one line per trial is ours (no tracebacks)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a directory (new or of this study)")
