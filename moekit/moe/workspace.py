@@ -101,8 +101,9 @@ class Workspace:
             else:
                 self._drop_stale()
                 buf = torch.empty(numel, dtype=dtype)
-                if self._make_room(nbytes):
-                    self._buffers[dtype].append(buf)
+                if not self._make_room(nbytes):
+                    return buf[:numel].view(shape)     # past the cap: not pooled, not tracked
+                self._buffers[dtype].append(buf)
             self._last_use[id(buf)] = self._tick
             return buf[:numel].view(shape)
 
@@ -112,11 +113,11 @@ class Workspace:
         do not stay pooled."""
         horizon = self._tick - max(64, 2 * self._reuse_gap)
         for dtype, pool in self._buffers.items():
-            keep = [b for b in pool if self._last_use.get(id(b), 0) >= horizon or not _idle(b)]
-            for b in pool:
-                if not any(b is k for k in keep):
-                    self._last_use.pop(id(b), None)
-            self._buffers[dtype] = keep
+            stale = [b for b in pool if self._last_use.get(id(b), 0) < horizon and _idle(b)]
+            for b in stale:
+                self._last_use.pop(id(b), None)
+            gone = {id(b) for b in stale}
+            self._buffers[dtype] = [b for b in pool if id(b) not in gone]
 
     def _make_room(self, nbytes: int) -> bool:
         """Free idle buffers, largest first, until ``nbytes`` more fit under ``max_bytes``."""
