@@ -15,6 +15,7 @@
     moekit compress runs/moe --method prune --experts 4 --out models/moe-e4   # also merge, quantize, distill
     moekit report runs/moe --baseline runs/dense   # HTML: losses, expert load, routing by language
     moekit search --space space.toml --trials 12 --study sqlite:///runs/s.db --out runs/search   # Optuna
+    moekit federate --clients 4 --rounds 5 --strategy local-experts --out runs/fed   # Flower, per language
     moekit data list | moekit data get parlspeech
 """
 
@@ -30,6 +31,7 @@ from moekit.cli import data as data_cmd
 from moekit.cli import evaluate as eval_cmd
 from moekit.cli import export as export_cmd
 from moekit.cli import extract as extract_cmd
+from moekit.cli import federate as federate_cmd
 from moekit.cli import finetune as finetune_cmd
 from moekit.cli import generate as generate_cmd
 from moekit.cli import grow as grow_cmd
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (train_cmd, finetune_cmd, generate_cmd, eval_cmd, export_cmd, import_cmd, upcycle_cmd,
-                   grow_cmd, extract_cmd, compress_cmd, report_cmd, search_cmd, data_cmd):
+                   grow_cmd, extract_cmd, compress_cmd, report_cmd, search_cmd, federate_cmd, data_cmd):
         module.register(sub)
     return parser
 

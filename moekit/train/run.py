@@ -217,8 +217,8 @@ def _build(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None, rank: int, wo
     tok, train_split, val_split, meta = data or _data(cfg, run_dir, rank, world)
     _fill_route_tags(cfg, meta)
     model = MoETransformer.build(rd.model_config_for(cfg, tok.get_vocab_size()), device=device)
-    if initial is not None and initial.state is not None:   # before parallelizing: SRC's weights, all ranks
-        model.load_state_dict(initial.state)
+    if ckpt is None and initial is not None:    # before parallelizing: SRC's weights, all ranks
+        load_initial(model, initial)
     hooks = _finetune(model, cfg, train_split)
     forward, accumulate, sync, mesh, ep_group = _parallel_model(cfg, model, world, rank, device)
     opt = build_optimizer(model, cfg.train)
@@ -238,8 +238,28 @@ def _build(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None, rank: int, wo
             log.info("rank %d: the checkpoint has no RNG state for this rank; random streams restart", rank)
         sampler.load_state_dict(ckpt.meta["sampler"])
         run.step = ckpt.meta["step"]
+        if initial is not None:     # a federated round: the server's weights over the checkpoint's
+            load_initial(model, initial)
     model.train()
     return run
+
+
+def load_initial(model: MoETransformer, initial) -> None:
+    """``initial.state`` into ``model``: all of its tensors, or with ``initial.partial`` some of
+    them (a federated round's averaged ones; the others keep their values)."""
+    if initial.state is None:
+        return
+    if not initial.partial:
+        model.load_state_dict(initial.state)
+        return
+    own = model.state_dict()
+    for key, value in initial.state.items():
+        if key not in own or own[key].shape != value.shape:
+            raise ValueError(f"the weights given hold {key!r} {tuple(value.shape)}, which this model "
+                             f"{'has as ' + str(tuple(own[key].shape)) if key in own else 'does not have'}; "
+                             "they belong to another architecture")
+        with torch.no_grad():
+            own[key].copy_(value)
 
 
 def _fill_route_tags(cfg: RunConfig, meta: dict) -> None:

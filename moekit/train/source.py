@@ -33,6 +33,8 @@ class Initial:
 
     state: dict[str, Tensor] | None  # SRC's weights, moekit names (float32, CPU); None: fresh weights
     tokenizer: object
+    partial: bool = False            # state holds some of the tensors (a federated round's); the rest
+                                     # keep the seed's weights (a new run) or the checkpoint's (a resume)
 
 
 def load_source(cfg: RunConfig, model_section: dict | None = None) -> tuple[RunConfig, Initial]:

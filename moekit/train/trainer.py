@@ -50,7 +50,8 @@ class RunStopped(ValueError):
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
           stop_at: int | None = None, layout: dict | None = None, changes: dict | None = None,
-          model_section: dict | None = None, on_eval: Callable[[int, float], bool] | None = None) -> dict:
+          model_section: dict | None = None, on_eval: Callable[[int, float], bool] | None = None,
+          initial=None) -> dict:
     """Train (or resume) the run in ``run_dir``; returns a summary dict.
 
     ``stop_at``: stop after that step with a checkpoint, as if preempted (the schedule still
@@ -64,7 +65,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     may not contradict them.
     ``on_eval(step, val_loss)``: called after every evaluation, on every rank (in a parallel
     run it must answer the same on each); a true answer stops the run there with a checkpoint,
-    as ``stop_at`` would (moekit.search prunes a trial this way)."""
+    as ``stop_at`` would (moekit.search prunes a trial this way).
+    ``initial`` (:class:`moekit.train.source.Initial`): the weights a federated round starts from
+    (moekit.federate): a new run starts from them and their tokenizer, a resume loads them over
+    its checkpoint's model (optimizer, data position and RNG stay the checkpoint's)."""
     run_dir = Path(run_dir)
     rank, world = distributed_context()
     if stop_at is not None and stop_at < 1:
@@ -74,13 +78,14 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     if ckpt is not None and ckpt.meta["step"] >= min(cfg.train.max_steps, stop_at or cfg.train.max_steps):
         # nothing to do: touch nothing (config, metrics, summary)
         return {"steps": ckpt.meta["step"], "steps_run": 0, "max_steps": cfg.train.max_steps}
-    initial = teacher = None
-    if ckpt is None and cfg.train.init_from is not None:
+    teacher = None
+    fresh = ckpt is None and initial is None
+    if fresh and cfg.train.init_from is not None:
         if rank == 0:                       # a bad --out is found before a long load
             rd.check_fresh(run_dir)
         from moekit.train.source import load_source
         cfg, initial = load_source(cfg, model_section)
-    elif ckpt is None and cfg.distill.teacher is not None:   # fresh student weights, the teacher's tokenizer
+    elif fresh and cfg.distill.teacher is not None:   # fresh student weights, the teacher's tokenizer
         from moekit.serve.compress.distill import student_start
         if rank == 0:
             rd.check_fresh(run_dir)

@@ -1,0 +1,113 @@
+"""A client's side of a round, with no Flower in it (moekit.federate.apps wraps it).
+
+Client I's state is its own moekit run directory, OUT/clients/clientI: round 1 makes it
+(its shard tokenized with the federation's tokenizer), every later round resumes it. A
+round loads the server's tensors over the checkpoint's model (optimizer moments, data
+position and RNG stay the client's), trains ``train.max_steps`` local steps through the
+engine's ``train()``, and answers with the tensors the strategy shares, the probe and its
+numbers. ``rounds.json`` records each finished round: a round asked again (the server
+restarted it) is answered from the checkpoint without training twice.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from moekit.federate.diagnostics import probe
+from moekit.federate.spec import FederationSpec, client_dir
+from moekit.federate.strategies import sent_keys
+from moekit.train.checkpoint import Checkpoint, find_checkpoint
+from moekit.train.run_dir import load_run, write_json
+from moekit.train.source import Initial
+
+ROUNDS = "rounds.json"
+
+
+@dataclass
+class Reply:
+    arrays: dict[str, Tensor]        # the shared tensors (and the probe/ ones)
+    metrics: dict                    # num-examples, train_loss, local_val_loss, client, load.L, ...
+
+
+def _finished_rounds(run_dir: Path) -> dict:
+    path = run_dir / ROUNDS
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def train_round(out: Path, index: int, server_round: int, state: dict[str, Tensor],
+                tokenizer_json: str) -> Reply:
+    """Client ``index``'s round ``server_round``, starting from the server's ``state``."""
+    from tokenizers import Tokenizer
+
+    from moekit.train.trainer import train
+    spec = FederationSpec.load(out)
+    torch.set_num_threads(spec.threads)
+    run_dir = client_dir(out, index)
+    done = _finished_rounds(run_dir)
+    if str(server_round) not in done:
+        resume = find_checkpoint(run_dir) is not None
+        if not resume and run_dir.exists():         # a first round cut short: nothing in it to keep
+            shutil.rmtree(run_dir)
+        step = Checkpoint(run_dir).meta["step"] if resume else 0
+        cfg = spec.client_config(index)
+        if step >= cfg.train.max_steps:
+            raise ValueError(f"client {index} has trained all {cfg.train.max_steps} steps of the federation; "
+                             f"round {server_round} is past --rounds {spec.rounds}")
+        initial = Initial(state, Tokenizer.from_str(tokenizer_json), partial=True)
+        summary = train(cfg, run_dir, resume=resume, progress=False, stop_at=step + spec.local_steps,
+                        initial=initial)
+        loads = summary["routing_last_interval"]
+        done[str(server_round)] = {
+            "step": summary["steps"], "train_loss": summary["final_train_loss"],
+            "local_val_loss": summary["final_val_loss"],
+            "tokens": summary["steps_run"] * cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len,
+            "loads": loads}
+        write_json(run_dir / ROUNDS, done)
+    record = done[str(server_round)]
+    model, _, _ = load_run(run_dir)
+    own = model.state_dict()
+    keys = sent_keys(own, spec.strategy, model.cfg.tie_embeddings)
+    arrays = {k: own[k].detach().contiguous() for k in keys}
+    arrays.update(probe(model, seed=spec.probe_seed))
+    metrics = {"num-examples": int(record["tokens"]), "client": index, "step": int(record["step"]),
+               "train_loss": float(record["train_loss"]), "local_val_loss": float(record["local_val_loss"]),
+               **{f"load.{layer}": [float(c) for c in counts] for layer, counts in record["loads"].items()}}
+    return Reply(arrays, metrics)
+
+
+def personalised_model(out: Path, index: int, state: dict[str, Tensor]):
+    """(model, run config) client ``index`` holds after the server's ``state``: its checkpoint's
+    model with the shared tensors loaded over it (under local-experts its experts stay its own)."""
+    from moekit.train.run import load_initial
+    run_dir = client_dir(out, index)
+    if find_checkpoint(run_dir) is None:
+        raise ValueError(f"client {index} has no model yet (it has not finished a round); it is evaluated "
+                         "after its first round")
+    model, tok, cfg = load_run(run_dir)
+    load_initial(model, Initial(state, tok, partial=True))
+    return model, cfg
+
+
+def evaluate_on(model, out: Path, index: int, batches: int | None = None) -> float:
+    """``model``'s validation loss on client ``index``'s own validation split."""
+    from moekit.train.evaluate import evaluate
+    from moekit.train.splits import open_split
+    spec = FederationSpec.load(out)
+    cfg = spec.client_config(index)
+    val = open_split(cfg, client_dir(out, index), "val")
+    return evaluate(model, val, cfg.train.batch_size, torch.device("cpu"),
+                    batches if batches is not None else cfg.train.eval_batches)
+
+
+def evaluate_round(out: Path, index: int, state: dict[str, Tensor]) -> dict:
+    """Client ``index``'s evaluation of the round's model (its personalised one) on its own data."""
+    spec = FederationSpec.load(out)
+    torch.set_num_threads(spec.threads)
+    model, _ = personalised_model(out, index, state)
+    return {"num-examples": 1, "client": index, "val_loss": evaluate_on(model, out, index)}
