@@ -166,7 +166,8 @@ def run_round(grid: Grid, strategy: MoEFedAvg, spec: FederationSpec, model, tok,
         row.update(_cross_eval(spec, out, averaged, evals))
     row.update(federation_similarity(got.probes, [_loads(m) for m in got.metrics]))
     row.update({"bytes/down": float(down), "bytes/up": float(got.up_bytes),
-                "bytes/probe_up": float(got.probe_bytes), "bytes/total": float(down + got.up_bytes + got.probe_bytes),
+                "bytes/probe_up": float(got.probe_bytes),
+                "bytes/total": float(down + got.up_bytes + got.probe_bytes),
                 "time/round_s": time.time() - t0})
     return row
 
