@@ -27,17 +27,19 @@ def args(corpus, out, *extra) -> list[str]:
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--clients", "5", "--rounds", "2"], "--clients 5: .* splits into 4 shards by tag (de, en, es, nl), one per "
-                                          "client; use --clients 4 or fewer"),
+    (["--clients", "5", "--rounds", "2"],
+     "--clients 5: .* splits into 4 shards by tag (de, en, es, nl), one per client; use --clients 4 or fewer"),
     (["--rounds", "0"], "--rounds 0: a federation needs at least one round"),
     (["--rounds", "2", "--strategy", "fedsgd"], "--strategy 'fedsgd': no such strategy; use one of fedavg, "
                                                  "local-experts, routing"),
-    (["--rounds", "2", "--shard", "EMPTY", "--shard", "CORPUS:en"], "client 0's shard .*empty.txt.*holds no text"),
+    (["--rounds", "2", "--shard", "EMPTY", "--shard", "CORPUS:en"],
+     "client 0's shard .*empty.txt.*holds no text"),
     (["--rounds", "2", "--shard", "CORPUS:fr"], "client 0's shard .* has no documents tagged 'fr'"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(parl_subset, tmp_path, capsys, extra, message):
     (tmp_path / "empty.txt").write_text("")
-    extra = [str(tmp_path / "empty.txt") if a == "EMPTY" else a.replace("CORPUS", str(parl_subset)) for a in extra]
+    extra = [str(tmp_path / "empty.txt") if a == "EMPTY" else a.replace("CORPUS", str(parl_subset))
+             for a in extra]
     assert cli(args(parl_subset, tmp_path / "fed", *extra)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err

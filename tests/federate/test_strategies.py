@@ -53,7 +53,8 @@ def test_routing_weighted_rows_follow_each_clients_expert_counts():
             torch.testing.assert_close(avg[key][e], want)
     plain = fedavg(s, w)                                    # not per-expert: plain FedAvg
     torch.testing.assert_close(avg["blocks.0.attn.wq.weight"], plain["blocks.0.attn.wq.weight"])
-    torch.testing.assert_close(avg["blocks.0.ffn.router.tag_logits_NE"], plain["blocks.0.ffn.router.tag_logits_NE"])
+    tags = "blocks.0.ffn.router.tag_logits_NE"
+    torch.testing.assert_close(avg[tags], plain[tags])
     assert not torch.allclose(avg["blocks.0.ffn.experts.w_up_EDF"], plain["blocks.0.ffn.experts.w_up_EDF"])
 
 
