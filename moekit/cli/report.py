@@ -21,6 +21,8 @@ def run(args) -> int:
     from moekit.train.run_dir import load_run
     from moekit.train.splits import open_split
     run_dir = Path(args.run_dir)
+    if (run_dir / "federate.json").exists():        # a moekit federate directory
+        return _federation(run_dir, args)
     model, tok, cfg = load_run(run_dir)
     val, train = open_split(cfg, run_dir, "val"), open_split(cfg, run_dir, "train")
     by_tag, by_freq = routing_breakdown(model, val, frequency_class(train, tok.get_vocab_size()),
@@ -44,6 +46,16 @@ def run(args) -> int:
         k = f", {by_freq.overall_experts_per_token(i):.2f} experts per token" if dynamic else ""
         print(f"layer {i}: {lang}I(expert; frequency class) = {by_freq.mutual_information(i):.3f} bits{k}")
     print(f"wrote {out}")
+    return 0
+
+
+def _federation(out: Path, args) -> int:
+    from moekit.report.federated import build_federated_report
+    if args.baseline:
+        raise ValueError("--baseline: a federation's report compares its clients; drop --baseline")
+    path = Path(args.out) if args.out else out / "report.html"
+    path.write_text(build_federated_report(out), encoding="utf-8")
+    print(f"wrote {path}")
     return 0
 
 

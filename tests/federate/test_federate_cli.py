@@ -124,3 +124,7 @@ def test_a_killed_client_then_a_killed_launcher_lose_nothing(parl_subset, tmp_pa
     assert not (c0[key] == c1[key]).all() and not (c0[key] == start[key]).all()
     router = "blocks.0.ffn.router.weight_ED"              # shared: the clients start round 4 from it
     assert not (server[router] == start[router]).all()
+    assert cli(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "model of client1" in page and "data of client0" in page and "same_index_cos" in page
+    assert page.count("<tr><td>") == 3                      # one participation row per round
