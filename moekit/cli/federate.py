@@ -28,15 +28,15 @@ def register(sub) -> None:
     p.add_argument("--clients", type=int, help="number of clients (default: one per --shard, or per tag of "
                                                "the recipe's corpus)")
     p.add_argument("--rounds", type=int, help="federated rounds")
-    p.add_argument("--strategy", default="fedavg",
+    p.add_argument("--strategy",
                    help="; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items()) + " (default fedavg)")
     p.add_argument("--shard", action="append", default=[], metavar="DATA",
                    help="one client's data: a corpus, corpus:tag or a path (repeat, one per client; default: "
                         "the recipe's corpus split by tag)")
     p.add_argument("--min-clients", type=int, help="replies a round needs (default: all clients but one)")
-    p.add_argument("--round-timeout", type=float, default=3600.0, metavar="S",
+    p.add_argument("--round-timeout", type=float, metavar="S",
                    help="seconds a round waits for its clients (default 3600)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per client process (default 1)")
+    p.add_argument("--threads", type=int, help="torch threads per client process (default 1)")
     p.add_argument("--tokenizer", metavar="FILE",
                    help="a tokenizer.json every client uses (default: trained on the clients' training text)")
     p.add_argument("--no-cross-eval", action="store_true",
@@ -69,17 +69,23 @@ def run(args) -> int:
     except RuntimeError as err:
         print(f"moekit federate: error: {err}", file=sys.stderr)
         return 1
-    print(f"done: {done} rounds in {time.time() - t0:.0f} s; the server's model: "
-          f"{out}/rounds/round-{done:04d} "
-          f"(moekit eval, generate, export read it); each client's: {out}/clients/client<i>; "
-          f"moekit report {out}")
+    server = f"{out}/rounds/round-{done:04d}"
+    clients = f"{out}/clients/client<i>"
+    models = (f"each client's own model (its experts): {clients}; the server's shared tensors (with round "
+              f"0's experts): {server}" if spec.strategy == "local-experts" else
+              f"the server's model: {server}; each client's after its last local steps: {clients}")
+    print(f"done: {done} rounds in {time.time() - t0:.0f} s; {models} (moekit eval, generate, export read "
+          f"them); moekit report {out}")
     return 0
 
 
 def _check_resume(args) -> Path:
     given = [f for f, v in (("--config", args.config), ("--set", args.set), ("--clients", args.clients),
                             ("--rounds", args.rounds), ("--shard", args.shard), ("--out", args.out),
-                            ("--tokenizer", args.tokenizer), ("--min-clients", args.min_clients)) if v]
+                            ("--tokenizer", args.tokenizer), ("--min-clients", args.min_clients),
+                            ("--strategy", args.strategy), ("--round-timeout", args.round_timeout),
+                            ("--threads", args.threads), ("--no-cross-eval", args.no_cross_eval))
+             if v is not None and v != [] and v is not False]
     if given:
         raise ValueError(f"--resume continues the federation as it was made; drop {given[0]} (its "
                          "settings are in OUT/federate.json)")
@@ -99,6 +105,7 @@ def _new(args) -> Path:
     from moekit.train import run_dir as rd
     if args.out is None:
         raise ValueError("moekit federate needs --out DIR (a new directory), or --resume DIR")
+    args.strategy = args.strategy or "fedavg"
     if args.strategy not in STRATEGIES:       # before any data is read
         raise ValueError(f"--strategy {args.strategy!r}: no such strategy; use one of "
                          f"{', '.join(STRATEGIES)}")
@@ -115,8 +122,10 @@ def _new(args) -> Path:
                          "drop --clients or give one --shard each")
     shards = list(args.shard) or prepare.default_shards(cfg, args.clients)
     spec = FederationSpec(recipe=cfg.to_dict(), shards=shards, rounds=args.rounds, strategy=args.strategy,
-                          min_clients=args.min_clients, round_timeout=args.round_timeout,
-                          cross_eval=not args.no_cross_eval, threads=args.threads,
+                          min_clients=args.min_clients,
+                          round_timeout=3600.0 if args.round_timeout is None else args.round_timeout,
+                          cross_eval=not args.no_cross_eval,
+                          threads=1 if args.threads is None else args.threads,
                           seed_note="moekit federate " + " ".join(getattr(args, "raw_argv", [])))
     out = Path(args.out)
     rd.check_fresh(out)

@@ -5,14 +5,18 @@ Client I's state is its own moekit run directory, OUT/clients/clientI: round 1 m
 round loads the server's tensors over the checkpoint's model (optimizer moments, data
 position and RNG stay the client's), trains ``train.max_steps`` local steps through the
 engine's ``train()``, and answers with the tensors the strategy shares, the probe and its
-numbers. ``rounds.json`` records each finished round: a round asked again (the server
-restarted it) is answered from the checkpoint without training twice.
+numbers. ``clients/clientI.rounds.json`` records each round started and finished: a round
+asked again (the server restarted it, or the client died after its checkpoint) is answered
+from the checkpoint without training twice. One ClientApp at a time works in a client's
+directory (a lock file beside it).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +25,7 @@ from torch import Tensor
 
 from moekit.federate.diagnostics import probe
 from moekit.federate.spec import FederationSpec, client_dir
-from moekit.federate.strategies import sent_keys
+from moekit.federate.strategies import on_wire, sent_keys
 from moekit.train.checkpoint import Checkpoint, find_checkpoint
 from moekit.train.run_dir import load_run, write_json
 from moekit.train.source import Initial
@@ -35,50 +39,95 @@ class Reply:
     metrics: dict                    # num-examples, train_loss, local_val_loss, client, load.L, ...
 
 
+def _rounds_file(run_dir: Path) -> Path:
+    """clients/clientI.rounds.json: beside the run directory (a new run's directory must be new)."""
+    return run_dir.parent / f"{run_dir.name}.{ROUNDS}"
+
+
 def _finished_rounds(run_dir: Path) -> dict:
-    path = run_dir / ROUNDS
+    path = _rounds_file(run_dir)
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+@contextmanager
+def _client_lock(out: Path, index: int):
+    """One ClientApp at a time in a client's directory (a straggler's next message waits)."""
+    path = Path(out) / "clients" / f"client{index}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def train_round(out: Path, index: int, server_round: int, state: dict[str, Tensor],
                 tokenizer_json: str) -> Reply:
     """Client ``index``'s round ``server_round``, starting from the server's ``state``."""
-    from tokenizers import Tokenizer
-
-    from moekit.train.trainer import train
     spec = FederationSpec.load(out)
     torch.set_num_threads(spec.threads)
     run_dir = client_dir(out, index)
-    done = _finished_rounds(run_dir)
-    if str(server_round) not in done:
-        resume = find_checkpoint(run_dir) is not None
-        if not resume and run_dir.exists():         # a first round cut short: nothing in it to keep
-            shutil.rmtree(run_dir)
-        step = Checkpoint(run_dir).meta["step"] if resume else 0
-        cfg = spec.client_config(index)
-        if step >= cfg.train.max_steps:
-            raise ValueError(f"client {index} has trained all {cfg.train.max_steps} steps of the federation; "
-                             f"round {server_round} is past --rounds {spec.rounds}")
-        initial = Initial(state, Tokenizer.from_str(tokenizer_json), partial=True)
-        summary = train(cfg, run_dir, resume=resume, progress=False, stop_at=step + spec.local_steps,
-                        initial=initial)
-        loads = summary["routing_last_interval"]
-        done[str(server_round)] = {
-            "step": summary["steps"], "train_loss": summary["final_train_loss"],
-            "local_val_loss": summary["final_val_loss"],
-            "tokens": summary["steps_run"] * cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len,
-            "loads": loads}
-        write_json(run_dir / ROUNDS, done)
-    record = done[str(server_round)]
-    model, _, _ = load_run(run_dir)
+    with _client_lock(out, index):
+        done = _finished_rounds(run_dir)
+        record = done.get(str(server_round))
+        if record is None or "tokens" not in record:    # not trained, or cut short after its checkpoint
+            record = (_record_from_checkpoint(spec, run_dir, record["start"]) if record else None) \
+                or _train(spec, index, run_dir, server_round, state, tokenizer_json, done)
+            done[str(server_round)] = record
+            write_json(_rounds_file(run_dir), done)
+        model, _, _ = load_run(run_dir)
     own = model.state_dict()
-    keys = sent_keys(own, spec.strategy, model.cfg.tie_embeddings)
-    arrays = {k: own[k].detach().contiguous() for k in keys}
+    arrays = on_wire(own, sent_keys(own, spec.strategy, model.cfg.tie_embeddings))
     arrays.update(probe(model, seed=spec.probe_seed))
     metrics = {"num-examples": int(record["tokens"]), "client": index, "step": int(record["step"]),
                "train_loss": float(record["train_loss"]), "local_val_loss": float(record["local_val_loss"]),
                **{f"load.{layer}": [float(c) for c in counts] for layer, counts in record["loads"].items()}}
     return Reply(arrays, metrics)
+
+
+def _tokens(spec: FederationSpec, cfg) -> int:
+    t = cfg.train
+    return spec.local_steps * t.batch_size * t.grad_accum * cfg.data.seq_len
+
+
+def _train(spec: FederationSpec, index: int, run_dir: Path, server_round: int, state, tokenizer_json: str,
+           done: dict) -> dict:
+    """Train the round's local steps; rounds.json says the round started (and from which step)
+    before its checkpoint can exist."""
+    from tokenizers import Tokenizer
+
+    from moekit.train.trainer import train
+    resume = find_checkpoint(run_dir) is not None
+    if not resume and run_dir.exists():         # a first round cut short: nothing in it to keep
+        shutil.rmtree(run_dir)
+    step = Checkpoint(run_dir).meta["step"] if resume else 0
+    cfg = spec.client_config(index)
+    if step >= cfg.train.max_steps:
+        raise ValueError(f"client {index} has trained all {cfg.train.max_steps} steps of the federation; "
+                         f"round {server_round} is past --rounds {spec.rounds}")
+    write_json(_rounds_file(run_dir), {**done, str(server_round): {"start": step}})
+    initial = Initial(state, Tokenizer.from_str(tokenizer_json), partial=True)
+    summary = train(cfg, run_dir, resume=resume, progress=False, stop_at=step + spec.local_steps,
+                    initial=initial)
+    return {"start": step, "step": summary["steps"], "train_loss": summary["final_train_loss"],
+            "local_val_loss": summary["final_val_loss"], "tokens": _tokens(spec, cfg),
+            "loads": summary["routing_last_interval"]}
+
+
+def _record_from_checkpoint(spec: FederationSpec, run_dir: Path, start: int) -> dict | None:
+    """A round whose training finished (its checkpoint saved) but whose record was not written:
+    its numbers from the run's own metrics.jsonl; None if the checkpoint is still the start."""
+    step = Checkpoint(run_dir).meta["step"] if find_checkpoint(run_dir) is not None else start
+    if step != start + spec.local_steps:
+        return None
+    row: dict = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line) if line.strip() else {}
+        if r.get("step") == step:
+            row.update(r)
+    loads = {k.split("/")[1][len("layer"):]: v for k, v in row.items()
+             if k.startswith("moe/layer") and k.endswith("/load")}
+    cfg = load_run(run_dir)[2]
+    return {"start": start, "step": step, "train_loss": row["loss/lm"], "local_val_loss": row["loss/val"],
+            "tokens": _tokens(spec, cfg), "loads": loads}
 
 
 def personalised_model(out: Path, index: int, state: dict[str, Tensor]):
@@ -109,5 +158,6 @@ def evaluate_round(out: Path, index: int, state: dict[str, Tensor]) -> dict:
     """Client ``index``'s evaluation of the round's model (its personalised one) on its own data."""
     spec = FederationSpec.load(out)
     torch.set_num_threads(spec.threads)
-    model, _ = personalised_model(out, index, state)
+    with _client_lock(out, index):
+        model, _ = personalised_model(out, index, state)
     return {"num-examples": 1, "client": index, "val_loss": evaluate_on(model, out, index)}

@@ -36,7 +36,8 @@ def probe_inputs(d_model: int, seed: int, tokens: int = PROBE_TOKENS) -> Tensor:
 
 @torch.no_grad()
 def probe(model, seed: int) -> dict[str, Tensor]:
-    """{"probe/router.L": logits [P, E], "probe/experts.L": outputs [E, P, D]} for every MoE layer."""
+    """{"probe/top1.L": each probe vector's first expert [P] (expert choice: the top logit),
+    "probe/experts.L": each expert's outputs [E, P, D]} for every MoE layer."""
     out = {}
     x_PD = None
     for i, layer in sorted(model.moe_layers().items()):
@@ -44,7 +45,9 @@ def probe(model, seed: int) -> dict[str, Tensor]:
         if x_PD is None:
             x_PD = probe_inputs(w.shape[1], seed).to(w.dtype)
         E, P = w.shape[0], x_PD.shape[0]
-        out[f"{PROBE_PREFIX}router.{i}"] = layer.router(x_PD).logits_TE.float().contiguous()
+        routing = layer.router(x_PD)        # the expert it picks first (selection bias included)
+        first = routing.experts_TK[:, 0] if routing.experts_TK is not None else routing.logits_TE.argmax(1)
+        out[f"{PROBE_PREFIX}top1.{i}"] = first.to(torch.int64).contiguous()
         counts_E = torch.full((E,), P, dtype=torch.long)
         y = layer.experts(x_PD.repeat(E, 1), counts_E)
         out[f"{PROBE_PREFIX}experts.{i}"] = y.float().reshape(E, P, -1).contiguous()
@@ -62,10 +65,10 @@ def pair_similarity(a: dict[str, Tensor], b: dict[str, Tensor], load_a: dict,
     """The per-layer similarities of two clients' probes and loads (see the module docstring)."""
     out = {}
     for key in a:
-        if not key.startswith(f"{PROBE_PREFIX}router."):
+        if not key.startswith(f"{PROBE_PREFIX}top1."):
             continue
         i = key.rsplit(".", 1)[1]
-        agree = a[key].argmax(1) == b[key].argmax(1)
+        agree = a[key] == b[key]
         out[f"routing/layer{i}/top1_agreement"] = float(agree.double().mean())
         la, lb = (torch.tensor([float(c) for c in load[i]], dtype=torch.float64) for load in (load_a, load_b))
         if la.norm() > 0 and lb.norm() > 0:

@@ -118,6 +118,22 @@ class Processes:
     def start_link(self) -> None:
         self._start("superlink", [_bin("flower-superlink"), "--insecure", "--port", str(self.link_port)])
 
+    def wait_for_link(self, timeout: float = 120.0) -> None:
+        """Until the SuperLink accepts connections (flwr run does not retry)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.procs["superlink"].poll() is not None:
+                code = self.procs["superlink"].returncode
+                raise RuntimeError(f"the Flower SuperLink exited (code {code}); see {self.dir / 'superlink.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.link_port), timeout=1.0):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the Flower SuperLink did not listen on port {self.link_port} within "
+                                       f"{timeout:.0f} s; see {self.dir / 'superlink.log'}") from None
+                time.sleep(0.3)
+
     def start_client(self, i: int) -> None:
         self._start(f"client{i}", [_bin("flower-supernode"), "--insecure", "--superlink",
                                    f"127.0.0.1:{self.link_port}", "--port", str(free_port()),
@@ -184,7 +200,7 @@ def run_federation(out: Path) -> int:
         seen, run = start, None
         try:
             procs.start_link()
-            time.sleep(1.0)
+            procs.wait_for_link()
             for i in range(spec.clients):
                 procs.start_client(i)
             run = procs.start_run(app)

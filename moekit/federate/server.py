@@ -9,6 +9,7 @@ last). A restarted server goes on after the last kept round.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -23,7 +24,7 @@ from flwr.serverapp.strategy import FedAvg
 from moekit.federate.client import evaluate_on, personalised_model
 from moekit.federate.diagnostics import PROBE_PREFIX, federation_similarity
 from moekit.federate.spec import FederationSpec
-from moekit.federate.strategies import aggregate, sent_keys
+from moekit.federate.strategies import aggregate, on_wire, sent_keys
 from moekit.train.metrics import MetricsWriter
 from moekit.train.run import load_initial
 from moekit.train.run_dir import load_run, save_export, write_json
@@ -81,7 +82,7 @@ class MoEFedAvg(FedAvg):
             got.probes.append(probe)
             got.metrics.append(dict(msg.content["metrics"]))
             got.probe_bytes += sum(v.numel() * v.element_size() for v in probe.values())
-            got.up_bytes += arrays.count_bytes()
+            got.up_bytes += arrays.count_bytes() + msg.content["metrics"].count_bytes()
         got.up_bytes -= got.probe_bytes
         self.replies = got
         if not states:
@@ -122,6 +123,7 @@ def serve(grid: Grid, out: Path) -> None:
         strategy = MoEFedAvg(spec)
         writer = MetricsWriter(out, purge_after=start)
         try:
+            _log_kept_rounds(out, start, writer)
             wait_for_clients(grid, spec.clients, spec.quorum, min(STARTUP_S, spec.round_timeout))
             for r in range(start + 1, spec.rounds + 1):
                 row = run_round(grid, strategy, spec, model, tok, out, r)
@@ -136,6 +138,16 @@ def serve(grid: Grid, out: Path) -> None:
         raise
 
 
+def _log_kept_rounds(out: Path, start: int, writer: MetricsWriter) -> None:
+    """The rows of kept rounds that metrics.jsonl lacks (a server stopped between keeping a
+    round and logging it), from their round.json."""
+    path = out / "metrics.jsonl"
+    logged = {json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()}
+    for r in range(1, start + 1):
+        if r not in logged and (round_dir(out, r) / ROUND_FILE).exists():
+            writer.log(r, json.loads((round_dir(out, r) / ROUND_FILE).read_text())["metrics"])
+
+
 def run_round(grid: Grid, strategy: MoEFedAvg, spec: FederationSpec, model, tok, out: Path, r: int) -> dict:
     """Train, average, evaluate and measure round ``r``; ``model`` becomes the round's average."""
     t0 = time.time()
@@ -143,9 +155,10 @@ def run_round(grid: Grid, strategy: MoEFedAvg, spec: FederationSpec, model, tok,
     own = model.state_dict()
     # round 1 starts every client from the same experts, later rounds leave them local
     keys = sent_keys(own, "fedavg" if r == 1 else spec.strategy, tied)
-    arrays = ArrayRecord({k: own[k].detach().contiguous() for k in keys})
-    msgs = list(strategy.configure_train(r, arrays, ConfigRecord({"tokenizer": tok.to_str()}), grid))
-    down = arrays.count_bytes() * len(msgs)
+    arrays = ArrayRecord(on_wire(own, keys))
+    config = ConfigRecord({"tokenizer": tok.to_str()})
+    msgs = list(strategy.configure_train(r, arrays, config, grid))
+    down = (arrays.count_bytes() + config.count_bytes()) * len(msgs)
     agg, _ = strategy.aggregate_train(r, grid.send_and_receive(msgs, timeout=spec.round_timeout))
     got = strategy.replies
     if agg is None or len(got.metrics) < spec.quorum:
@@ -156,7 +169,7 @@ def run_round(grid: Grid, strategy: MoEFedAvg, spec: FederationSpec, model, tok,
                               f"and continue with moekit federate --resume {out}")
     averaged = agg.to_torch_state_dict()
     load_initial(model, Initial(averaged, tok, partial=True))
-    shared = ArrayRecord({k: averaged[k] for k in sent_keys(averaged, spec.strategy, tied)})
+    shared = ArrayRecord(on_wire(averaged, sent_keys(averaged, spec.strategy, tied)))
     emsgs = list(strategy.configure_evaluate(r, shared, ConfigRecord(), grid))
     down += shared.count_bytes() * len(emsgs)
     evals = {int(m.content["metrics"]["client"]): float(m.content["metrics"]["val_loss"])

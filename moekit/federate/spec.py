@@ -120,7 +120,8 @@ def check_spec(spec: FederationSpec) -> None:
     if not spec.round_timeout > 0:
         raise ValueError(f"--round-timeout {spec.round_timeout}: must be > 0 seconds")
     if not isinstance(spec.threads, int) or spec.threads < 1:
-        raise ValueError(f"threads={spec.threads!r}: must be an integer >= 1")
+        raise ValueError(f"--threads {spec.threads!r}: torch threads per client must be an integer >= 1; "
+                         "use e.g. --threads 1")
     cfg = spec.run_config()                 # the recipe's own fields check themselves
     if cfg.data.mixture is not None or cfg.data.task is not None:
         raise ValueError("data.mixture / data.task: a federated client trains a language model on its own "
@@ -134,6 +135,18 @@ def check_spec(spec: FederationSpec) -> None:
     if cfg.model.moe is not None and cfg.model.moe.router_input != "token":
         raise ValueError(f"model.moe.router_input={cfg.model.moe.router_input!r}: a federated client's shard "
                          "is one tag, so routing by tag has nothing to choose; use router_input=\"token\"")
+    if cfg.model.moe is not None and not cfg.train.telemetry:
+        raise ValueError("train.telemetry=false: a federated MoE client reports its tokens per expert (the "
+                         "routing strategy's weights, the routing diagnostics); drop train.telemetry=false")
+    if cfg.train.init_from is not None or cfg.distill.teacher is not None:
+        field_ = "train.init_from" if cfg.train.init_from is not None else "distill.teacher"
+        raise ValueError(f"{field_}: a federation starts every client from the server's round-0 model, "
+                         "built from the recipe's seed; drop it (start from weights with moekit train --from "
+                         "after the federation, or federate a fresh model)")
+    ft = cfg.finetune
+    if ft.lora_rank is not None or ft.freeze != "none":
+        raise ValueError("finetune.*: a federated client trains and sends every tensor the strategy shares; "
+                         "drop finetune.lora_rank / finetune.freeze from the recipe")
     if cfg.train.expert_schedule is not None:
         raise ValueError("train.expert_schedule: clients cannot grow their experts mid-federation (the "
                          "server averages tensors of one shape); drop it")

@@ -47,6 +47,13 @@ def sent_keys(keys: Iterable[str], strategy: str, tied: bool) -> list[str]:
     return keys
 
 
+def on_wire(state: dict[str, Tensor], keys: Iterable[str]) -> dict[str, Tensor]:
+    """``keys`` of ``state`` as they travel: float32 (Flower's arrays are numpy, which has no
+    bfloat16; the receiver's ``copy_`` casts back), contiguous, detached."""
+    return {k: (state[k].detach().float() if state[k].is_floating_point() else state[k].detach()).contiguous()
+            for k in keys}
+
+
 def fedavg(states: Sequence[dict[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
     """sum_c w_c x_c / sum_c w_c for every tensor (float32; integer tensors keep client 0's).
 

@@ -79,7 +79,7 @@ def test_local_experts_sends_no_expert_and_tied_head_once():
 def test_probe_similarity_sees_identical_and_permuted_experts():
     a = tiny_model()
     pa = probe(a, seed=3)
-    assert pa["probe/experts.0"].shape == (4, 128, 32) and pa["probe/router.1"].shape == (128, 4)
+    assert pa["probe/experts.0"].shape == (4, 128, 32) and pa["probe/top1.1"].shape == (128,)
     load = {"0": [1, 2, 3, 4], "1": [4, 3, 2, 1]}
     same = pair_similarity(pa, probe(a, seed=3), load, load)
     assert same["experts/layer0/same_index_cos"] == pytest.approx(1.0)
