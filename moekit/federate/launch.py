@@ -124,7 +124,8 @@ class Processes:
         while True:
             if self.procs["superlink"].poll() is not None:
                 code = self.procs["superlink"].returncode
-                raise RuntimeError(f"the Flower SuperLink exited (code {code}); see {self.dir / 'superlink.log'}")
+                raise RuntimeError(f"the Flower SuperLink exited (code {code}); see "
+                                   f"{self.dir / 'superlink.log'}")
             try:
                 with socket.create_connection(("127.0.0.1", self.link_port), timeout=1.0):
                     return
