@@ -97,6 +97,8 @@ def test_a_killed_client_then_a_killed_launcher_lose_nothing(parl_subset, tmp_pa
     assert len(victim) == 1
     subprocess.run(["pkill", "-9", "-f", f"supernode.*{out}/flower/client1.toml"], check=True)
     wait_for(out / "rounds" / "round-0002" / "round.json", proc)
+    while len(rows(out)) < 2:           # kept, then logged
+        time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert "client 1's process exited" in (tmp_path / "log").read_text()
