@@ -66,11 +66,29 @@ def _rank_main(rank: int, world: int, port: int, fn, args: tuple, out) -> None:
         os._exit(code)
 
 
+_CONTEXT = None
+
+
+def _rank_context():
+    """Ranks start from a forkserver that imported torch and moekit once per test session: a
+    fresh interpreter per rank ("spawn") spent ~2 s of CPU on those imports, for every rank of
+    every run_ranks call. Each rank is still its own process, forked from a server that never
+    ran a torch op, a thread pool or a process group (so, like spawn, it inherits no state of
+    this test process)."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        ctx = torch.multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "moekit", "moekit.parallel.parallelize",
+                                    _rank_main.__module__])
+        _CONTEXT = ctx
+    return _CONTEXT
+
+
 def run_ranks(fn, world: int, *args, timeout: float = 300.0) -> list:
     """Run ``fn(rank, world, *args)`` on ``world`` real gloo processes; return each rank's result
     (rank order). Any rank's error, crash or a timeout fails the test with the ranks' messages.
     ``fn`` must be a module-level function (it is pickled into spawned processes)."""
-    ctx = torch.multiprocessing.get_context("spawn")
+    ctx = _rank_context()
     out = ctx.SimpleQueue()
     port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, args, out), daemon=True)

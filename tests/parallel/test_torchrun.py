@@ -30,6 +30,15 @@ def _moekit(*args):
     return proc
 
 
+def _in_process(capsys, *args) -> str:
+    """A one-process command (export, generate, eval) through the CLI in this process: the
+    same code as ``python -m moekit`` without a fresh interpreter's imports; its stdout."""
+    from moekit.cli.main import main as cli
+    capsys.readouterr()
+    assert cli(list(args)) == 0
+    return capsys.readouterr().out
+
+
 def _train(run, corpus, *args):
     return _moekit("train", "--no-progress", "--out", str(run), "--set", f'data.corpus="{corpus}"',
                    *COMMON, *args)
@@ -62,7 +71,7 @@ def test_two_ranks_then_one(tmp_path, parl_subset, layout):
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp on one process
-def test_sharded_resume_is_exact_and_exports(tmp_path, parl_subset):
+def test_sharded_resume_is_exact_and_exports(tmp_path, parl_subset, capsys):
     layout = ["--nproc", "2", "--set", "parallel.ep=2", "--set", "train.max_steps=6",
               "--set", "model.moe.jitter_eps=0.01"]          # per-rank RNG streams must resume too
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -79,7 +88,7 @@ def test_sharded_resume_is_exact_and_exports(tmp_path, parl_subset):
     states = [pickle.loads(rng["rng"][f"rank{r}"])["torch"] for r in (0, 1)]
     assert not torch.equal(states[0], states[1])
     # a consolidated copy for one device: the same model
-    _moekit("export", str(resumed), "--out", str(tmp_path / "export"))
+    _in_process(capsys, "export", str(resumed), "--out", str(tmp_path / "export"))
     assert (tmp_path / "export" / "model.safetensors").exists()
     from moekit.train.run_dir import load_run
     model, tok, _ = load_run(resumed)
@@ -87,14 +96,14 @@ def test_sharded_resume_is_exact_and_exports(tmp_path, parl_subset):
     x = torch.tensor([tok.encode("Frau Präsidentin, meine Damen und Herren").ids])
     with torch.no_grad():
         torch.testing.assert_close(exported(x).logits, model(x).logits, rtol=0, atol=0)
-    out = _moekit("generate", str(tmp_path / "export"), "--prompt", "Frau", "--max-new-tokens", "5")
-    assert out.stdout.startswith("Frau")
+    out = _in_process(capsys, "generate", str(tmp_path / "export"), "--prompt", "Frau", "--max-new-tokens", "5")
+    assert out.startswith("Frau")
     # validation is layout-independent: one process on the final checkpoint (and on the
     # export, whose token cache is rebuilt) gives the loss the two ranks logged
     logged = [json.loads(line) for line in open(resumed / "metrics.jsonl")]
     val = [r["loss/val"] for r in logged if r["step"] == 6 and "loss/val" in r][0]
     for where in (resumed, tmp_path / "export"):
-        got = json.loads(_moekit("eval", str(where), "--batches", "2").stdout)["val_loss"]
+        got = json.loads(_in_process(capsys, "eval", str(where), "--batches", "2"))["val_loss"]
         assert got == pytest.approx(val, rel=1e-5), where
 
 

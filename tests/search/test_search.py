@@ -88,7 +88,10 @@ def test_the_shipped_space_holds_the_default_recipe():
     (["--study", "sqlite://f.db"], "give sqlite:///PATH.db"),
     (["--study", "sqlite:////no/such/dir/s.db"], "'/no/such/dir' does not exist"),
 ])
-def test_bad_flags_are_one_line_errors(tmp_path, extra, message, capsys):
+def test_bad_flags_are_one_line_errors(tmp_path, extra, message, capsys, monkeypatch):
+    # open_study retries SQLAlchemy errors with 0.5-3.5 s sleeps (a second worker creating the
+    # tables); sqlite://f.db fails all five tries: the same retries and message, without 8 s of waits
+    monkeypatch.setattr("moekit.search.study.time.sleep", lambda seconds: None)
     (tmp_path / "space.toml").write_text(SPACE)
     args = ["search", "--space", str(tmp_path / "space.toml"), "--trials", "1", "--study",
             f"sqlite:///{tmp_path}/s.db", "--out", str(tmp_path / "out")]

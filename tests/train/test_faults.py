@@ -297,7 +297,21 @@ def test_corrupt_exports_and_tokenizers_are_one_line(tmp_path, parl_subset, caps
     assert cli(["generate", str(run), "--max-new-tokens", "2"]) == 0
 
 
-def test_parallel_launch_reports_bad_input_in_one_line(tmp_path, parl_subset):
+def _launch_error(args: list[str], fresh: bool, capsys) -> str:
+    """`moekit train --nproc 2 ...` that must stop before launching: its exit code 2 and its
+    stderr. fresh: a new interpreter (nothing but that line on stderr, imports included);
+    else the same CLI in this process (a check that passed would launch torchrun all the same)."""
+    if fresh:
+        proc = subprocess.run([sys.executable, "-m", "moekit", "train", "--nproc", "2", *args],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        return proc.stderr
+    capsys.readouterr()
+    assert cli(["train", "--nproc", "2", *args]) == 2
+    return capsys.readouterr().err
+
+
+def test_parallel_launch_reports_bad_input_in_one_line(tmp_path, parl_subset, capsys):
     taken = tmp_path / "taken"
     assert cli(["train", "--out", str(taken), "--no-progress", *small(parl_subset, max_steps=1)]) == 0
     binary = tmp_path / "data.bin"
@@ -307,14 +321,12 @@ def test_parallel_launch_reports_bad_input_in_one_line(tmp_path, parl_subset):
     cases = [(["--out", str(taken)], "already holds a run"),
              (["--out", str(tmp_path / "new"), "--set", f'data.corpus="{binary}"'], "looks binary"),
              (["--out", str(a_file)], "is a file")]
-    for extra, needle in cases:
+    for i, (extra, needle) in enumerate(cases):
         args = [*small(parl_subset, max_steps=1), *extra]
         if "data.corpus" in " ".join(extra):
             args = args[2:]                                   # replace small()'s corpus
-        proc = subprocess.run([sys.executable, "-m", "moekit", "train", "--nproc", "2", *args],
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        err = _launch_error(args, i == 0, capsys)
+        assert needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "new").exists()
 
 
@@ -426,13 +438,10 @@ def test_an_export_evaluated_can_be_exported_again(tmp_path, parl_subset):
     assert cli(["export", str(run), "--out", str(out)]) == 0
 
 
-def test_parallel_resume_checks_run_before_launch(tmp_path, parl_subset):
+def test_parallel_resume_checks_run_before_launch(tmp_path, parl_subset, capsys):
     run = tmp_path / "run"
     assert cli(["train", "--out", str(run), "--no-progress", *small(parl_subset, max_steps=3)]) == 0
-    for sets, needle in ((["train.max_steps=2"], "already at step 3"),
-                         (["parallel.ep=3"], "parallel.dp x parallel.ep")):
-        proc = subprocess.run([sys.executable, "-m", "moekit", "train", "--nproc", "2", "--resume", str(run),
-                               *[a for x in sets for a in ("--set", x)]], capture_output=True, text=True,
-                              timeout=120)
-        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    for i, (sets, needle) in enumerate(((["train.max_steps=2"], "already at step 3"),
+                                        (["parallel.ep=3"], "parallel.dp x parallel.ep"))):
+        err = _launch_error(["--resume", str(run), *[a for x in sets for a in ("--set", x)]], i == 0, capsys)
+        assert needle in err and len(err.strip().splitlines()) == 1, err
