@@ -38,7 +38,10 @@ from torch import Tensor
 def tokens_per_expert(experts_TK: Tensor, num_experts: int) -> Tensor:
     """Counts of token->expert assignments: [E] int64 (a dynamic-k slot holding id E, no
     expert, is not counted)."""
-    return torch.bincount(experts_TK.reshape(-1), minlength=num_experts + 1)[:num_experts]
+    ids = experts_TK.reshape(-1)
+    # a fixed-size scatter, not bincount: its data-dependent output shape breaks torch.compile's graph
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
+    return counts.scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int64))[:num_experts]
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 
 CHECKPOINT = "checkpoint.pt"
 SHARDED = "checkpoint"
@@ -133,6 +131,8 @@ def save_checkpoint(run_dir: Path, state: dict, meta: dict) -> Path:
 def save_sharded_checkpoint(run_dir: Path, state: dict, meta: dict) -> Path:
     """Every rank calls this: torch.distributed.checkpoint into ``checkpoint.tmp/``, then rank 0
     swaps it in for ``checkpoint/``."""
+    import torch.distributed.checkpoint as dcp  # lazily: ~1 s of import every CLI start paid
+    from torch.distributed.checkpoint.api import CheckpointException
     rank = dist.get_rank()
     final, tmp, old = run_dir / SHARDED, run_dir / (SHARDED + ".tmp"), run_dir / (SHARDED + ".old")
     if rank == 0:
@@ -161,6 +161,8 @@ def save_sharded_checkpoint(run_dir: Path, state: dict, meta: dict) -> Path:
 def _dcp_load(state: dict, path: Path) -> None:
     """dcp.load, collective in a parallel run; on one process without its notice about it.
     Its failures (a BaseException in torch) become one ValueError line."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         try:
@@ -195,6 +197,7 @@ class Checkpoint:
         self.legacy = False
         try:
             if self.sharded:   # a readable .metadata first (dcp.load would print tracebacks)
+                import torch.distributed.checkpoint as dcp
                 self._keys = set(dcp.FileSystemReader(self.path).read_metadata().state_dict_metadata)
                 holder = {"meta": ""}
                 _dcp_load(holder, self.path)
