@@ -62,6 +62,8 @@ def central_corpus(fed: Path, path: Path) -> Path:
     from moekit.federate.spec import FederationSpec
     spec = FederationSpec.load(fed)
     data = spec.run_config().data
+    if path.exists():
+        return path
     with open(path, "w", encoding="utf-8") as out:
         for shard in spec.shards:
             for j, d in enumerate(load_documents(shard)[:data.max_docs]):
@@ -112,16 +114,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--local-steps", type=int, default=40)
     ap.add_argument("--set", action="append", default=[], help="recipe overrides for every arm")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated (default: all three)")
+    ap.add_argument("--tokenizer", type=Path, help="a tokenizer.json for every arm (default: the first "
+                                                   "federation trains one)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     total = args.rounds * args.local_steps
-    results, tok = {}, None
-    for strategy in STRATEGIES:
+    results, tok = {}, args.tokenizer
+    strategies = [s for s in args.strategies.split(",") if s]
+    for strategy in strategies:
         wall = federate(args.out / strategy, strategy, args, tok)
-        tok = tok or args.out / STRATEGIES[0] / "tokenizer.json"
+        tok = tok or args.out / strategies[0] / "tokenizer.json"
         results[strategy] = {**federated_row(args.out / strategy, 4), "wall_s": wall}
-    fed = args.out / STRATEGIES[0]
+    fed = args.out / strategies[0]
     from moekit.federate.spec import FederationSpec
     from moekit.train.run_dir import load_run
     shards = FederationSpec.load(fed).shards
@@ -137,16 +143,16 @@ def main() -> None:
         alone.append(losses[i])
         cross.append(sum(x for j, x in enumerate(losses) if j != i) / 3)
     results["alone"] = {"own": alone, "others_mean": sum(cross) / 4, "bytes": 0, "wall_s": walls}
-    report(results, shards, args)
+    report(results, shards, strategies, args)
 
 
-def report(results: dict, shards: list[str], args) -> None:
+def report(results: dict, shards: list[str], strategies: list[str], args) -> None:
     names = [s.rsplit(":", 1)[-1] for s in shards]
     print(f"\nper-client validation loss (own language), {args.rounds} rounds x {args.local_steps} local "
           "steps, equal total tokens\n")
     print(f"| arm | {' | '.join(names)} | mean | on the others' data | MiB sent | wall s |")
     print("|---" * (len(names) + 5) + "|")
-    for arm in ("centralised", "alone", *STRATEGIES):
+    for arm in ("centralised", "alone", *strategies):
         r = results[arm]
         mean = sum(r["own"]) / len(r["own"])
         others = "-" if r["others_mean"] is None else f"{r['others_mean']:.3f}"
