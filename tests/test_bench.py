@@ -18,12 +18,12 @@ def test_layer_benchmark_writes_table_and_json(tmp_path):
            "--doc", str(doc)]
     # a one-case run writes the table block first (every case is a child process that imports
     # torch, and transformers for the Mixtral peer: the first run is kept to one, without it)
-    first = subprocess.run(cmd + ["--experts", "4", "--settings", "untuned", "--skip", "deepspeed", "hf_mixtral"],
-                           capture_output=True, text=True, timeout=300, check=True)
+    one = ["--experts", "4", "--settings", "untuned", "--skip", "deepspeed", "hf_mixtral"]
+    first = subprocess.run(cmd + one, capture_output=True, text=True, timeout=300, check=True)
     assert "| untuned | f32 | 4 |" in first.stdout and "| tuned |" not in doc.read_text()
     # the full grid's run replaces that table block instead of adding one
-    proc = subprocess.run(cmd + ["--experts", "2", "4", "--settings", "tuned", "untuned", "--skip", "deepspeed"],
-                          capture_output=True, text=True, timeout=300, check=True)
+    grid = ["--experts", "2", "4", "--settings", "tuned", "untuned", "--skip", "deepspeed"]
+    proc = subprocess.run(cmd + grid, capture_output=True, text=True, timeout=300, check=True)
     assert "| tuned | f32 | 2 |" in proc.stdout and "| untuned | f32 | 4 |" in proc.stdout
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nearlier text") and text.count("bench_moe_layer:begin") == 1

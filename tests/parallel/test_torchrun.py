@@ -96,7 +96,8 @@ def test_sharded_resume_is_exact_and_exports(tmp_path, parl_subset, capsys):
     x = torch.tensor([tok.encode("Frau Präsidentin, meine Damen und Herren").ids])
     with torch.no_grad():
         torch.testing.assert_close(exported(x).logits, model(x).logits, rtol=0, atol=0)
-    out = _in_process(capsys, "generate", str(tmp_path / "export"), "--prompt", "Frau", "--max-new-tokens", "5")
+    out = _in_process(capsys, "generate", str(tmp_path / "export"), "--prompt", "Frau",
+                      "--max-new-tokens", "5")
     assert out.startswith("Frau")
     # validation is layout-independent: one process on the final checkpoint (and on the
     # export, whose token cache is rebuilt) gives the loss the two ranks logged
