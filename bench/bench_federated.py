@@ -98,11 +98,11 @@ def losses_of(model, fed: Path, clients: int) -> list[float]:
 
 
 def federated_row(out: Path, clients: int) -> dict:
-    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
     own = [last[f"client{i}/val_loss"] for i in range(clients)]
     others = [sum(last[f"client{i}/val_loss_on_client{j}"] for j in range(clients) if j != i) / (clients - 1)
               for i in range(clients)]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     sim = {k: v for k, v in last.items() if k.startswith(("routing/", "experts/"))}
     return {"own": own, "others_mean": sum(others) / clients,
             "bytes": sum(r["bytes/total"] for r in rows), "similarity_last_round": sim}

@@ -100,15 +100,13 @@ def _new(args) -> Path:
     from moekit.config import RunConfig, apply_overrides
     from moekit.federate import prepare
     from moekit.federate.server import round_dir
-    from moekit.federate.spec import STRATEGIES, FederationSpec
+    from moekit.federate.spec import FederationSpec, check_strategy
     from moekit.recipe import load_toml
     from moekit.train import run_dir as rd
     if args.out is None:
         raise ValueError("moekit federate needs --out DIR (a new directory), or --resume DIR")
     args.strategy = args.strategy or "fedavg"
-    if args.strategy not in STRATEGIES:       # before any data is read
-        raise ValueError(f"--strategy {args.strategy!r}: no such strategy; use one of "
-                         f"{', '.join(STRATEGIES)}")
+    check_strategy(args.strategy)             # before any data is read
     if args.rounds is None:
         raise ValueError("--rounds is required: the number of federated rounds, e.g. --rounds 5")
     if args.clients is not None and args.clients < 1:

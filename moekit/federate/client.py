@@ -69,7 +69,7 @@ def train_round(out: Path, index: int, server_round: int, state: dict[str, Tenso
         done = _finished_rounds(run_dir)
         record = done.get(str(server_round))
         if record is None or "tokens" not in record:    # not trained, or cut short after its checkpoint
-            record = (_record_from_checkpoint(spec, run_dir, record["start"]) if record else None) \
+            record = (_record_from_checkpoint(spec, index, run_dir, record["start"]) if record else None) \
                 or _train(spec, index, run_dir, server_round, state, tokenizer_json, done)
             done[str(server_round)] = record
             write_json(_rounds_file(run_dir), done)
@@ -112,7 +112,7 @@ def _train(spec: FederationSpec, index: int, run_dir: Path, server_round: int, s
             "loads": summary["routing_last_interval"]}
 
 
-def _record_from_checkpoint(spec: FederationSpec, run_dir: Path, start: int) -> dict | None:
+def _record_from_checkpoint(spec: FederationSpec, index: int, run_dir: Path, start: int) -> dict | None:
     """A round whose training finished (its checkpoint saved) but whose record was not written:
     its numbers from the run's own metrics.jsonl; None if the checkpoint is still the start."""
     step = Checkpoint(run_dir).meta["step"] if find_checkpoint(run_dir) is not None else start
@@ -125,9 +125,8 @@ def _record_from_checkpoint(spec: FederationSpec, run_dir: Path, start: int) -> 
             row.update(r)
     loads = {k.split("/")[1][len("layer"):]: v for k, v in row.items()
              if k.startswith("moe/layer") and k.endswith("/load")}
-    cfg = load_run(run_dir)[2]
     return {"start": start, "step": step, "train_loss": row["loss/lm"], "local_val_loss": row["loss/val"],
-            "tokens": _tokens(spec, cfg), "loads": loads}
+            "tokens": _tokens(spec, spec.client_config(index)), "loads": loads}
 
 
 def personalised_model(out: Path, index: int, state: dict[str, Tensor]):

@@ -88,8 +88,7 @@ class MoEFedAvg(FedAvg):
         if not states:
             return None, None
         weights = [m["num-examples"] for m in got.metrics]
-        loads = [{k.split(".", 1)[1]: v for k, v in m.items() if k.startswith("load.")} for m in got.metrics]
-        avg = aggregate(self.spec.strategy, states, weights, loads)
+        avg = aggregate(self.spec.strategy, states, weights, [_loads(m) for m in got.metrics])
         loss = sum(w * m["train_loss"] for w, m in zip(weights, got.metrics)) / sum(weights)
         return ArrayRecord(avg), MetricRecord({"train_loss": loss})
 
@@ -186,6 +185,7 @@ def run_round(grid: Grid, strategy: MoEFedAvg, spec: FederationSpec, model, tok,
 
 
 def _loads(metrics: dict) -> dict:
+    """A reply's {layer: tokens per expert} from its ``load.L`` metrics."""
     return {k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith("load.")}
 
 

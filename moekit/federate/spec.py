@@ -104,11 +104,14 @@ def client_dir(out: Path, i: int) -> Path:
     return Path(out) / "clients" / f"client{i}"
 
 
+def check_strategy(name: str) -> None:
+    if name not in STRATEGIES:
+        raise ValueError(f"--strategy {name!r}: no such strategy; use one of {', '.join(STRATEGIES)}")
+
+
 def check_spec(spec: FederationSpec) -> None:
     """The checks that need no data: one line each, naming the flag and the fix."""
-    if spec.strategy not in STRATEGIES:
-        raise ValueError(f"--strategy {spec.strategy!r}: no such strategy; use one of "
-                         f"{', '.join(STRATEGIES)}")
+    check_strategy(spec.strategy)
     if not isinstance(spec.rounds, int) or isinstance(spec.rounds, bool) or spec.rounds < 1:
         raise ValueError(f"--rounds {spec.rounds!r}: a federation needs at least one round; "
                          "use e.g. --rounds 5")

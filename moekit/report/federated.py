@@ -20,6 +20,18 @@ def _clients(rows: list[dict]) -> list[int]:
     return sorted(found)
 
 
+def _round_panel(fig, ax, ylabel: str | None = None, grid: bool = True) -> str:
+    """A per-round panel's axes, legend and layout, as an <img>."""
+    ax.set_xlabel("round")
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    if grid:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def loss_figure(rows: list[dict], clients: list[int], shards: list[str]) -> str:
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
     for i in clients:
@@ -28,12 +40,7 @@ def loss_figure(rows: list[dict], clients: list[int], shards: list[str]) -> str:
         line = ax.plot(x, y, "o-", ms=3, label=f"client{i} ({name}): round's model")[0]
         x, y = series(rows, f"client{i}/local_val_loss")
         ax.plot(x, y, "x--", ms=4, color=line.get_color(), alpha=0.6, label=f"client{i}: after local steps")
-    ax.set_xlabel("round")
-    ax.set_ylabel("validation loss on own data")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return _png(fig)
+    return _round_panel(fig, ax, "validation loss on own data")
 
 
 def cross_table(row: dict, clients: list[int]) -> str:
@@ -59,11 +66,7 @@ def bytes_figure(rows: list[dict]) -> str:
         y = [r.get(key, 0.0) / 2**20 for r in rows]
         ax.bar(x, y, bottom=bottom, label=label)
         bottom = [b + v for b, v in zip(bottom, y)]
-    ax.set_xlabel("round")
-    ax.set_ylabel("MiB")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _png(fig)
+    return _round_panel(fig, ax, "MiB", grid=False)
 
 
 def similarity_figure(rows: list[dict]) -> str | None:
@@ -78,12 +81,8 @@ def similarity_figure(rows: list[dict]) -> str | None:
         x = [r["step"] for r in rows]
         y = [sum(r.get(k, float("nan")) for k in per_layer) / len(per_layer) for r in rows]
         ax.plot(x, y, "o-", ms=3, label=f"{name} (mean over layers)")
-    ax.set_xlabel("round")
     ax.set_ylim(-0.05, 1.05)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return _png(fig)
+    return _round_panel(fig, ax)
 
 
 def participation(rows: list[dict]) -> str:
