@@ -72,7 +72,7 @@ def val_cache_for(src: Path, corpus: str, out: Path, max_docs: int) -> Path:
     upcycled SmolLM2): its validation split is what every arm is evaluated on."""
     from moekit.data.catalog import load_documents
     from moekit.data.stream import build_token_cache
-    from moekit.train.run_dir import load_run
+    from moekit.store.run_dir import load_run
     cache = out / "val-cache"
     if not (cache / "val.bin").exists():
         tok = load_run(src)[1]
@@ -99,11 +99,11 @@ def _measure_here(model_dir: Path, src: Path, val_batches: int, gen_batch: int, 
 
     import torch
 
-    from moekit.serve.compress.quantize import quantized_bytes
     from moekit.serve.generate import sample_batch
+    from moekit.store.run_dir import EXPORT_WEIGHTS, load_run, save_export
     from moekit.train.evaluate import evaluate
-    from moekit.train.run_dir import EXPORT_WEIGHTS, load_run, save_export
     from moekit.train.splits import open_split
+    from moekit.transform.quantize import quantized_bytes
     base_rss = _rss_peak_mb()
     model, tok, cfg = load_run(model_dir)
     load_rss = _rss_peak_mb()
@@ -135,7 +135,7 @@ def _measure_here(model_dir: Path, src: Path, val_batches: int, gen_batch: int, 
            "peak_rss_mb": peak, "rss_before_load_mb": base_rss, "peak_rss_load_mb": load_rss,
            "gen_tokens_per_s": gen_batch * gen_tokens / gen_s, "val_loss": loss, "val_ppl": math.exp(loss)}
     if getattr(val, "label_ids", None) is not None:
-        from moekit.finetune.data import accuracy
+        from moekit.data.task_split import accuracy
         out["test_accuracy"] = accuracy(model, open_split(src_cfg, src, "test"), torch.device("cpu"),
                                         src_cfg.train.batch_size, None)
     return out
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
         print(json.dumps(_measure_here(args.measure, Path(args.src), args.val_batches, args.gen_batch,
                                        args.gen_tokens, args.val_cache)))
         return 0
-    from moekit.train.run_dir import load_run
+    from moekit.store.run_dir import load_run
     src = Path(args.src)
     model, _, cfg = load_run(src)
     todo = {k: v for k, v in arms(model.cfg.moe.num_experts, args.recover_steps).items()

@@ -18,7 +18,7 @@ step, interleaved, in one process: run it on an idle machine). Reported per arm:
 validation loss, the mean experts per token over training and over the last quarter (active
 expert FLOPs relative to top-2), the training tokens/s, and, on the validation split after
 training, the mean experts per token by token-frequency class and by language
-(moekit.report.routing.routing_breakdown).
+(moekit.model.routing.routing_breakdown).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from _common import train_arm  # noqa: E402
 
 from moekit.report.experts_per_token import k_layers  # noqa: E402
-from moekit.report.html import read_metrics, series  # noqa: E402
+from moekit.report.figures import read_metrics, series  # noqa: E402
 
 ARMS = {
     "top2": [],
@@ -60,8 +60,8 @@ def mean_k(rows: list[dict], layers: list[int], last: float = 1.0) -> float:
 
 def by_class(run: Path) -> dict:
     """Mean experts per token by frequency class and by tag on the validation split."""
-    from moekit.report.routing import frequency_class, routing_breakdown
-    from moekit.train.run_dir import load_run
+    from moekit.model.routing import frequency_class, routing_breakdown
+    from moekit.store.run_dir import load_run
     from moekit.train.splits import open_split
     model, tok, cfg = load_run(run)
     val, train = open_split(cfg, run, "val"), open_split(cfg, run, "train")
@@ -73,8 +73,8 @@ def speed(out: Path, arms: list[str], rounds: int, batches: int = 4) -> dict[str
     """Training tokens/s of each arm's trained model (its learned routing, so its own k) on the
     same validation batches: forward, the loss with the router terms, backward; interleaved
     rounds in this one process, the median per arm."""
+    from moekit.store.run_dir import load_run
     from moekit.train.evaluate import lm_loss
-    from moekit.train.run_dir import load_run
     from moekit.train.splits import open_split
     from moekit.train.step import router_terms
     models = {arm: load_run(out / arm)[0].train() for arm in arms}

@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 from _common import first_below  # noqa: E402
 
 from moekit.model.transformer import model_flops  # noqa: E402
-from moekit.report.html import read_metrics, series  # noqa: E402
-from moekit.train.run_dir import load_run  # noqa: E402
+from moekit.report.figures import read_metrics, series  # noqa: E402
+from moekit.store.run_dir import load_run  # noqa: E402
 
 COMMON = ["--no-progress", "--set", "train.eval_every=25"]
 SMALL = ["--set", "model.moe=false", "--set", "model.d_model=128", "--set", "model.n_layers=2",

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from _common import train_arm  # noqa: E402
 
-from moekit.report.html import read_metrics, series  # noqa: E402
+from moekit.report.figures import read_metrics, series  # noqa: E402
 
 COMMON = ["--no-progress", "--set", "train.eval_every=50"]
 

@@ -77,7 +77,7 @@ def train_with(run: Path, fed: Path, corpus: str, steps: int, args) -> float:
     from moekit.config import RunConfig, apply_overrides
     from moekit.data.tokenizer import load_tokenizer
     from moekit.recipe import load_toml
-    from moekit.train.source import Initial
+    from moekit.store.source import Initial
     from moekit.train.trainer import train
     wall = run / "wall_s.json"
     if not wall.exists():
@@ -129,7 +129,7 @@ def main() -> None:
         results[strategy] = {**federated_row(args.out / strategy, 4), "wall_s": wall}
     fed = args.out / strategies[0]
     from moekit.federate.spec import FederationSpec
-    from moekit.train.run_dir import load_run
+    from moekit.store.run_dir import load_run
     shards = FederationSpec.load(fed).shards
     corpus = central_corpus(fed, args.out / "central.jsonl")
     wall = train_with(args.out / "centralised", fed, str(corpus), 4 * total, args)

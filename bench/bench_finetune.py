@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from _common import train_arm  # noqa: E402
 
-from moekit.report.html import read_metrics, series  # noqa: E402
+from moekit.report.figures import read_metrics, series  # noqa: E402
 
 BOTH = {"full": [], "no-dropout": ["model.dropout=0", "model.moe.expert_dropout=0"]}
 MOE_ONLY = {"freeze-router": ["finetune.freeze=router"], "freeze-moe": ["finetune.freeze=moe"],
@@ -64,7 +64,7 @@ def read(run: Path, wall_s: float) -> dict:
 
 
 def small_task(n: int, path: Path) -> Path:
-    from moekit.finetune.tasks import load_task
+    from moekit.data.tasks import load_task
     task = load_task("rotten-tomatoes")
     rows = [e for split in ("train", "val", "test") for e in task.splits[split]][:n]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moekit.serve.generate import sample_batch  # noqa: E402
-from moekit.train.run_dir import export_hf, load_run  # noqa: E402
+from moekit.store.run_dir import export_hf, load_run  # noqa: E402
 
 TEXTS = [
     "Mr Speaker, the Government has made it clear that the budget for next year",

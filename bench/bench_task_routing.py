@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from _common import train_arm  # noqa: E402
 
-from moekit.report.html import read_metrics, series  # noqa: E402
+from moekit.report.figures import read_metrics, series  # noqa: E402
 
 LANGS = ("de", "en", "es", "nl")
 ARMS = ("token", "token+tag", "tag")
@@ -41,8 +41,8 @@ def mixture() -> str:
 
 
 def mutual_information(run: Path) -> dict[int, float]:
-    from moekit.report.routing import frequency_class, routing_breakdown
-    from moekit.train.run_dir import load_run
+    from moekit.model.routing import frequency_class, routing_breakdown
+    from moekit.store.run_dir import load_run
     from moekit.train.splits import open_split
     model, tok, cfg = load_run(run)
     val, train = open_split(cfg, run, "val"), open_split(cfg, run, "train")

@@ -36,10 +36,10 @@ import torch  # noqa: E402
 
 from moekit.data.stream import PackedSplit  # noqa: E402
 from moekit.model.transformer import MoETransformer, model_flops  # noqa: E402
-from moekit.report.html import read_metrics, series  # noqa: E402
-from moekit.scale.upcycle import upcycle  # noqa: E402
+from moekit.report.figures import read_metrics, series  # noqa: E402
+from moekit.store.run_dir import load_run, save_export  # noqa: E402
 from moekit.train.evaluate import evaluate  # noqa: E402
-from moekit.train.run_dir import load_run, save_export  # noqa: E402
+from moekit.transform.upcycle import upcycle  # noqa: E402
 
 ARMS = {"dense": None,
         "copy": dict(num_experts=8, top_k=2, method="copy"),

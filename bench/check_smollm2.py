@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from moekit.data.catalog import load_documents  # noqa: E402
 from moekit.data.tokenizer import load_tokenizer  # noqa: E402
 from moekit.interop.hf import catalog_model_dir, load_hf_dir, save_hf_dir  # noqa: E402
-from moekit.scale.upcycle import upcycle  # noqa: E402
+from moekit.transform.upcycle import upcycle  # noqa: E402
 
 
 def compare(a: torch.Tensor, b: torch.Tensor) -> dict:

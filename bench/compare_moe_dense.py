@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import first_below  # noqa: E402
 
-from moekit.report.html import read_metrics, series  # noqa: E402
+from moekit.report.figures import read_metrics, series  # noqa: E402
 
 
 def val_curve(run_dir: Path) -> list[tuple[int, float]]:

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from _common import first_below, train_arm  # noqa: E402
 
-from moekit.report.html import _png, read_metrics, series  # noqa: E402
+from moekit.report.figures import png, read_metrics, series  # noqa: E402
 
 
 def arms(experts: list[int], granularity: list[int], shared: bool, dense: bool,
@@ -174,7 +174,7 @@ def main() -> None:
             "td,th{padding:.2rem .8rem;text-align:left}</style></head><body>"
             f"<h1>Expert-count sweep</h1><p>{html.escape(title)}</p><table>"
             + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in grid)
-            + f"</table>{_png(fig)}</body></html>")
+            + f"</table>{png(fig)}</body></html>")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sweep.html").write_text(page, encoding="utf-8")
     if args.json:

@@ -32,7 +32,7 @@ def load_model(path):
     Example:
         >>> model, tok = moekit.load_model("runs/e16")   # doctest: +SKIP
     """
-    from moekit.train.run_dir import load_model as _load
+    from moekit.store.run_dir import load_model as _load
     return _load(path)
 
 

@@ -110,7 +110,7 @@ def test_generation_benchmark_compares_with_transformers(tmp_path):
     from moekit.model.config import ModelConfig
     from moekit.model.transformer import MoETransformer
     from moekit.moe.config import MoEConfig
-    from moekit.train.run_dir import save_export
+    from moekit.store.run_dir import save_export
     texts = ["Mr Speaker, the Government has made it clear", "Officials in Brussels warned"] * 30
     tok = train_tokenizer(texts, vocab_size=300)
     V = tok.get_vocab_size()

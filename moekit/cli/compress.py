@@ -93,7 +93,7 @@ def _check_flags(args) -> None:
 
 
 def run(args) -> int:
-    from moekit.train.run_dir import check_export_target, check_fresh
+    from moekit.store.run_dir import check_export_target, check_fresh
     _check_flags(args)
     src, out = Path(args.src), Path(args.out)
     if out.exists() and src.exists() and out.resolve() == src.resolve():
@@ -105,7 +105,7 @@ def run(args) -> int:
         check_export_target(out, "compress --out", src=src)
     if args.method == "distill":
         return _distill(args, src, out)
-    from moekit.train.run_dir import load_run
+    from moekit.store.run_dir import load_run
     model, tok, cfg = load_run(src)
     if args.recover_steps:               # a bad --set is found before the work, not after it
         from moekit.config import RunConfig
@@ -121,23 +121,23 @@ def run(args) -> int:
 
 def _transform(args, model, tok, cfg, src: Path):
     """(the compressed model, what was done) for merge, prune and quantize."""
-    from moekit.scale.extract import count_params
+    from moekit.model.transformer import count_params
     info = {"method": args.method, "source": str(src), "params": {"source": count_params(model)}}
     if args.method == "quantize":
-        from moekit.serve.compress.quantize import quantize_model, quantized_bytes
+        from moekit.transform.quantize import quantize_model, quantized_bytes
         small = quantize_model(model, args.bits, args.group_size, args.attention)
         info.update(bits=args.bits, group_size=args.group_size, attention=args.attention,
                     bytes={"source": quantized_bytes(model), "compressed": quantized_bytes(small)})
     else:
-        from moekit.serve.compress.calibrate import check_target
+        from moekit.transform.calibrate import check_target
         check_target(model, args.experts, f"{args.method}_experts")   # before the calibration text is read
         batches = calibration(args, model, tok, cfg, src)
         if args.method == "prune":
-            from moekit.serve.compress.prune import prune_experts
+            from moekit.transform.prune import prune_experts
             small, kept = prune_experts(model, batches, args.experts, method=args.prune_by)
             info.update(prune_by=args.prune_by, kept={str(i): k for i, k in kept.items()})
         else:
-            from moekit.serve.compress.merge import merge_experts
+            from moekit.transform.merge import merge_experts
             small, groups = merge_experts(model, batches, args.experts, similarity=args.similarity,
                                           align=not args.no_align, router=args.router)
             info.update(similarity=args.similarity, router=args.router, align=not args.no_align,
@@ -192,7 +192,7 @@ def _text_windows(source, tok, S: int, n: int, g):
 def _write(small, tok, cfg, src: Path, out: Path, info: dict) -> None:
     """OUT: the export with SRC's token cache and compress.json, written beside OUT first and
     moved into place whole, so a failure (a full disk) leaves no half-written OUT."""
-    from moekit.train.run_dir import save_export
+    from moekit.store.run_dir import save_export
     from moekit.train.splits import has_cache
     out = out.resolve()                     # "." or a link to an earlier export: the real place
     staging = out.parent / f".{out.name}.partial"
@@ -247,8 +247,8 @@ def _recover(args, small, tok, cfg, out: Path, info: dict) -> None:
     """OUT: a run trained from the compressed model, which stays in OUT/init (its init_from),
     with compress.json beside it; a resume (moekit train --resume OUT) continues it."""
     from moekit.cli import train as train_cmd
-    from moekit.train.checkpoint import find_checkpoint
-    from moekit.train.run_dir import create, save_export
+    from moekit.store.checkpoint import find_checkpoint
+    from moekit.store.run_dir import create, save_export
     made = create(out)
     try:
         save_export(small, tok, cfg, out / "init")
@@ -285,7 +285,7 @@ def _distill(args, src: Path, out: Path) -> int:
     (unless --set model.* says otherwise), and the distill section."""
     from moekit.cli import train as train_cmd
     from moekit.recipe import apply_overrides
-    from moekit.train.run_dir import load_run
+    from moekit.store.run_dir import load_run
     teacher, _, cfg = load_run(src)
     base = cfg.to_dict()
     dropped = ("init_from", "expert_schedule", "warmup_steps")

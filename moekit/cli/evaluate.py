@@ -15,8 +15,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from moekit.store.run_dir import load_run
     from moekit.train.evaluate import evaluate
-    from moekit.train.run_dir import load_run
     from moekit.train.splits import has_cache, open_split, prepare_data
     if args.batches is not None and args.batches < 1:
         raise ValueError(f"--batches {args.batches}: must be >= 1 (leave it out for the whole split)")
@@ -37,7 +37,7 @@ def run(args) -> int:
     result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_windows": used,
               **{f"val_loss/{k}": v for k, v in sources.items()}}
     if getattr(val, "label_ids", None) is not None:     # a classification task: accuracy too
-        from moekit.finetune.data import accuracy
+        from moekit.data.task_split import accuracy
         device = next(model.parameters()).device
         n = None if args.batches is None else args.batches * B
         result["val_accuracy"] = accuracy(model, val, device, B, n)

@@ -21,7 +21,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from moekit.train.run_dir import export_hf, export_run
+    from moekit.store.run_dir import export_hf, export_run
     default = Path(args.run_dir) / ("hf" if args.format == "hf" else "export")
     write = export_hf if args.format == "hf" else export_run
     out = write(Path(args.run_dir), Path(args.out) if args.out else default)

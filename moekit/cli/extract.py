@@ -37,7 +37,7 @@ def _check_flags(args) -> None:
 
 def _splits(cfg, run_dir: Path, model, tag: str):
     """(train split, val split) of the run, after the tag is known to be one it saw."""
-    from moekit.scale.extract import split_tags
+    from moekit.data.stream import split_tags
     from moekit.train.splits import has_cache, open_split
     if not has_cache(run_dir):
         raise ValueError(f"{str(run_dir)!r} has no token cache (data/): extract reads the tag's validation "
@@ -55,9 +55,11 @@ def _splits(cfg, run_dir: Path, model, tag: str):
 
 def _extract(model, val, cfg, args):
     """(the extracted model, the printed result) from the first --batches of TAG's windows."""
-    from moekit.scale import extract as ex
+    from moekit.data.stream import tag_split
+    from moekit.model.transformer import count_params
+    from moekit.transform import extract as ex
     tag = args.task
-    part, windows, _ = ex.tag_split(val, tag)
+    part, windows, _ = tag_split(val, tag)
     if not windows:
         raise ValueError(f"--task {tag!r}: the validation split has no window of that tag; use a larger "
                          "data.val_fraction")
@@ -68,14 +70,14 @@ def _extract(model, val, cfg, args):
     small, kept = ex.extract_experts(model, tag, loads, args.min_share)
     return small, {"tag": tag, "exact": exact,
                    "experts": {"full": model.cfg.moe.num_experts, "extracted": small.cfg.moe.num_experts},
-                   "params": {"full": ex.count_params(model), "extracted": ex.count_params(small)},
+                   "params": {"full": count_params(model), "extracted": count_params(small)},
                    **ex.compare(model, small, batches, tag), "windows": sum(len(x) for x in batches),
                    "kept": {str(i): e for i, e in kept.items()}}
 
 
 def run(args) -> int:
-    from moekit.scale.extract import write_tag_data
-    from moekit.train.run_dir import check_export_target, load_run, save_export
+    from moekit.data.stream import write_tag_data
+    from moekit.store.run_dir import check_export_target, load_run, save_export
     _check_flags(args)
     run_dir, out, tag = Path(args.run_dir), Path(args.out), args.task
     check_export_target(out, "extract --out", src=run_dir)

@@ -102,7 +102,7 @@ def _new(args) -> Path:
     from moekit.federate.server import round_dir
     from moekit.federate.spec import FederationSpec, check_strategy
     from moekit.recipe import load_toml
-    from moekit.train import run_dir as rd
+    from moekit.store import run_dir as rd
     if args.out is None:
         raise ValueError("moekit federate needs --out DIR (a new directory), or --resume DIR")
     args.strategy = args.strategy or "fedavg"

@@ -50,7 +50,7 @@ def _prompts(args) -> list[str]:
 
 def run(args) -> int:
     from moekit.serve.generate import check_sampling, generate, tag_index
-    from moekit.train.run_dir import load_model
+    from moekit.store.run_dir import load_model
     # before the model loads: a bad flag is one line naming it
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                    names=("--max-new-tokens", "--temperature", "--top-k", "--top-p"))

@@ -41,8 +41,8 @@ def _dims(cfg) -> dict[str, int | None]:
 
 
 def run(args) -> int:
-    from moekit.scale.grow import block_plan, grow, preserves_function
-    from moekit.train.run_dir import check_export_target, load_run, save_export
+    from moekit.store.run_dir import check_export_target, load_run, save_export
+    from moekit.transform.grow import block_plan, grow, preserves_function
     if args.experts is not None:
         return _run_experts(args)
     for flag, value in (("--which", args.which), ("--noise-std", args.noise_std)):
@@ -69,15 +69,15 @@ def run(args) -> int:
 
 
 def _run_experts(args) -> int:
-    """--experts: grow the number of experts (moekit.scale.grow_experts); the model only."""
-    from moekit.scale.grow_experts import (
+    """--experts: grow the number of experts (moekit.transform.grow_experts); the model only."""
+    from moekit.store.run_dir import check_export_target, load_run, save_export
+    from moekit.transform.grow_experts import (
         exact_max_k,
         exact_top_k,
         grow_experts,
         last_loads,
         preserves_function,
     )
-    from moekit.train.run_dir import check_export_target, load_run, save_export
     given = [f"--{name.replace('_', '-')}" for name in _DIMS if getattr(args, name) is not None]
     given += [f"--{flag}-mode" for flag, default in (("width", "fpi"), ("depth", "zero"))
               if getattr(args, f"{flag}_mode") != default]

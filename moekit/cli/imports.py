@@ -17,7 +17,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from moekit.train.run_dir import import_hf
+    from moekit.store.run_dir import import_hf
     out = import_hf(Path(args.src), Path(args.out))
     print(f"imported {args.src} to {out}")
     return 0

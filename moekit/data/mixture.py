@@ -74,7 +74,7 @@ def _default_tag(source: str) -> str:
 def source_documents(source: str, tag: str) -> list[Document]:
     """One mixture source's documents, all tagged ``tag``."""
     if source.startswith("task:"):
-        from moekit.finetune.tasks import load_task
+        from moekit.data.tasks import load_task
         task = load_task(source[len("task:"):])
         return [Document(e.prompt + e.completion, tag) for e in task.splits["train"]]
     return [Document(d.text, tag) for d in load_documents(source)]

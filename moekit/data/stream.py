@@ -161,3 +161,51 @@ class BatchSampler:
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
         self.step_in_epoch = -(-int(state["windows_done"]) // self.global_batch)   # ceil: no repeats
+
+
+# A tag's share of a run's splits (moekit extract: the sub-model's own data)
+
+def _tag_part(split, tag: str):
+    """(the PackedSplit holding ``tag``'s documents, the tag's index in its tags)."""
+    if hasattr(split, "parts"):                 # a mixture: the tag's source
+        part = split.parts[split.names.index(tag)]
+        return part, part.tags.index(tag)
+    return split, split.tags.index(tag)
+
+
+def tag_split(split, tag: str):
+    """(the PackedSplit holding ``tag``'s windows, their indices in it, the tag's index there):
+    a mixture's source split, or a corpus split's windows whose first document has the tag
+    (a window's tag, as training batches see it)."""
+    part, t = _tag_part(split, tag)
+    starts = np.arange(len(part), dtype=np.int64) * part.seq_len
+    first_doc = np.searchsorted(np.asarray(part.doc_starts), starts, side="right") - 1
+    windows = np.nonzero(np.asarray(part.doc_tags, dtype=np.int64)[first_doc] == t)[0]
+    return part, [int(i) for i in windows], t
+
+
+def split_tags(split) -> list[str]:
+    """The tags of a run's split (a mixture's sources, a corpus's document tags)."""
+    return list(split.names if hasattr(split, "parts") else split.tags)
+
+
+def write_tag_data(train, val, tag: str, out_dir) -> None:
+    """``out_dir``: a token cache (train and val) of ``tag``'s documents only, cut from the run's
+    own splits (so its validation documents are the run's), which ``moekit eval`` reads."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"key": f"extract-{tag}", "dtype": np.dtype(val.tokens.dtype).name, "tags": [tag]}
+    for name, split in (("train", train), ("val", val)):
+        part, t = _tag_part(split, tag)
+        ends = np.append(np.asarray(part.doc_starts[1:], dtype=np.int64), len(part.tokens))
+        docs = [(int(s), int(e)) for s, e, g in zip(part.doc_starts, ends, part.doc_tags) if g == t]
+        tokens = (np.concatenate([np.asarray(part.tokens[s:e]) for s, e in docs]) if docs
+                  else np.zeros(0, dtype=meta["dtype"]))
+        starts = np.cumsum([0] + [e - s for s, e in docs[:-1]]) if docs else np.zeros(0, dtype=np.int64)
+        tokens.astype(meta["dtype"]).tofile(out_dir / f"{name}.bin")
+        np.save(out_dir / f"{name}_docs.npy", np.stack([np.asarray(starts, dtype=np.int64),
+                                                        np.zeros(len(docs), dtype=np.int64)]))
+        meta[f"{name}_tokens"], meta[f"{name}_docs"] = int(len(tokens)), len(docs)
+    tmp = out_dir / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out_dir / "meta.json")

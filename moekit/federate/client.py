@@ -26,9 +26,9 @@ from torch import Tensor
 from moekit.federate.diagnostics import probe
 from moekit.federate.spec import FederationSpec, client_dir
 from moekit.federate.strategies import on_wire, sent_keys
-from moekit.train.checkpoint import Checkpoint, find_checkpoint
-from moekit.train.run_dir import load_run, write_json
-from moekit.train.source import Initial
+from moekit.store.checkpoint import Checkpoint, find_checkpoint
+from moekit.store.run_dir import load_run, write_json
+from moekit.store.source import Initial
 
 ROUNDS = "rounds.json"
 

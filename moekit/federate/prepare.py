@@ -86,7 +86,7 @@ def initial_model(cfg: RunConfig, tok, out_dir: Path) -> None:
     import torch
 
     from moekit.model.transformer import MoETransformer
-    from moekit.train.run_dir import model_config_for, save_export
+    from moekit.store.run_dir import model_config_for, save_export
     torch.manual_seed(cfg.train.seed)
     model = MoETransformer.build(model_config_for(cfg, tok.get_vocab_size()), device="cpu")
     save_export(model, tok, cfg, out_dir)

@@ -25,10 +25,10 @@ from moekit.federate.client import evaluate_on, personalised_model
 from moekit.federate.diagnostics import PROBE_PREFIX, federation_similarity
 from moekit.federate.spec import FederationSpec
 from moekit.federate.strategies import aggregate, on_wire, sent_keys
+from moekit.store.run_dir import load_run, save_export, write_json
+from moekit.store.source import Initial
 from moekit.train.metrics import MetricsWriter
 from moekit.train.run import load_initial
-from moekit.train.run_dir import load_run, save_export, write_json
-from moekit.train.source import Initial
 
 log = logging.getLogger("moekit.federate")
 ROUND_FILE = "round.json"

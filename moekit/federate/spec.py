@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moekit.config import RunConfig
-from moekit.train.run_dir import write_json
+from moekit.store.run_dir import write_json
 
 SPEC = "federate.json"
 STRATEGIES = ("fedavg", "local-experts", "routing")

@@ -17,7 +17,7 @@ import logging
 import numpy as np
 import torch
 
-from moekit.finetune.config import FinetuneConfig
+from moekit.config import FinetuneConfig
 
 log = logging.getLogger("moekit")
 
@@ -25,7 +25,7 @@ log = logging.getLogger("moekit")
 def choose_esft_experts(model, split, share: float, batch_size: int = 16, max_examples: int = 2048) -> dict:
     """{MoE layer: [experts]}: per layer the fewest experts, most used first, whose shares of
     the task's routed tokens (training examples, padding excluded) add up to >= ``share``."""
-    from moekit.report.routing import frequency_class, routing_breakdown
+    from moekit.model.routing import frequency_class, routing_breakdown
     freq = frequency_class(split, model.cfg.vocab_size)
     by_tag, _ = routing_breakdown(model, split, freq, batch_size=batch_size, max_windows=max_examples)
     chosen = {}
@@ -45,7 +45,7 @@ def apply(model, cfg: FinetuneConfig) -> list:
     """Freeze / add LoRA as ``cfg`` says; returns the optimizer hooks to register
     ((pre, post) pairs, see :func:`register`)."""
     if cfg.lora_rank is not None:
-        from moekit.finetune.lora import add_lora
+        from moekit.transform.lora import add_lora
         info = add_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets))
         also = 0
         for name, p in model.named_parameters():

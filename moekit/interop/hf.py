@@ -159,11 +159,12 @@ def _names(names: list[str]) -> str:
 
 
 def to_hf_state(model: MoETransformer) -> tuple[dict, dict[str, Tensor]]:
-    """(config.json dict, Hugging Face state dict with per-expert keys) of a moekit model
-    (a quantized one as its dequantized float weights: Hugging Face has no layout for them)."""
+    """(config.json dict, Hugging Face state dict with per-expert keys) of a float moekit model
+    (Hugging Face has no layout for moekit's quantized weights: the writer, moekit.store,
+    dequantizes them first)."""
     if model.cfg.quant is not None:
-        from moekit.serve.compress.quantize import dequantize_model
-        model = dequantize_model(model)
+        raise ValueError(f"to_hf_state: the model is quantized (quant={model.cfg.quant}); dequantize it "
+                         "first (moekit.transform.quantize.dequantize_model)")
     mcfg = model.cfg
     ours = model.state_dict()
     config = to_hf_config(mcfg, ours)

@@ -253,7 +253,7 @@ def to_hf_config(mcfg: ModelConfig, state: dict | None = None) -> dict:
 
 def check_router_offsets(mcfg: ModelConfig, state: dict) -> None:
     """A softmax router's logit offset (``expert_bias_E``: -log(c) for experts grown into c
-    copies, :mod:`moekit.scale.grow_experts`) has no Hugging Face counterpart. Zero, or equal
+    copies, :mod:`moekit.transform.grow_experts`) has no Hugging Face counterpart. Zero, or equal
     over a layer's experts (``which="all"``: softmax is shift-invariant), it changes no
     probability and is left out exactly; otherwise one line."""
     for i in mcfg.moe_layer_ids():

@@ -21,6 +21,7 @@ The model returns its aux losses and per-layer routing statistics as values
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -251,14 +252,19 @@ class MoETransformer(nn.Module):
         return self
 
     @classmethod
-    def build(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> MoETransformer:
+    def build(cls, cfg: ModelConfig, device: torch.device | str = "cpu",
+              structure: Callable[[MoETransformer], object] | None = None) -> MoETransformer:
         """Create on the meta device, then allocate once on ``device`` and initialize:
-        a large model never exists twice in memory."""
+        a large model never exists twice in memory. ``structure`` changes the empty model's
+        modules before they are allocated (a quantized model's: moekit.store.build_model);
+        the model itself knows no transformation."""
+        if cfg.quant is not None and structure is None:
+            raise ValueError(f"model.quant={cfg.quant}: a quantized model is built with its structure; "
+                             "use moekit.store.run_dir.build_model(cfg) (or load it with moekit.load_model)")
         with torch.device("meta"):
             model = cls(cfg)
-            if cfg.quant is not None:   # a quantized model: its quantized modules, empty, to load into
-                from moekit.serve.compress.quantize import quantize_structure
-                quantize_structure(model, cfg.quant)
+            if structure is not None:
+                structure(model)
         model.to_empty(device=device)
         if cfg.tie_embeddings:   # to_empty gives tied parameters separate storage: tie again
             model.lm_head.weight = model.embed.weight
@@ -355,6 +361,11 @@ def tag_kwargs(cfg: ModelConfig, names: list[str], tags: Tensor, device=None) ->
     if not cfg.routes_by_tag:
         return {}
     return {"tags": route_tag_ids(cfg, names, tags).to(device)}
+
+
+def count_params(model) -> int:
+    """Every parameter of ``model`` (quantized weights are buffers: not counted)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def model_flops(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:

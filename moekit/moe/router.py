@@ -88,7 +88,7 @@ class TopKRouter(nn.Module):
 
     ``expert_bias_E`` under ``score="softmax"`` is a fixed logit offset: softmax(x W + b). It is
     zero (adding it changes no bit) unless the experts were grown
-    (:func:`moekit.scale.grow_experts.grow_experts`): an expert and its c - 1 copies then share
+    (:func:`moekit.transform.grow_experts.grow_experts`): an expert and its c - 1 copies then share
     one router row and an offset of -log(c), which splits the expert's probability evenly over
     them. Nothing trains it; it is saved in state dicts like the sigmoid bias (one buffer, so
     checkpoints of models that never grew keep their keys).

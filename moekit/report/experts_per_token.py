@@ -13,9 +13,9 @@ import html
 
 from matplotlib.ticker import MaxNLocator
 
+from moekit.model.routing import RoutingBreakdown
 from moekit.moe.config import MoEConfig
-from moekit.report.html import _png, per_layer, plt, series
-from moekit.report.routing import RoutingBreakdown
+from moekit.report.figures import png, per_layer, plt, series
 
 KNOBS = {"top_p": "p (probability mass taken)", "null": "null experts' logit bias",
          "relu": "L1 coefficient"}
@@ -54,7 +54,7 @@ def mean_k_curves(rows: list[dict], layers: list[int], target: float | None) -> 
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def k_histograms(rows: list[dict], layers: list[int]) -> str:
@@ -69,7 +69,7 @@ def k_histograms(rows: list[dict], layers: list[int]) -> str:
         ax.set_xlabel("experts per token")
     panels[0][0].set_ylabel("share of tokens")
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def k_control_curves(rows: list[dict], layers: list[int], mode: str | None) -> str:
@@ -91,7 +91,7 @@ def k_control_curves(rows: list[dict], layers: list[int], mode: str | None) -> s
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def class_table(b: RoutingBreakdown, what: str) -> str:

@@ -2,39 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
-import json
 import math
 import statistics
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from moekit.report.routing import RoutingBreakdown  # noqa: E402
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"no metrics.jsonl in {str(run_dir)!r}; is this a moekit run directory?")
-    return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
-
-
-def series(rows: list[dict], key: str) -> tuple[list[int], list]:
-    pts = [(r["step"], r[key]) for r in rows if key in r]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+from moekit.model.routing import RoutingBreakdown
+from moekit.report.experts_per_token import experts_per_token_section
+from moekit.report.figures import facts_table, page, per_layer, plt, png, read_metrics, series
 
 
 def loss_curves(rows: list[dict], baseline: list[dict] | None) -> str:
@@ -54,7 +29,7 @@ def loss_curves(rows: list[dict], baseline: list[dict] | None) -> str:
         if baseline:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def keyed_curves(rows: list[dict], prefix: str, ylabel: str) -> str | None:
@@ -72,13 +47,7 @@ def keyed_curves(rows: list[dict], prefix: str, ylabel: str) -> str | None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
-
-
-def per_layer(layers: list[int], height: float):
-    """One figure with a panel per MoE layer: (fig, [(axis, layer), ...])."""
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), height), squeeze=False)
-    return fig, list(zip(axes[0], layers))
+    return png(fig)
 
 
 def growth_steps(rows: list[dict]) -> list[tuple[int, int]]:
@@ -112,7 +81,7 @@ def load_heatmaps(rows: list[dict], layers: list[int]) -> str:
         ax.set_xlabel("step")
         ax.set_ylabel("expert")
     fig.colorbar(im, ax=[ax for ax, _ in panels], fraction=0.046 / len(panels) ** 0.5)   # one scale for all
-    return _png(fig)
+    return png(fig)
 
 
 def growth_table(rows: list[dict]) -> str:
@@ -134,7 +103,7 @@ def final_loads(rows: list[dict], layers: list[int]) -> str:
         ax.set_title(f"layer {i}: final load", fontsize=9)
         ax.set_xlabel("expert")
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def breakdown_heatmaps(b: RoutingBreakdown, title: str) -> str:
@@ -147,7 +116,7 @@ def breakdown_heatmaps(b: RoutingBreakdown, title: str) -> str:
         ax.set_xlabel("expert")
         ax.set_title(f"layer {i}: P(expert | {title})\nI = {b.mutual_information(i):.3f} bits", fontsize=9)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def curve(rows_by_key: dict[str, list[dict]], key_fmt: str, layers: list[int], title: str) -> str:
@@ -161,7 +130,7 @@ def curve(rows_by_key: dict[str, list[dict]], key_fmt: str, layers: list[int], t
     if "{i}" in key_fmt:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def build_report(run_dir: Path, summary: dict, by_tag: RoutingBreakdown | None,
@@ -171,7 +140,6 @@ def build_report(run_dir: Path, summary: dict, by_tag: RoutingBreakdown | None,
     fraction only when ``can_drop`` (a capacity) or when anything was dropped; the experts per
     token when tokens got varying numbers of them (``moe``, the run's MoEConfig, names the
     budget controller's knob and target)."""
-    from moekit.report.experts_per_token import experts_per_token_section  # (it imports this module)
     # an export (compress, extract, upcycle) has no training history: the routing panels only
     run_dir = Path(run_dir)
     exported = not (run_dir / "metrics.jsonl").exists() and (run_dir / "model.safetensors").exists()
@@ -223,28 +191,3 @@ def build_report(run_dir: Path, summary: dict, by_tag: RoutingBreakdown | None,
                          breakdown_heatmaps(by_freq, "frequency class")))
     sections.append(("throughput", "Throughput", curve({"run": rows}, "perf/tokens_per_s", [0], "tokens/s")))
     return page(f"moekit run report: {run_dir}", "moekit run report", sections)
-
-
-def facts_table(facts: dict) -> str:
-    """A two-column table of ``{label: value}``, escaped."""
-    return "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-                               for k, v in facts.items()) + "</table>"
-
-
-def page(title: str, heading: str, sections: list[tuple[str, str, str]]) -> str:
-    """The self-contained page around ``[(id, title, html content), ...]`` (the run report's and
-    the search report's)."""
-    body = "\n".join(f'<section id="{sid}"><h2>{html.escape(name)}</h2>{content}</section>'
-                     for sid, name, content in sections)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }}
-h1 {{ font-size: 1.5rem; }} h2 {{ font-size: 1.15rem; border-bottom: 1px solid #ddd; padding-bottom: .2rem; }}
-table {{ border-collapse: collapse; margin: .5rem 0; }} th, td {{ text-align: left; padding: .2rem .8rem; }}
-th {{ color: #555; font-weight: 600; }} img {{ max-width: 100%; }}
-</style></head><body>
-<h1>{html.escape(heading)}</h1>
-{body}
-</body></html>
-"""

@@ -10,7 +10,7 @@ import math
 import warnings
 from pathlib import Path
 
-from moekit.report.html import _png, facts_table, page, plt, read_metrics, series
+from moekit.report.figures import png, facts_table, page, plt, read_metrics, series
 
 BEST_CURVES = 5
 
@@ -89,7 +89,7 @@ def pareto_plot(complete: list[dict], objectives: list[str]) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def history_plot(complete: list[dict], objective: str, direction: str) -> str:
@@ -104,7 +104,7 @@ def history_plot(complete: list[dict], objective: str, direction: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def importances(study, objectives: list[str]) -> str:
@@ -134,7 +134,7 @@ def importances(study, objectives: list[str]) -> str:
         ax.set_title(f"importance for {name}", fontsize=9)
         ax.set_xlim(0, 1)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def loss_curves(complete: list[dict]) -> str:
@@ -155,7 +155,7 @@ def loss_curves(complete: list[dict]) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def _loss(t: dict) -> float:

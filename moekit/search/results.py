@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from moekit.recipe import dump_toml
-from moekit.train.run_dir import write_json
+from moekit.store.run_dir import write_json
 
 
 def trial_record(t, objectives: list[str], pareto: set[int]) -> dict:

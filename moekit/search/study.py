@@ -229,8 +229,8 @@ def trial_line(t, objectives: list[str]) -> str:
 def run_trial(trial, ctx: Context):
     """One sampled config, trained in ``OUT/trial-<n>``; its objective values."""
     from moekit.config import RunConfig
+    from moekit.store.run_dir import write_json
     from moekit.train import growth
-    from moekit.train.run_dir import write_json
     from moekit.train.trainer import RunStopped, train
     params = ctx.space.suggest(trial)
     run_dir = ctx.out / f"trial-{trial.number}"

@@ -10,10 +10,10 @@ When a run reaches a step of the schedule (300 steps done), before the next step
 1. the validation loss is measured (``growth/val_before``), with the tokens each expert got
    on those windows (what ``most_loaded`` ranks by: the same windows whenever it runs, so a
    resumed run makes the same choice);
-2. the model is grown by :func:`moekit.scale.grow_experts.grow_experts` (copies keep each
+2. the model is grown by :func:`moekit.transform.grow_experts.grow_experts` (copies keep each
    expert's probability mass, aux-loss-free biases and noisy-gating rows are copied) and the
    AdamW moments of every copy are its source's
-   (:func:`moekit.scale.grow_experts.grow_optimizer_state`; step counts kept);
+   (:func:`moekit.train.optim.grow_optimizer_state`; step counts kept);
 3. the run is rebuilt on the grown state in its own layout (DDP, FSDP2, expert parallelism,
    compile: :func:`moekit.train.run.rebuild`), with the data position and random streams
    carried over;
@@ -42,10 +42,11 @@ from torch.distributed.tensor import DTensor
 from moekit.config import parse_expert_schedule
 from moekit.model.transformer import MoETransformer, model_flops
 from moekit.parallel.checkpointing import load_full_state
-from moekit.scale.grow_experts import grow_experts, grow_optimizer_state
-from moekit.train.checkpoint import restore_rng, rng_state
+from moekit.store.checkpoint import restore_rng, rng_state
 from moekit.train.evaluate import evaluate
+from moekit.train.optim import grow_optimizer_state
 from moekit.train.run import Run, rebuild
+from moekit.transform.grow_experts import grow_experts
 
 log = logging.getLogger("moekit")
 

@@ -1,13 +1,21 @@
-"""AdamW with weight-decay groups, and the warmup + cosine learning-rate schedule."""
+"""AdamW with weight-decay groups, the warmup + cosine learning-rate schedule, and the
+optimizer state mapped the way a transformation maps the weights.
+
+    optim = grow_optimizer_state(ckpt["optim"], model, big, mapping)   # after grow_experts: moments copied alike
+"""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from moekit.checks import is_int
 from moekit.config import TrainConfig
+from moekit.model.transformer import MoETransformer
+from moekit.transform.grow_experts import block_key, per_expert
 
 
 def param_groups(model: nn.Module, weight_decay: float, router_lr_scale: float = 1.0) -> list[dict]:
@@ -52,3 +60,82 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, end - cfg.warmup_steps))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def grow_optimizer_state(optimizer_state: dict, model_before: MoETransformer, model_after: MoETransformer,
+                         mapping: dict[int, list[int]]) -> dict:
+    """The AdamW state of ``model_before`` for ``model_after`` (:func:`grow_experts`'s output):
+    each expert tensor's and router row's moments copied along ``mapping`` (index_select on
+    dim 0), every other entry (the step counts too) as it is. Two formats, returned in the one
+    given: a checkpoint's ``"optim"`` ({parameter name: {"step", "exp_avg", "exp_avg_sq"}},
+    moekit.parallel.checkpointing.training_state) or ``torch.optim.AdamW.state_dict()`` of an
+    optimizer built by moekit.train.optim.build_optimizer (or over ``model.parameters()``).
+    The input is not modified.
+    """
+    params = dict(model_before.named_parameters())
+    _check_pair(model_before, model_after, mapping, params)
+    index = {name: torch.tensor(mapping[layer]) for name in params
+             for layer, key in [block_key(name)] if layer in mapping and per_expert(key)}
+    torch_format = isinstance(optimizer_state, dict) and {"state", "param_groups"} <= set(optimizer_state)
+    by_name = _names_of_ids(optimizer_state, model_before) if torch_format else None
+    entries = optimizer_state["state"] if torch_format else optimizer_state
+    if not isinstance(entries, dict):
+        raise ValueError(f"grow_optimizer_state: got a {type(entries).__name__}, expected an optimizer "
+                         "state_dict() or a checkpoint's 'optim' (parameter name -> state)")
+    grown = {}
+    for key, entry in entries.items():
+        name = by_name[key] if torch_format else key
+        if name not in params or not isinstance(entry, dict):
+            raise ValueError(f"grow_optimizer_state: state entry {key!r} is not one of model_before's "
+                             "parameters; pass the optimizer state saved with model_before")
+        grown[key] = {k: _grow_moment(v, name, params[name], index.get(name)) for k, v in entry.items()}
+    if not torch_format:
+        return grown
+    return {**optimizer_state, "state": grown, "param_groups": copy.deepcopy(optimizer_state["param_groups"])}
+
+
+def _grow_moment(v, name: str, p: Tensor, idx: Tensor | None):
+    """A moment (a tensor shaped like its parameter) copied along ``idx``; scalars as they are."""
+    if not isinstance(v, Tensor) or v.dim() == 0:
+        return v
+    if tuple(v.shape) != tuple(p.shape):
+        raise ValueError(f"grow_optimizer_state: the state of {name} has shape {tuple(v.shape)}, the "
+                         f"parameter {tuple(p.shape)}; pass the optimizer state saved with model_before")
+    return v.clone() if idx is None else v.index_select(0, idx.to(v.device))
+
+
+def _check_pair(before: MoETransformer, after: MoETransformer, mapping: dict, params: dict) -> None:
+    layers = before.moe_layers() if isinstance(before, MoETransformer) else {}
+    grown = after.moe_layers() if isinstance(after, MoETransformer) else {}
+    if not layers or set(mapping) != set(layers) or set(grown) != set(layers):
+        raise ValueError(f"grow_optimizer_state: mapping covers layers {sorted(mapping)}, model_before's "
+                         f"MoE layers are {sorted(layers)}, model_after's {sorted(grown)}; pass the two "
+                         "models and the mapping of one grow_experts call")
+    for i, src in mapping.items():
+        E, N = layers[i].cfg.num_experts, grown[i].cfg.num_experts
+        if len(src) != N or any(not is_int(s) or not 0 <= s < E for s in src):
+            raise ValueError(f"grow_optimizer_state: mapping[{i}] is not {N} expert indices in [0, {E}); "
+                             "pass the mapping of the grow_experts call that made model_after")
+    if [n for n, _ in after.named_parameters()] != list(params):
+        raise ValueError("grow_optimizer_state: model_after's parameters are not model_before's (grown in "
+                         "more than experts?); pass the output of grow_experts(model_before, ...)")
+
+
+def _names_of_ids(state: dict, model: MoETransformer) -> dict:
+    """{parameter id in a torch optimizer state_dict: parameter name}: from the groups'
+    ``param_names`` when saved, else by the order moekit's build_optimizer groups them in (or
+    one group of ``model.parameters()``)."""
+    groups = state["param_groups"]
+    ids = [pid for g in groups for pid in g["params"]]
+    if all("param_names" in g for g in groups):
+        return dict(zip(ids, [n for g in groups for n in g["param_names"]]))
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    ours = [[name_of[id(p)] for p in g["params"]] for g in param_groups(model, 0.0)]
+    sizes = [len(g["params"]) for g in groups]
+    if sizes == [len(g) for g in ours]:
+        return dict(zip(ids, [n for g in ours for n in g]))
+    if sizes == [len(name_of)]:
+        return dict(zip(ids, name_of.values()))
+    raise ValueError(f"grow_optimizer_state: the optimizer's parameter groups have sizes {sizes}, neither "
+                     f"build_optimizer's {[len(g) for g in ours]} nor one group of all {len(name_of)}; build "
+                     "it with moekit.train.optim.build_optimizer or pass a checkpoint's 'optim'")

@@ -31,9 +31,9 @@ from moekit.moe.layer import MoELayer
 from moekit.parallel.checkpointing import training_state
 from moekit.parallel.parallelize import build_mesh, clip_grad_norm, parallelize
 from moekit.runtime import tune_cpu_allocator
-from moekit.train import run_dir as rd
+from moekit.store import run_dir as rd
+from moekit.store.checkpoint import Checkpoint
 from moekit.train import splits
-from moekit.train.checkpoint import Checkpoint
 from moekit.train.optim import build_optimizer
 from moekit.train.telemetry import RoutingTelemetry
 
@@ -181,7 +181,7 @@ def _parallel_model(run_cfg: RunConfig, model: MoETransformer, world: int, rank:
 def setup(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None = None, initial=None) -> Run:
     """Data, model, parallel forward, optimizer, sampler and telemetry for ``cfg`` (its layout
     already resolved, see :func:`resolve_layout`) in ``run_dir``; with ``ckpt`` the state is
-    loaded from it (a resume); with ``initial`` (:class:`moekit.train.source.Initial`, a new
+    loaded from it (a resume); with ``initial`` (:class:`moekit.store.source.Initial`, a new
     run) the weights and tokenizer are SRC's. Writes no config or metrics: :func:`moekit.train.trainer.train`
     does, around its loop.
 

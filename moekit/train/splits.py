@@ -16,7 +16,7 @@ from moekit.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenize
 def prepare_data(cfg: RunConfig, run_dir: Path):
     """(tokenizer, train split, val split, token-cache meta); the tokenizer is trained once
     on the training documents and saved in the run directory. With ``data.task`` the splits
-    are the task's (moekit.finetune.data.TaskSplit), with ``data.mixture`` the sources'
+    are the task's (moekit.data.task_split.TaskSplit), with ``data.mixture`` the sources'
     (moekit.data.mixture.MixtureSplit): prepared once, then read from RUN/data on resume.
     ``data.max_docs`` cuts a corpus, each mixture source, or a task's training examples."""
     if cfg.data.task is not None:
@@ -61,8 +61,8 @@ def _reopen(cfg: RunConfig, run_dir: Path, meta_file: str):
 
 
 def _prepare_task(cfg: RunConfig, run_dir: Path):
-    from moekit.finetune.data import build_task_cache
-    from moekit.finetune.tasks import load_task
+    from moekit.data.task_split import build_task_cache
+    from moekit.data.tasks import load_task
     if (prepared := _reopen(cfg, run_dir, "meta.json")) is not None:
         return prepared
     task = load_task(cfg.data.task, cfg.data.task_labels, cfg.data.max_docs)
@@ -95,6 +95,6 @@ def open_split(cfg: RunConfig, run_dir: Path, split: str):
         from moekit.data.mixture import MixtureSplit
         return MixtureSplit.open(Path(run_dir) / "data", split, cfg.data.seq_len)
     if cfg.data.task is not None:
-        from moekit.finetune.data import TaskSplit
+        from moekit.data.task_split import TaskSplit
         return TaskSplit.open(Path(run_dir) / "data", split, cfg.data.seq_len)
     return PackedSplit.open(Path(run_dir) / "data", split, cfg.data.seq_len)

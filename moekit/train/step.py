@@ -2,10 +2,9 @@
 
     stats = train_step(run, micro_batches, objective)
 
-An *objective* maps (model output, batch) to a :class:`Loss`: the scalar that backward sees
-and its named parts (logged as ``loss/<name>``). Pretraining is :class:`Pretraining`
-(LM + aux_loss_coef x load balancing + z_loss_coef x z-loss); fine-tuning, distillation and
-federated rounds bring their own, and get gradient accumulation, every parallel layout,
+An *objective* (moekit.train.objectives) maps (model output, batch) to a Loss: the scalar
+that backward sees and its named parts (logged as ``loss/<name>``). Pretraining,
+fine-tuning, distillation, federated rounds and search trials each pass theirs, and get gradient accumulation, every parallel layout,
 clipping, the aux-loss-free bias update, the compute-budget controller, telemetry and
 non-finite protection from here.
 
@@ -19,62 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
-from moekit.model.transformer import ModelOutput
-from moekit.train.evaluate import lm_loss
+from moekit.train.objectives import Batch, Objective
 from moekit.train.optim import lr_at
-
-
-@dataclass
-class Batch:
-    """One micro-batch: inputs [B, S] and next-token targets [B, S] (-100 = no loss)."""
-
-    inputs: Tensor
-    targets: Tensor
-    tags: Tensor | None = None          # [B] per-window tags (language, source), if any
-
-
-@dataclass
-class Loss:
-    total: Tensor                       # the differentiable scalar to minimize
-    parts: dict[str, Tensor]            # named parts, logged as loss/<name> (detached by the step)
-
-
-class Objective(Protocol):
-    def __call__(self, out: ModelOutput, batch: Batch) -> Loss: ...
-
-
-@dataclass
-class Pretraining:
-    """Next-token LM loss plus the MoE router terms (:func:`router_terms`; README:
-    "Load-balancing loss")."""
-
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 1e-3
-
-    def __call__(self, out: ModelOutput, batch: Batch) -> Loss:
-        lm = lm_loss(out.logits, batch.targets)
-        total, parts = router_terms(lm, out, self.aux_loss_coef, self.z_loss_coef)
-        return Loss(total, {"lm": lm, **parts})
-
-
-def router_terms(base: Tensor, out: ModelOutput, aux_loss_coef: float, z_loss_coef: float
-                 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """(base + aux_loss_coef x load balancing + z_loss_coef x z-loss + the relu routers' L1
-    penalty, its parts): the router terms every objective adds. The L1 penalty comes already
-    weighted by its adapted coefficient (moekit.moe.dynamic.relu_l1) and is a part only when
-    some layer routes by relu."""
-    total = base + aux_loss_coef * out.aux_loss + z_loss_coef * out.z_loss
-    parts = {"aux": out.aux_loss, "z": out.z_loss}
-    if any(a.sparsity_loss.requires_grad for a in out.moe.values()):
-        total = total + out.sparsity_loss
-        parts["sparsity"] = out.sparsity_loss
-    return total, parts
 
 
 @dataclass

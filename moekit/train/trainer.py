@@ -30,13 +30,15 @@ import torch.distributed as dist
 from moekit.checks import is_int
 from moekit.config import RunConfig
 from moekit.model.transformer import model_flops
+from moekit.store import run_dir as rd
+from moekit.store.checkpoint import Checkpoint, save_checkpoint, save_sharded_checkpoint
+from moekit.store.source import load_source
 from moekit.train import growth, splits
-from moekit.train import run_dir as rd
-from moekit.train.checkpoint import Checkpoint, save_checkpoint, save_sharded_checkpoint
 from moekit.train.evaluate import evaluate
 from moekit.train.metrics import MetricsWriter, mfu
+from moekit.train.objectives import Batch, objective_for, student_start
 from moekit.train.run import Run, distributed_context, precision_of, resolve_layout, setup
-from moekit.train.step import Batch, Pretraining, StepStats, train_step
+from moekit.train.step import StepStats, train_step
 
 log = logging.getLogger("moekit")
 
@@ -61,12 +63,12 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     ``changes``: on resume, train.* settings to change (:data:`RESUME_SETTINGS`), e.g.
     {"max_steps": 2000} to train a finished run longer.
     ``cfg.train.init_from`` (a new run): start from those weights, architecture and tokenizer
-    (:mod:`moekit.train.source`); ``model_section`` is the model fields the recipe set, which
+    (:mod:`moekit.store.source`); ``model_section`` is the model fields the recipe set, which
     may not contradict them.
     ``on_eval(step, val_loss)``: called after every evaluation, on every rank (in a parallel
     run it must answer the same on each); a true answer stops the run there with a checkpoint,
     as ``stop_at`` would (moekit.search prunes a trial this way).
-    ``initial`` (:class:`moekit.train.source.Initial`): the weights a federated round starts from
+    ``initial`` (:class:`moekit.store.source.Initial`): the weights a federated round starts from
     (moekit.federate): a new run starts from them and their tokenizer, a resume loads them over
     its checkpoint's model (optimizer, data position and RNG stay the checkpoint's)."""
     run_dir = Path(run_dir)
@@ -83,10 +85,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     if fresh and cfg.train.init_from is not None:
         if rank == 0:                       # a bad --out is found before a long load
             rd.check_fresh(run_dir)
-        from moekit.train.source import load_source
         cfg, initial = load_source(cfg, model_section)
     elif fresh and cfg.distill.teacher is not None:   # fresh student weights, the teacher's tokenizer
-        from moekit.serve.compress.distill import student_start
         if rank == 0:
             rd.check_fresh(run_dir)
         cfg, initial, teacher = student_start(cfg)
@@ -102,23 +102,6 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
             raise
     del ckpt                                # release a consolidated state's memory
     return _loop(run, objective_for(run, teacher), resume, stop_at, progress, on_eval)
-
-
-def objective_for(run: Run, teacher=None):
-    """What the run minimises: next-token prediction with the balancing terms, or with
-    ``distill.teacher`` set the distillation objective (``teacher``, the model a new run read
-    already, else loaded here, on the run's device)."""
-    t = run.cfg.train
-    if run.cfg.distill.teacher is None:
-        return Pretraining(t.aux_loss_coef, t.z_loss_coef)
-    from moekit.serve.compress.distill import Distillation, load_teacher
-    if run.cfg.distill.alpha == 0:
-        teacher = None                      # the student alone: no teacher forward
-    elif teacher is None:
-        teacher = load_teacher(run.cfg, run.device)[0]
-    else:
-        teacher = teacher.to(run.device)
-    return Distillation(teacher, run.cfg.distill, t.aux_loss_coef, t.z_loss_coef)
 
 
 def _open(cfg, run_dir: Path, resume: bool, layout: dict | None, changes: dict, world: int, rank: int):
@@ -359,7 +342,7 @@ def _task_scores(run: Run, split: str) -> dict:
     finetune.eval_examples; test: all), else {}. Every rank runs the same forwards."""
     if getattr(run.val_split, "label_ids", None) is None:
         return {}
-    from moekit.finetune.data import accuracy
+    from moekit.data.task_split import accuracy
     data = run.val_split if split == "val" else splits.open_split(run.cfg, run.run_dir, split)
     n = run.cfg.finetune.eval_examples if split == "val" else run.cfg.finetune.test_examples
     return {f"acc/{split}": accuracy(run.model, data, run.device, run.cfg.train.batch_size, n, run.autocast)}

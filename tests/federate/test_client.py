@@ -11,8 +11,8 @@ from moekit.federate import client, prepare
 from moekit.federate.server import round_dir
 from moekit.federate.spec import FederationSpec
 from moekit.federate.strategies import on_wire
-from moekit.train.checkpoint import Checkpoint
-from moekit.train.run_dir import load_run
+from moekit.store.checkpoint import Checkpoint
+from moekit.store.run_dir import load_run
 
 SETS = {"data": {"vocab_size": 512, "seq_len": 32},
         "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64,
@@ -64,9 +64,9 @@ def test_bf16_parameters_travel_as_float32_and_come_back():
     from flwr.app import ArrayRecord
 
     from moekit.model.transformer import MoETransformer
+    from moekit.store.run_dir import model_config_for
+    from moekit.store.source import Initial
     from moekit.train.run import load_initial
-    from moekit.train.run_dir import model_config_for
-    from moekit.train.source import Initial
     cfg = RunConfig.from_dict({**SETS, "model": {**SETS["model"], "moe": {**SETS["model"]["moe"],
                                                                           "dtype": "bfloat16"}}})
     a, b = (MoETransformer.build(model_config_for(cfg, 300)) for _ in range(2))

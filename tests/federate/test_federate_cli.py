@@ -117,7 +117,7 @@ def test_a_killed_client_then_a_killed_launcher_lose_nothing(parl_subset, tmp_pa
         assert r1[key] == r1[key] and r3[key] == r3[key], key          # present, not NaN
     assert r3["bytes/up"] < r1["bytes/down"] / 2          # experts stay home: shared tensors only
     assert cli(["federate", "--resume", str(out)]) == 0     # finished: nothing to do
-    from moekit.train.run_dir import load_run
+    from moekit.store.run_dir import load_run
     server = load_run(out / "rounds" / "round-0003")[0].state_dict()
     start = load_run(out / "rounds" / "round-0000")[0].state_dict()
     c0, c1 = (load_run(out / "clients" / f"client{i}")[0].state_dict() for i in (0, 1))

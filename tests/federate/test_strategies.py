@@ -9,9 +9,9 @@ from moekit.federate.diagnostics import federation_similarity, pair_similarity, 
 from moekit.federate.spec import FederationSpec
 from moekit.federate.strategies import aggregate, fedavg, routing_weighted, sent_keys
 from moekit.model.transformer import MoETransformer
+from moekit.store.run_dir import model_config_for
+from moekit.store.source import Initial
 from moekit.train.run import load_initial
-from moekit.train.run_dir import model_config_for
-from moekit.train.source import Initial
 
 TINY = {"model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "tie_embeddings": True,
                   "moe": {"d_ff": 16, "num_experts": 4, "top_k": 2}},

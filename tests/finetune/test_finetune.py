@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from moekit.cli.main import main as cli
-from moekit.train.checkpoint import Checkpoint
-from moekit.train.run_dir import load_run
+from moekit.store.checkpoint import Checkpoint
+from moekit.store.run_dir import load_run
 
 from ..train.test_faults import one_line_error
 

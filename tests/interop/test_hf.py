@@ -302,7 +302,7 @@ def test_real_smollm2_weights_give_transformers_logits(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from moekit.interop.hf import catalog_model_dir
-    from moekit.train.run_dir import load_run
+    from moekit.store.run_dir import load_run
     monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
     path = catalog_model_dir("smollm2-135m")
     cfg = json.loads((path / "config.json").read_text())

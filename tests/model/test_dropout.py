@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from moekit import MoEConfig
 from moekit.model import ModelConfig, MoETransformer
-from moekit.train.source import _contradictions, _with_runtime
+from moekit.store.source import _contradictions, _with_runtime
 
 
 def tiny(dropout: float = 0.0, expert_dropout: float = 0.0) -> ModelConfig:

@@ -301,8 +301,8 @@ def mixture_argv(parl_subset, tmp_path, steps=4, **extra):
 def check_evaluation_maps_each_source_to_its_tag(run_dir):
     """A mixture source's own split knows one tag (index 0 there): evaluate routes it by the
     model's index of that tag (en = 1), not by 0."""
+    from moekit.store.run_dir import load_run
     from moekit.train.evaluate import evaluate, lm_loss
-    from moekit.train.run_dir import load_run
     from moekit.train.splits import open_split
     model, _, cfg = load_run(run_dir)
     en = open_split(cfg, run_dir, "val").parts[1]

@@ -14,7 +14,7 @@ from moekit.config import ModelConfig, MoEConfig, ParallelConfig
 from moekit.model.transformer import MoETransformer
 from moekit.parallel.checkpointing import expert_parallel_names, training_state
 from moekit.parallel.parallelize import build_mesh, parallelize
-from moekit.train.checkpoint import Checkpoint, save_checkpoint, save_sharded_checkpoint
+from moekit.store.checkpoint import Checkpoint, save_checkpoint, save_sharded_checkpoint
 
 from ..conftest import run_ranks
 

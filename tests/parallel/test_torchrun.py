@@ -90,7 +90,7 @@ def test_sharded_resume_is_exact_and_exports(tmp_path, parl_subset, capsys):
     # a consolidated copy for one device: the same model
     _in_process(capsys, "export", str(resumed), "--out", str(tmp_path / "export"))
     assert (tmp_path / "export" / "model.safetensors").exists()
-    from moekit.train.run_dir import load_run
+    from moekit.store.run_dir import load_run
     model, tok, _ = load_run(resumed)
     exported, _, _ = load_run(tmp_path / "export")
     x = torch.tensor([tok.encode("Frau Präsidentin, meine Damen und Herren").ids])
@@ -124,6 +124,6 @@ def test_experts_grow_under_expert_parallelism_and_fsdp_and_resume_exactly(tmp_p
     (grew,) = [r for r in rows if "growth/jump" in r]
     assert grew["step"] == 3 and grew["moe/num_experts"] == 8 and abs(grew["growth/jump"]) < 0.1
     assert len([r for r in rows if "moe/layer0/load" in r][-1]["moe/layer0/load"]) == 8
-    from moekit.train.run_dir import load_run
+    from moekit.store.run_dir import load_run
     model, _, cfg = load_run(resumed)                  # the sharded checkpoint holds the grown model
     assert cfg.model.moe.num_experts == 8 and model.moe_layers()[0].experts.w_gate_EDF.shape[0] == 8

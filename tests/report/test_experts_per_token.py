@@ -13,8 +13,8 @@ from moekit.cli.main import main as cli
 from moekit.config import MoEConfig, RunConfig
 from moekit.data.stream import PackedSplit
 from moekit.model import ModelConfig, MoETransformer
+from moekit.model.routing import FREQ_CLASSES, routing_breakdown, token_tags
 from moekit.report.experts_per_token import experts_per_token_section
-from moekit.report.routing import FREQ_CLASSES, routing_breakdown, token_tags
 from moekit.train.trainer import train
 
 E, V, S = 4, 50, 8

@@ -11,7 +11,7 @@ from moekit.cli.main import main as cli
 from moekit.config import MoEConfig, RunConfig
 from moekit.data.stream import PackedSplit
 from moekit.model import ModelConfig, MoETransformer
-from moekit.report.routing import RoutingBreakdown, routing_breakdown, token_tags
+from moekit.model.routing import RoutingBreakdown, routing_breakdown, token_tags
 from moekit.train.trainer import train
 
 

@@ -220,7 +220,7 @@ def test_the_pruner_stops_a_trial_at_its_first_evaluation_with_a_checkpoint(tmp_
     from moekit.config import apply_overrides
     from moekit.search.space import parse_space
     from moekit.search.study import Context, run_trial
-    from moekit.train.checkpoint import Checkpoint
+    from moekit.store.checkpoint import Checkpoint
     raw = apply_overrides({}, base(parl_subset)[1::2])
     study = optuna.create_study(pruner=_AlwaysPrune())
     ctx = Context(parse_space({"train.lr": {"choices": [3e-3]}}), raw, ["val_loss"], tmp_path)

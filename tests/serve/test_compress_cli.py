@@ -13,8 +13,8 @@ import torch
 
 from moekit.cli.main import main as cli
 from moekit.config import RunConfig
-from moekit.serve.compress.distill import DistillConfig, soft_target_loss
-from moekit.train.run_dir import load_run
+from moekit.store.run_dir import load_run
+from moekit.train.objectives import DistillConfig, soft_target_loss
 from moekit.train.trainer import train
 
 

@@ -17,7 +17,7 @@ import torch
 from moekit.cli.main import main as cli
 from moekit.config import RunConfig
 from moekit.moe.dynamic import initial_control
-from moekit.train.run_dir import load_run
+from moekit.store.run_dir import load_run
 from moekit.train.trainer import train
 
 from .test_compress_cli import digest, one_line_error

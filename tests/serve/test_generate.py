@@ -141,7 +141,7 @@ def test_cli_generates_a_batch_of_prompts(tmp_path, capsys):
     from moekit.cli.main import main as cli
     from moekit.config import RunConfig
     from moekit.data.tokenizer import train_tokenizer
-    from moekit.train.run_dir import save_export
+    from moekit.store.run_dir import save_export
     texts = ["the cat sat on the mat", "a dog ran in the park", "birds sing in the morning"] * 20
     tok = train_tokenizer(texts, vocab_size=300)
     model = model_of(vocab=tok.get_vocab_size())

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from moekit.config import RunConfig, parse_expert_schedule
+from moekit.store.run_dir import load_run
 from moekit.train.growth import full_state, grow_run
 from moekit.train.run import setup
-from moekit.train.run_dir import load_run
 from moekit.train.step import Batch, Pretraining, train_step
 from moekit.train.trainer import train
 
@@ -186,7 +186,8 @@ def test_most_loaded_copies_the_busiest_expert_on_validation(tmp_path, parl_subs
 
 def test_report_marks_the_growths_and_shows_the_new_experts(tmp_path, parl_subset):
     from moekit.cli.main import main as cli
-    from moekit.report.html import load_heatmaps, read_metrics
+    from moekit.report.figures import read_metrics
+    from moekit.report.html import load_heatmaps
     run = tmp_path / "run"
     train(tiny(parl_subset), run, progress=False)
     assert cli(["report", str(run), "--windows", "32"]) == 0

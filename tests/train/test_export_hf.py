@@ -9,7 +9,7 @@ from moekit.config import RunConfig
 from moekit.data.tokenizer import train_tokenizer
 from moekit.model.config import ModelConfig
 from moekit.model.transformer import MoETransformer
-from moekit.train.run_dir import export_hf, save_export
+from moekit.store.run_dir import export_hf, save_export
 
 transformers = pytest.importorskip("transformers")
 

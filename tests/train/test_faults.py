@@ -201,7 +201,7 @@ def test_a_write_that_fails_mid_save_is_one_line_and_leaves_the_last_checkpoint(
 
 def test_a_full_disk_during_save_removes_the_partial_file(tmp_path):
     """/dev/full answers every write with ENOSPC: the kernel's own 'no space left on device'."""
-    from moekit.train.checkpoint import save_checkpoint
+    from moekit.store.checkpoint import save_checkpoint
     (tmp_path / "checkpoint.pt").write_bytes(b"previous")
     (tmp_path / "checkpoint.pt.tmp").symlink_to("/dev/full")
     with pytest.raises(OSError, match="No space left on device"):
@@ -274,7 +274,7 @@ def test_export_refuses_a_run_directory_and_a_run_loads_its_checkpoint_first(tmp
     assert cli(["export", str(a), "--out", str(tmp_path / "x")]) == 0
     assert cli(["export", str(a), "--out", str(tmp_path / "x")]) == 0     # an export may be replaced
     # a stale model.safetensors in a run directory never hides its newer checkpoint
-    from moekit.train.run_dir import load_run
+    from moekit.store.run_dir import load_run
     (a / "model.safetensors").write_bytes((tmp_path / "x" / "model.safetensors").read_bytes())
     assert cli(["train", "--resume", str(a), "--no-progress", "--set", "train.max_steps=4"]) == 0
     model, _, _ = load_run(a)
@@ -380,7 +380,7 @@ def test_setup_refuses_a_directory_of_another_run(tmp_path, parl_subset):
 
 def test_full_disk_while_writing_the_tokenizer_or_config(tmp_path):
     from moekit.data.tokenizer import save_tokenizer, train_tokenizer
-    from moekit.train.run_dir import write_json
+    from moekit.store.run_dir import write_json
     (tmp_path / "tokenizer.json.tmp").symlink_to("/dev/full")
     with pytest.raises(OSError, match="no space left on device"):
         save_tokenizer(train_tokenizer(["hello world"] * 4, 300), tmp_path / "tokenizer.json")
@@ -409,7 +409,7 @@ def test_a_failed_fresh_run_removes_the_parents_it_made(tmp_path, parl_subset, c
 
 
 def test_a_failed_run_never_removes_a_parent_another_run_uses(tmp_path, parl_subset):
-    from moekit.train import run_dir as rd
+    from moekit.store import run_dir as rd
     sweep = tmp_path / "sweep"
     made = rd.create(sweep / "b")                      # run b made sweep/ and sweep/b/
     assert made == sweep

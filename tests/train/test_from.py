@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moekit.cli.main import main as cli
-from moekit.train.run_dir import load_run
+from moekit.store.run_dir import load_run
 
 from .test_faults import one_line_error
 

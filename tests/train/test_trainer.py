@@ -120,8 +120,8 @@ def test_a_crash_between_the_sharded_swap_renames_keeps_the_old_checkpoint(tmp_p
     import torch.distributed.checkpoint as dcp
 
     from moekit.parallel.checkpointing import training_state
-    from moekit.train.checkpoint import Checkpoint
-    from moekit.train.run_dir import load_run
+    from moekit.store.checkpoint import Checkpoint
+    from moekit.store.run_dir import load_run
     run = tmp_path / "run"
     train(tiny(parl_subset, max_steps=2, eval_every=2), run, progress=False)
     model, _, cfg = load_run(run)
@@ -202,7 +202,7 @@ def test_an_older_moekit_checkpoint_evaluates_and_refuses_resume_clearly(tmp_pat
 def test_only_complete_checkpoints_are_found(tmp_path):
     """A sharded directory without its .metadata (written last) is torn: the intact file wins,
     even when the directory is newer (a crash while deleting it)."""
-    from moekit.train.checkpoint import find_checkpoint
+    from moekit.store.checkpoint import find_checkpoint
     (tmp_path / "checkpoint.pt").write_bytes(b"x")
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "__0_0.distcp").write_bytes(b"x")
@@ -234,7 +234,7 @@ def test_a_loss_spike_is_warned_only_when_it_is_large(caplog):
 
 
 def test_on_eval_sees_every_evaluation_and_can_stop_the_run_with_a_checkpoint(tmp_path, parl_subset):
-    from moekit.train.checkpoint import Checkpoint
+    from moekit.store.checkpoint import Checkpoint
     seen = []
 
     def on_eval(step, val_loss):
