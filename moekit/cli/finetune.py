@@ -7,7 +7,6 @@ the same engine, run directory, checkpoints, resume, eval, generate, report and 
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 # The fine-tuning recipe (the user's --config and --set go on top). Switch Transformer's best
@@ -61,13 +60,12 @@ def _merge(base: dict, top: dict) -> None:
 
 
 def run(args) -> int:
-    from moekit.cli import train as train_cmd
+    from moekit.train.launch import train_command
     if args.resume:
         if args.src or args.task or args.config:
             raise ValueError("--resume continues a run with its saved config; drop SRC, --task and --config")
-        ns = argparse.Namespace(config=None, set=args.set, out=None, resume=args.resume, init_from=None,
-                                no_progress=args.no_progress, stop_at=args.stop_at, nproc=None)
-        return train_cmd.run(ns)
+        return train_command(sets=args.set, resume=args.resume, progress=not args.no_progress,
+                             stop_at=args.stop_at)
     if not args.src:
         raise ValueError("moekit finetune: give SRC, the model to start from (a run, export or Hugging Face "
                          "directory, or smollm2-135m), or --resume RUN_DIR")
@@ -75,7 +73,5 @@ def run(args) -> int:
         raise ValueError("moekit finetune: give --task, a catalog task (rotten-tomatoes) or a JSONL file")
     if not args.out:
         raise ValueError("moekit finetune: give --out, the new run directory")
-    ns = argparse.Namespace(config=None, set=[], out=args.out, resume=None, init_from=args.src,
-                            no_progress=args.no_progress, stop_at=args.stop_at, nproc=None,
-                            raw=recipe(args.config, args.set, args.task))
-    return train_cmd.run(ns)
+    return train_command(raw=recipe(args.config, args.set, args.task), out=args.out, init_from=args.src,
+                         progress=not args.no_progress, stop_at=args.stop_at)

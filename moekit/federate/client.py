@@ -4,11 +4,11 @@ Client I's state is its own moekit run directory, OUT/clients/clientI: round 1 m
 (its shard tokenized with the federation's tokenizer), every later round resumes it. A
 round loads the server's tensors over the checkpoint's model (optimizer moments, data
 position and RNG stay the client's), trains ``train.max_steps`` local steps through the
-engine's ``train()``, and answers with the tensors the strategy shares, the probe and its
-numbers. ``clients/clientI.rounds.json`` records each round started and finished: a round
-asked again (the server restarted it, or the client died after its checkpoint) is answered
-from the checkpoint without training twice. One ClientApp at a time works in a client's
-directory (a lock file beside it).
+engine's entry (``moekit.train.launch.launch``), and answers with the tensors the strategy
+shares, the probe and its numbers. ``clients/clientI.rounds.json`` records each round
+started and finished: a round asked again (the server restarted it, or the client died
+after its checkpoint) is answered from the checkpoint without training twice. One ClientApp
+at a time works in a client's directory (a lock file beside it).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _train(spec: FederationSpec, index: int, run_dir: Path, server_round: int, s
     before its checkpoint can exist."""
     from tokenizers import Tokenizer
 
-    from moekit.train.trainer import train
+    from moekit.train.launch import launch
     resume = find_checkpoint(run_dir) is not None
     if not resume and run_dir.exists():         # a first round cut short: nothing in it to keep
         shutil.rmtree(run_dir)
@@ -105,8 +105,8 @@ def _train(spec: FederationSpec, index: int, run_dir: Path, server_round: int, s
                          f"round {server_round} is past --rounds {spec.rounds}")
     write_json(_rounds_file(run_dir), {**done, str(server_round): {"start": step}})
     initial = Initial(state, Tokenizer.from_str(tokenizer_json), partial=True)
-    summary = train(cfg, run_dir, resume=resume, progress=False, stop_at=step + spec.local_steps,
-                    initial=initial)
+    summary = launch(cfg, run_dir, resume=resume, progress=False, stop_at=step + spec.local_steps,
+                     initial=initial)
     return {"start": step, "step": summary["steps"], "train_loss": summary["final_train_loss"],
             "local_val_loss": summary["final_val_loss"], "tokens": _tokens(spec, cfg),
             "loads": summary["routing_last_interval"]}

@@ -7,8 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from moekit.federate.server import last_round
-from moekit.federate.spec import FederationSpec
+from moekit.federate.spec import FederationSpec, last_round
 from moekit.report.figures import facts_table, page, plt, png, read_metrics, series
 
 

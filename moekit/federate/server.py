@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from moekit.federate.client import evaluate_on, personalised_model
 from moekit.federate.diagnostics import PROBE_PREFIX, federation_similarity
-from moekit.federate.spec import FederationSpec
+from moekit.federate.spec import ROUND_FILE, FederationSpec, last_round, round_dir
 from moekit.federate.strategies import aggregate, on_wire, sent_keys
 from moekit.store.run_dir import load_run, save_export, write_json
 from moekit.store.source import Initial
@@ -31,24 +31,12 @@ from moekit.train.metrics import MetricsWriter
 from moekit.train.run import load_initial
 
 log = logging.getLogger("moekit.federate")
-ROUND_FILE = "round.json"
 ERROR_FILE = "server-error.txt"
 STARTUP_S = 300.0          # the first round waits this long for every client to connect
 
 
 class FederationError(RuntimeError):
     """The federation cannot go on; the message says what is intact and how to resume."""
-
-
-def round_dir(out: Path, r: int) -> Path:
-    return Path(out) / "rounds" / f"round-{r:04d}"
-
-
-def last_round(out: Path) -> int:
-    """The last round the server kept (0: the initial model), by its round.json."""
-    done = [int(p.name.split("-")[1]) for p in (Path(out) / "rounds").glob("round-*")
-            if (p / ROUND_FILE).exists() and p.name.split("-")[1].isdigit()]
-    return max(done, default=0)
 
 
 @dataclass

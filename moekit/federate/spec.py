@@ -153,3 +153,18 @@ def check_spec(spec: FederationSpec) -> None:
     if cfg.train.expert_schedule is not None:
         raise ValueError("train.expert_schedule: clients cannot grow their experts mid-federation (the "
                          "server averages tensors of one shape); drop it")
+
+
+# the server's kept rounds: OUT/rounds/round-NNNN, complete once round.json is written
+ROUND_FILE = "round.json"
+
+
+def round_dir(out: Path, r: int) -> Path:
+    return Path(out) / "rounds" / f"round-{r:04d}"
+
+
+def last_round(out: Path) -> int:
+    """The last round the server kept (0: the initial model), by its round.json."""
+    done = [int(p.name.split("-")[1]) for p in (Path(out) / "rounds").glob("round-*")
+            if (p / ROUND_FILE).exists() and p.name.split("-")[1].isdigit()]
+    return max(done, default=0)

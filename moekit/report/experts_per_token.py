@@ -15,7 +15,7 @@ from matplotlib.ticker import MaxNLocator
 
 from moekit.model.routing import RoutingBreakdown
 from moekit.moe.config import MoEConfig
-from moekit.report.figures import png, per_layer, plt, series
+from moekit.report.figures import per_layer, plt, png, series
 
 KNOBS = {"top_p": "p (probability mass taken)", "null": "null experts' logit bias",
          "relu": "L1 coefficient"}

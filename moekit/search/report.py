@@ -10,7 +10,7 @@ import math
 import warnings
 from pathlib import Path
 
-from moekit.report.figures import png, facts_table, page, plt, read_metrics, series
+from moekit.report.figures import facts_table, page, plt, png, read_metrics, series
 
 BEST_CURVES = 5
 

@@ -229,16 +229,14 @@ def trial_line(t, objectives: list[str]) -> str:
 def run_trial(trial, ctx: Context):
     """One sampled config, trained in ``OUT/trial-<n>``; its objective values."""
     from moekit.config import RunConfig
-    from moekit.store.run_dir import write_json
-    from moekit.train import growth
-    from moekit.train.trainer import RunStopped, train
+    from moekit.train.launch import launch, precheck
+    from moekit.train.trainer import RunStopped
     params = ctx.space.suggest(trial)
     run_dir = ctx.out / f"trial-{trial.number}"
     trial.set_user_attr("run_dir", str(run_dir))
     try:
         cfg = RunConfig.from_dict(apply(ctx.base_raw, params))
-        growth.check_start(cfg)
-        growth.check_memory(cfg)
+        precheck(cfg, corpus=False, source=False)     # the schedule's start and memory
     except ValueError as err:           # a combination the config refuses: not a result, not a crash
         _prune(trial, f"config refused: {err}")
     trial.set_user_attr("config", cfg.to_dict())
@@ -255,12 +253,11 @@ def run_trial(trial, ctx: Context):
 
     t0 = time.perf_counter()
     try:
-        summary = train(cfg, run_dir, progress=False, on_eval=on_eval)
+        summary = launch(cfg, run_dir, progress=False, on_eval=on_eval)
     except RunStopped as err:
         if isinstance(err.__context__, OSError):   # a full disk is the machine's, not the config's
             raise
         _prune(trial, f"training stopped: {err}")
-    write_json(run_dir / "summary.json", summary)
     measured = measure(summary, run_dir)
     for key, value in {**measured, "wall_s": time.perf_counter() - t0}.items():
         trial.set_user_attr(key, value)

@@ -1,7 +1,7 @@
 """AdamW with weight-decay groups, the warmup + cosine learning-rate schedule, and the
 optimizer state mapped the way a transformation maps the weights.
 
-    optim = grow_optimizer_state(ckpt["optim"], model, big, mapping)   # after grow_experts: moments copied alike
+    optim = grow_optimizer_state(ckpt["optim"], model, big, mapping)   # after grow_experts
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@
 
 An *objective* (moekit.train.objectives) maps (model output, batch) to a Loss: the scalar
 that backward sees and its named parts (logged as ``loss/<name>``). Pretraining,
-fine-tuning, distillation, federated rounds and search trials each pass theirs, and get gradient accumulation, every parallel layout,
-clipping, the aux-loss-free bias update, the compute-budget controller, telemetry and
-non-finite protection from here.
+fine-tuning, distillation, federated rounds and search trials each pass theirs, and get
+gradient accumulation, every parallel layout, clipping, the aux-loss-free bias update, the
+compute-budget controller, telemetry and non-finite protection from here.
 
 Gradient accumulation over k micro-batches is the mean of their losses: each backward
 sees loss / k, so k micro-batches of B give the gradient of one batch of k*B (when the
