@@ -42,7 +42,7 @@ def _dims(cfg) -> dict[str, int | None]:
 
 def run(args) -> int:
     from moekit.store.run_dir import check_export_target, load_run, save_export
-    from moekit.transform.grow import block_plan, grow, preserves_function
+    from moekit.transform.grow import block_plan, grow, grow_is_exact
     if args.experts is not None:
         return _run_experts(args)
     for flag, value in (("--which", args.which), ("--noise-std", args.noise_std)):
@@ -60,7 +60,7 @@ def run(args) -> int:
     if big.cfg.n_layers > model.cfg.n_layers and args.depth_mode == "zero":
         plan = block_plan(model.cfg.n_layers, big.cfg.n_layers, "zero")
         where = f" (new blocks at {[p for p, (_, fresh) in enumerate(plan) if fresh]})"
-    exact = preserves_function(model, big, args.width_mode, args.depth_mode)
+    exact = grow_is_exact(model, big, args.width_mode, args.depth_mode)
     same = "the source function at step 0" if exact else "not the source function at step 0 (aki / stack)"
 
     print(f"grew {args.src} to {args.out} (width {args.width_mode}, depth {args.depth_mode}): "
@@ -75,8 +75,8 @@ def _run_experts(args) -> int:
         exact_max_k,
         exact_top_k,
         grow_experts,
+        grow_experts_is_exact,
         last_loads,
-        preserves_function,
     )
     given = [f"--{name.replace('_', '-')}" for name in _DIMS if getattr(args, name) is not None]
     given += [f"--{flag}-mode" for flag, default in (("width", "fpi"), ("depth", "zero"))
@@ -92,7 +92,7 @@ def _run_experts(args) -> int:
                                 noise_std=args.noise_std or 0.0, seed=args.seed)
     save_export(big, tok, cfg, Path(args.out))
     m = model.cfg.moe
-    if preserves_function(model, big, mapping):
+    if grow_experts_is_exact(model, big, mapping):
         same = "the source function at step 0"
     elif m.dynamic_k == "relu":
         k = exact_max_k(model, mapping)

@@ -59,7 +59,7 @@ def moe_options(items: list[str]) -> dict:
 
 def run(args) -> int:
     from moekit.store.run_dir import check_export_target, load_run, save_export
-    from moekit.transform.upcycle import preserves_function, upcycle
+    from moekit.transform.upcycle import upcycle, upcycle_is_exact
     check_export_target(Path(args.out), "upcycle --out", src=args.src)
     options = moe_options(args.set)
     model, tok, cfg = load_run(args.src)
@@ -68,7 +68,7 @@ def run(args) -> int:
                   layers=_layers(args.layers), router_init=args.router_init, seed=args.seed, **options)
     save_export(moe, tok, cfg, Path(args.out))
     m = moe.cfg.moe
-    same = "the dense function at step 0" if preserves_function(m, args.method) else \
+    same = "the dense function at step 0" if upcycle_is_exact(m, args.method) else \
         "not the dense function at step 0 (by the method or the router options)"
     from moekit.interop.hf import to_hf_config
     try:

@@ -207,7 +207,7 @@ def _check_growth(model: MoETransformer, cfg: ModelConfig, new: dict, width_mode
                          "model on one process")
 
 
-def preserves_function(model: MoETransformer, grown: MoETransformer, width_mode: str,
+def grow_is_exact(model: MoETransformer, grown: MoETransformer, width_mode: str,
                        depth_mode: str) -> bool:
     """True when ``grow(model, ...)`` with these modes computes ``model``'s function at step 0."""
     a, b = model.cfg, grown.cfg

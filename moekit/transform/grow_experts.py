@@ -239,7 +239,8 @@ def last_loads(run_dir: str | Path) -> dict[int, list[float]]:
     return loads
 
 
-def preserves_function(model: MoETransformer, grown: MoETransformer, mapping: dict[int, list[int]]) -> bool:
+def grow_experts_is_exact(model: MoETransformer, grown: MoETransformer,
+                          mapping: dict[int, list[int]]) -> bool:
     """True when ``grown`` computes ``model``'s function at step 0 as it is: a dropless softmax
     top-1 router with weight one (``top1_weight="one"``), every expert copied equally, no router
     noise (with a capacity, each expert's slots shrink by the copy factor). (Every

@@ -30,7 +30,7 @@ gate starts at weight zero, sigmoid(0) = 1/2, and the shared down projection is 
 Function preservation needs a token-choice router with renormalised top-k weights (or
 top_k = 1 with ``top1_weight="one"``) and no capacity drops; with a dynamic number of experts
 per token (``dynamic_k``) only top_p's renormalised weights with min_k >= 2, by ``copy``;
-:func:`preserves_function` says whether an upcycle is exact. Other router options are allowed
+:func:`upcycle_is_exact` says whether an upcycle is exact. Other router options are allowed
 (the result is then not the dense function at step 0).
 """
 
@@ -157,7 +157,7 @@ def upcycle_config(model: MoETransformer, num_experts: int, top_k: int, *, metho
                      **shared, **moe_options)
 
 
-def preserves_function(moe: MoEConfig, method: str) -> bool:
+def upcycle_is_exact(moe: MoEConfig, method: str) -> bool:
     """True when an upcycle by ``method`` into ``moe`` computes the dense function at step 0
     in eval mode (training-time noise or jitter can split a virtual group; a ``copy``'s equal
     experts do not care)."""

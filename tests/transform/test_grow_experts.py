@@ -23,8 +23,8 @@ from moekit.transform.grow_experts import (
     exact_max_k,
     exact_top_k,
     grow_experts,
+    grow_experts_is_exact,
     last_loads,
-    preserves_function,
 )
 
 V = 300   # byte-level BPE needs >= 257
@@ -125,14 +125,14 @@ def test_what_holds_exactly():
     # top-1 with weight one: the chosen copy is a copy of the source's choice, weight 1
     one = source(top_k=1, top1_weight="one")
     big, mapping = grow_experts(one, 12)
-    assert preserves_function(one, big, mapping)
+    assert grow_experts_is_exact(one, big, mapping)
     torch.testing.assert_close(logits(big), logits(one), atol=1e-5, rtol=1e-5)
     # top_k = m * K takes all m copies of each chosen expert, with capacity too (same slots per expert)
     for moe in (dict(), dict(capacity_factor=1.0), dict(top_k=1, normalize_topk=False)):
         src = source(**moe)
         big, mapping = grow_experts(src, 8)
         k = exact_top_k(src, mapping)
-        assert k == 2 * src.cfg.moe.top_k and not preserves_function(src, big, mapping)
+        assert k == 2 * src.cfg.moe.top_k and not grow_experts_is_exact(src, big, mapping)
         torch.testing.assert_close(logits(with_top_k(big, k)), logits(src), atol=1e-5, rtol=1e-5)
     assert exact_top_k(src, grow_experts(src, 6, which="most_loaded", loads=LOADS)[1]) is None
     assert exact_top_k(source("sigmoid"), grow_experts(source("sigmoid"), 8)[1]) is None
@@ -141,7 +141,7 @@ def test_what_holds_exactly():
     # ... but not with a capacity: the source expert keeps 1/m of its slots, more tokens drop
     capped = source(top_k=1, top1_weight="one", capacity_factor=1.0)
     big, mapping = grow_experts(capped, 12)
-    assert not preserves_function(capped, big, mapping)
+    assert not grow_experts_is_exact(capped, big, mapping)
     assert float((logits(big) - logits(capped)).abs().max()) > 1e-3
 
 
@@ -402,7 +402,7 @@ def test_relu_routing_grows_with_its_function(which, n, moe):
         hist = src(TOKENS).moe[0].experts_per_token
     assert (hist > 0).sum() >= 2                                   # the premise: different numbers per token
     big, mapping = grow_experts(src, n, which=which, loads=LOADS if which == "most_loaded" else None)
-    assert preserves_function(src, big, mapping) and big.cfg.moe == dataclasses.replace(src.cfg.moe,
+    assert grow_experts_is_exact(src, big, mapping) and big.cfg.moe == dataclasses.replace(src.cfg.moe,
                                                                                           num_experts=n)
     for i, s in mapping.items():
         old, new = src.moe_layers()[i].router, big.moe_layers()[i].router
@@ -417,13 +417,13 @@ def test_relu_routing_grows_with_its_function(which, n, moe):
         torch.testing.assert_close(b.sparsity_loss, a.sparsity_loss, atol=1e-7, rtol=1e-5)
     noisy, mapping = grow_experts(src, n, which=which, loads=LOADS if which == "most_loaded" else None,
                                   noise_std=0.1)
-    assert not preserves_function(src, noisy, mapping)
+    assert not grow_experts_is_exact(src, noisy, mapping)
 
 
 def test_relu_routing_with_max_k_is_exact_at_m_times_max_k():
     src = source(dynamic_k="relu", max_k=2)
     big, mapping = grow_experts(src, 8)
-    assert not preserves_function(src, big, mapping) and exact_max_k(src, mapping) == 4
+    assert not grow_experts_is_exact(src, big, mapping) and exact_max_k(src, mapping) == 4
     assert float((logits(big) - logits(src)).abs().max()) > 1e-3          # max_k 2 kept cuts the copies
     torch.testing.assert_close(logits(with_moe(big, max_k=4)), logits(src), atol=1e-5, rtol=1e-5)
     assert exact_max_k(src, grow_experts(src, 6, which="most_loaded", loads=LOADS)[1]) is None

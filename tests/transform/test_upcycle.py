@@ -7,7 +7,7 @@ import torch
 from moekit.cli.main import main as cli
 from moekit.model.config import ModelConfig
 from moekit.model.transformer import MoETransformer
-from moekit.transform.upcycle import preserves_function, upcycle
+from moekit.transform.upcycle import upcycle, upcycle_is_exact
 
 
 def dense(n_layers=4, tie=True):
@@ -73,7 +73,7 @@ def test_shared_expert_from_the_ffn(method, gate):
 def test_drop_upcycle_reinitialises_its_share_per_expert(ratio):
     src = dense(n_layers=2, tie=False)
     moe = upcycle(src, 4, 2, method="drop", drop_ratio=ratio, seed=7)
-    assert not preserves_function(moe.cfg.moe, "drop")
+    assert not upcycle_is_exact(moe.cfg.moe, "drop")
     ffn, ex = src.blocks[1].ffn, moe.blocks[1].ffn.experts
     gate_DF, down_FD = ffn.w_gate.weight.t(), ffn.w_down.weight.t()
     changed = []
@@ -107,7 +107,7 @@ def test_drop_upcycle_reinitialises_its_share_per_expert(ratio):
 def test_copy_upcycle_equals_the_dense_model(layers, experts, top_k, router):
     src = dense()
     moe = upcycle(src, experts, top_k, layers=layers, router=router).eval()
-    assert preserves_function(moe.cfg.moe, "copy")
+    assert upcycle_is_exact(moe.cfg.moe, "copy")
     assert_same_function(src, moe)
     assert sorted(moe.moe_layers()) == moe.cfg.moe_layer_ids() and moe.moe_layers()
     aux = moe(TOKENS).moe
@@ -144,8 +144,8 @@ def test_router_init_and_refusals():
         upcycle(normal, 4, 2)
     with pytest.raises(ValueError, match="4 experts are fewer than top_k=5"):
         upcycle(src, 4, 5)
-    assert not preserves_function(upcycle(src, 4, 2, capacity_factor=1.25).cfg.moe, "copy")
-    assert not preserves_function(upcycle(src, 4, 1, top1_weight="prob").cfg.moe, "copy")
+    assert not upcycle_is_exact(upcycle(src, 4, 2, capacity_factor=1.25).cfg.moe, "copy")
+    assert not upcycle_is_exact(upcycle(src, 4, 1, top1_weight="prob").cfg.moe, "copy")
     for kwargs, match in [(dict(method="nope"), "method='nope'"),
                           (dict(method="drop", drop_ratio=1.5), "drop_ratio=1.5"),
                           (dict(granularity=2), "applies to method='virtual-group'"),
@@ -222,13 +222,13 @@ def test_top_p_upcycle_equals_the_dense_model(top_k, router):
     takes no top1_weight here). A token with one expert keeps its probability as its weight."""
     src = dense()
     moe = upcycle(src, 8, top_k, router=router, dynamic_k="top_p", top_p=0.5, min_k=2, target_k=3).eval()
-    assert moe.cfg.moe.top1_weight == "prob" and preserves_function(moe.cfg.moe, "copy")
+    assert moe.cfg.moe.top1_weight == "prob" and upcycle_is_exact(moe.cfg.moe, "copy")
     assert_same_function(src, moe)
     hist = moe(TOKENS).moe[0].experts_per_token
     assert (hist > 0).sum() >= 2                     # the premise: tokens took different numbers of experts
-    assert not preserves_function(moe.cfg.moe, "virtual-group")
+    assert not upcycle_is_exact(moe.cfg.moe, "virtual-group")
     one = upcycle(src, 8, top_k, router=router, dynamic_k="top_p", top_p=0.1).eval()   # one expert each
-    assert not preserves_function(one.cfg.moe, "copy")
+    assert not upcycle_is_exact(one.cfg.moe, "copy")
     with torch.no_grad():
         assert float((one(TOKENS).logits - src(TOKENS).logits).abs().max()) > 1e-2
 
@@ -245,7 +245,7 @@ def test_null_and_relu_upcycles_route_but_are_not_the_dense_function(mode, extra
                                   "router_init='normal'")
         return
     moe = upcycle(src, 4, 2, dynamic_k=mode, router_init=router_init, seed=1, **extra).eval()
-    assert not preserves_function(moe.cfg.moe, "copy")
+    assert not upcycle_is_exact(moe.cfg.moe, "copy")
     for layer in moe.moe_layers().values():          # the null experts' rows start like the experts'
         r = layer.router
         if mode == "null":
