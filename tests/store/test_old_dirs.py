@@ -1,0 +1,43 @@
+"""Directories written before the wave-3 move (store/, transform/) still load, to the same logits.
+
+The fixture (tests/fixtures/wave2-dirs, see its README) was written by moekit at commit 75cea5c:
+a run, its export, an 8-bit quantized export and a LoRA fine-tuning run.
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import moekit
+from moekit.store.run_dir import load_run
+
+OLD = Path(__file__).parent.parent / "fixtures" / "wave2-dirs"
+EXPECTED = torch.load(OLD / "expected_logits.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("name", ["run", "export", "q8", "lora"])
+def test_an_old_directory_loads_to_the_same_logits(name):
+    model, tok = moekit.load_model(OLD / name)
+    with torch.no_grad():
+        logits = model(EXPECTED["ids"]).logits.float()
+    assert torch.equal(logits, EXPECTED[name]), f"{name}: max diff {(logits - EXPECTED[name]).abs().max()}"
+    if name == "q8":
+        assert type(model.blocks[0].ffn.experts).__name__ == "QuantizedExperts"   # built with its structure
+
+
+def test_an_old_run_resumes_and_trains_on(tmp_path, monkeypatch):
+    """The saved run continues (optimizer, data position, RNG from the old checkpoint.pt); its
+    recipe names its corpus by a relative path, corpus.txt."""
+    from moekit.config import RunConfig
+    from moekit.train.launch import launch
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(OLD / "corpus.txt", tmp_path / "corpus.txt")
+    run = tmp_path / "run"
+    shutil.copytree(OLD / "run", run)
+    summary = launch(RunConfig(), run, resume=True, progress=False, changes={"max_steps": 4})
+    assert summary["steps"] == 4 and summary["steps_run"] == 1
+    assert (run / "summary.json").exists()
+    _, _, cfg = load_run(run)
+    assert cfg.train.max_steps == 4
