@@ -36,7 +36,7 @@ number of experts keeps the null experts' rows and ``k_control``; max_k and targ
 the smaller count (:func:`moekit.transform.extract.with_experts`).
 The router default "mean" measured lower than "dominant" for softmax routers (relative layer
 error 0.84 vs 0.87 at top-2, 0.90 vs 0.96 at top-1) and slightly higher for sigmoid (0.95 vs
-0.94); tests/serve/test_merge.py holds the softmax comparison.
+0.94); tests/transform/test_merge.py holds the softmax comparison.
 """
 
 from __future__ import annotations
