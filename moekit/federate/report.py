@@ -121,3 +121,10 @@ def build_federated_report(out: Path) -> str:
                             "(the closest expert on the other client has the same index).</p>"))
     return page(f"moekit federation report: {out}", f"moekit federation report: {out}",
                 sections)
+
+
+def write_federated_report(out: Path, path: Path | None = None) -> Path:
+    """The federation's page, written to ``path`` (default OUT/report.html)."""
+    path = Path(path) if path else Path(out) / "report.html"
+    path.write_text(build_federated_report(Path(out)), encoding="utf-8")
+    return path

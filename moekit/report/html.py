@@ -6,9 +6,12 @@ import math
 import statistics
 from pathlib import Path
 
-from moekit.model.routing import RoutingBreakdown
+from moekit.model.routing import RoutingBreakdown, frequency_class, routing_breakdown
+from moekit.model.transformer import model_flops
 from moekit.report.experts_per_token import experts_per_token_section
 from moekit.report.figures import facts_table, page, per_layer, plt, png, read_metrics, series
+from moekit.store.run_dir import load_run
+from moekit.train.splits import open_split
 
 
 def loss_curves(rows: list[dict], baseline: list[dict] | None) -> str:
@@ -190,3 +193,49 @@ def build_report(run_dir: Path, summary: dict, by_tag: RoutingBreakdown | None,
                          breakdown_heatmaps(by_freq, "frequency class")))
     sections.append(("throughput", "Throughput", curve({"run": rows}, "perf/tokens_per_s", [0], "tokens/s")))
     return page(f"moekit run report: {run_dir}", "moekit run report", sections)
+
+
+def write_run_report(run_dir: Path, baseline: Path | None = None, out: Path | None = None,
+                     windows: int = 512) -> tuple[Path, list[str]]:
+    """Route ``windows`` validation windows of the run (by language, by token frequency), write
+    the page to ``out`` (default RUN_DIR/report.html); returns (the page's path, a line per MoE
+    layer with its mutual information)."""
+    run_dir = Path(run_dir)
+    model, tok, cfg = load_run(run_dir)
+    val, train = open_split(cfg, run_dir, "val"), open_split(cfg, run_dir, "train")
+    by_tag, by_freq = routing_breakdown(model, val, frequency_class(train, tok.get_vocab_size()),
+                                        max_windows=windows)
+    flops = model_flops(model.cfg, cfg.data.seq_len)
+    source = ("task", cfg.data.task) if cfg.data.task else ("corpus", cfg.data.corpus)
+    summary = {source[0]: source[1], "parameters (total / active)":
+               f"{flops['params_total']:,.0f} / {flops['params_active']:,.0f}",
+               "experts": experts_line(cfg.model.moe)}
+    can_drop = cfg.model.moe is not None and (cfg.model.moe.capacity_factor is not None
+                                              or cfg.model.moe.router == "expert_choice")
+    page_html = build_report(run_dir, summary, by_tag, by_freq, baseline, can_drop=can_drop,
+                             moe=cfg.model.moe)
+    out = Path(out) if out else run_dir / "report.html"
+    out.write_text(page_html, encoding="utf-8")
+    tags = len(by_tag.labels) > 1
+    dynamic = cfg.model.moe is not None and cfg.model.moe.dynamic
+    lines = []
+    for i in sorted(by_tag.counts):
+        lang = (f"I(expert; language) = {by_tag.mutual_information(i):.3f} bits "
+                f"(H(language) = {by_tag.class_entropy(i):.3f}), " if tags else "")
+        k = f", {by_freq.overall_experts_per_token(i):.2f} experts per token" if dynamic else ""
+        mi = by_freq.mutual_information(i)
+        lines.append(f"layer {i}: {lang}I(expert; frequency class) = {mi:.3f} bits{k}")
+    return out, lines
+
+
+def experts_line(moe) -> str:
+    """The summary's experts: "8 x top-2, router softmax", or a dynamic router's range and target."""
+    if moe is None:
+        return "dense"
+    if not moe.dynamic:
+        return f"{moe.num_experts} x top-{moe.top_k}, router {moe.router}"
+    lo, hi = moe.k_range
+    null = f" + {moe.num_null_experts} null" if moe.dynamic_k == "null" else ""
+    target = f", target {moe.target_k:g}" if moe.target_k is not None else ""
+    return (f"{moe.num_experts}{null} experts, dynamic_k={moe.dynamic_k} ({lo}-{hi} per token{target}), "
+            f"router {moe.router}")
