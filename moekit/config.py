@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from moekit.checks import bad, check_bool, check_choice, check_int, check_real, is_int
+from moekit.data.mixture import check_mixture
 from moekit.model.config import ModelConfig
 from moekit.moe.config import MoEConfig, default_moe
 from moekit.recipe import apply_overrides, load_toml
@@ -54,7 +55,6 @@ class DataConfig:
             raise bad(own, "task", self.task, "must name a catalog task or a JSONL file",
                       "use e.g. 'rotten-tomatoes', or leave it unset to train on the corpus")
         if self.mixture is not None:
-            from moekit.data.mixture import check_mixture
             self.mixture = check_mixture(self.mixture)
             if self.task is not None:
                 raise bad(own, "mixture", "(set)", "cannot be combined with data.task",

@@ -28,6 +28,7 @@ import torch
 
 from moekit.data.catalog import Document, load_documents
 from moekit.data.stream import PackedSplit, build_token_cache, is_val_doc
+from moekit.data.tasks import load_task
 
 
 def check_mixture(mixture) -> list[dict]:
@@ -74,7 +75,6 @@ def _default_tag(source: str) -> str:
 def source_documents(source: str, tag: str) -> list[Document]:
     """One mixture source's documents, all tagged ``tag``."""
     if source.startswith("task:"):
-        from moekit.data.tasks import load_task
         task = load_task(source[len("task:"):])
         return [Document(e.prompt + e.completion, tag) for e in task.splits["train"]]
     return [Document(d.text, tag) for d in load_documents(source)]

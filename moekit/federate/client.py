@@ -29,6 +29,10 @@ from moekit.federate.strategies import on_wire, sent_keys
 from moekit.store.checkpoint import Checkpoint, find_checkpoint
 from moekit.store.run_dir import load_run, write_json
 from moekit.store.source import Initial
+from moekit.train.evaluate import evaluate
+from moekit.train.launch import launch
+from moekit.train.run import load_initial
+from moekit.train.splits import open_split
 
 ROUNDS = "rounds.json"
 
@@ -94,7 +98,6 @@ def _train(spec: FederationSpec, index: int, run_dir: Path, server_round: int, s
     before its checkpoint can exist."""
     from tokenizers import Tokenizer
 
-    from moekit.train.launch import launch
     resume = find_checkpoint(run_dir) is not None
     if not resume and run_dir.exists():         # a first round cut short: nothing in it to keep
         shutil.rmtree(run_dir)
@@ -132,7 +135,6 @@ def _record_from_checkpoint(spec: FederationSpec, index: int, run_dir: Path, sta
 def personalised_model(out: Path, index: int, state: dict[str, Tensor]):
     """(model, run config) client ``index`` holds after the server's ``state``: its checkpoint's
     model with the shared tensors loaded over it (under local-experts its experts stay its own)."""
-    from moekit.train.run import load_initial
     run_dir = client_dir(out, index)
     if find_checkpoint(run_dir) is None:
         raise ValueError(f"client {index} has no model yet (it has not finished a round); it is evaluated "
@@ -144,8 +146,6 @@ def personalised_model(out: Path, index: int, state: dict[str, Tensor]):
 
 def evaluate_on(model, out: Path, index: int, batches: int | None = None) -> float:
     """``model``'s validation loss on client ``index``'s own validation split."""
-    from moekit.train.evaluate import evaluate
-    from moekit.train.splits import open_split
     spec = FederationSpec.load(out)
     cfg = spec.client_config(index)
     val = open_split(cfg, client_dir(out, index), "val")

@@ -19,6 +19,8 @@ from moekit.config import RunConfig
 from moekit.data.catalog import load_documents
 from moekit.data.stream import is_val_doc
 from moekit.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from moekit.model.transformer import MoETransformer
+from moekit.store.run_dir import model_config_for, save_export
 
 
 def default_shards(cfg: RunConfig, clients: int | None) -> list[str]:
@@ -85,8 +87,6 @@ def initial_model(cfg: RunConfig, tok, out_dir: Path) -> None:
     """Round 0: the recipe's model from its seed, as an export directory."""
     import torch
 
-    from moekit.model.transformer import MoETransformer
-    from moekit.store.run_dir import model_config_for, save_export
     torch.manual_seed(cfg.train.seed)
     model = MoETransformer.build(model_config_for(cfg, tok.get_vocab_size()), device="cpu")
     save_export(model, tok, cfg, out_dir)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from moekit.config import FinetuneConfig
+from moekit.model.routing import frequency_class, routing_breakdown
+from moekit.transform.lora import add_lora
 
 log = logging.getLogger("moekit")
 
@@ -25,7 +27,6 @@ log = logging.getLogger("moekit")
 def choose_esft_experts(model, split, share: float, batch_size: int = 16, max_examples: int = 2048) -> dict:
     """{MoE layer: [experts]}: per layer the fewest experts, most used first, whose shares of
     the task's routed tokens (training examples, padding excluded) add up to >= ``share``."""
-    from moekit.model.routing import frequency_class, routing_breakdown
     freq = frequency_class(split, model.cfg.vocab_size)
     by_tag, _ = routing_breakdown(model, split, freq, batch_size=batch_size, max_windows=max_examples)
     chosen = {}
@@ -45,7 +46,6 @@ def apply(model, cfg: FinetuneConfig) -> list:
     """Freeze / add LoRA as ``cfg`` says; returns the optimizer hooks to register
     ((pre, post) pairs, see :func:`register`)."""
     if cfg.lora_rank is not None:
-        from moekit.transform.lora import add_lora
         info = add_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets))
         also = 0
         for name, p in model.named_parameters():

@@ -22,6 +22,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from moekit.config import RunConfig
+from moekit.recipe import load_toml
+
 ENTRY_KEYS = ("choices", "low", "high", "log")
 _EXAMPLE = ('e.g. "train.lr" = { low = 1e-4, high = 1e-2, log = true } or '
             '"model.moe.top_k" = { choices = [1, 2] }')
@@ -82,7 +85,6 @@ class Space:
     def base_values(self, raw: dict) -> dict | None:
         """The base recipe's values of the searched fields, when every one lies in the space
         (then the base recipe is trial 0, the reference the others are measured against)."""
-        from moekit.config import RunConfig
         full = RunConfig.from_dict(raw).to_dict()
         values = {p.name: _get(full, p.name) for p in self.params}
         return values if all(p.holds(values[p.name]) for p in self.params) else None
@@ -104,7 +106,6 @@ def apply(raw: dict, params: dict) -> dict:
 def load_space(path: str | Path) -> Space:
     """The space in a TOML file, every entry checked (one ValueError line naming the field,
     the value and the fix)."""
-    from moekit.recipe import load_toml
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"space file {str(path)!r} not found; give a .toml with a [space] table")
@@ -185,7 +186,6 @@ def _choices(name: str, entry: dict) -> Param:
 
 def _check_field(name: str) -> None:
     """``name`` must be a field of RunConfig (walked through its sections), not a section."""
-    from moekit.config import RunConfig
     node, done = RunConfig(), []
     for part in name.split("."):
         fields = {f.name for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else set()

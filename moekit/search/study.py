@@ -25,7 +25,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from moekit.config import RunConfig
 from moekit.search.space import Space, apply
+from moekit.train.launch import launch, precheck
+from moekit.train.trainer import RunStopped
 
 log = logging.getLogger("moekit")
 
@@ -228,9 +231,6 @@ def trial_line(t, objectives: list[str]) -> str:
 
 def run_trial(trial, ctx: Context):
     """One sampled config, trained in ``OUT/trial-<n>``; its objective values."""
-    from moekit.config import RunConfig
-    from moekit.train.launch import launch, precheck
-    from moekit.train.trainer import RunStopped
     params = ctx.space.suggest(trial)
     run_dir = ctx.out / f"trial-{trial.number}"
     trial.set_user_attr("run_dir", str(run_dir))

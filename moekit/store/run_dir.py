@@ -25,7 +25,9 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from moekit.config import RunConfig
-from moekit.data.tokenizer import load_tokenizer, save_tokenizer
+from moekit.data.catalog import MODELS
+from moekit.data.tokenizer import eos_id, load_tokenizer, save_tokenizer
+from moekit.interop.hf import catalog_model_dir, load_hf_dir, read_json, save_hf_dir, to_hf_config
 from moekit.model.config import ModelConfig
 from moekit.model.transformer import MoETransformer
 from moekit.store.checkpoint import CHECKPOINT, SHARDED, Checkpoint, find_checkpoint
@@ -160,7 +162,6 @@ def load_run(run_dir: Path):
     or of a ``moekit export`` directory, on one process."""
     run_dir = _catalog_or_path(run_dir)
     if not run_dir.exists():
-        from moekit.data.catalog import MODELS
         raise FileNotFoundError(f"{str(run_dir)!r} does not exist; give a run, export or Hugging Face "
                                 f"directory, or a catalog model ({', '.join(sorted(MODELS))})")
     if not run_dir.is_dir():
@@ -320,9 +321,7 @@ def _load_export(out_dir: Path):
 
 def _catalog_or_path(path) -> Path:
     """A catalog model name (``smollm2-135m``) is its cached Hugging Face directory."""
-    from moekit.data.catalog import MODELS
     if not Path(path).exists() and str(path) in MODELS:
-        from moekit.interop.hf import catalog_model_dir
         return catalog_model_dir(str(path))
     return Path(path)
 
@@ -330,7 +329,6 @@ def _catalog_or_path(path) -> Path:
 def _is_hf_dir(path: Path) -> bool:
     """A Hugging Face model directory: its config.json names a model_type (moekit's has sections).
     A config.json that is not JSON is one line saying so (not a later "export again")."""
-    from moekit.interop.hf import read_json
     if not (path / "config.json").is_file():
         return False
     cfg = read_json(path / "config.json")
@@ -338,7 +336,6 @@ def _is_hf_dir(path: Path) -> bool:
 
 
 def _load_hf(path: Path):
-    from moekit.interop.hf import load_hf_dir
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{str(path)!r} has no tokenizer.json (moekit reads the fast-tokenizer "
                                 "file); save it there with transformers: AutoTokenizer.from_pretrained(...)"
@@ -358,7 +355,6 @@ def _check_fits(tok: Tokenizer, vocab_size: int, path: Path) -> None:
 def export_hf(run_dir: Path, out_dir: Path) -> Path:
     """A run (or export, or Hugging Face directory) as a Hugging Face directory that
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads, with the tokenizer."""
-    from moekit.interop.hf import save_hf_dir, to_hf_config
     check_export_target(out_dir, "export --format hf --out", src=run_dir, hf=True)
     model, tok, _ = load_run(run_dir)
     if model.cfg.quant is not None:     # Hugging Face has no layout for these: the float weights
@@ -376,7 +372,6 @@ def export_hf(run_dir: Path, out_dir: Path) -> Path:
 def _hf_tokenizer_files(tok: Tokenizer, max_len: int, out_dir: Path) -> None:
     """tokenizer_config.json (so ``AutoTokenizer`` reads tokenizer.json) and the end-of-text
     token in config.json and generation_config.json (so ``generate`` stops there)."""
-    from moekit.data.tokenizer import eos_id
     eos = eos_id(tok, required=False)
     special = {} if eos is None else {"eos_token": tok.id_to_token(eos), "bos_token": tok.id_to_token(eos)}
     write_json(out_dir / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",

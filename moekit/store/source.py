@@ -19,7 +19,9 @@ from pathlib import Path
 from torch import Tensor
 
 from moekit.config import RunConfig
+from moekit.data.catalog import MODELS
 from moekit.model.config import ModelConfig
+from moekit.store.run_dir import load_run
 
 # model fields a run may set differently from SRC: they size buffers, steer routing or set
 # training-only dropout (fine-tuning), but hold no weights
@@ -41,10 +43,8 @@ def load_source(cfg: RunConfig, model_section: dict | None = None) -> tuple[RunC
     """(the run's config with SRC's architecture, SRC's weights and tokenizer) for
     ``cfg.train.init_from``. ``model_section``: the model fields the recipe (and --set) gave,
     checked against SRC; None = compare ``cfg.model`` itself, unless it is the default."""
-    from moekit.store.run_dir import load_run
     src = cfg.train.init_from
     if not Path(src).exists():
-        from moekit.data.catalog import MODELS
         if src not in MODELS:
             raise FileNotFoundError(f"train.init_from (--from) {src!r}: no such directory or catalog "
                                     "model; give a run, export or Hugging Face directory, or one of "

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from moekit.config import RunConfig, apply_overrides
 from moekit.data.catalog import load_documents
+from moekit.parallel.parallelize import leave_process_group
 from moekit.recipe import load_toml
 from moekit.store import run_dir as rd
 from moekit.store.checkpoint import Checkpoint
@@ -134,7 +135,6 @@ def train_command(*, config: str | None = None, sets: list[str] = (), out: str |
         summary = launch(cfg, run_dir, progress=progress, stop_at=stop_at, model_section=model_section)
     import torch.distributed as dist
     if dist.is_initialized():
-        from moekit.parallel.parallelize import leave_process_group
         rank = dist.get_rank()
         leave_process_group()
         if rank != 0:                   # rank 0 reports

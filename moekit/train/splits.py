@@ -9,7 +9,10 @@ from pathlib import Path
 
 from moekit.config import RunConfig
 from moekit.data.catalog import load_documents
+from moekit.data.mixture import MixtureSplit, build_mixture, source_documents, training_texts
 from moekit.data.stream import PackedSplit, build_token_cache, is_val_doc
+from moekit.data.task_split import TaskSplit, build_task_cache
+from moekit.data.tasks import load_task
 from moekit.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 
@@ -61,8 +64,6 @@ def _reopen(cfg: RunConfig, run_dir: Path, meta_file: str):
 
 
 def _prepare_task(cfg: RunConfig, run_dir: Path):
-    from moekit.data.task_split import build_task_cache
-    from moekit.data.tasks import load_task
     if (prepared := _reopen(cfg, run_dir, "meta.json")) is not None:
         return prepared
     task = load_task(cfg.data.task, cfg.data.task_labels, cfg.data.max_docs)
@@ -73,7 +74,6 @@ def _prepare_task(cfg: RunConfig, run_dir: Path):
 
 
 def _prepare_mixture(cfg: RunConfig, run_dir: Path):
-    from moekit.data.mixture import build_mixture, source_documents, training_texts
     if (prepared := _reopen(cfg, run_dir, "mixture.json")) is not None:
         return prepared
     entries = cfg.data.mixture
@@ -92,9 +92,7 @@ def has_cache(run_dir: Path) -> bool:
 def open_split(cfg: RunConfig, run_dir: Path, split: str):
     """A run's prepared split ("train", "val"; "test" for a task) from its data cache."""
     if cfg.data.mixture is not None:
-        from moekit.data.mixture import MixtureSplit
         return MixtureSplit.open(Path(run_dir) / "data", split, cfg.data.seq_len)
     if cfg.data.task is not None:
-        from moekit.data.task_split import TaskSplit
         return TaskSplit.open(Path(run_dir) / "data", split, cfg.data.seq_len)
     return PackedSplit.open(Path(run_dir) / "data", split, cfg.data.seq_len)

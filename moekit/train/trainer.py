@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from moekit.checks import is_int
 from moekit.config import RunConfig
+from moekit.data.task_split import accuracy
 from moekit.model.transformer import model_flops
 from moekit.store import run_dir as rd
 from moekit.store.checkpoint import Checkpoint, save_checkpoint, save_sharded_checkpoint
@@ -342,7 +343,6 @@ def _task_scores(run: Run, split: str) -> dict:
     finetune.eval_examples; test: all), else {}. Every rank runs the same forwards."""
     if getattr(run.val_split, "label_ids", None) is None:
         return {}
-    from moekit.data.task_split import accuracy
     data = run.val_split if split == "val" else splits.open_split(run.cfg, run.run_dir, split)
     n = run.cfg.finetune.eval_examples if split == "val" else run.cfg.finetune.test_examples
     return {f"acc/{split}": accuracy(run.model, data, run.device, run.cfg.train.batch_size, n, run.autocast)}

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from moekit.model.transformer import MoETransformer
+from moekit.transform.extract import fewest_experts, with_experts
 
 SEED = 0
 
@@ -54,7 +55,6 @@ def check_target(model, num_experts, verb: str) -> None:
     if model.cfg.routes_by_tag:
         raise ValueError(f"{verb}: model.moe.router_input={moe.router_input!r} routes by tag, which is not "
                          "supported yet; use a token-routed model (or moekit extract for one tag)")
-    from moekit.transform.extract import fewest_experts
     E, (K, why) = moe.num_experts, fewest_experts(moe)
     if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts >= E:
         raise ValueError(f"{verb}: num_experts={num_experts!r} must be an integer fewer than the model's "
@@ -141,7 +141,6 @@ def build_like(model, num_experts: int, state: dict[str, Tensor]) -> MoETransfor
     """A new model of ``model``'s config with ``num_experts`` experts per MoE layer (a dynamic
     number of experts per token keeps its bounds inside them: :func:`moekit.transform.extract.
     with_experts`), holding ``state``, in ``model``'s device and mode."""
-    from moekit.transform.extract import with_experts
     cfg = dataclasses.replace(model.cfg, moe=with_experts(model.cfg.moe, num_experts))
     new = MoETransformer.build(cfg, device=model.embed.weight.device)
     new.load_state_dict(state)

@@ -37,8 +37,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from moekit.checks import require_float
 from moekit.model.transformer import MoETransformer
 from moekit.moe.config import MoEConfig
+from moekit.moe.topk import topk_stable
 
 
 def is_exact(moe: MoEConfig) -> bool:
@@ -69,7 +71,6 @@ def tag_experts(model, tag: str) -> dict[int, list[int]]:
     if model.cfg.moe is None or model.cfg.moe.router_input != "tag":
         raise ValueError("tag_experts: the model does not route by the tag alone (model.moe.router_input "
                          "!= 'tag'); count the tag's routing instead (extract_experts(..., loads=...))")
-    from moekit.moe.topk import topk_stable
     index = model.cfg.moe.route_tags.index(tag)
     chosen, order = {}, {}
     for i, layer in model.moe_layers().items():
@@ -171,7 +172,6 @@ def extract_experts(model, tag: str, loads: dict[int, list[int]] | None = None,
         >>> small.cfg.moe.num_experts == model.cfg.moe.top_k   # doctest: +SKIP
         True
     """
-    from moekit.checks import require_float
     require_float(model, "extract_experts")
     moe = model.cfg.moe
     if moe is None:

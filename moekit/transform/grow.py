@@ -58,7 +58,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moekit.checks import is_int
+from moekit.checks import is_int, require_float
 from moekit.model.config import ModelConfig
 from moekit.model.transformer import MoETransformer
 
@@ -120,7 +120,6 @@ def grow(model: MoETransformer, *, d_model: int | None = None, d_ff: int | None 
         >>> torch.allclose(big(x).logits, small(x).logits, atol=1e-5), big.cfg.d_model
         (True, 32)
     """
-    from moekit.checks import require_float
     require_float(model, "grow")
     wide, L2 = grown_config(model, d_model=d_model, d_ff=d_ff, expert_d_ff=expert_d_ff, n_heads=n_heads,
                             n_kv_heads=n_kv_heads, n_layers=n_layers, width_mode=width_mode,

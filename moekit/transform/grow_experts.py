@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moekit.checks import is_int, is_real
+from moekit.checks import is_int, is_real, require_fixed_k, require_float
 from moekit.model.transformer import MoETransformer
 from moekit.transform.grow import _build
 
@@ -91,7 +91,6 @@ def grow_experts(model: MoETransformer, num_experts: int, *, which: str = "all",
         >>> big.cfg.moe.num_experts, mapping
         (4, {0: [0, 1, 0, 1]})
     """
-    from moekit.checks import require_fixed_k, require_float
     require_float(model, "grow_experts")
     mode = getattr(model.cfg.moe, "dynamic_k", "none")
     require_fixed_k(model.cfg.moe, "grow_experts", _DYNAMIC_WHY.get(mode, ""), "grow the experts of a "

@@ -41,6 +41,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
+from moekit.checks import require_float
 from moekit.model.transformer import MoETransformer
 from moekit.moe.config import MoEConfig
 
@@ -65,7 +66,6 @@ def upcycle(model: MoETransformer, num_experts: int, top_k: int, *, method: str 
         >>> torch.allclose(moe.eval()(x).logits, dense.eval()(x).logits, atol=1e-5)
         True
     """
-    from moekit.checks import require_float
     require_float(model, "upcycle")
     moe = upcycle_config(model, num_experts, top_k, method=method, drop_ratio=drop_ratio,
                          granularity=granularity, router_init=router_init, router_std=router_std,
