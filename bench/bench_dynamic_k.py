@@ -75,8 +75,8 @@ def speed(out: Path, arms: list[str], rounds: int, batches: int = 4) -> dict[str
     rounds in this one process, the median per arm."""
     from moekit.store.run_dir import load_run
     from moekit.train.evaluate import lm_loss
+    from moekit.train.objectives import router_terms
     from moekit.train.splits import open_split
-    from moekit.train.step import router_terms
     models = {arm: load_run(out / arm)[0].train() for arm in arms}
     cfg = load_run(out / arms[0])[2]
     val = open_split(cfg, out / arms[0], "val")

@@ -188,7 +188,8 @@ def setup(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None = None, initial
     Example:
         >>> cfg = RunConfig.from_dict({"data": {"corpus": "shakespeare"}})    # doctest: +SKIP
         >>> run = setup(cfg, Path("runs/api"))                                # doctest: +SKIP
-        >>> from moekit.train.step import Batch, Pretraining, train_step
+        >>> from moekit.train.objectives import Batch, Pretraining
+        >>> from moekit.train.step import train_step
         >>> batch = Batch(*run.train_split.batch(run.sampler.next()))          # doctest: +SKIP
         >>> train_step(run, [batch], Pretraining()).losses["lm"]               # doctest: +SKIP
     """

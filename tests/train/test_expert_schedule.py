@@ -9,8 +9,9 @@ import torch
 from moekit.config import RunConfig, parse_expert_schedule
 from moekit.store.run_dir import load_run
 from moekit.train.growth import full_state, grow_run
+from moekit.train.objectives import Batch, Pretraining
 from moekit.train.run import setup
-from moekit.train.step import Batch, Pretraining, train_step
+from moekit.train.step import train_step
 from moekit.train.trainer import train
 
 

@@ -6,9 +6,10 @@ import torch
 from moekit.config import RunConfig, TrainConfig
 from moekit.model import ModelConfig, MoETransformer
 from moekit.moe.config import MoEConfig
+from moekit.train.objectives import Batch, Pretraining
 from moekit.train.optim import build_optimizer
 from moekit.train.run import setup
-from moekit.train.step import Batch, Pretraining, train_step
+from moekit.train.step import train_step
 
 
 def _cfg(corpus, **train):

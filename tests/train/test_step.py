@@ -5,8 +5,9 @@ import dataclasses
 import torch
 
 from moekit.config import RunConfig
+from moekit.train.objectives import Batch, Loss, Pretraining
 from moekit.train.run import setup
-from moekit.train.step import Batch, Loss, Pretraining, train_step
+from moekit.train.step import train_step
 
 
 def tiny_cfg(corpus, batch_size=8, grad_accum=1, moe=None, **train_kw) -> RunConfig:

@@ -12,6 +12,7 @@ from moekit import MoEConfig, MoELayer, reference_moe
 from moekit.model.config import ModelConfig
 from moekit.model.transformer import MoETransformer
 from moekit.moe.experts import HAS_GROUPED_MM, GroupedExperts
+from moekit.store.run_dir import build_model
 from moekit.transform import quantize as qz
 from moekit.transform.quantize import QuantizedExperts, QuantizedLinear, dequantize_model, quantize_model
 
@@ -216,7 +217,7 @@ def test_round_trip_through_build_and_safetensors(tmp_path, attention):
     torch.manual_seed(0)
     q = quantize_model(MoETransformer(model_cfg(num_shared_experts=1)), 4, 32, attention=attention)
     want = logits(q)
-    rebuilt = MoETransformer.build(q.cfg)
+    rebuilt = build_model(q.cfg)          # the loader's: the structure, then the weights
     rebuilt.load_state_dict(q.state_dict())
     assert torch.equal(logits(rebuilt), want)
     # tied embeddings share storage: save the untied keys, re-tie on load (as save_export does)
@@ -224,7 +225,7 @@ def test_round_trip_through_build_and_safetensors(tmp_path, attention):
     state = load_file(str(tmp_path / "q.st"))
     assert state["blocks.0.ffn.experts.w_up_q"].dtype == torch.uint8
     state["lm_head.weight"] = state["embed.weight"]
-    loaded = MoETransformer.build(q.cfg)
+    loaded = build_model(q.cfg)
     loaded.load_state_dict(state)
     assert torch.equal(logits(loaded), want)
 
@@ -262,5 +263,6 @@ def test_refusals():
     with pytest.raises(ValueError, match="not quantized"):
         dequantize_model(model)
     with pytest.raises(ValueError, match="group_size=128: does not divide"):
-        MoETransformer.build(dataclasses.replace(model.cfg, quant={"bits": 8, "group_size": 128,
-                                                                   "attention": False}))
+        build_model(dataclasses.replace(model.cfg, quant={"bits": 8, "group_size": 128, "attention": False}))
+    with pytest.raises(ValueError, match=r"model.quant=.*built with its structure; use .*build_model"):
+        MoETransformer.build(q.cfg)         # the model alone knows no quantization
