@@ -19,8 +19,10 @@ setup: $(BIN)/.installed
 train: setup
 	$(BIN)/moekit train
 
+# three workers on two cores: a third of the suite's time is tests waiting on other processes
+# (Flower's 60 s heartbeat, torchrun's ranks, torch.compile's compiler); -n 0 runs in one process
 test: setup
-	$(BIN)/python -m pytest moekit tests
+	$(BIN)/python -m pytest -n 3 --dist loadscope moekit tests
 
 # the benchmark's peers (DeepSpeed, transformers); DS_BUILD_OPS=0: no CUDA op builds
 $(BIN)/.bench: $(BIN)/.installed

@@ -186,3 +186,19 @@ def parl_subset(parl_docs, tmp_path_factory):
     rows = [d for tag in sorted(by_tag) for d in by_tag[tag][:75]]
     path.write_text("".join(json.dumps({"text": d.text, "tag": d.tag}) + "\n" for d in rows))
     return path
+
+
+# The modules whose tests take the longest (a federation with a killed client waits out
+# Flower's 60 s heartbeat; torchrun; torch.compile; the benchmarks): collected first, so that
+# pytest-xdist starts them at once and the short tests fill the other worker around them.
+SLOW_FIRST = ("federate/test_federate_cli.py", "parallel/test_torchrun.py", "train/test_dynamic_training.py",
+              "model/test_compile.py", "train/test_trainer.py", "test_bench.py", "interop/test_hf.py",
+              "parallel/test_checkpointing.py", "parallel/test_parallelize.py", "train/test_faults.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        path = item.path.as_posix()
+        return next((i for i, name in enumerate(SLOW_FIRST) if path.endswith("tests/" + name)),
+                    len(SLOW_FIRST))
+    items.sort(key=rank)        # stable: the order within each module is kept
