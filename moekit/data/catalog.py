@@ -203,11 +203,17 @@ def load_documents(source: str | Path) -> list[Document]:
     if not cached.exists():
         docs = list(corpus.reader(fetch(corpus.name)))
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for d in docs:
-                f.write(json.dumps({"text": d.text, "tag": d.tag}, ensure_ascii=False) + "\n")
-        os.replace(tmp, cached)
+        # a temporary name of this process's own: two processes fetching the same corpus at
+        # once (two runs, two test workers) each write whole and the last replace wins
+        fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f".{corpus.name}.", suffix=".tmp")
+        try:
+            with open(fd, "w", encoding="utf-8") as f:
+                for d in docs:
+                    f.write(json.dumps({"text": d.text, "tag": d.tag}, ensure_ascii=False) + "\n")
+            os.replace(tmp, cached)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return docs
     return _read_jsonl(cached)
 

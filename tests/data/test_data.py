@@ -197,3 +197,26 @@ def test_empty_corpus_name_is_refused_not_read_as_the_current_folder(tmp_path, m
     for blank in ("", "  "):
         with pytest.raises(ValueError, match="data.corpus=.* is empty"):
             load_documents(blank)
+
+
+def test_processes_fetching_one_corpus_at_once_all_get_it(tmp_path, parl_docs):
+    """Two runs (or two test workers) reading a catalog corpus for the first time at once: each
+    writes the cached JSONL under a name of its own, so none finds another's temporary file
+    gone (the fixed name parlspeech.tmp made one of two concurrent `moekit train`s fail)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from moekit.data.catalog import cache_dir
+    cache = tmp_path / "cache"
+    shutil.copytree(cache_dir() / "packages", cache / "packages")     # no download: the race is the write
+    code = ("from moekit.data.catalog import load_documents; import sys; "
+            "sys.stdout.write(str(len(load_documents('parlspeech'))))")
+    env = {**os.environ, "MOEKIT_CACHE": str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-300:] for _, err in results]
+    assert {out for out, _ in results} == {str(len(parl_docs))}
+    assert sorted(os.listdir(cache / "corpora")) == ["parlspeech.jsonl"]          # no temporary left
