@@ -65,6 +65,8 @@ class CompressRequest:
 
 
 def compress(req: CompressRequest) -> int:
+    """Read ``req.src`` (never modified) and write the smaller model to ``req.out``: an export
+    (merge, prune, quantize) or a run (distill, ``recover_steps``); prints what was done."""
     src, out = Path(req.src), Path(req.out)
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise ValueError(f"--out {str(out)!r} is the source itself; writing there would overwrite it: "
@@ -102,8 +104,8 @@ def _transform(req, model, tok, cfg, src: Path):
             info.update(prune_by=req.prune_by, kept={str(i): k for i, k in kept.items()})
         else:
             small, groups = merge_experts(model, batches, req.experts, similarity=req.similarity,
-                                          align=not (not req.align), router=req.router)
-            info.update(similarity=req.similarity, router=req.router, align=not (not req.align),
+                                          align=req.align, router=req.router)
+            info.update(similarity=req.similarity, router=req.router, align=req.align,
                         groups={str(i): g for i, g in groups.items()})
         info.update(experts={"source": model.cfg.moe.num_experts, "compressed": req.experts},
                     calib_tokens=sum(b.numel() for b in batches))
@@ -116,8 +118,8 @@ def _transform(req, model, tok, cfg, src: Path):
 def calibration(req, model, tok, cfg, src: Path) -> list:
     """Calibration batches [B, S] of ``--calib-tokens`` tokens: SRC's own training windows by
     default (never its validation windows, which eval reports on; a task's training examples,
-    padded), else the text of --calib
-    (or SRC's corpus), tokenized with SRC's tokenizer and cut into windows; seeded."""
+    padded), else the text of --calib (or SRC's corpus), tokenized with SRC's tokenizer and cut
+    into windows; seeded."""
     S = min(cfg.data.seq_len, model.cfg.max_seq_len)
     n_windows = max(1, -(-req.calib_tokens // S))
     g = torch.Generator().manual_seed(req.seed)
