@@ -130,6 +130,8 @@ def train_command(*, config: str | None = None, sets: list[str] = (), out: str |
     else:
         cfg, model_section = recipe_config(config, sets, init_from, raw)
         run_dir = Path(out) if out else default_out
+        if run_dir is None:
+            raise ValueError("no run directory: pass --out DIR")
         if os.environ.get("RANK", "0") == "0":
             print(f"run directory: {run_dir}")
         summary = launch(cfg, run_dir, progress=progress, stop_at=stop_at, model_section=model_section)
