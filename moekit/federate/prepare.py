@@ -19,8 +19,7 @@ from moekit.config import RunConfig
 from moekit.data.catalog import load_documents
 from moekit.data.stream import is_val_doc
 from moekit.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-from moekit.model.transformer import MoETransformer
-from moekit.store.run_dir import model_config_for, save_export
+from moekit.store.run_dir import build_model, model_config_for, save_export
 
 
 def default_shards(cfg: RunConfig, clients: int | None) -> list[str]:
@@ -88,7 +87,7 @@ def initial_model(cfg: RunConfig, tok, out_dir: Path) -> None:
     import torch
 
     torch.manual_seed(cfg.train.seed)
-    model = MoETransformer.build(model_config_for(cfg, tok.get_vocab_size()), device="cpu")
+    model = build_model(model_config_for(cfg, tok.get_vocab_size()))
     save_export(model, tok, cfg, out_dir)
 
 

@@ -40,9 +40,10 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from moekit.config import parse_expert_schedule
-from moekit.model.transformer import MoETransformer, model_flops
+from moekit.model.transformer import model_flops
 from moekit.parallel.checkpointing import load_full_state
 from moekit.store.checkpoint import restore_rng, rng_state
+from moekit.store.run_dir import build_model
 from moekit.train.evaluate import evaluate
 from moekit.train.optim import grow_optimizer_state
 from moekit.train.run import Run, rebuild
@@ -142,7 +143,7 @@ def grow_run(run: Run, num_experts: int, loads: dict | None = None) -> Run:
     t = run.cfg.train
     rng = rng_state()               # the random streams go on as they were
     state = full_state(run)
-    before = MoETransformer.build(run.model.cfg)
+    before = build_model(run.model.cfg)
     before.load_state_dict(state["model"])
     after, mapping = grow_experts(before, num_experts, which=t.expert_growth,
                                   loads=loads if t.expert_growth == "most_loaded" else None,

@@ -217,7 +217,7 @@ def _build(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None, rank: int, wo
     device = resolve_device(cfg.train.device)
     tok, train_split, val_split, meta = data or _data(cfg, run_dir, rank, world)
     _fill_route_tags(cfg, meta)
-    model = MoETransformer.build(rd.model_config_for(cfg, tok.get_vocab_size()), device=device)
+    model = rd.build_model(rd.model_config_for(cfg, tok.get_vocab_size()), device=device)
     if ckpt is None and initial is not None:    # before parallelizing: SRC's weights, all ranks
         load_initial(model, initial)
     hooks = _finetune(model, cfg, train_split)

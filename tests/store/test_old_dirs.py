@@ -41,3 +41,22 @@ def test_an_old_run_resumes_and_trains_on(tmp_path, monkeypatch):
     assert (run / "summary.json").exists()
     _, _, cfg = load_run(run)
     assert cfg.train.max_steps == 4
+
+
+def test_a_run_from_the_old_quantized_export_trains_and_resumes(tmp_path):
+    """--from a quantized model: the engine builds it through the loader's build_model (the
+    quantized experts, whose weights stay as they are; the float rest trains), and a resume
+    builds it the same way."""
+    from moekit.config import RunConfig
+    from moekit.train.launch import launch
+    raw = {"data": {"corpus": str(OLD / "corpus.txt"), "seq_len": 16},
+           "train": {"max_steps": 2, "batch_size": 2, "eval_every": 2, "eval_batches": 1,
+                     "init_from": str(OLD / "q8")}}
+    run = tmp_path / "from-q8"
+    summary = launch(RunConfig.from_dict(raw), run, progress=False, model_section={})
+    assert summary["steps"] == 2 and summary["final_val_loss"] == summary["final_val_loss"]
+    summary = launch(RunConfig(), run, resume=True, progress=False, changes={"max_steps": 3})
+    assert summary["steps"] == 3
+    model, _, cfg = load_run(run)
+    assert cfg.model.quant == {"bits": 8, "group_size": 8, "attention": False}
+    assert type(model.blocks[0].ffn.experts).__name__ == "QuantizedExperts"
