@@ -357,6 +357,23 @@ class RunConfig:
         return plain(self)
 
 
+def check_new_run(cfg: RunConfig) -> None:
+    """What a new run's recipe may not combine, checked when it starts (with ``--from``, against
+    the source's architecture); a saved config is not checked again, so every run that once
+    started still loads and resumes."""
+    t, m = cfg.train, cfg.model
+    if is_int(t.warmup_steps) and is_int(t.max_steps) and t.warmup_steps > t.max_steps:
+        raise ValueError(f"train.warmup_steps={t.warmup_steps} is more than train.max_steps={t.max_steps}: "
+                         f"the LR would never reach train.lr={t.lr:g}; use warmup_steps <= {t.max_steps} "
+                         f"(unset, it is max_steps // 5 = {t.max_steps // 5})")
+    if cfg.data.seq_len > m.max_seq_len:
+        src = f" (the model of --from {t.init_from})" if t.init_from else ""
+        fix = "" if t.init_from else " or raise model.max_seq_len"
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} is more than model.max_seq_len={m.max_seq_len}"
+                         f"{src}: the model has no positions past {m.max_seq_len}; use data.seq_len <= "
+                         f"{m.max_seq_len}{fix}")
+
+
 def check_finetune(cfg: RunConfig) -> None:
     """What freezing and LoRA cannot be combined with (yet): one line each."""
     ft, par = cfg.finetune, cfg.parallel

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from moekit.checks import is_int
-from moekit.config import RunConfig
+from moekit.config import RunConfig, check_new_run
 from moekit.data.task_split import accuracy
 from moekit.model.transformer import model_flops
 from moekit.store import run_dir as rd
@@ -92,6 +92,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
             rd.check_fresh(run_dir)
         cfg, initial, teacher = student_start(cfg)
     if ckpt is None:
+        check_new_run(cfg)
         growth.check_start(cfg)
     run = setup(cfg, run_dir, ckpt, initial)   # a new run: checked, made, and removed again if setup fails
     if rank == 0:                           # config.json and every checkpoint record the layout in use

@@ -113,6 +113,27 @@ def test_bad_values_are_one_line_naming_the_field(setting, field, tmp_path, caps
     assert not out.exists()
 
 
+@pytest.mark.parametrize("sets, needle", [
+    (["train.warmup_steps=100", "train.max_steps=20"],
+     "train.warmup_steps=100 is more than train.max_steps=20: the LR would never reach train.lr=0.003; use "
+     "warmup_steps <= 20"),
+    (["data.seq_len=300"],
+     "data.seq_len=300 is more than model.max_seq_len=256: the model has no positions past 256; use "
+     "data.seq_len <= 256 or raise model.max_seq_len"),
+])
+def test_combinations_a_new_run_refuses_before_anything_is_written(sets, needle, tmp_path, capsys,
+                                                                   parl_subset):
+    """Accepted before: warmup longer than the run (its last LR 6e-4 instead of 3e-3), windows
+    longer than the model's positions. Refused up front, also before torchrun starts ranks."""
+    out = tmp_path / "never"
+    corpus = ["--set", f'data.corpus="{parl_subset}"']
+    for extra in ([], ["--nproc", "2"]):
+        argv = ["train", "--out", str(out), *corpus, *[a for s in sets for a in ("--set", s)], *extra]
+        assert cli(argv) == 2
+        one_line_error(capsys, needle)
+        assert not out.exists()
+
+
 @pytest.mark.parametrize("args, needle", [
     (["train", "--stop-at", "-1"], "--stop-at -1"),
     (["train", "--stop-at", "0"], "--stop-at 0"),
