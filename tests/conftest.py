@@ -202,3 +202,54 @@ def pytest_collection_modifyitems(config, items):
         return next((i for i, name in enumerate(SLOW_FIRST) if path.endswith("tests/" + name)),
                     len(SLOW_FIRST))
     items.sort(key=rank)        # stable: the order within each module is kept
+
+
+# Every process a test starts carries this session's mark in its environment. When the session
+# ends (the xdist controller's, after its workers are gone) a marked process other than this one
+# outlived its test: it is killed and the session fails. This interpreter's own multiprocessing
+# helpers (run_ranks' forkserver, the resource tracker) end with it and are not counted.
+SESSION_MARK = "MOEKIT_TEST_SESSION"
+os.environ.setdefault(SESSION_MARK, f"{os.getpid()}-{time.time_ns()}")
+_OWN_HELPERS = (b"multiprocessing.forkserver", b"multiprocessing.resource_tracker")
+
+
+def leftover_processes() -> list[tuple[int, str]]:
+    """(pid, command line) of the processes with this session's mark, but this one and its own
+    multiprocessing helpers: what the tests left running."""
+    mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}".encode()
+    left = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if mark not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == os.getpid() and any(h in cmd for h in _OWN_HELPERS):
+            continue
+        left.append((int(entry), cmd.replace(b"\0", b" ").decode(errors="replace")[:160]))
+    return left
+
+
+@pytest.hookimpl(trylast=True)          # after pytest-xdist has shut its workers down
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("PYTEST_XDIST_WORKER") or not os.path.isdir("/proc"):
+        return
+    deadline = time.monotonic() + 15    # what is still shutting down (a worker's forkserver) gets a moment
+    while (left := leftover_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if left:
+        for pid, _ in left:
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+        listed = "; ".join(f"{pid}: {cmd}" for pid, cmd in left)
+        sys.stderr.write(f"\nthe tests left {len(left)} process(es) running (killed now): {listed}\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

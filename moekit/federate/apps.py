@@ -5,6 +5,9 @@ app directory at these two objects; a SuperNode's ``--node-config`` names its cl
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -13,6 +16,39 @@ from flwr.serverapp import Grid, ServerApp
 
 server_app = ServerApp()
 client_app = ClientApp()
+LAUNCHER_ENV = "MOEKIT_FEDERATION_PID"     # set by moekit.federate.launch for every Flower process
+
+
+def _gone(pid: int) -> bool:
+    """True when ``pid`` has exited: no such process, or a zombie (dead, not yet reaped; a
+    parent killed with -9 can stay one where no init reaps orphans, which is why Flower's own
+    parent monitor, a bare pid check, kept a ServerApp alive after its launcher)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+    except OSError:                       # no /proc: the pid check alone
+        try:
+            os.kill(pid, 0)
+            return False
+        except ProcessLookupError:
+            return True
+
+
+def watch_launcher(pid: int, every: float = 0.5) -> threading.Thread:
+    """End this process (at once, whatever it is doing) when ``moekit federate`` (``pid``) is gone."""
+    def watch():
+        while not _gone(pid):
+            time.sleep(every)
+        os._exit(1)
+    thread = threading.Thread(target=watch, name="moekit-launcher-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+if os.environ.get(LAUNCHER_ENV, "").isdigit():   # inside a ServerApp or ClientApp process it started
+    watch_launcher(int(os.environ[LAUNCHER_ENV]))
 
 
 @server_app.main()

@@ -4,8 +4,10 @@ One SuperLink (the server's side: it starts the ServerApp for a run), one SuperN
 client (each starts a ClientApp process per message, its client named by ``--node-config``)
 and ``flwr run`` submitting the app, all over gRPC on localhost, insecure (one machine).
 Every process is a child of ``moekit federate`` and dies with it (PR_SET_PDEATHSIG), its
-log in OUT/flower/. A client process that dies is started again (up to
-``RESTARTS`` times); the round it was in goes on with the others (``--min-clients``).
+log in OUT/flower/; the ServerApp and ClientApp processes Flower starts in turn end when
+``moekit federate`` is gone (a watch in moekit.federate.apps). A client process that dies
+is started again (up to ``RESTARTS`` times); the round it was in goes on with the others
+(``--min-clients``).
 A second ``moekit federate`` on the same OUT is refused while the first holds its lock.
 """
 
@@ -80,8 +82,10 @@ class Processes:
         self.dir = self.out / "flower"
         # Flower starts its own helpers (flower-superexec, flwr-clientapp) by name: this Python's first
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        # MOEKIT_FEDERATION_PID: the Flower apps end when this process is gone (moekit.federate.apps)
         self.env = {**os.environ, "PATH": path, "FLWR_HOME": str(self.dir / "home"), "PYTHONUNBUFFERED": "1",
-                    "OMP_NUM_THREADS": str(spec.threads), "MKL_NUM_THREADS": str(spec.threads)}
+                    "OMP_NUM_THREADS": str(spec.threads), "MKL_NUM_THREADS": str(spec.threads),
+                    "MOEKIT_FEDERATION_PID": str(os.getpid())}
         self.procs: dict[str, subprocess.Popen] = {}
         self.restarts = [0] * spec.clients
         self.link_port = free_port()
