@@ -357,21 +357,26 @@ class RunConfig:
         return plain(self)
 
 
-def check_new_run(cfg: RunConfig) -> None:
+def check_new_run(cfg: RunConfig) -> list[str]:
     """What a new run's recipe may not combine, checked when it starts (with ``--from``, against
-    the source's architecture); a saved config is not checked again, so every run that once
-    started still loads and resumes."""
+    the source's architecture): windows longer than the model's positions are refused; returns
+    the warnings to log (a warmup longer than the run: short runs of a longer schedule, tests
+    and smoke runs, do this on purpose). A saved config is not checked again, so every run that
+    once started still loads and resumes."""
     t, m = cfg.train, cfg.model
-    if is_int(t.warmup_steps) and is_int(t.max_steps) and t.warmup_steps > t.max_steps:
-        raise ValueError(f"train.warmup_steps={t.warmup_steps} is more than train.max_steps={t.max_steps}: "
-                         f"the LR would never reach train.lr={t.lr:g}; use warmup_steps <= {t.max_steps} "
-                         f"(unset, it is max_steps // 5 = {t.max_steps // 5})")
     if cfg.data.seq_len > m.max_seq_len:
         src = f" (the model of --from {t.init_from})" if t.init_from else ""
         fix = "" if t.init_from else " or raise model.max_seq_len"
         raise ValueError(f"data.seq_len={cfg.data.seq_len} is more than model.max_seq_len={m.max_seq_len}"
                          f"{src}: the model has no positions past {m.max_seq_len}; use data.seq_len <= "
                          f"{m.max_seq_len}{fix}")
+    warnings = []
+    if is_int(t.warmup_steps) and is_int(t.max_steps) and t.warmup_steps > t.max_steps:
+        last = t.lr * t.max_steps / t.warmup_steps
+        warnings.append(f"train.warmup_steps={t.warmup_steps} is more than train.max_steps={t.max_steps}: "
+                        f"the LR never reaches train.lr={t.lr:g} (the last step's is {last:.3g}); use "
+                        f"warmup_steps <= {t.max_steps} (unset, it is max_steps // 5 = {t.max_steps // 5})")
+    return warnings
 
 
 def check_finetune(cfg: RunConfig) -> None:

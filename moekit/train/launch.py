@@ -67,7 +67,7 @@ def precheck(cfg: RunConfig, out: Path | None = None, *, model_section: dict | N
     Returns the config with the source's architecture (``train.init_from``)."""
     if source and cfg.train.init_from is not None:
         cfg, _ = load_source(cfg, model_section)    # readable, and the recipe does not contradict it
-    check_new_run(cfg)                             # warmup within the run, windows within the model
+    check_new_run(cfg)                             # windows within the model (warnings: the ranks log)
     growth.check_start(cfg)                        # the schedule's first count is the model's
     growth.check_memory(cfg)
     if nproc is not None and cfg.parallel.world_size != 1:

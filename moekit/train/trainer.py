@@ -92,7 +92,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
             rd.check_fresh(run_dir)
         cfg, initial, teacher = student_start(cfg)
     if ckpt is None:
-        check_new_run(cfg)
+        warnings = check_new_run(cfg)
+        for warning in warnings if rank == 0 else ():
+            log.warning(warning)
         growth.check_start(cfg)
     run = setup(cfg, run_dir, ckpt, initial)   # a new run: checked, made, and removed again if setup fails
     if rank == 0:                           # config.json and every checkpoint record the layout in use
