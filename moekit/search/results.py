@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -51,6 +52,24 @@ def summary(study, objectives: list[str]) -> dict:
             "directions": [d.name.lower() for d in study.directions],
             "space": study.user_attrs.get("space"), "best": None if best is None else best.number,
             "pareto_front": sorted(pareto), "trials": trials}
+
+
+def check_out(out: Path, storage: str, name: str) -> None:
+    """``out`` may hold only this study's results (a rerun continues them): another study's
+    search.json is refused before anything is written (the study's database included)."""
+    path = Path(out) / "search.json"
+    if not path.exists():
+        return
+    try:
+        held = json.loads(path.read_text(encoding="utf-8"))
+        theirs = (held["storage"], held["study"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"--out {str(out)!r} holds a search.json that is not moekit search's; choose "
+                         "another --out") from None
+    if theirs != (storage, name):
+        raise ValueError(f"--out {str(out)!r} holds the results of study {theirs[1]!r} in {theirs[0]}; "
+                         f"continue it with --study {theirs[0]} --name {theirs[1]} (the same --space), or "
+                         "choose another --out")
 
 
 def write_json_only(study, out: Path, objectives: list[str], url: str) -> dict:

@@ -178,6 +178,22 @@ def test_resume_continues_to_n_and_keeps_what_finished(tmp_path, parl_subset, ca
     assert optuna.get_all_study_names(f"sqlite:///{tmp_path / 's.db'}") == ["r"]
 
 
+def test_another_studys_out_is_refused_before_anything_is_written(study3, tmp_path, parl_subset, capsys):
+    """--out holding a finished search's results, with a new --study: refused in one line naming
+    how to continue the old one; its search.json and search.html stay, no database is made.
+    (Before: both files were overwritten by one failed trial, and new.db created.)"""
+    import shutil
+    old_tmp, old_out = study3
+    shutil.copytree(old_out, tmp_path / "out")
+    before = {n: (tmp_path / "out" / n).read_bytes() for n in ("search.json", "search.html")}
+    storage = json.loads(before["search.json"])["storage"]
+    assert search(parl_subset, tmp_path, SPACE, 3, "new.db") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"continue it with --study {storage} --name " in err, err
+    assert {n: (tmp_path / "out" / n).read_bytes() for n in before} == before
+    assert not (tmp_path / "new.db").exists()
+
+
 def test_a_file_that_is_not_an_optuna_study_is_refused_untouched(tmp_path, parl_subset, capsys):
     (tmp_path / "notes.db").write_text("not a database")
     assert search(parl_subset, tmp_path, SPACE, 1, "notes.db") == 2
