@@ -58,7 +58,7 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a directory (new or of this study)")
-    results.check_out(out, args.study, name)          # another study's results stay as they are
+    results.check_out(out, args.study, name, named=args.name is not None)   # another study's stay
     study = st.open_study(args.study, name, space, objectives, base_raw, pruner, args.seed,
                           named=args.name is not None)
     before = st.finished(study)

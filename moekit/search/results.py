@@ -54,9 +54,11 @@ def summary(study, objectives: list[str]) -> dict:
             "pareto_front": sorted(pareto), "trials": trials}
 
 
-def check_out(out: Path, storage: str, name: str) -> None:
+def check_out(out: Path, storage: str, name: str, named: bool = True) -> None:
     """``out`` may hold only this study's results (a rerun continues them): another study's
-    search.json is refused before anything is written (the study's database included)."""
+    search.json is refused before anything is written (the study's database included). A name
+    derived from the space (``named=False``) in the same storage is left to the study's own
+    check, which names the study to continue."""
     path = Path(out) / "search.json"
     if not path.exists():
         return
@@ -66,7 +68,7 @@ def check_out(out: Path, storage: str, name: str) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         raise ValueError(f"--out {str(out)!r} holds a search.json that is not moekit search's; choose "
                          "another --out") from None
-    if theirs != (storage, name):
+    if theirs[0] != storage or (named and theirs[1] != name):
         raise ValueError(f"--out {str(out)!r} holds the results of study {theirs[1]!r} in {theirs[0]}; "
                          f"continue it with --study {theirs[0]} --name {theirs[1]} (the same --space), or "
                          "choose another --out")
