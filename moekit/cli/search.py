@@ -32,6 +32,8 @@ def register(sub) -> None:
     p.add_argument("--pruner", choices=("median", "halving", "hyperband", "none"),
                    help="prune trials from their evaluations (default: median; none for several objectives)")
     p.add_argument("--seed", type=int, help="the sampler's seed (give each worker its own)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="accepted as every command that trains takes it (a search prints one line per trial)")
     p.set_defaults(run=run)
 
 

@@ -56,6 +56,7 @@ from moekit.interop.hf_arch import (
 )
 from moekit.model.config import ModelConfig
 from moekit.model.transformer import MoETransformer
+from moekit.runtime import readable_like_umask
 
 __all__ = ["ARCHITECTURES", "catalog_model_dir", "from_hf_state", "gguf_to_hf_dir", "load_hf_dir",
            "model_config_from_hf", "save_hf_dir", "to_hf_config", "to_hf_state"]
@@ -232,6 +233,7 @@ def save_hf_dir(model: MoETransformer, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    readable_like_umask(out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(config, indent=1))
     (out / "generation_config.json").write_text(json.dumps({"_from_model_config": True}, indent=1))
     return out
@@ -250,6 +252,7 @@ def gguf_to_hf_dir(gguf: Path, out: Path) -> Path:
     state = {k: v.contiguous() for k, v in hf.state_dict().items()
              if not (hf.config.tie_word_embeddings and k == "lm_head.weight")}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    readable_like_umask(out / "model.safetensors")
     config = json.loads(hf.config.to_json_string())
     (out / "config.json").write_text(json.dumps(config, indent=1))
     tok.backend_tokenizer.save(str(out / "tokenizer.json"))

@@ -30,6 +30,7 @@ from moekit.data.tokenizer import eos_id, load_tokenizer, save_tokenizer
 from moekit.interop.hf import catalog_model_dir, load_hf_dir, read_json, save_hf_dir, to_hf_config
 from moekit.model.config import ModelConfig
 from moekit.model.transformer import MoETransformer
+from moekit.runtime import readable_like_umask
 from moekit.store.checkpoint import CHECKPOINT, SHARDED, Checkpoint, find_checkpoint
 from moekit.transform.lora import add_lora, merge_lora
 from moekit.transform.quantize import dequantize_model, quantize_structure
@@ -271,6 +272,7 @@ def save_export(model: MoETransformer, tok: Tokenizer, cfg: RunConfig, out_dir: 
     tmp = out_dir / (EXPORT_WEIGHTS + ".tmp")
     with _writing(out_dir, tmp, made):
         save_file(state, str(tmp), metadata={"format": "moekit"})
+        readable_like_umask(tmp)
         os.replace(tmp, out_dir / EXPORT_WEIGHTS)
         write_json(out_dir / "config.json", cfg.to_dict())
         save_tokenizer(tok, out_dir / "tokenizer.json")

@@ -85,6 +85,7 @@ def test_the_shipped_space_holds_the_default_recipe():
     (["--objective", "val_loss,speed"], "unknown objective 'speed'"),
     (["--objective", "val_loss,params", "--pruner", "median"], "use --pruner none"),
     (["--trials", "0"], "--trials 0"),
+    (["--no-progress", "--trials", "0"], "--trials 0"),       # --no-progress is taken, as by train
     (["--study", "sqlite://f.db"], "give sqlite:///PATH.db"),
     (["--study", "sqlite:////no/such/dir/s.db"], "'/no/such/dir' does not exist"),
 ])

@@ -60,3 +60,21 @@ def test_a_run_from_the_old_quantized_export_trains_and_resumes(tmp_path):
     model, _, cfg = load_run(run)
     assert cfg.model.quant == {"bits": 8, "group_size": 8, "attention": False}
     assert type(model.blocks[0].ffn.experts).__name__ == "QuantizedExperts"
+
+
+def test_written_weights_are_readable_by_others_as_the_umask_says(tmp_path):
+    """safetensors writes 0600; every model.safetensors moekit writes (export, HF export) gets
+    the mode of the other files, 0644 under umask 022."""
+    import os
+    import stat
+
+    from moekit.store.run_dir import export_hf, export_run
+    old = os.umask(0o022)
+    try:
+        export_run(OLD / "run", tmp_path / "export")
+        export_hf(OLD / "export", tmp_path / "hf")
+    finally:
+        os.umask(old)
+    for d in ("export", "hf"):
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / d).iterdir() if p.is_file()}
+        assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
