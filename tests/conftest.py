@@ -188,22 +188,6 @@ def parl_subset(parl_docs, tmp_path_factory):
     return path
 
 
-# The modules whose tests take the longest (a federation with a killed client waits out
-# Flower's 60 s heartbeat; torchrun; torch.compile; the benchmarks): collected first, so that
-# pytest-xdist starts them at once and the short tests fill the other worker around them.
-SLOW_FIRST = ("federate/test_federate_cli.py", "parallel/test_torchrun.py", "train/test_dynamic_training.py",
-              "model/test_compile.py", "train/test_trainer.py", "test_bench.py", "interop/test_hf.py",
-              "parallel/test_checkpointing.py", "parallel/test_parallelize.py", "train/test_faults.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        path = item.path.as_posix()
-        return next((i for i, name in enumerate(SLOW_FIRST) if path.endswith("tests/" + name)),
-                    len(SLOW_FIRST))
-    items.sort(key=rank)        # stable: the order within each module is kept
-
-
 # Every process a test starts carries this session's mark in its environment. When the session
 # ends (the xdist controller's, after its workers are gone) a marked process other than this one
 # outlived its test: it is killed and the session fails. This interpreter's own multiprocessing
