@@ -22,6 +22,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer
 
 from moekit.config import RunConfig
@@ -159,9 +160,26 @@ def model_config_for(cfg: RunConfig, vocab_size: int):
 
 
 def load_run(run_dir: Path):
-    """(model in eval mode, tokenizer, config) of a run directory (either checkpoint container)
-    or of a ``moekit export`` directory, on one process."""
-    run_dir = _catalog_or_path(run_dir)
+    """(model in eval mode, tokenizer, config) of a run directory (either checkpoint container),
+    a ``moekit export`` or a Hugging Face directory, on one process. Weights that are not all
+    finite are refused here, before any command reads or writes anything with them."""
+    model, tok, cfg = _load_any(_catalog_or_path(run_dir))
+    check_finite(model, run_dir)
+    return model, tok, cfg
+
+
+def check_finite(model, source) -> None:
+    """One line naming the first tensor of ``source`` holding NaN or inf (moekit's name for it):
+    such a model generates garbage, trains to NaN, and would be written out as it is."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            nan, bad = int(torch.isnan(tensor).sum()), int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{str(source)!r}: weight {name!r} holds {nan} NaN and {bad - nan} infinite "
+                             f"values of {tensor.numel():,}; the model is damaged: give an earlier "
+                             "checkpoint or export of it")
+
+
+def _load_any(run_dir: Path):
     if not run_dir.exists():
         raise FileNotFoundError(f"{str(run_dir)!r} does not exist; give a run, export or Hugging Face "
                                 f"directory, or a catalog model ({', '.join(sorted(MODELS))})")
@@ -405,4 +423,5 @@ def import_hf(src: Path, out_dir: Path) -> Path:
         raise ValueError(f"import: {str(src / 'config.json')!r} is missing or names no model_type; "
                          "give a Hugging Face model directory")
     model, tok, cfg = _load_hf(Path(src))
+    check_finite(model, src)
     return save_export(model, tok, cfg, out_dir)
