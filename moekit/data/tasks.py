@@ -14,7 +14,8 @@ Sources (``data.task``):
 - your JSONL, one object per line, either ``{"prompt": ..., "completion": ...}`` (a generation
   task: loss and perplexity, no accuracy) or ``{"text": ..., "label": ...}`` (classification:
   prompt ``"{text}\\nLabel:"``, completion ``" {label}"``; the label set is ``data.task_labels``
-  if given, else the labels the file uses). The split is by line.
+  if given, else the labels the file uses). Fields are JSON strings; a label may also be an
+  integer class id, one kind per file. The split is by line.
 
 The split is fixed: 80 / 10 / 10 % train / validation / test by a hash of the movie (or of the
 line's content: duplicate lines share a side), the same for every training seed, so test
@@ -124,6 +125,12 @@ def _jsonl_task(path: Path, given_labels: list[str] | None) -> Task:
         raise ValueError(f"data.task_labels={given_labels}: {path} is a prompt/completion file (no labels); "
                          "leave task_labels unset")
     if kinds == {"label"}:
+        kind = {True: "an integer", False: "a string"}
+        (first, r0), ints = rows[0], type(rows[0][1]["label"]) is int
+        for lineno, r in rows:
+            if (type(r["label"]) is int) != ints:
+                raise ValueError(f"{path}:{lineno}: label {r['label']!r} is {kind[not ints]} while line "
+                                 f"{first}'s ({r0['label']!r}) is {kind[ints]}; use one kind of label per file")
         used = sorted({_label(r) for _, r in rows})
         labels = [str(x).strip() for x in given_labels] if given_labels is not None else used
         for lineno, r in rows:
@@ -152,6 +159,13 @@ def _label(row: dict) -> str:
     return str(row["label"]).strip()
 
 
+def _check_types(path: Path, lineno: int, row: dict, fields: tuple[str, ...]) -> None:
+    for field in fields:
+        if not isinstance(row[field], str):
+            raise ValueError(f"{path}:{lineno}: \"{field}\" is {json.dumps(row[field])[:40]}, not a string; "
+                             "write it as a JSON string")
+
+
 def _row(path: Path, lineno: int, line: str) -> dict:
     try:
         row = json.loads(line)
@@ -161,12 +175,17 @@ def _row(path: Path, lineno: int, line: str) -> dict:
     if not isinstance(row, dict):
         raise ValueError(f"{path}:{lineno}: not a JSON object; {schema}")
     if {"prompt", "completion"} <= row.keys():
-        if not str(row["completion"]).strip():
+        _check_types(path, lineno, row, ("prompt", "completion"))
+        if not row["completion"].strip():
             raise ValueError(f"{path}:{lineno}: the completion is empty; give every prompt a completion "
                              "(the loss is on it) or drop the line")
         return row
     if {"text", "label"} <= row.keys():
-        if not str(row["text"]).strip() or not str(row["label"]).strip():
+        _check_types(path, lineno, row, ("text",))
+        if type(row["label"]) not in (str, int):      # bool is an int to isinstance, not here
+            raise ValueError(f"{path}:{lineno}: \"label\" is {json.dumps(row['label'])}; give the label as a "
+                             "string (or an integer class id)")
+        if not row["text"].strip() or not str(row["label"]).strip():
             raise ValueError(f"{path}:{lineno}: an empty text or label; fill it in or drop the line")
         return row
     raise ValueError(f"{path}:{lineno}: has fields {sorted(row)[:6]}, neither schema; {schema}")

@@ -64,6 +64,15 @@ def test_jsonl_prompt_completion(tmp_path):
     (["not json"], "not JSON"),
     (["[1, 2]"], "not a JSON object"),
     ([{"text": "", "label": "x"}], "empty text or label"),
+    # a value of another JSON type is not turned into the string "None", "True" or "['x']"
+    ([{"text": "a", "label": None}], r"bad.jsonl:1: \"label\" is null; give the label as a string"),
+    ([{"text": "a", "label": True}], r"bad.jsonl:1: \"label\" is true"),
+    ([{"text": "a", "label": 0.5}], r"bad.jsonl:1: \"label\" is 0.5"),
+    ([{"text": "a", "label": "pos"}, {"text": "b", "label": 3}],
+     r"bad.jsonl:2: label 3 is an integer while line 1's \('pos'\) is a string"),
+    ([{"text": ["a"], "label": "pos"}], r"bad.jsonl:1: \"text\" is \[\"a\"\], not a string"),
+    ([{"prompt": "a", "completion": None}], r"bad.jsonl:1: \"completion\" is null, not a string"),
+    ([{"prompt": ["x"], "completion": "b"}], r"bad.jsonl:1: \"prompt\" is \[\"x\"\], not a string"),
 ])
 def test_bad_task_files(tmp_path, rows, match):
     with pytest.raises(ValueError, match=match):
@@ -71,9 +80,11 @@ def test_bad_task_files(tmp_path, rows, match):
 
 
 def test_labels_are_names_and_task_labels_need_labels(tmp_path):
-    rows = [{"text": f"t{i}", "label": [1, "1", " 1", "2"][i % 4]} for i in range(40)]
+    rows = [{"text": f"t{i}", "label": ["1", " 1", "2"][i % 3]} for i in range(40)]
     task = load_task(str(_write(tmp_path / "n.jsonl", rows)))
-    assert task.labels == [" 1", " 2"]                          # 1, "1" and " 1" are one label
+    assert task.labels == [" 1", " 2"]                          # "1" and " 1" are one label
+    rows = [{"text": f"t{i}", "label": i % 2} for i in range(40)]
+    assert load_task(str(_write(tmp_path / "i.jsonl", rows))).labels == [" 0", " 1"]   # class ids
     pc = _write(tmp_path / "pc.jsonl", [{"prompt": f"q{i}", "completion": " a"} for i in range(20)])
     with pytest.raises(ValueError, match="prompt/completion file"):
         load_task(str(pc), ["a", "b"])
