@@ -47,18 +47,17 @@ def apply(model, cfg: FinetuneConfig) -> list:
     ((pre, post) pairs, see :func:`register`)."""
     if cfg.lora_rank is not None:
         info = add_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets))
-        also = 0
         for name, p in model.named_parameters():
             if _group(name) in cfg.lora_also:
                 p.requires_grad_(True)
-                also += p.numel()
-        if cfg.lora_also:
-            log.info("training %s in full beside the adapters: %s parameters", ", ".join(cfg.lora_also),
-                     f"{also:,}")
+        params = list(model.parameters())        # a tied weight once
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        also = trainable - info["lora_params"]
         where = ", ".join(f"{t} ({n})" for t, n in info["targets"].items() if n)
-        log.info("LoRA rank %d on %s: %d adapted tensors, %s trainable of %s parameters", cfg.lora_rank,
-                 where, info["adapted"], f"{info['lora_params']:,}",
-                 f"{info['base_params']:,}")
+        beside = f" + {also:,} of {', '.join(cfg.lora_also)} in full" if cfg.lora_also else ""
+        log.info("LoRA rank %d on %s: %d adapted tensors; trainable: %s adapter parameters%s = %s of %s",
+                 cfg.lora_rank, where, info["adapted"], f"{info['lora_params']:,}", beside, f"{trainable:,}",
+                 f"{sum(p.numel() for p in params):,}")
         return []
     if cfg.freeze == "none":
         return []

@@ -182,3 +182,26 @@ def test_finetune_needs_src_task_and_out(lang_task, src, tmp_path, capsys):
     assert cli(["finetune", str(src), "--task", missing, "--out", str(tmp_path / "x")]) != 0
     one_line_error(capsys, "none.jsonl")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_lora_also_logs_the_parameters_that_train(tie, caplog):
+    """One line, one count: adapters + the groups trained in full = what requires grad (a tied
+    embedding once)."""
+    import logging
+
+    from moekit.config import FinetuneConfig
+    from moekit.finetune.adapt import apply
+    from moekit.model.config import ModelConfig
+    from moekit.model.transformer import MoETransformer
+    model = MoETransformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, tie_embeddings=tie))
+    cfg = FinetuneConfig(lora_rank=2, lora_also=["embeddings"])
+    with caplog.at_level(logging.INFO, logger="moekit"):
+        apply(model, cfg)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("LoRA rank 2"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    embeddings = 64 * 32 * (1 if tie else 2)
+    adapters = trainable - embeddings
+    assert adapters > 0
+    assert f"trainable: {adapters:,} adapter parameters + {embeddings:,} of embeddings in full = " \
+           f"{trainable:,} of" in line, line
