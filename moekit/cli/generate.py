@@ -24,6 +24,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true",
                    help="recompute every window for every token (the slow reference; same greedy output)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar on stderr (shown on a terminal: new tokens so far, tokens/s)")
     p.add_argument("--tag", help="the text's tag (language, source) for a model that routes by tag "
                                  "(task-level routing): one of its model.moe.route_tags")
     p.set_defaults(run=run)
@@ -49,6 +51,8 @@ def _prompts(args) -> list[str]:
 
 
 def run(args) -> int:
+    from tqdm import tqdm
+
     from moekit.serve.generate import check_sampling, generate, tag_index
     from moekit.store.run_dir import load_model
     # before the model loads: a bad flag is one line naming it
@@ -58,8 +62,13 @@ def run(args) -> int:
     model, tok = load_model(Path(args.run_dir))
     tag_index(model, args.tag)
     start, counts = time.perf_counter(), []
-    texts = generate(model, tok, prompts, args.max_new_tokens, args.temperature, args.top_k, args.seed,
-                     args.tag, args.top_p, use_cache=not args.no_cache, counts=counts)
+    # the text is printed at the end (all prompts at once); until then the bar shows it is working
+    bar = tqdm(total=args.max_new_tokens, unit="tok", desc="generating", file=sys.stderr, leave=False,
+               dynamic_ncols=True, disable=True if args.no_progress else None)   # None: a terminal only
+    with bar:
+        texts = generate(model, tok, prompts, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                         args.tag, args.top_p, use_cache=not args.no_cache, counts=counts,
+                         on_step=bar.update)
     seconds = time.perf_counter() - start
     new = sum(counts)
     print("\n\n".join(texts), flush=True)

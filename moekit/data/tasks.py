@@ -130,7 +130,8 @@ def _jsonl_task(path: Path, given_labels: list[str] | None) -> Task:
         for lineno, r in rows:
             if (type(r["label"]) is int) != ints:
                 raise ValueError(f"{path}:{lineno}: label {r['label']!r} is {kind[not ints]} while line "
-                                 f"{first}'s ({r0['label']!r}) is {kind[ints]}; use one kind of label per file")
+                                 f"{first}'s ({r0['label']!r}) is {kind[ints]}; use one kind of label per "
+                                 "file")
         used = sorted({_label(r) for _, r in rows})
         labels = [str(x).strip() for x in given_labels] if given_labels is not None else used
         for lineno, r in rows:

@@ -170,8 +170,10 @@ class _Uncached:
 @torch.no_grad()
 def sample_batch(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.8,
                  top_k: int = 50, top_p: float = 1.0, eos: int | None = None, tags=None,
-                 use_cache: bool = True, generator: torch.Generator | None = None) -> list[list[int]]:
+                 use_cache: bool = True, generator: torch.Generator | None = None,
+                 on_step=None) -> list[list[int]]:
     """The new token ids of each prompt (each stops after ``eos`` once it is drawn).
+    ``on_step``: called after every decoding step (a progress bar's update).
 
     ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 cut nothing (:func:`next_tokens`).
     ``tags``: a tag name for every prompt, or one per prompt, for a model that routes by tag.
@@ -191,6 +193,8 @@ def sample_batch(model, prompts: list[list[int]], max_new_tokens: int, temperatu
         new_B = next_tokens(dec.last_BV, temperature, top_k, top_p, generator)
         for b, tok in zip(live, new_B.tolist()):
             out[b].append(tok)
+        if on_step is not None:
+            on_step()
         alive = new_B != eos if eos is not None else torch.ones_like(new_B, dtype=torch.bool)
         if t == max_new_tokens - 1 or not bool(alive.any()):
             break
@@ -211,11 +215,13 @@ def sample(model, ids: list[int], max_new_tokens: int, temperature: float = 0.8,
 
 def generate(model, tok: Tokenizer, prompt: str | list[str], max_new_tokens: int = 100,
              temperature: float = 0.8, top_k: int = 50, seed: int | None = None, tag=None,
-             top_p: float = 1.0, use_cache: bool = True, counts: list | None = None) -> str | list[str]:
+             top_p: float = 1.0, use_cache: bool = True, counts: list | None = None,
+             on_step=None) -> str | list[str]:
     """The prompt followed by what the model writes after it (an empty prompt starts from
     end-of-text); a list of prompts is generated as one batch and gives a list. ``tag``: for a
     model that routes by tag, one of ``model.cfg.moe.route_tags`` (or one per prompt).
-    ``counts``: a list that is filled with each prompt's number of new tokens.
+    ``counts``: a list that is filled with each prompt's number of new tokens; ``on_step``:
+    called after each new token (of every prompt still going).
 
     Example:
         >>> model, tok = moekit.load_model("runs/e16")                     # doctest: +SKIP
@@ -231,7 +237,8 @@ def generate(model, tok: Tokenizer, prompt: str | list[str], max_new_tokens: int
         raise ValueError("generate: an empty prompt starts from end-of-text, and this tokenizer has no "
                          "end-of-text token; give a prompt (--prompt)")
     ids = [tok.encode(t).ids if t else [eos] for t in texts]
-    new = sample_batch(model, ids, max_new_tokens, temperature, top_k, top_p, eos, tag, use_cache, generator)
+    new = sample_batch(model, ids, max_new_tokens, temperature, top_k, top_p, eos, tag, use_cache, generator,
+                       on_step)
     if counts is not None:
         counts[:] = [len(n) for n in new]
     outs = [t + tok.decode(n) for t, n in zip(texts, new)]

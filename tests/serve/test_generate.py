@@ -183,3 +183,46 @@ def test_a_rows_output_does_not_depend_on_a_long_batch_mate():
 def test_a_tiny_temperature_is_greedy_not_a_crash():
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
     assert next_tokens(logits, 1e-45, 50, 0.9).tolist() == [1, 0]
+
+
+def test_on_step_is_called_once_per_decoding_step():
+    steps = []
+    out = sample_batch(model_of(), [[1, 2], [3]], 7, temperature=0, on_step=lambda: steps.append(1))
+    assert len(steps) == 7 == max(len(o) for o in out)
+
+
+def test_a_long_generation_shows_progress_on_a_terminal(tmp_path):
+    """--max-new-tokens 100000 printed nothing for minutes: on a terminal stderr shows a bar that
+    counts the new tokens; the test reads it through a pseudo-terminal, then stops the process."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import subprocess
+    import sys
+    import termios
+    import time
+    from pathlib import Path
+    export = Path(__file__).parent.parent / "fixtures" / "wave2-dirs" / "export"
+    main_fd, sub_fd = pty.openpty()
+    fcntl.ioctl(sub_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))   # a terminal's size
+    proc = subprocess.Popen([sys.executable, "-m", "moekit", "generate", str(export), "--prompt", "Mr",
+                             "--max-new-tokens", "100000", "--temperature", "0"],
+                            stdout=subprocess.DEVNULL, stderr=sub_fd, stdin=subprocess.DEVNULL)
+    os.close(sub_fd)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and b"/100000" not in seen:
+            if not select.select([main_fd], [], [], 1)[0]:
+                continue
+            try:
+                seen += os.read(main_fd, 4096)
+            except OSError:          # the terminal closed: the process ended
+                break
+        assert b"generating" in seen and b"/100000" in seen, seen[-400:]
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(main_fd)
