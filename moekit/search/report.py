@@ -64,6 +64,7 @@ def trials_table(trials: list[dict], objectives: list[str]) -> str:
     for t in trials:
         values = t["values"] or {}
         note = t["prune_reason"] or ("base recipe" if t["baseline"] else "")
+        note += f" (retries trial {t['retry_of']})" if t.get("retry_of") is not None else ""
         note += " (Pareto front)" if t["pareto"] and len(objectives) > 1 else " (best)" if t["pareto"] else ""
         cells = [str(t["number"]), t["state"].lower(), *(_num(values[o]) if o in values else "-"
                                                          for o in objectives),

@@ -1,6 +1,7 @@
 """What a search leaves in its output directory, from the study alone (any worker can write it):
 
-    search.json   every trial: number, state, params, objective values, run dir, prune reason
+    search.json   every trial: number, state, params, objective values, run dir, prune reason,
+                  the trial it retries (whose process died)
     best.toml     the best trial's full recipe: ``moekit train --config OUT/best.toml`` runs it
     search.html   the report (moekit.search.report)
 """
@@ -21,6 +22,7 @@ def trial_record(t, objectives: list[str], pareto: set[int]) -> dict:
             "values": dict(zip(objectives, t.values)) if t.values else None,
             "run_dir": attrs.get("run_dir"), "prune_reason": attrs.get("prune_reason"),
             "baseline": bool(attrs.get("baseline")), "pareto": t.number in pareto,
+            "retry_of": t.system_attrs.get("failed_trial"),      # its process died: run again
             "measured": {k: attrs[k] for k in ("val_loss", "params", "active_params", "tokens_per_s",
                                               "steps", "wall_s") if k in attrs},
             "duration_s": t.duration.total_seconds() if t.duration is not None else None}

@@ -9,8 +9,10 @@ A space file is TOML with one ``[space]`` table; each key is a dotted config fie
     "train.lr" = { low = 1e-4, high = 1e-2, log = true }
 
 Unquoted dotted keys (``train.lr = { ... }``) are TOML sub-tables and read the same. Every
-entry is checked up front against the config's fields; a sampled combination the config
-refuses (``top_k > num_experts``) is the trial's problem: it is pruned (moekit.search.study).
+entry is checked up front against the config's fields, an integer field (``int`` in
+moekit.config) against integer bounds and choices (``high = 10.0`` is refused, as ``--set
+train.max_steps=10.0`` is); a sampled combination the config refuses (``top_k > num_experts``)
+is the trial's problem: it is pruned (moekit.search.study).
 """
 
 from __future__ import annotations
@@ -116,7 +118,10 @@ def load_space(path: str | Path) -> Space:
     if extra:
         raise ValueError(f"space file {str(path)!r}: unknown top-level key {extra[0]!r}; only [space] is "
                          "read")
-    return parse_space(raw["space"])
+    try:
+        return parse_space(raw["space"])
+    except ValueError as err:           # the entry's own line, with the file it is in
+        raise ValueError(f"space file {str(path)!r}: {err}") from None
 
 
 def parse_space(table: dict) -> Space:
@@ -138,13 +143,13 @@ def _flatten(node: dict, prefix: str, out: dict) -> None:
 
 
 def _param(name: str, entry: dict) -> Param:
-    _check_field(name)
+    integer = _check_field(name)
     unknown = sorted(set(entry) - set(ENTRY_KEYS))
     if unknown:
         raise ValueError(f"space entry {name!r}: unknown key {unknown[0]!r} in {entry!r}; use "
                          "choices = [...], or low, high and optionally log")
     if "choices" in entry:
-        return _choices(name, entry)
+        return _choices(name, entry, integer)
     low, high, log = entry.get("low"), entry.get("high"), entry.get("log", False)
     if "low" not in entry or "high" not in entry:
         raise ValueError(f"space entry {name!r} = {entry!r} needs both low and high (or choices = [...])")
@@ -154,6 +159,10 @@ def _param(name: str, entry: dict) -> Param:
                              "or choices = [...] for other values")
         if not math.isfinite(value):
             raise ValueError(f"space entry {name!r}: {bound} = {value!r} is not finite; give a finite bound")
+        if integer and not isinstance(value, int):
+            raise ValueError(f"space entry {name!r}: {bound} = {value!r} is not an integer, and {name} is an "
+                             "integer field (every trial would be refused and pruned); use integer bounds, "
+                             f"e.g. {bound} = {(math.ceil if bound == 'low' else math.floor)(value)}")
     if not isinstance(log, bool):
         raise ValueError(f"space entry {name!r}: log = {log!r} must be true or false")
     if low > high:
@@ -167,7 +176,7 @@ def _param(name: str, entry: dict) -> Param:
     return Param(name, low=low, high=high, log=log)
 
 
-def _choices(name: str, entry: dict) -> Param:
+def _choices(name: str, entry: dict, integer: bool) -> Param:
     choices = entry["choices"]
     if len(entry) > 1:
         raise ValueError(f"space entry {name!r} = {entry!r}: give choices or a range (low, high), "
@@ -179,14 +188,21 @@ def _choices(name: str, entry: dict) -> Param:
     if bad:
         raise ValueError(f"space entry {name!r}: choice {bad[0]!r} is not a string, number or boolean; "
                          "give plain values")
+    not_int = [c for c in choices if integer and isinstance(c, (float, bool))]
+    if not_int:
+        raise ValueError(f"space entry {name!r}: choice {not_int[0]!r} is not an integer, and {name} is an "
+                         "integer field (its trials would be refused and pruned); give integer choices, "
+                         f"e.g. {round(not_int[0])}")
     if len({json.dumps(c) for c in choices}) != len(choices):
         raise ValueError(f"space entry {name!r}: choices = {choices!r} repeats a value; give each once")
     return Param(name, choices=tuple(choices))
 
 
-def _check_field(name: str) -> None:
-    """``name`` must be a field of RunConfig (walked through its sections), not a section."""
-    node, done = RunConfig(), []
+def _check_field(name: str) -> bool:
+    """``name`` must be a field of RunConfig (walked through its sections), not a section;
+    whether the field takes integers only (annotated ``int`` or ``int | None``: the config
+    refuses 10.0 and true there, as it does from --set)."""
+    node, done, parent = RunConfig(), [], None
     for part in name.split("."):
         fields = {f.name for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else set()
         where = ".".join(done) or "the top level"
@@ -196,11 +212,14 @@ def _check_field(name: str) -> None:
         if part not in fields:
             raise ValueError(f"space entry {name!r}: unknown config field; known in {where}: "
                              f"{', '.join(sorted(fields))}")
-        node = getattr(node, part)
+        parent, node = node, getattr(node, part)
         done.append(part)
     if dataclasses.is_dataclass(node):
         raise ValueError(f"space entry {name!r} is a config section, not a field; search its fields, "
                          f"e.g. {name}.{dataclasses.fields(node)[0].name}")
+    kind = next(f.type for f in dataclasses.fields(parent) if f.name == done[-1])
+    kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    return {t.strip() for t in kind.split("|")} - {"None"} == {"int"}
 
 
 def _get(raw: dict, name: str):

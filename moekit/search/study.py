@@ -11,6 +11,13 @@ checks refuse is pruned with the reason in the trial's user attr ``prune_reason`
 Several worker processes may share one study (the same command, the same ``--study``): each
 counts the study's finished trials before it starts another, so ``--trials N`` is reached by
 all of them together (a worker may overshoot by the trials the others have running).
+
+A trial whose process died (``kill -9``, a lost machine) stays RUNNING in the database. Each
+trial records its process in the user attr ``worker`` (host, boot, pid namespace, pid, start
+time); before every trial a worker fails the RUNNING trials whose process is provably gone
+(on its own machine) and queues their parameters again, once (:func:`recover_dead_trials`).
+A trial of another machine is left to Optuna's heartbeat: failed and queued again once its
+heartbeat is ``GRACE_S`` old, when some worker next starts a trial.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
+import socket
 import sqlite3
 import statistics
 import time
@@ -36,8 +45,9 @@ log = logging.getLogger("moekit")
 OBJECTIVES = {"val_loss": "minimize", "active_params": "minimize", "params": "minimize",
               "tokens_per_s": "maximize"}
 PRUNERS = ("median", "halving", "hyperband", "none")
-# a trial killed with its process: another worker fails it once its heartbeat is this old (s)
+# a trial killed with its process on another machine: failed once its heartbeat is this old (s)
 HEARTBEAT_S, GRACE_S = 10, 30
+WORKER = "worker"               # the trial's user attr naming the process that runs it
 
 
 def require_optuna():
@@ -151,9 +161,7 @@ def _storage(optuna, url: str):
     try:
         with warnings.catch_warnings():     # heartbeats are "experimental" since Optuna 2.9
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback" if new
-                            else "RetryFailedTrialCallback")(max_retry=1)
-            stale = {"heartbeat_stale_trial_callback" if new else "failed_trial_callback": retry}
+            stale = {"heartbeat_stale_trial_callback" if new else "failed_trial_callback": _retry(optuna)}
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
                                               grace_period=GRACE_S, **stale)
     except ImportError as err:        # postgresql:// without its driver, ...
@@ -161,6 +169,74 @@ def _storage(optuna, url: str):
     except RuntimeError as err:       # a schema from another Optuna version
         raise ValueError(f"--study {url}: {str(err).splitlines()[0]}; run `optuna storage upgrade --storage "
                          f"{url}` or use a new --study") from None
+
+
+def _retry(optuna):
+    """Optuna's callback that queues a failed trial's parameters again (WAITING), at most once:
+    for a stale heartbeat (the storage calls it) and for a dead worker (recover_dead_trials)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+        return (cls or optuna.storages.RetryFailedTrialCallback)(max_retry=1)
+
+
+def worker() -> dict | None:
+    """This process, as a trial records it: host, boot, pid namespace, pid and start time (in
+    clock ticks since boot). None where /proc cannot tell (not Linux): then only the heartbeat
+    finds its dead trials."""
+    try:
+        return {"host": socket.gethostname(),
+                "boot": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                "pidns": os.readlink("/proc/self/ns/pid"), "pid": os.getpid(),
+                "start": _proc_stat(os.getpid())[1]}
+    except (OSError, TypeError):
+        return None
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time) of process ``pid`` from /proc/<pid>/stat; None when there is none."""
+    try:
+        text = Path(f"/proc/{int(pid)}/stat").read_text()
+    except (OSError, ValueError, TypeError):
+        return None
+    fields = text.rsplit(")", 1)[1].split()      # the command name in ( ) may hold spaces
+    return fields[0], int(fields[19])              # fields 3 and 22 of proc(5)
+
+
+def is_dead(record, me: dict | None) -> bool:
+    """Whether the process a trial recorded is provably gone: it ran on this machine since its
+    last boot, in this pid namespace, and its pid is free, a zombie, or another process (a pid
+    reused: another start time). Anything else (another machine, no record) is not provable."""
+    if me is None or not isinstance(record, dict) or any(record.get(k) != me[k]
+                                                         for k in ("host", "boot", "pidns")):
+        return False
+    stat = _proc_stat(record.get("pid"))
+    return stat is None or stat[0] in ("Z", "X") or stat[1] != record.get("start")
+
+
+def recover_dead_trials(study) -> list[str]:
+    """Fail the RUNNING trials whose process is provably dead (:func:`is_dead`) and queue their
+    parameters again, once, as Optuna's heartbeat does after ``GRACE_S``; a line for each.
+    Trials of live processes (other workers) and of other machines are not touched."""
+    import optuna
+    from optuna.trial import TrialState
+    me, lines = worker(), []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        record = t.user_attrs.get(WORKER)
+        # a retry copies its original's user attrs: only a record made by this trial counts
+        if not isinstance(record, dict) or record.get("trial") != t.number or not is_dead(record, me):
+            continue
+        try:
+            study.tell(t.number, state=TrialState.FAIL)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            continue                        # another worker recovered it first
+        before = len(study.get_trials(deepcopy=False))
+        _retry(optuna)(study, t)
+        again = len(study.get_trials(deepcopy=False)) > before
+        lines.append(f"trial {t.number}: failed, its process (pid {record['pid']} on {record['host']}) is "
+                     f"gone; {'its parameters are queued again' if again else 'retried once already'}; "
+                     f"{t.params}")
+    return lines
 
 
 def _check_same(study, url: str, wanted: dict) -> None:
@@ -210,11 +286,15 @@ def _has_baseline(study) -> bool:
 def run_until(study, ctx: Context, trials: int, report=print) -> int:
     """Run trials until the study has ``trials`` finished (complete + pruned) ones; returns how
     many this call ran. A fresh study starts with the base recipe when it lies in the space.
-    ``report(line)`` after each trial."""
+    ``report(line)`` after each trial, and for each dead worker's trial recovered before one."""
+    for line in recover_dead_trials(study):     # before the baseline check: it may be the baseline
+        report(line)
     if not _has_baseline(study) and (base := ctx.space.base_values(ctx.base_raw)) is not None:
         study.enqueue_trial(base, user_attrs={"baseline": True})   # again if it failed (Ctrl-C)
     ran = 0
     while finished(study) < trials:
+        for line in recover_dead_trials(study):     # another worker's, dead while this one ran
+            report(line)
         study.optimize(lambda trial: run_trial(trial, ctx), n_trials=1, catch=(),
                        callbacks=[lambda _, t: report(trial_line(t, ctx.objectives))])
         ran += 1
@@ -231,6 +311,8 @@ def trial_line(t, objectives: list[str]) -> str:
 
 def run_trial(trial, ctx: Context):
     """One sampled config, trained in ``OUT/trial-<n>``; its objective values."""
+    if (me := worker()) is not None:     # who runs it: a rerun fails it once this process is gone
+        trial.set_user_attr(WORKER, {**me, "trial": trial.number})
     params = ctx.space.suggest(trial)
     run_dir = ctx.out / f"trial-{trial.number}"
     trial.set_user_attr("run_dir", str(run_dir))

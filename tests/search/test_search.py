@@ -1,14 +1,19 @@
 """moekit search: the space file, the study in a real SQLite file, real tiny training runs."""
 
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from moekit.cli.main import main as cli
 from moekit.config import RunConfig
-from moekit.search.space import load_space
+from moekit.search.space import load_space, parse_space
 
 optuna = pytest.importorskip("optuna")
 
@@ -18,11 +23,11 @@ train.lr = { low = 1e-3, high = 1e-2, log = true }
 """
 
 
-def base(corpus) -> list[str]:
+def base(corpus, max_steps: int = 8) -> list[str]:
     sets = [f'data.corpus="{corpus}"', "data.vocab_size=512", "data.seq_len=32", "model.d_model=32",
             "model.n_layers=1", "model.n_heads=2", "model.d_ff=64", "model.moe.d_ff=32",
-            "model.moe.num_experts=4", "train.batch_size=4", "train.max_steps=8", "train.eval_every=4",
-            "train.eval_batches=2", "train.log_every=2", "train.save_every=1000"]
+            "model.moe.num_experts=4", "train.batch_size=4", f"train.max_steps={max_steps}",
+            "train.eval_every=4", "train.eval_batches=2", "train.log_every=2", "train.save_every=1000"]
     return [a for s in sets for a in ("--set", s)]
 
 
@@ -49,6 +54,16 @@ def trials_of(out) -> list[dict]:
     ('[space]\n"train.lr" = { low = "a", high = 1 }', "low = 'a' is not a number"),
     ('[spaces]\n"train.lr" = { low = 1, high = 2 }', "has no [space] table"),
     ('[space]\n"train.lr" = { low = 1e-4, high = inf }', "high = inf is not finite"),
+    # an integer field with a float bound or choice: every such trial was refused by the config and
+    # pruned (issue 32, item 7); 10.0 too, as --set train.max_steps=10.0 is refused
+    ('[space]\n"train.max_steps" = { low = 1.5, high = 10 }',
+     "'train.max_steps': low = 1.5 is not an integer, and train.max_steps is an integer field (every "
+     "trial would be refused and pruned); use integer bounds, e.g. low = 2"),
+    ('[space]\n"train.max_steps" = { low = 1, high = 10.0 }', "high = 10.0 is not an integer"),
+    ('[space]\n"train.warmup_steps" = { low = 0.5, high = 4.5 }', "low = 0.5 is not an"),   # int | None
+    ('[space]\n"model.moe.top_k" = { choices = [1, 2.5] }',
+     "choice 2.5 is not an integer, and model.moe.top_k is an integer field"),
+    ('[space]\n"model.moe.num_experts" = { choices = [4, true] }', "choice True is not an integer"),
 ])
 def test_bad_space_entries_are_one_line_errors(tmp_path, text, message, capsys):
     path = tmp_path / "space.toml"
@@ -56,6 +71,7 @@ def test_bad_space_entries_are_one_line_errors(tmp_path, text, message, capsys):
     with pytest.raises(ValueError) as err:
         load_space(path)
     assert message in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith(f"space file {str(path)!r}"), err.value
     assert cli(["search", "--space", str(path), "--trials", "1", "--study", f"sqlite:///{tmp_path}/s.db",
                 "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
@@ -67,6 +83,8 @@ def test_space_parses_ranges_choices_and_dotted_tables(tmp_path):
     path.write_text(SPACE + '"model.moe.num_experts" = { low = 2, high = 8 }\n')
     params = {p.name: p for p in load_space(path).params}
     assert params["model.moe.top_k"].choices == (1, 2)
+    # a float field takes float choices and bounds, an int among them included
+    assert parse_space({"train.lr": {"low": 1, "high": 2.5}, "train.aux_loss_coef": {"choices": [0, 0.5]}})
     assert params["train.lr"].log and not params["train.lr"].is_int       # TOML dotted key: a sub-table
     assert params["model.moe.num_experts"].is_int
     name = load_space(path).default_name()
@@ -235,7 +253,6 @@ class _AlwaysPrune(optuna.pruners.BasePruner):
 
 def test_the_pruner_stops_a_trial_at_its_first_evaluation_with_a_checkpoint(tmp_path, parl_subset):
     from moekit.config import apply_overrides
-    from moekit.search.space import parse_space
     from moekit.search.study import Context, run_trial
     from moekit.store.checkpoint import Checkpoint
     raw = apply_overrides({}, base(parl_subset)[1::2])
@@ -246,3 +263,121 @@ def test_the_pruner_stops_a_trial_at_its_first_evaluation_with_a_checkpoint(tmp_
     assert trial.state.name == "PRUNED"
     assert trial.user_attrs["prune_reason"].startswith("pruned at step 4 of 8")
     assert Checkpoint(tmp_path / "trial-0").meta["step"] == 4
+
+
+def _trials_in(db: Path) -> dict[int, dict]:
+    """{number: {"state", "worker", "params"}} straight from the study's SQLite file (a search
+    process writes it meanwhile; {} until its tables exist)."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as con:
+            rows = con.execute("SELECT trial_id, number, state FROM trials").fetchall()
+            attrs = con.execute("SELECT trial_id, key, value_json FROM trial_user_attributes").fetchall()
+            params = con.execute("SELECT trial_id, param_name FROM trial_params").fetchall()
+    except sqlite3.OperationalError:                  # not made yet
+        return {}
+    trials = {tid: {"number": n, "state": state, "params": set()} for tid, n, state in rows}
+    for tid, key, value in attrs:
+        trials[tid][key] = json.loads(value)
+    for tid, name in params:
+        trials[tid]["params"].add(name)
+    return {t["number"]: t for t in trials.values()}
+
+
+def _wait(what: str, ready, proc: subprocess.Popen, seconds: float = 60.0):
+    deadline = time.monotonic() + seconds
+    while not (found := ready()):
+        assert proc.poll() is None, f"the search exited ({proc.returncode}) while waiting for {what}"
+        assert time.monotonic() < deadline, f"no {what} after {seconds:.0f} s"
+        time.sleep(0.2)
+    return found
+
+
+def test_a_search_killed_mid_trial_and_run_again_at_once_fails_it_and_retries_it(tmp_path, parl_subset):
+    """kill -9 during trial 0 (the base recipe), then the same command again at once, well inside
+    the heartbeat's 30 s grace: the rerun fails trial 0 (its process is gone) and runs its
+    parameters again as trial 1 before any new sample; search.json says so. (Before: trial 0
+    stayed RUNNING, since Optuna fails a trial only once its heartbeat is 30 s old and checks
+    only as a trial starts; the rerun sampled new parameters; issue 32, item 9.)"""
+    (tmp_path / "space.toml").write_text(SPACE)
+    db, out = tmp_path / "s.db", tmp_path / "out"
+    cmd = [sys.executable, "-m", "moekit", "search", "--space", str(tmp_path / "space.toml"), "--trials", "2",
+           "--study", f"sqlite:///{db}", "--out", str(out), "--seed", "0", "--pruner", "none",
+           *base(parl_subset, max_steps=100_000)]           # a trial far longer than the test
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs: list[subprocess.Popen] = []
+
+    def start(log: str) -> subprocess.Popen:
+        with open(tmp_path / log, "w") as f:
+            procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env))
+        return procs[-1]
+    try:
+        first = start("first.log")
+        _wait("training in trial 0", lambda: (out / "trial-0" / "metrics.jsonl").exists(), first)
+        killed = _trials_in(db)[0]
+        assert killed["state"] == "RUNNING"
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        again = start("again.log")
+        started = str(out / "trial-1")             # (a retry's run_dir, copied from trial 0, is trial-0's)
+        trials = _wait("trial 1 started", lambda: (t := _trials_in(db)).get(1, {}).get("run_dir") == started
+                       and t, again)
+        assert trials[0]["state"] == "FAIL"     # by the rerun as it started (its line below)
+        assert trials[0]["worker"]["pid"] == first.pid
+        retry = trials[1]
+        assert retry["state"] == "RUNNING" and retry["worker"]["pid"] == again.pid and retry["baseline"]
+        assert retry["params"] == killed["params"] == {"model.moe.top_k", "train.lr"}
+        assert len(trials) == 2                           # no second base-recipe trial queued
+        # search.json was rewritten when trial 0 was recovered, before trial 1 started
+        recorded = {t["number"]: t for t in trials_of(out)}
+        assert recorded[0]["state"] == "FAIL" and recorded[1]["retry_of"] == 0
+        assert recorded[1]["params"] == recorded[0]["params"] == {"model.moe.top_k": 2, "train.lr": 0.003}
+        log = (tmp_path / "again.log").read_text()
+        assert f"trial 0: failed, its process (pid {first.pid} on " in log and "queued again" in log, log
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def test_only_the_trials_of_provably_dead_processes_are_failed_and_queued_again(tmp_path):
+    """recover_dead_trials on RUNNING trials recorded by: a live other worker, this process, a
+    dead one, a reused pid, another machine or boot, none, or an original (copied into its
+    retry). Only the dead and the reused are failed, each queued again once; a retry that dies
+    too is failed and not queued a third time, as Optuna's heartbeat retry does."""
+    from moekit.search.study import WORKER, _proc_stat, recover_dead_trials, worker
+    me = worker()
+    if me is None:
+        pytest.skip("no /proc here: only the heartbeat finds dead trials")
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        dead = {**me, "pid": gone.pid}
+        records = {"live worker": {**me, "pid": live.pid, "start": _proc_stat(live.pid)[1]}, "this": me,
+                   "dead": dead, "pid reused": {**me, "start": me["start"] - 1},
+                   "other machine": {**dead, "host": me["host"] + "-2"}, "other boot": {**dead, "boot": "b"},
+                   "no record": None, "copied": dead}
+        study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'u.db'}")
+        for what, record in records.items():
+            trial = study.ask()
+            trial.suggest_float("x", 0, 10)
+            if record is not None:
+                trial.set_user_attr(WORKER, {**record, "trial": trial.number - (what == "copied")})
+        lines = recover_dead_trials(study)
+        states = {what: t.state.name for what, t in zip(records, study.trials)}
+        assert states == {**{w: "RUNNING" for w in records}, "dead": "FAIL", "pid reused": "FAIL"}
+        retries = study.trials[len(records):]
+        assert [(t.state.name, t.params, t.system_attrs["failed_trial"]) for t in retries] == [
+            ("WAITING", study.trials[n].params, n) for n in (2, 3)]
+        assert len(lines) == 2 and lines[0].startswith(f"trial 2: failed, its process (pid {gone.pid} on ")
+        assert recover_dead_trials(study) == []           # the rest are alive, or not provably dead
+        again = study.ask()                               # the first retry runs, and dies too
+        assert again.number == len(records)
+        again.set_user_attr(WORKER, {**dead, "trial": again.number})
+        assert "retried once already" in recover_dead_trials(study)[0]
+        assert study.trials[again.number].state.name == "FAIL"
+        assert [t.number for t in study.trials if t.state.name == "WAITING"] == [len(records) + 1]
+    finally:
+        live.kill()
+        live.wait()
