@@ -50,13 +50,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="moekit", description=__doc__, allow_abbrev=False,
+    codes = "\n".join(f"  {code:>3}  {what}" for code, what in EXIT_CODES.items())
+    parser = _Parser(prog="moekit", description=__doc__, allow_abbrev=False, epilog=f"exit codes:\n{codes}",
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (train_cmd, finetune_cmd, generate_cmd, eval_cmd, export_cmd, import_cmd, upcycle_cmd,
                    grow_cmd, extract_cmd, compress_cmd, report_cmd, search_cmd, federate_cmd, data_cmd):
         module.register(sub)
     return parser
+
+
+# one rule for every command (the README's Errors section says it too)
+EXIT_CODES = {0: "done",
+              1: "the work ran and did not succeed (no search trial completed, a federation without its "
+                 "quorum), or a bug in moekit (a traceback: please report it)",
+              2: "bad input or environment the user can fix: a flag, a value, a file, a full disk, a "
+                 "permission; one line naming what to fix",
+              130: "interrupted (Ctrl-C); the last checkpoint is intact",
+              141: "stdout closed early (moekit data list | head -1)"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +104,7 @@ def _dispatch(argv: list[str] | None) -> int:
         where = f" ({err.filename})" if err.filename else ""
         text = err.strerror or str(err)         # lower-case its first letter only: paths keep their case
         print(f"moekit {args.command}: error: {text[:1].lower() + text[1:]}{where}", file=sys.stderr)
-        return 1
+        return 2                                # the user can fix it, as a bad value (EXIT_CODES)
 
 
 def _stdout_closed() -> bool:

@@ -10,6 +10,7 @@ from moekit.model.routing import RoutingBreakdown, frequency_class, routing_brea
 from moekit.model.transformer import model_flops
 from moekit.report.experts_per_token import experts_per_token_section
 from moekit.report.figures import facts_table, page, per_layer, plt, png, read_metrics, series
+from moekit.runtime import write_text_atomic
 from moekit.store.run_dir import load_run
 from moekit.train.splits import open_split
 
@@ -215,7 +216,7 @@ def write_run_report(run_dir: Path, baseline: Path | None = None, out: Path | No
     page_html = build_report(run_dir, summary, by_tag, by_freq, baseline, can_drop=can_drop,
                              moe=cfg.model.moe)
     out = Path(out) if out else run_dir / "report.html"
-    out.write_text(page_html, encoding="utf-8")
+    write_text_atomic(out, page_html)          # a full disk leaves no truncated page
     tags = len(by_tag.labels) > 1
     dynamic = cfg.model.moe is not None and cfg.model.moe.dynamic
     lines = []

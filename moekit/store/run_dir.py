@@ -31,7 +31,7 @@ from moekit.data.tokenizer import eos_id, load_tokenizer, save_tokenizer
 from moekit.interop.hf import catalog_model_dir, load_hf_dir, read_json, save_hf_dir, to_hf_config
 from moekit.model.config import ModelConfig
 from moekit.model.transformer import MoETransformer
-from moekit.runtime import readable_like_umask
+from moekit.runtime import readable_like_umask, write_text_atomic
 from moekit.store.checkpoint import CHECKPOINT, SHARDED, Checkpoint, find_checkpoint
 from moekit.transform.lora import add_lora, merge_lora
 from moekit.transform.quantize import dequantize_model, quantize_structure
@@ -140,13 +140,7 @@ def remove_leftovers(run_dir: Path) -> list[str]:
 
 def write_json(path: Path, obj) -> None:
     """Atomically: a temporary file, then a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def model_config_for(cfg: RunConfig, vocab_size: int):

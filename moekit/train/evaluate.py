@@ -26,6 +26,14 @@ def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
 
 
+def eval_windows(val, batch_size: int, batches: int | None) -> int:
+    """How many validation windows :func:`evaluate` averages over (a mixture: all its sources')."""
+    if hasattr(val, "parts"):
+        return sum(eval_windows(part, batch_size, batches) for part in val.parts)
+    n = len(val) // batch_size if batches is None else min(batches, max(1, len(val) // batch_size))
+    return min(max(n, 1) * batch_size, len(val))
+
+
 @torch.no_grad()
 def evaluate(model, val: PackedSplit, batch_size: int, device: torch.device, batches: int | None,
              rank: int = 0, world: int = 1, autocast=nullcontext, loads: dict | None = None,
@@ -59,8 +67,7 @@ def evaluate(model, val: PackedSplit, batch_size: int, device: torch.device, bat
     was_training = model.training
     model.eval()
     B = batch_size
-    n = len(val) // B if batches is None else min(batches, max(1, len(val) // B))
-    windows = min(max(n, 1) * B, len(val))
+    windows = eval_windows(val, B, batches)
     mine = list(range(rank, windows, world))
     calls = math.ceil(math.ceil(windows / world) / B)
     total, count, counts = 0.0, 0, {}

@@ -35,7 +35,7 @@ from moekit.store import run_dir as rd
 from moekit.store.checkpoint import Checkpoint, save_checkpoint, save_sharded_checkpoint
 from moekit.store.source import load_source
 from moekit.train import growth, splits
-from moekit.train.evaluate import evaluate
+from moekit.train.evaluate import eval_windows, evaluate
 from moekit.train.metrics import MetricsWriter, mfu
 from moekit.train.objectives import Batch, objective_for, student_start
 from moekit.train.run import Run, distributed_context, precision_of, resolve_layout, setup
@@ -352,9 +352,14 @@ def _task_scores(run: Run, split: str) -> dict:
 
 
 def _summary(run: Run, state: _LoopState) -> dict:
+    B = run.cfg.train.batch_size
     return {"steps": run.step, "steps_run": run.step - state.first_step,
             "final_train_loss": run.history[-1] if run.history else None,
-            "final_val_loss": state.val_loss, "train_losses": run.history, "skipped_steps": state.bad_steps,
+            "final_val_loss": state.val_loss,
+            # the mean over the split's first eval_batches batches (moekit eval RUN: all of them)
+            "final_val_windows": eval_windows(run.val_split, B, run.cfg.train.eval_batches),
+            "of_val_windows": eval_windows(run.val_split, B, None),
+            "train_losses": run.history, "skipped_steps": state.bad_steps,
             "params": state.flops,
             "train_tokens": run.data_meta["train_tokens"],
             "routing_last_interval": {str(i): c for i, c in state.last_loads.items()},

@@ -472,3 +472,27 @@ def test_parallel_resume_checks_run_before_launch(tmp_path, parl_subset, capsys)
                                         (["parallel.ep=3"], "parallel.dp x parallel.ep"))):
         err = _launch_error(["--resume", str(run), *[a for x in sets for a in ("--set", x)]], i == 0, capsys)
         assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("what", ["token cache", "report"])
+def test_a_failed_write_exits_2_as_every_fixable_error_does(tmp_path, parl_subset, what):
+    """One exit-code rule (README, Errors): a full disk while writing the token cache exited 1
+    where the same while saving a checkpoint exited 2; so did a report that could not be written."""
+    run = tmp_path / "run"
+    if what == "token cache":
+        cmd = ["train", "--out", str(run), "--no-progress", *small(parl_subset, max_steps=2)]
+        limit = 100_000                    # the tokenizer fits; the corpus's token cache does not
+    else:
+        assert cli(["train", "--out", str(run), "--no-progress", *small(parl_subset, max_steps=2)]) == 0
+        cmd, limit = ["report", str(run)], 1_000
+    proc = subprocess.run([sys.executable, "-m", "moekit", *cmd], capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limit_file_size(limit))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0], lines
+    assert any(w in lines[0] for w in ("too large", "full")), lines
+    if what == "token cache":
+        assert "train.bin" in lines[0] or "data" in lines[0], lines
+        assert not run.exists()                      # a run that fails before its first step leaves none
+    else:
+        assert not (run / "report.html").exists() and not (run / "report.html.tmp").exists()

@@ -59,9 +59,19 @@ def test_cli_train_generate_eval(tmp_path, parl_subset, capsys):
     assert cli(args) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 5
     assert cli(["generate", str(out), "--prompt", "Herr Präsident", "--max-new-tokens", "8"]) == 0
-    assert cli(["eval", str(out), "--batches", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "Herr Präsident" in printed and '"val_loss"' in printed
+    assert "Herr Präsident" in printed
+    # eval says over which windows; --batches train.eval_batches gives the run's final_val_loss again
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_val_windows"] == 8 < summary["of_val_windows"]
+    assert cli(["eval", str(out), "--batches", "2"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["val_loss"] == pytest.approx(summary["final_val_loss"], rel=1e-6)
+    assert (same["val_windows"], same["of_val_windows"]) == (8, summary["of_val_windows"])
+    assert cli(["eval", str(out)]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert whole["val_windows"] == whole["of_val_windows"] == summary["of_val_windows"]
+    assert whole["val_loss"] != same["val_loss"]
 
 
 @pytest.mark.parametrize("args, message", [
