@@ -520,3 +520,8 @@ def build(cls, raw: dict, prefix: str = ""):
         return cls(**kwargs)
     except TypeError as err:
         raise ValueError(f"config section {prefix.rstrip('.') or '(top)'}: {err}") from None
+    except ValueError as err:           # "MoEConfig.d_ff=0: ..." -> "model.moe.d_ff=0: ...": the key set
+        owner = f"{cls.__name__}."
+        if prefix and str(err).startswith(owner):
+            raise ValueError(prefix + str(err)[len(owner):]) from None
+        raise

@@ -100,7 +100,7 @@ def _new(args) -> Path:
     from moekit.config import RunConfig, apply_overrides
     from moekit.federate import prepare
     from moekit.federate.server import round_dir
-    from moekit.federate.spec import FederationSpec, check_strategy
+    from moekit.federate.spec import SPEC, FederationSpec, check_strategy
     from moekit.recipe import load_toml
     from moekit.store import run_dir as rd
     if args.out is None:
@@ -126,6 +126,9 @@ def _new(args) -> Path:
                           threads=1 if args.threads is None else args.threads,
                           seed_note="moekit federate " + " ".join(getattr(args, "raw_argv", [])))
     out = Path(args.out)
+    if (out / SPEC).is_file():                # a federation, finished or not: --resume continues it
+        raise ValueError(f"--out {str(out)!r} already holds a federation ({SPEC}); continue it with "
+                         f"--resume {out} or choose another --out")
     rd.check_fresh(out)
     texts = prepare.shard_texts(cfg, shards)
     tok = prepare.shared_tokenizer(cfg, texts, args.tokenizer)

@@ -105,7 +105,44 @@ def _check_attention(cfg: dict, kind: str, arch: Arch) -> None:
 
 
 def model_config_from_hf(cfg: dict) -> ModelConfig:
-    """A ModelConfig from a Hugging Face config.json dict (one line naming what does not fit)."""
+    """A ModelConfig from a Hugging Face config.json dict (one line naming what does not fit,
+    by config.json's keys)."""
+    try:
+        return _model_config_from_hf(cfg)
+    except ValueError as err:
+        raise _in_hf_terms(err, cfg) from None
+
+
+def _hf_keys(cfg: dict) -> dict[str, str]:
+    """moekit's config field -> the config.json key it is read from."""
+    arch = ARCHS[cfg["model_type"]]
+    experts = "num_experts" if "num_experts" in cfg or "num_local_experts" not in cfg else "num_local_experts"
+    return {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
+            "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+            "max_seq_len": "max_position_embeddings", "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta",
+            "moe.d_ff": arch.expert_ff, "d_ff": "intermediate_size", "num_experts": experts,
+            "top_k": "num_experts_per_tok", "jitter_eps": "router_jitter_noise",
+            "shared_d_ff": "shared_expert_intermediate_size"}
+
+
+def _in_hf_terms(err: ValueError, cfg: dict) -> ValueError:
+    """"MoEConfig.top_k=8: exceeds num_experts=4; use top_k <= 4 ..." (moekit's names, which
+    the user of a config.json never wrote) -> "config.json num_experts_per_tok=8: exceeds
+    num_local_experts=4; fix config.json"."""
+    import re
+    text = str(err)
+    match = re.match(r"(ModelConfig|MoEConfig)\.([a-z_.0-9]+)=(.*?): (.*); [^;]*$", text)
+    if not match:
+        return err
+    owner, name, value, constraint = match.groups()
+    keys = _hf_keys(cfg)
+    name = keys.get("moe." + name if owner == "MoEConfig" and name == "d_ff" else name, name)
+    constraint = re.sub(r"\b(" + "|".join(k for k in keys if "." not in k) + r")=",
+                        lambda m: keys[m.group(1)] + "=", constraint)
+    return ValueError(f"config.json {name}={value}: {constraint}; fix config.json (or use the model's own)")
+
+
+def _model_config_from_hf(cfg: dict) -> ModelConfig:
     kind = cfg.get("model_type")
     if kind not in ARCHS:
         raise ValueError(f"config.json model_type={kind!r} is not supported yet; supported: {_ALL}")

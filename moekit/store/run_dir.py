@@ -45,9 +45,10 @@ RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "summary.json", "
 LEFTOVERS = (CHECKPOINT + ".tmp", SHARDED + ".tmp", SHARDED + ".trash")
 
 
-def _unwritable(run_dir: Path, err: OSError) -> ValueError:
-    return ValueError(f"--out {str(run_dir)!r}: cannot write the run directory ({err.strerror or err}); "
-                      "choose a writable path")
+def _unwritable(run_dir: Path, err: OSError, flag: str = "--out") -> ValueError:
+    fix = "choose a writable path" if flag == "--out" else "make it writable (or copy the run elsewhere)"
+    return ValueError(f"{flag} {str(run_dir)!r}: cannot write the run directory ({err.strerror or err}); "
+                      f"{fix}")
 
 
 def build_model(mcfg: ModelConfig, device="cpu") -> MoETransformer:
@@ -78,10 +79,10 @@ def check_fresh(run_dir: Path) -> None:
                              "no checkpoint to resume; remove them or choose another --out")
 
 
-def create(run_dir: Path) -> Path | None:
+def create(run_dir: Path, flag: str = "--out") -> Path | None:
     """Make the run directory (and its parents); returns the outermost directory it made (None
     if the run directory existed), which :func:`discard` removes again. An unwritable place
-    (under a file, read-only, /proc) is one clear line."""
+    (under a file, read-only, /proc) is one clear line naming ``flag``, how the user gave it."""
     run_dir = Path(run_dir)
     made = None
     for candidate in (run_dir, *run_dir.parents):
@@ -95,7 +96,7 @@ def create(run_dir: Path) -> Path | None:
         probe.unlink()
     except OSError as err:
         _remove_empty(run_dir, made)
-        raise _unwritable(run_dir, err) from None
+        raise _unwritable(run_dir, err, flag) from None
     return made
 
 

@@ -89,9 +89,31 @@ def compress(req: CompressRequest) -> int:
     return 0
 
 
+def _check_float(req, model, src: Path) -> None:
+    """What compress cannot do to this model, in the command's own terms (the transformations
+    say it in Python's: dequantize_model(model), attention=True)."""
+    quant = model.cfg.quant
+    if quant is not None:
+        came_from = _quantized_from(src)
+        raise ValueError(f"compress {src}: the model is already quantized ({quant['bits']}-bit); "
+                         f"{req.method} the full-precision model{came_from} instead"
+                         + (", then quantize the result" if req.method != "quantize" else ""))
+    if req.method == "quantize" and model.cfg.moe is None and not req.attention:
+        raise ValueError(f"compress --method quantize: {src} is a dense model, with no experts to quantize; "
+                         "add --attention to quantize its attention projections")
+
+
+def _quantized_from(src: Path) -> str:
+    try:
+        return f" it came from ({json.loads((src / 'compress.json').read_text())['source']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def _transform(req, model, tok, cfg, src: Path):
     """(the compressed model, what was done) for merge, prune and quantize."""
     info = {"method": req.method, "source": str(src), "params": {"source": count_params(model)}}
+    _check_float(req, model, src)
     if req.method == "quantize":
         small = quantize_model(model, req.bits, req.group_size, req.attention)
         info.update(bits=req.bits, group_size=req.group_size, attention=req.attention,

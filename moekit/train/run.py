@@ -198,7 +198,7 @@ def setup(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None = None, initial
     if rank == 0:
         if ckpt is None:                        # a new run: not over another run's tokenizer or cache
             rd.check_fresh(Path(run_dir))
-        made = rd.create(Path(run_dir))         # the tokenizer and the token cache go there
+        made = rd.create(Path(run_dir), "--out" if ckpt is None else "--resume")   # tokenizer, token cache
     try:
         if initial is not None and rank == 0:   # the data is tokenized with SRC's tokenizer
             rd.save_tokenizer(initial.tokenizer, Path(run_dir) / "tokenizer.json")

@@ -83,7 +83,7 @@ def processes_of(out: Path) -> list[str]:
     return [p for p in ps if str(out) in p and ("flower" in p or "flwr" in p)]
 
 
-def test_a_killed_client_then_a_killed_launcher_lose_nothing(parl_subset, tmp_path, launch):
+def test_a_killed_client_then_a_killed_launcher_lose_nothing(parl_subset, tmp_path, launch, capsys):
     """local-experts, 3 rounds. Client 1's SuperNode is killed with -9 as round 2 starts: round
     2 finishes with client 0 alone and client 1 is started again. The launcher itself is then
     killed with -9 after round 2: its Flower processes go with it, and --resume runs round 3
@@ -117,6 +117,11 @@ def test_a_killed_client_then_a_killed_launcher_lose_nothing(parl_subset, tmp_pa
         assert r1[key] == r1[key] and r3[key] == r3[key], key          # present, not NaN
     assert r3["bytes/up"] < r1["bytes/down"] / 2          # experts stay home: shared tensors only
     assert cli(["federate", "--resume", str(out)]) == 0     # finished: nothing to do
+    before = (out / "federate.json").read_bytes()
+    assert cli(args(parl_subset, out, "--rounds", "3")) == 2   # --out at it again: says how to continue
+    assert f"--out {str(out)!r} already holds a federation (federate.json); continue it with --resume " \
+           in capsys.readouterr().err
+    assert (out / "federate.json").read_bytes() == before
     from moekit.store.run_dir import load_run
     server = load_run(out / "rounds" / "round-0003")[0].state_dict()
     start = load_run(out / "rounds" / "round-0000")[0].state_dict()

@@ -209,6 +209,13 @@ IMPORT_REFUSALS = [   # (kind, config.json changes, the message)
      "rope type 'linear'"),
     ("qwen3", dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
     ("qwen2_moe", dict(decoder_sparse_step=0), "decoder_sparse_step=0"),
+    # a value moekit's own config refuses: named by the config.json key, not MoEConfig.top_k
+    ("mixtral", dict(num_experts_per_tok=8),
+     r"^config.json num_experts_per_tok=8: exceeds num_local_experts="),
+    ("qwen2_moe", dict(num_experts_per_tok=99), r"^config.json num_experts_per_tok=99: exceeds num_experts="),
+    ("llama", dict(num_key_value_heads=3), r"^config.json num_key_value_heads=3: must divide "
+                                           r"num_attention_heads="),
+    ("qwen3_moe", dict(moe_intermediate_size=0), r"^config.json moe_intermediate_size=0: "),
 ]
 
 

@@ -165,13 +165,13 @@ def test_alpha_zero_is_the_student_alone(src, tmp_path, capsys):
     (["--method", "quantize", "--bits", "8", "--group-size", "7"], "--group-size 7"),
     (["--method", "quantize", "--bits", "8", "--group-size", "48"], "group_size=48"),
     (["--method", "prune", "--experts", "2", "--recover-steps", "3", "--set", "train.lr=abc"],
-     "TrainConfig.lr='abc'"),
+     "train.lr='abc'"),
     (["--method", "prune", "--experts", "2", "--calib", "EMPTY"], "holds no text"),
     (["--method", "merge", "--experts", "2", "--calib", "TINY"], "fewer than one window"),
     (["--method", "prune", "--experts", "2", "--similarity", "x"], None),
     (["--method", "merge", "--experts", "2", "--similarity", "cosine"], "--similarity 'cosine'"),
     (["--method", "quantize", "--bits", "8", "--recover-steps", "5"], "--recover-steps 5"),
-    (["--method", "distill", "--alpha", "2"], "DistillConfig.alpha=2"),
+    (["--method", "distill", "--alpha", "2"], "distill.alpha=2"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(src, tmp_path, capsys, argv, needle):
     files = {"EMPTY": tmp_path / "empty.txt", "TINY": tmp_path / "tiny.txt"}
@@ -196,8 +196,22 @@ def test_quantizing_a_quantized_model_is_refused(src, tmp_path, capsys):
     before = digest(tmp_path / "q")
     assert cli(["compress", str(tmp_path / "q"), "--out", str(tmp_path / "qq"), "--method", "quantize",
                 "--bits", "4"]) == 2
-    one_line_error(capsys, "already quantized")
+    one_line_error(capsys, "already quantized (8-bit); quantize the full-precision model it came from "
+                           f"({src}) instead")
     assert cli(["compress", str(tmp_path / "q"), "--out", str(tmp_path / "qp"), "--method", "prune",
                 "--experts", "2"]) == 2
-    one_line_error(capsys, "quantized")
+    one_line_error(capsys, "already quantized", "then quantize the result")
     assert digest(tmp_path / "q") == before and not (tmp_path / "qq").exists()
+
+
+def test_quantizing_a_dense_model_names_the_flag(parl_subset, tmp_path, capsys):
+    raw = {"data": {"corpus": str(parl_subset), "vocab_size": 512, "seq_len": 32},
+           "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "moe": None},
+           "train": {"batch_size": 2, "max_steps": 1, "eval_every": 1, "eval_batches": 1}}
+    dense = tmp_path / "dense"
+    train(RunConfig.from_dict(raw), dense, progress=False)
+    q = str(tmp_path / "q")
+    assert cli(["compress", str(dense), "--out", q, "--method", "quantize", "--bits", "8"]) == 2
+    one_line_error(capsys, "is a dense model, with no experts to quantize; add --attention")
+    assert cli(["compress", str(dense), "--out", str(tmp_path / "q"), "--method", "quantize", "--bits", "8",
+                "--group-size", "16", "--attention"]) == 0

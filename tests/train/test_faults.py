@@ -85,26 +85,26 @@ def test_non_finite_training_stops_with_one_line_and_never_saves_non_finite_weig
 
 
 @pytest.mark.parametrize("setting, field", [
-    ("train.lr=inf", "TrainConfig.lr=inf"),
-    ("train.lr=-1", "TrainConfig.lr=-1"),
-    ("train.z_loss_coef=nan", "TrainConfig.z_loss_coef=nan"),
-    ("train.aux_loss_coef=nan", "TrainConfig.aux_loss_coef=nan"),
-    ("train.grad_clip=-1", "TrainConfig.grad_clip=-1"),
-    ("train.weight_decay=-0.1", "TrainConfig.weight_decay=-0.1"),
-    ("train.min_lr_ratio=2", "TrainConfig.min_lr_ratio=2"),
-    ("train.warmup_steps=-1", "TrainConfig.warmup_steps=-1"),
-    ("train.max_steps=true", "TrainConfig.max_steps=True"),
-    ("train.max_steps='ten'", "TrainConfig.max_steps='ten'"),
-    ("train.lr='fast'", "TrainConfig.lr='fast'"),
-    ("train.beta1=2", "TrainConfig.beta1=2"),
-    ("train.compile=1", "TrainConfig.compile=1"),
-    ("data.max_docs=-1", "DataConfig.max_docs=-1"),
-    ("data.max_docs=0", "DataConfig.max_docs=0"),
-    ("data.corpus=''", "DataConfig.corpus=''"),
-    ("data.seq_len='long'", "DataConfig.seq_len='long'"),
-    ("model.d_model='big'", "ModelConfig.d_model='big'"),
-    ("model.moe.top_k=0", "MoEConfig.top_k=0"),
-    ("model.moe_layers='some'", "ModelConfig.moe_layers='some'"),
+    ("train.lr=inf", "train.lr=inf"),
+    ("train.lr=-1", "train.lr=-1"),
+    ("train.z_loss_coef=nan", "train.z_loss_coef=nan"),
+    ("train.aux_loss_coef=nan", "train.aux_loss_coef=nan"),
+    ("train.grad_clip=-1", "train.grad_clip=-1"),
+    ("train.weight_decay=-0.1", "train.weight_decay=-0.1"),
+    ("train.min_lr_ratio=2", "train.min_lr_ratio=2"),
+    ("train.warmup_steps=-1", "train.warmup_steps=-1"),
+    ("train.max_steps=true", "train.max_steps=True"),
+    ("train.max_steps='ten'", "train.max_steps='ten'"),
+    ("train.lr='fast'", "train.lr='fast'"),
+    ("train.beta1=2", "train.beta1=2"),
+    ("train.compile=1", "train.compile=1"),
+    ("data.max_docs=-1", "data.max_docs=-1"),
+    ("data.max_docs=0", "data.max_docs=0"),
+    ("data.corpus=''", "data.corpus=''"),
+    ("data.seq_len='long'", "data.seq_len='long'"),
+    ("model.d_model='big'", "model.d_model='big'"),
+    ("model.moe.top_k=0", "model.moe.top_k=0"),
+    ("model.moe_layers='some'", "model.moe_layers='some'"),
 ])
 def test_bad_values_are_one_line_naming_the_field(setting, field, tmp_path, capsys):
     out = tmp_path / "never"
@@ -418,7 +418,7 @@ def test_full_disk_while_writing_the_tokenizer_or_config(tmp_path):
 
 
 @pytest.mark.parametrize("setting, needle", [
-    ("train.lr=1e39", "TrainConfig.lr=1e+39: must be a finite number > 0 that float32 can hold"),
+    ("train.lr=1e39", "train.lr=1e+39: must be a finite number > 0 that float32 can hold"),
     ('data.corpus="/dev/zero"', "is not a regular file or a directory"),
 ])
 def test_values_that_looked_valid(setting, needle, tmp_path, capsys):
@@ -496,3 +496,13 @@ def test_a_failed_write_exits_2_as_every_fixable_error_does(tmp_path, parl_subse
         assert not run.exists()                      # a run that fails before its first step leaves none
     else:
         assert not (run / "report.html").exists() and not (run / "report.html.tmp").exists()
+
+
+def test_a_resume_that_cannot_write_names_resume_not_out(tmp_path, parl_subset, capsys):
+    run = tmp_path / "run"
+    assert cli(["train", "--out", str(run), "--no-progress", *small(parl_subset, max_steps=2)]) == 0
+    (run / ".moekit-write-test").mkdir()         # where the write probe goes: its write fails, as root too
+    capsys.readouterr()
+    assert cli(["train", "--resume", str(run), "--no-progress", "--set", "train.max_steps=3"]) == 2
+    err = one_line_error(capsys)
+    assert f"--resume {str(run)!r}: cannot write the run directory" in err and "--out" not in err, err

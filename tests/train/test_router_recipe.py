@@ -49,9 +49,9 @@ def test_router_init_std_sets_the_routers_spread_and_the_default_is_fan_in():
 
 
 @pytest.mark.parametrize("raw, needle", [
-    ({"train": {"router_lr_scale": 0}}, "TrainConfig.router_lr_scale=0"),
-    ({"train": {"router_lr_scale": "fast"}}, "TrainConfig.router_lr_scale='fast'"),
-    ({"model": {"moe": {"router_init_std": -0.1}}}, "MoEConfig.router_init_std=-0.1"),
+    ({"train": {"router_lr_scale": 0}}, "train.router_lr_scale=0"),
+    ({"train": {"router_lr_scale": "fast"}}, "train.router_lr_scale='fast'"),
+    ({"model": {"moe": {"router_init_std": -0.1}}}, "model.moe.router_init_std=-0.1"),
 ])
 def test_bad_router_knobs_are_one_line(raw, needle):
     with pytest.raises(ValueError) as err:

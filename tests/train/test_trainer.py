@@ -77,7 +77,7 @@ def test_cli_train_generate_eval(tmp_path, parl_subset, capsys):
 @pytest.mark.parametrize("args, message", [
     (["train", "--set", "train.lr_max=1"], "unknown config key 'train.lr_max'"),
     (["train", "--config", "no/such/recipe.toml"], "not found"),
-    (["train", "--set", "train.max_steps=0"], "TrainConfig.max_steps=0"),
+    (["train", "--set", "train.max_steps=0"], "train.max_steps=0"),
     (["eval", "no/such/run"], "does not exist; give a run, export"),
     (["export", "no/such/run"], "does not exist; give a run, export"),
     (["train", "--nproc", "2", "--set", "parallel.dp=3"],
