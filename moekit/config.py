@@ -29,7 +29,9 @@ __all__ = ["DataConfig", "DistillConfig", "FinetuneConfig",
 
 @dataclass
 class DataConfig:
-    corpus: str = "parlspeech"        # a catalog name (moekit data list) or a path to your text
+    corpus: str = "parlspeech"        # a catalog name (moekit data list) or a path to your text: a text
+                                      # file, a directory, JSONL, a .parquet file or a directory of shards
+    text_column: str = "text"         # the column (Parquet) or field (JSONL) holding the text
     vocab_size: int = 8192            # BPE vocabulary trained on the training split
     seq_len: int = 128
     val_fraction: float = 0.05
@@ -45,6 +47,9 @@ class DataConfig:
         if not isinstance(self.corpus, str) or not self.corpus.strip():
             raise bad(own, "corpus", self.corpus, "must name a catalog corpus or a path",
                       "use e.g. 'parlspeech' (moekit data list) or a path to your text")
+        if not isinstance(self.text_column, str) or not self.text_column.strip():
+            raise bad(own, "text_column", self.text_column, "must name a column of the corpus",
+                      "use the Parquet column (or JSONL field) holding the text, e.g. 'text'")
         check_int(own, "vocab_size", self.vocab_size, 257, "byte-level BPE needs >= 257; use e.g. 8192")
         check_int(own, "seq_len", self.seq_len, 2, "use e.g. 128")
         check_real(own, "val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True,

@@ -8,8 +8,11 @@ Documents are cached as JSONL under ``cache_dir()`` (``$MOEKIT_CACHE``, else
 
 The user's own data: a text file (cut at blank lines into documents of at least
 ``TEXT_DOC_CHARS`` characters, so that one book still has a train and a validation side), a
-directory of ``.txt``/``.md`` files (one document each, tagged by file name), or JSONL with a
-``text`` field (and an optional ``tag``/``lang``/``source`` field).
+directory of ``.txt``/``.md`` files (one document each, tagged by file name), JSONL with a
+``text`` field (and an optional ``tag``/``lang``/``source`` field), or Parquet: a ``.parquet``
+file or a directory holding ``.parquet`` shards (then its other files are not read), one
+document a row of its ``text`` column (``moekit.data.parquet``). ``text_column`` names another
+field of JSONL or column of Parquet.
 
 Reading the user's files: a file whose first 8 KiB hold a NUL byte, a UTF-16 byte-order mark,
 or more than 10% control characters is refused as binary. Text is read as UTF-8 (a leading
@@ -36,13 +39,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from moekit.data.document import Document
+from moekit.data.parquet import ParquetDocuments, parquet_shards
+
 log = logging.getLogger("moekit")
-
-
-@dataclass(frozen=True)
-class Document:
-    text: str
-    tag: str          # language, source or play: what reports break routing down by
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def _sha256(path: Path) -> str:
 def _corpus(name: str) -> Corpus:
     if name not in CATALOG:
         raise ValueError(f"corpus {name!r} is not in the catalog; use one of {sorted(CATALOG)} "
-                         "or a path to your own text file, directory or JSONL")
+                         "or a path to your own text file, directory, JSONL or Parquet")
     return CATALOG[name]
 
 
@@ -177,21 +177,23 @@ MODELS: dict[str, PackagedFile] = {m.name: m for m in [
 ]}
 
 
-def load_documents(source: str | Path) -> list[Document]:
-    """A catalog name, or a path to the user's own text file / directory / JSONL; "NAME:TAG"
-    (e.g. "parlspeech:de") keeps the documents of one tag."""
+def load_documents(source: str | Path, text_column: str = "text") -> list[Document] | ParquetDocuments:
+    """A catalog name, or a path to the user's own text file / directory / JSONL / Parquet (its
+    text in field or column ``text_column``); "NAME:TAG" (e.g. "parlspeech:de") keeps the
+    documents of one tag. A Parquet corpus is a sequence read from its files on every pass
+    (:class:`moekit.data.parquet.ParquetDocuments`), the others a list."""
     if isinstance(source, str) and not source.strip():
         raise ValueError(f"data.corpus={source!r} is empty (it would read the current directory); give a "
                          f"catalog name ({', '.join(sorted(CATALOG))}) or a path to a text file, "
-                         "a directory of .txt/.md files or JSONL")
+                         "a directory of .txt/.md files, JSONL or Parquet")
     path = Path(source)
     if path.exists():
-        return _read_user_data(path)
+        return _read_user_data(path, text_column)
     name, _, only = str(source).partition(":")
     if only and (name in CATALOG or Path(name).exists()):      # one tag of a corpus: "parlspeech:de"
-        docs = [d for d in load_documents(name) if d.tag == only]
+        docs = [d for d in load_documents(name, text_column) if d.tag == only]
         if not docs:
-            tags = sorted({d.tag for d in load_documents(name)})
+            tags = sorted({d.tag for d in load_documents(name, text_column)})
             raise ValueError(f"data {str(source)!r}: {name!r} has no documents tagged {only!r}; its tags are "
                              f"{tags}")
         return docs
@@ -218,7 +220,7 @@ def load_documents(source: str | Path) -> list[Document]:
     return _read_jsonl(cached)
 
 
-def _read_jsonl(path: Path) -> list[Document]:
+def _read_jsonl(path: Path, field: str = "text") -> list[Document]:
     docs = []
     # split at "\n" only: str.splitlines would also cut at U+2028 etc., which JSON allows raw
     for lineno, line in enumerate(_read_text(path).split("\n"), 1):
@@ -226,10 +228,10 @@ def _read_jsonl(path: Path) -> list[Document]:
             continue
         try:
             row = json.loads(line)
-            text = row["text"]
+            text = row[field]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}:{lineno}: not a JSON object with a 'text' field ({err}); "
-                             "write one {\"text\": ...} object per line") from None
+            raise ValueError(f"{path}:{lineno}: not a JSON object with a {field!r} field ({err}); "
+                             f"write one {{{json.dumps(field)}: ...}} object per line") from None
         tag = str(row.get("tag") or row.get("lang") or row.get("source") or path.stem)
         if str(text).strip():
             docs.append(Document(str(text), tag))
@@ -265,7 +267,7 @@ def _decode(data: bytes, path: Path) -> str:
     why = _binary_reason(data[:SNIFF_BYTES])
     if why:
         raise ValueError(f"data {str(path)!r} looks binary ({why}); give a UTF-8 text file, "
-                         "a directory of .txt/.md files or JSONL")
+                         "a directory of .txt/.md files, JSONL or Parquet (a .parquet file)")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -315,19 +317,21 @@ def split_text(text: str, tag: str, min_chars: int = TEXT_DOC_CHARS) -> list[Doc
     return docs
 
 
-def _read_user_data(path: Path) -> list[Document]:
+def _read_user_data(path: Path, text_column: str = "text") -> list[Document] | ParquetDocuments:
     if not path.is_dir() and not path.is_file():     # /dev/zero, a FIFO, a socket: no end or no text
         raise ValueError(f"data {str(path)!r} is not a regular file or a directory; give a text file, "
-                         "a directory of .txt/.md files or JSONL")
+                         "a directory of .txt/.md files, JSONL or Parquet")
+    if parquet_shards(path):
+        return ParquetDocuments(path, text_column)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
         docs = [Document(_read_text(p), p.stem) for p in files]
     elif path.suffix == ".jsonl":
-        docs = _read_jsonl(path)
+        docs = _read_jsonl(path, text_column)
     else:
         docs = split_text(_read_text(path), path.stem)
     docs = [d for d in docs if d.text.strip()]
     if not docs:
-        raise ValueError(f"data {str(path)!r} holds no text (empty files, or no .txt/.md files in the "
-                         "directory); point at a corpus with text in it")
+        raise ValueError(f"data {str(path)!r} holds no text (empty files, or no .txt, .md or "
+                         ".parquet files in the directory); point at a corpus with text in it")
     return docs

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from moekit.data.catalog import Document
+from moekit.data.document import Document
 from moekit.data.tokenizer import eos_id
 
 
@@ -31,20 +32,45 @@ def is_val_doc(i: int, val_fraction: float) -> bool:
     return (i * 2654435761) % 1000 < 1000 * val_fraction
 
 
-def build_token_cache(docs: list[Document], tok: Tokenizer, out_dir: Path,
+ENCODE_CHARS = 1 << 20   # text tokenized per call (in characters): bounds the encodings held at once
+
+
+def _batches(docs: Iterable[Document], max_chars: int) -> Iterator[list[Document]]:
+    """``docs`` in order, cut into lists of about ``max_chars`` characters (a longer document alone)."""
+    batch, size = [], 0
+    for d in docs:
+        batch.append(d)
+        size += len(d.text)
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _cache_key(docs: Iterable[Document], tok: Tokenizer, val_fraction: float) -> tuple[str, list[str]]:
+    """(the key of the cache of ``docs``: their tags and text and the tokenizer, their sorted tags)."""
+    key, tags = hashlib.sha256(tok.to_str().encode()), set()
+    for d in docs:
+        key.update(d.tag.encode())
+        key.update(d.text.encode())
+        tags.add(d.tag)
+    return f"{key.hexdigest()[:16]}-{val_fraction}", sorted(tags)
+
+
+def build_token_cache(docs: Sequence[Document], tok: Tokenizer, out_dir: Path,
                       val_fraction: float = 0.05) -> dict:
     """Tokenize ``docs`` once into ``out_dir/{train,val}.bin`` (+ tags) and return the meta.
 
     The cache is keyed by the documents and the tokenizer: a second call with the same
-    inputs reads the meta and returns without tokenizing.
+    inputs reads the meta and returns without tokenizing. ``docs`` is read twice (the key,
+    then the tokens), tokenized ``ENCODE_CHARS`` characters at a time, and the tokens are
+    appended to the files as they come: a corpus read from disk on each pass (Parquet,
+    moekit.data.parquet) is never held in memory, as text, encodings or tokens.
     """
     if not docs:
         raise ValueError("no documents to tokenize: the corpus is empty; point data at text")
-    key = hashlib.sha256(tok.to_str().encode())
-    for d in docs:
-        key.update(d.tag.encode())
-        key.update(d.text.encode())
-    key = f"{key.hexdigest()[:16]}-{val_fraction}"
+    key, tags = _cache_key(docs, tok, val_fraction)
     meta_path = out_dir / "meta.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -53,36 +79,45 @@ def build_token_cache(docs: list[Document], tok: Tokenizer, out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     eos = eos_id(tok)
     dtype = np.uint16 if tok.get_vocab_size() <= 65535 else np.uint32
-    encoded = tok.encode_batch([d.text for d in docs])
-    tags = sorted({d.tag for d in docs})
     meta = {"key": key, "dtype": np.dtype(dtype).name, "vocab_size": tok.get_vocab_size(), "tags": tags,
             "val_fraction": val_fraction}
-    for split in ("train", "val"):
-        ids, doc_starts, doc_tags = [], [], []
-        n = 0
-        for i, (doc, enc) in enumerate(zip(docs, encoded)):
-            if is_val_doc(i, val_fraction) != (split == "val"):
-                continue
-            doc_starts.append(n)
-            doc_tags.append(tags.index(doc.tag))
-            ids.append(np.asarray(enc.ids + [eos], dtype=dtype))
-            n += len(enc.ids) + 1
-        tokens = np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
-        tmp = out_dir / f"{split}.bin.tmp"
-        try:
-            tokens.tofile(tmp)
-            os.replace(tmp, out_dir / f"{split}.bin")
-        except OSError as err:      # numpy says only "N requested and M written" on a full disk
-            tmp.unlink(missing_ok=True)
+    tag_index = {t: j for j, t in enumerate(tags)}
+    splits = ("train", "val")
+    tmp = {split: out_dir / f"{split}.bin.tmp" for split in splits}
+    n = dict.fromkeys(splits, 0)
+    doc_starts = {split: [] for split in splits}
+    doc_tags = {split: [] for split in splits}
+    try:
+        with open(tmp["train"], "wb") as f_train, open(tmp["val"], "wb") as f_val:
+            files, i = {"train": f_train, "val": f_val}, 0
+            for chunk in _batches(docs, ENCODE_CHARS):
+                ids = {split: [] for split in splits}
+                for doc, enc in zip(chunk, tok.encode_batch([d.text for d in chunk])):
+                    split = "val" if is_val_doc(i, val_fraction) else "train"
+                    i += 1
+                    doc_starts[split].append(n[split])
+                    doc_tags[split].append(tag_index[doc.tag])
+                    ids[split].append(np.asarray(enc.ids + [eos], dtype=dtype))
+                    n[split] += len(enc.ids) + 1
+                for split in splits:
+                    if ids[split]:
+                        files[split].write(np.concatenate(ids[split]).tobytes())
+    except BaseException as err:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:    # a full disk: Python names no file
             raise OSError(err.errno, err.strerror or f"could not write the token cache ({err}); is the "
-                          "disk full?", str(tmp)) from None
-        np.save(out_dir / f"{split}_docs.npy", np.stack([np.asarray(doc_starts, dtype=np.int64),
-                                                          np.asarray(doc_tags, dtype=np.int64)]))
-        meta[f"{split}_tokens"] = int(n)
-        meta[f"{split}_docs"] = len(doc_starts)
-    tmp = out_dir / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, meta_path)
+                          "disk full?", str(out_dir)) from None
+        raise
+    for split in splits:
+        os.replace(tmp[split], out_dir / f"{split}.bin")
+        np.save(out_dir / f"{split}_docs.npy", np.stack([np.asarray(doc_starts[split], dtype=np.int64),
+                                                          np.asarray(doc_tags[split], dtype=np.int64)]))
+        meta[f"{split}_tokens"] = int(n[split])
+        meta[f"{split}_docs"] = len(doc_starts[split])
+    tmp_meta = out_dir / "meta.json.tmp"
+    tmp_meta.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp_meta, meta_path)
     return meta
 
 
