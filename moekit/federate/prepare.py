@@ -25,7 +25,7 @@ from moekit.store.run_dir import build_model, model_config_for, save_export
 def default_shards(cfg: RunConfig, clients: int | None) -> list[str]:
     """One "corpus:tag" shard per client, in tag order (the first ``clients`` tags)."""
     corpus = cfg.data.corpus
-    tags = sorted({d.tag for d in load_documents(corpus)})
+    tags = sorted({d.tag for d in load_documents(corpus, cfg.data.text_column)})
     if len(tags) < 2:
         raise ValueError(f"data.corpus={corpus!r} has {len(tags)} tag ({', '.join(tags)}), so it cannot be "
                          "split into clients by tag; give one --shard per client (a corpus, corpus:tag or "
@@ -44,7 +44,7 @@ def shard_texts(cfg: RunConfig, shards: list[str]) -> list[tuple[list[str], list
     out = []
     for i, shard in enumerate(shards):
         try:
-            docs = load_documents(shard)
+            docs = load_documents(shard, cfg.data.text_column)
         except (ValueError, FileNotFoundError) as err:
             raise type(err)(f"client {i}'s shard {shard!r}: {err}") from None
         docs = docs[: cfg.data.max_docs] if cfg.data.max_docs is not None else docs

@@ -150,12 +150,12 @@ def calibration(req, model, tok, cfg, src: Path) -> list:
         idx = torch.randperm(len(train), generator=g)[:n_windows].tolist()
         windows = train.batch(idx)[0]
     else:
-        windows = _text_windows(req.calib or cfg.data.corpus, tok, S, n_windows, g)
+        windows = _text_windows(req.calib or cfg.data.corpus, cfg.data.text_column, tok, S, n_windows, g)
     return list(windows.split(8))
 
 
-def _text_windows(source, tok, S: int, n: int, g):
-    docs = load_documents(source)
+def _text_windows(source, text_column: str, tok, S: int, n: int, g):
+    docs = load_documents(source, text_column)
     order = torch.randperm(len(docs), generator=g).tolist()
     eos, ids = eos_id(tok, required=False), []
     for i in order:

@@ -76,7 +76,7 @@ def precheck(cfg: RunConfig, out: Path | None = None, *, model_section: dict | N
         rd.check_fresh(Path(out))
         rd.discard(Path(out), rd.create(Path(out)))   # writable: made, then gone again
     if corpus:
-        load_documents(cfg.data.corpus)            # a missing, empty or binary corpus
+        load_documents(cfg.data.corpus, cfg.data.text_column)     # a missing, empty or binary corpus
     return cfg
 
 

@@ -26,7 +26,7 @@ def prepare_data(cfg: RunConfig, run_dir: Path):
         return _prepare_task(cfg, run_dir)
     if cfg.data.mixture is not None:
         return _prepare_mixture(cfg, run_dir)
-    docs = load_documents(cfg.data.corpus)
+    docs = load_documents(cfg.data.corpus, cfg.data.text_column)
     if cfg.data.max_docs is not None:
         docs = docs[: cfg.data.max_docs]
     tok = _tokenizer(run_dir, cfg, lambda: (d.text for i, d in enumerate(docs)
