@@ -67,6 +67,11 @@ def load_source(cfg: RunConfig, model_section: dict | None = None) -> tuple[RunC
     runtime = {"dropout": 0.0, **({"moe.expert_dropout": 0.0} if theirs.moe is not None else {}),
                **{k: given[k] for k in RUNTIME_FIELDS if k in given}}   # SRC's dropout is not inherited
     model_cfg = _with_runtime(theirs, runtime, cfg.data.seq_len)
+    if model_cfg.quant is not None and model_cfg.moe is not None and model_cfg.moe.expert_dropout > 0:
+        raise ValueError(f"model.moe.expert_dropout={model_cfg.moe.expert_dropout}: the experts of {src} are "
+                         f"quantized ({model_cfg.quant['bits']}-bit constants that only infer); set "
+                         "--set model.moe.expert_dropout=0 (the rest of the model trains), or start from "
+                         "the full-precision model")
     return dataclasses.replace(cfg, model=model_cfg), Initial(state=model.state_dict(), tokenizer=tok)
 
 

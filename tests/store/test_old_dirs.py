@@ -78,3 +78,17 @@ def test_written_weights_are_readable_by_others_as_the_umask_says(tmp_path):
     for d in ("export", "hf"):
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / d).iterdir() if p.is_file()}
         assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
+def test_expert_dropout_on_quantized_experts_is_one_line_before_anything_is_written(tmp_path, capsys):
+    """finetune's recipe sets model.moe.expert_dropout=0.4; quantized experts only infer: it
+    failed at the first step (in Python's terms) and left config.json and data/ behind."""
+    from moekit.cli.main import main
+    out = tmp_path / "ft"
+    code = main(["train", "--from", str(OLD / "q8"), "--out", str(out), "--no-progress",
+                 "--set", f"data.corpus={OLD / 'corpus.txt'}", "--set", "data.seq_len=16",
+                 "--set", "train.max_steps=1", "--set", "model.moe.expert_dropout=0.4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "model.moe.expert_dropout=0.4: the experts of" in err[0] and "expert_dropout=0 " in err[0], err
+    assert not out.exists()
