@@ -1,5 +1,5 @@
 """Shared by the benchmark scripts: the layer shape arguments, a median timer, training one
-arm with ``moekit train`` and where a curve first reaches a loss."""
+arm with ``moekit train`` (where a curve first reaches a loss: moekit.report.compare)."""
 
 from __future__ import annotations
 
@@ -24,20 +24,6 @@ def train_arm(run: Path, argv: list[str], sets: list[str], command: list[str] = 
         subprocess.run([sys.executable, "-m", "moekit", *cmd], check=True, stdout=subprocess.DEVNULL)
         wall.write_text(json.dumps(time.perf_counter() - t0))
     return json.loads(wall.read_text())
-
-
-def first_below(curve: list[tuple[float, float]], target: float) -> float | None:
-    """The x at which a (x, loss) curve first reaches ``target``, linearly interpolated between
-    its points; None if it never does."""
-    prev = None
-    for x, y in curve:
-        if y <= target:
-            if prev is None:
-                return float(x)
-            x0, y0 = prev
-            return x0 + (x - x0) * (y0 - target) / (y0 - y)
-        prev = (x, y)
-    return None
 
 
 def median_s(fn, reps: int, warmup: int = 3) -> float:

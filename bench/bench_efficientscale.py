@@ -31,9 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _common import first_below  # noqa: E402
-
 from moekit.model.transformer import model_flops  # noqa: E402
+from moekit.report.compare import first_below  # noqa: E402
 from moekit.report.figures import read_metrics, series  # noqa: E402
 from moekit.store.run_dir import load_run  # noqa: E402
 

@@ -38,8 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _common import first_below, train_arm  # noqa: E402
+from _common import train_arm  # noqa: E402
 
+from moekit.report.compare import first_below  # noqa: E402
 from moekit.report.figures import png, read_metrics, series  # noqa: E402
 
 

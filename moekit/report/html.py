@@ -8,6 +8,7 @@ from pathlib import Path
 
 from moekit.model.routing import RoutingBreakdown, frequency_class, routing_breakdown
 from moekit.model.transformer import model_flops
+from moekit.report.compare import compare, comparison_plot, comparison_table
 from moekit.report.experts_per_token import experts_per_token_section
 from moekit.report.figures import facts_table, page, per_layer, plt, png, read_metrics, series
 from moekit.runtime import write_text_atomic
@@ -159,8 +160,12 @@ def build_report(run_dir: Path, summary: dict, by_tag: RoutingBreakdown | None,
     if baseline:
         _, bval = series(baseline, "loss/val")
         facts["baseline"] = f"{baseline_dir} (final val loss {bval[-1]:.4f})" if bval else str(baseline_dir)
-    sections = [("summary", "Run", facts_table(facts)),
-                ("losses", "Loss curves", loss_curves(rows, baseline))]
+    sections = [("summary", "Run", facts_table(facts))]
+    if baseline and rows:
+        c = compare(run_dir, baseline_dir)
+        sections.append(("baseline", "Against the baseline (validation loss: who reaches whose, when)",
+                         comparison_table(c) + comparison_plot(c)))
+    sections.append(("losses", "Loss curves", loss_curves(rows, baseline)))
     for sid, title, prefix, ylabel in (
             ("by-source", "Validation loss by source (data.mixture)", "loss/val/", "validation loss"),
             ("accuracy", "Task accuracy (validation while training, test at the end)", "acc/", "accuracy")):
