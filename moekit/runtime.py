@@ -60,6 +60,11 @@ def write_text_atomic(path, text: str) -> None:
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename is None:        # a failed write() names no file: say which one
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

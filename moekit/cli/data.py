@@ -12,6 +12,8 @@ def register(sub) -> None:
     listing.set_defaults(run=run_list)
     get = verbs.add_parser("get", help="fetch a corpus and report what it holds")
     get.add_argument("name")
+    get.add_argument("--text-column", default="text", help="a Parquet or JSONL corpus's text column "
+                                                           "(data.text_column; default text)")
     get.set_defaults(run=run_get)
 
 
@@ -33,7 +35,7 @@ def run_get(args) -> int:
 
     from moekit.data.catalog import load_documents
     t0 = time.perf_counter()
-    docs = load_documents(args.name)
+    docs = load_documents(args.name, args.text_column)
     tags = Counter(d.tag for d in docs)
     chars = sum(len(d.text) for d in docs)
     print(f"{args.name}: {len(docs)} documents, {chars:,} characters, tags {dict(tags)} "

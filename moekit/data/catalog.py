@@ -232,9 +232,14 @@ def _read_jsonl(path: Path, field: str = "text") -> list[Document]:
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{path}:{lineno}: not a JSON object with a {field!r} field ({err}); "
                              f"write one {{{json.dumps(field)}: ...}} object per line") from None
+        if text is None:                # a missing text, as a blank one: skipped
+            continue
+        if not isinstance(text, str):   # not trained on as "['a', 'b']" or "12345"
+            raise ValueError(f"{path}:{lineno}: {field!r} is {json.dumps(text)[:40]}, not a string; write "
+                             "the document's text as a JSON string (null or \"\" skips the line)")
         tag = str(row.get("tag") or row.get("lang") or row.get("source") or path.stem)
-        if str(text).strip():
-            docs.append(Document(str(text), tag))
+        if text.strip():
+            docs.append(Document(text, tag))
     return docs
 
 

@@ -72,12 +72,13 @@ def _default_tag(source: str) -> str:
     return Path(source).stem if (os.sep in source or Path(source).suffix) else source
 
 
-def source_documents(source: str, tag: str) -> list[Document]:
-    """One mixture source's documents, all tagged ``tag``."""
+def source_documents(source: str, tag: str, text_column: str = "text") -> list[Document]:
+    """One mixture source's documents, all tagged ``tag`` (``text_column``: a Parquet or JSONL
+    source's text column, data.text_column)."""
     if source.startswith("task:"):
         task = load_task(source[len("task:"):])
         return [Document(e.prompt + e.completion, tag) for e in task.splits["train"]]
-    return [Document(d.text, tag) for d in load_documents(source)]
+    return [Document(d.text, tag) for d in load_documents(source, text_column)]
 
 
 @dataclass

@@ -50,6 +50,9 @@ def _pyarrow():
 
 
 def _is_text(pa, t) -> bool:
+    """A string column, or a dictionary-encoded one (pandas' ``category``)."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
@@ -134,6 +137,8 @@ class ParquetDocuments(Sequence):
             if batch is None:
                 return
             col = batch.column(0)
+            if pa.types.is_dictionary(col.type):            # pandas' category: decoded to its strings
+                col = col.dictionary_decode()
             if pa.types.is_string_view(col.type):           # the compute kernels take string, not views
                 col = col.cast(pa.large_string())
             kept = col.filter(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0))   # nulls drop

@@ -160,11 +160,16 @@ def _label(row: dict) -> str:
     return str(row["label"]).strip()
 
 
+def shorten(text: str, n: int = 40) -> str:
+    """``text``, cut to ``n`` characters with an ellipsis (a value quoted in an error line)."""
+    return text if len(text) <= n else text[:n] + "..."
+
+
 def _check_types(path: Path, lineno: int, row: dict, fields: tuple[str, ...]) -> None:
     for field in fields:
         if not isinstance(row[field], str):
-            raise ValueError(f"{path}:{lineno}: \"{field}\" is {json.dumps(row[field])[:40]}, not a string; "
-                             "write it as a JSON string")
+            raise ValueError(f"{path}:{lineno}: \"{field}\" is {shorten(json.dumps(row[field]))}, not a "
+                             "string; write it as a JSON string")
 
 
 def _row(path: Path, lineno: int, line: str) -> dict:
@@ -175,6 +180,9 @@ def _row(path: Path, lineno: int, line: str) -> dict:
     schema = ("write {\"prompt\": ..., \"completion\": ...} or {\"text\": ..., \"label\": ...} per line")
     if not isinstance(row, dict):
         raise ValueError(f"{path}:{lineno}: not a JSON object; {schema}")
+    if {"prompt", "completion"} <= row.keys() and ({"text", "label"} & row.keys()):
+        raise ValueError(f"{path}:{lineno}: has fields of both schemas ({', '.join(sorted(row)[:6])}); "
+                         f"{schema}")
     if {"prompt", "completion"} <= row.keys():
         _check_types(path, lineno, row, ("prompt", "completion"))
         if not row["completion"].strip():

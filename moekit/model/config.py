@@ -82,11 +82,11 @@ class ModelConfig:
             self.head_dim = self.d_model // self.n_heads
         elif not is_int(self.head_dim) or self.head_dim < 2 or self.head_dim % 2:
             raise bad(_OWN, "head_dim", self.head_dim, "must be an even integer >= 2 (RoPE rotates pairs)",
-                      "use an even head width, or None for d_model // n_heads")
+                      "use an even head width, or leave it unset for d_model // n_heads")
         kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
         if not is_int(kv) or kv <= 0 or self.n_heads % kv:
             raise bad(_OWN, "n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}",
-                      "use a divisor of n_heads, or None")
+                      "use a divisor of n_heads, or leave it unset (= n_heads)")
         if isinstance(self.moe_layers, str):
             if self.moe_layers not in ("all", "alternate"):
                 raise bad(_OWN, "moe_layers", self.moe_layers, "is not 'all', 'alternate' or a list",

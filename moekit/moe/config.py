@@ -122,7 +122,7 @@ class MoEConfig:
         for name in ("normalize_topk", "noisy_gating", "aux_loss_free", "shared_gate"):
             check_bool(own, name, getattr(self, name))
         if self.shared_d_ff is not None:
-            check_int(own, "shared_d_ff", self.shared_d_ff, 1, "use a positive width, or None for "
+            check_int(own, "shared_d_ff", self.shared_d_ff, 1, "use a positive width, or leave it unset for "
                       "d_ff * num_shared_experts")
         for name in ("shared_d_ff", "shared_gate"):
             if getattr(self, name) not in (None, False) and not self.num_shared_experts:
@@ -130,7 +130,7 @@ class MoEConfig:
                           "num_shared_experts=0", f"set num_shared_experts >= 1 or leave {name} unset")
         if self.capacity_factor is not None:
             check_real(own, "capacity_factor", self.capacity_factor, 0, low_open=True,
-                       fix="use a value such as 1.25, or None for dropless routing")
+                       fix="use a value such as 1.25, or leave it unset for dropless routing")
         check_real(own, "jitter_eps", self.jitter_eps, 0, 1, high_open=True,
                    fix="use 0 to disable or e.g. 0.01")
         check_real(own, "expert_dropout", self.expert_dropout, 0, 1, high_open=True,
@@ -169,7 +169,7 @@ class MoEConfig:
         if (not isinstance(tags, (list, tuple)) or not tags
                 or any(not isinstance(t, str) or not t for t in tags)):
             raise bad(own, "route_tags", tags, "must be a non-empty list of tag names",
-                      "give the data's tags, e.g. ['de', 'en'], or None (the trainer fills it)")
+                      "give the data's tags, e.g. ['de', 'en'], or leave it unset (the trainer fills it)")
         if len(set(tags)) != len(tags):
             raise bad(own, "route_tags", tags, "names a tag twice", "give every tag once")
         if self.router_input == "token":
@@ -240,7 +240,7 @@ class MoEConfig:
             raise bad(own, "min_k", self.min_k, f"exceeds max_k={hi}", f"use min_k <= {hi}")
         if self.target_k is not None:
             check_real(own, "target_k", self.target_k, lo, hi, fix=f"use a mean number of experts per token "
-                       f"in [{lo}, {hi}] (min_k .. max_k), or None for no budget controller")
+                       f"in [{lo}, {hi}] (min_k .. max_k), or leave it unset for no budget controller")
         if self.budget_rate is not None:
             high = 1 if mode == "top_p" else None      # a step of p as wide as its whole range
             check_real(own, "budget_rate", self.budget_rate, 0, high, low_open=True, high_open=True,

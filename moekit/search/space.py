@@ -188,11 +188,12 @@ def _choices(name: str, entry: dict, integer: bool) -> Param:
     if bad:
         raise ValueError(f"space entry {name!r}: choice {bad[0]!r} is not a string, number or boolean; "
                          "give plain values")
-    not_int = [c for c in choices if integer and isinstance(c, (float, bool))]
+    not_int = [c for c in choices if integer and isinstance(c, (float, bool, str))]
     if not_int:
+        example = round(not_int[0]) if isinstance(not_int[0], float) else 4
         raise ValueError(f"space entry {name!r}: choice {not_int[0]!r} is not an integer, and {name} is an "
                          "integer field (its trials would be refused and pruned); give integer choices, "
-                         f"e.g. {round(not_int[0])}")
+                         f"e.g. {example}")
     if len({json.dumps(c) for c in choices}) != len(choices):
         raise ValueError(f"space entry {name!r}: choices = {choices!r} repeats a value; give each once")
     return Param(name, choices=tuple(choices))

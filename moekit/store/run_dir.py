@@ -166,7 +166,8 @@ def load_run(run_dir: Path):
 def check_finite(model, source) -> None:
     """One line naming the first tensor of ``source`` holding NaN or inf (moekit's name for it):
     such a model generates garbage, trains to NaN, and would be written out as it is."""
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        tensor = (tensor.to_local() if hasattr(tensor, "to_local") else tensor).detach()   # a rank's shard
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             nan, bad = int(torch.isnan(tensor).sum()), int((~torch.isfinite(tensor)).sum())
             raise ValueError(f"{str(source)!r}: weight {name!r} holds {nan} NaN and {bad - nan} infinite "

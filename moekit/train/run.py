@@ -57,8 +57,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("TrainConfig.device='cuda' but no CUDA device is visible; "
-                         "use device='cpu' or 'auto'")
+        raise ValueError("train.device='cuda' but no CUDA device is visible; "
+                         "set train.device to 'cpu' or 'auto'")
     if name == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
@@ -237,6 +237,7 @@ def _build(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None, rank: int, wo
     if ckpt is not None:
         if not ckpt.load_into(run.training_state(), rank):
             log.info("rank %d: the checkpoint has no RNG state for this rank; random streams restart", rank)
+        rd.check_finite(model, run_dir)       # a damaged checkpoint: one line, before anything is written
         sampler.load_state_dict(ckpt.meta["sampler"])
         run.step = ckpt.meta["step"]
         if initial is not None:     # a federated round: the server's weights over the checkpoint's

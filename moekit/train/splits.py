@@ -12,7 +12,7 @@ from moekit.data.catalog import load_documents
 from moekit.data.mixture import MixtureSplit, build_mixture, source_documents, training_texts
 from moekit.data.stream import PackedSplit, build_token_cache, is_val_doc
 from moekit.data.task_split import TaskSplit, build_task_cache
-from moekit.data.tasks import load_task
+from moekit.data.tasks import load_task, shorten
 from moekit.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 
@@ -69,6 +69,11 @@ def _prepare_task(cfg: RunConfig, run_dir: Path):
     task = load_task(cfg.data.task, cfg.data.task_labels, cfg.data.max_docs)
     # a task trained from scratch gets a tokenizer of its training text
     tok = _tokenizer(run_dir, cfg, lambda: (e.prompt + e.completion for e in task.splits["train"]))
+    for label in task.labels or []:     # scored as one window: the label and a token of prompt
+        if (n := len(tok.encode(label).ids)) >= cfg.data.seq_len:
+            raise ValueError(f"data.task={cfg.data.task!r}: the label {shorten(label.strip())!r} is {n} "
+                             f"tokens, and data.seq_len={cfg.data.seq_len} leaves no room for its prompt; "
+                             "shorten the label or raise data.seq_len")
     meta = build_task_cache(task, tok, run_dir / "data")
     return tok, open_split(cfg, run_dir, "train"), open_split(cfg, run_dir, "val"), meta
 
@@ -77,7 +82,8 @@ def _prepare_mixture(cfg: RunConfig, run_dir: Path):
     if (prepared := _reopen(cfg, run_dir, "mixture.json")) is not None:
         return prepared
     entries = cfg.data.mixture
-    docs = [source_documents(e["source"], e["tag"])[:cfg.data.max_docs] for e in entries]
+    column = cfg.data.text_column
+    docs = [source_documents(e["source"], e["tag"], column)[:cfg.data.max_docs] for e in entries]
     tok = _tokenizer(run_dir, cfg, lambda: training_texts(docs, cfg.data.val_fraction))
     train, val, meta = build_mixture(entries, docs, tok, run_dir / "data", cfg.data.val_fraction,
                                      cfg.data.seq_len)

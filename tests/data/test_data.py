@@ -24,6 +24,12 @@ def test_user_data_text_dir_and_jsonl(tmp_path):
     assert load_documents(tmp_path / "a.txt") == [Document("first document", "a")]
     assert load_documents(tmp_path / "d") == [Document("markdown text", "x")]
     assert [d.tag for d in load_documents(tmp_path / "c.jsonl")] == ["es", "de"]
+    (tmp_path / "n.jsonl").write_text('{"text": null}\n{"text": "kept"}\n')      # null: skipped as blank
+    assert load_documents(tmp_path / "n.jsonl") == [Document("kept", "n")]
+    for bad in ('["a", "b"]', "12345", '{"x": 1}', "true"):
+        (tmp_path / "b.jsonl").write_text(f'{{"text": "fine"}}\n{{"text": {bad}}}\n')
+        with pytest.raises(ValueError, match=r"b.jsonl:2: 'text' is .*, not a string"):
+            load_documents(tmp_path / "b.jsonl")
 
 
 def test_one_long_text_file_becomes_documents_at_paragraph_breaks(tmp_path):

@@ -212,3 +212,21 @@ def test_moekit_train_reads_the_column_data_text_column_names(tmp_path):
     run = tmp_path / "run"
     assert train(run, shard_dir(tmp_path / "shards", column="body"), "data.text_column=body") == 0
     assert json.loads((run / "data" / "meta.json").read_text())["train_docs"] > 0
+
+
+def test_a_dictionary_encoded_column_reads_as_its_strings(tmp_path, txt_docs):
+    """pandas writes a ``category`` column dictionary-encoded: it was refused as "not text"."""
+    texts = [d.text for d in txt_docs][:6] * 2
+    path = tmp_path / "cat.parquet"
+    pq.write_table(pa.table({"text": pa.array(texts).dictionary_encode()}), path)
+    assert pa.types.is_dictionary(pq.ParquetFile(path).schema_arrow.field("text").type)
+    assert [d.text for d in load_documents(path)] == texts
+
+
+def test_a_mixture_source_reads_data_text_column(tmp_path, txt_docs):
+    from moekit.data.mixture import source_documents
+    texts = [d.text for d in txt_docs][:5]
+    path = write(tmp_path / "my corpus.parquet", {"body": texts})
+    assert [d.text for d in source_documents(str(path), "web", "body")] == texts
+    with pytest.raises(ValueError, match="has no column 'text'"):
+        source_documents(str(path), "web")

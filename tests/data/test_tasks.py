@@ -72,6 +72,7 @@ def test_jsonl_prompt_completion(tmp_path):
      r"bad.jsonl:2: label 3 is an integer while line 1's \('pos'\) is a string"),
     ([{"text": ["a"], "label": "pos"}], r"bad.jsonl:1: \"text\" is \[\"a\"\], not a string"),
     ([{"prompt": "a", "completion": None}], r"bad.jsonl:1: \"completion\" is null, not a string"),
+    ([{"prompt": "a", "completion": "b", "label": "x"}], r"bad.jsonl:1: has fields of both schemas"),
     ([{"prompt": ["x"], "completion": "b"}], r"bad.jsonl:1: \"prompt\" is \[\"x\"\], not a string"),
 ])
 def test_bad_task_files(tmp_path, rows, match):

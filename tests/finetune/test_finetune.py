@@ -205,3 +205,17 @@ def test_lora_also_logs_the_parameters_that_train(tie, caplog):
     assert adapters > 0
     assert f"trainable: {adapters:,} adapter parameters + {embeddings:,} of embeddings in full = " \
            f"{trainable:,} of" in line, line
+
+
+def test_a_label_longer_than_the_window_is_refused_before_training(src, parl_subset, tmp_path, capsys):
+    """It trained, then failed at the first accuracy in Python's terms, leaving the run behind."""
+    rows = [json.loads(line) for line in parl_subset.read_text().splitlines()][:60]
+    long = "Herr Präsident " * 40
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"text": r["text"][:80], "label": long if i % 2 else "short"}) + "\n"
+                            for i, r in enumerate(rows)))
+    out = tmp_path / "ft"
+    assert finetune(src, path, out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tokens, and data.seq_len=48 leaves no room for its prompt" in err[0], err
+    assert not out.exists()

@@ -64,6 +64,7 @@ def trials_of(out) -> list[dict]:
     ('[space]\n"model.moe.top_k" = { choices = [1, 2.5] }',
      "choice 2.5 is not an integer, and model.moe.top_k is an integer field"),
     ('[space]\n"model.moe.num_experts" = { choices = [4, true] }', "choice True is not an integer"),
+    ('[space]\n"model.moe.num_experts" = { choices = ["4"] }', "choice '4' is not an integer"),
 ])
 def test_bad_space_entries_are_one_line_errors(tmp_path, text, message, capsys):
     path = tmp_path / "space.toml"

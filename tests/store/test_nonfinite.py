@@ -68,3 +68,20 @@ def test_finite_weights_still_load():
     from moekit.store.run_dir import load_run
     model, _, _ = load_run(OLD / "export")
     assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+
+
+def test_a_resume_from_a_checkpoint_holding_nan_is_refused_and_changes_nothing(tmp_path, capsys, monkeypatch):
+    """It skipped every step as non-finite, then said "the checkpoint of step 3 is intact" (the
+    damaged one), having raised config.json's max_steps and logged NaN rows."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(OLD / "corpus.txt", tmp_path / "corpus.txt")   # the run's recipe names it relatively
+    run = tmp_path / "run"
+    shutil.copytree(OLD / "run", run)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state["model"]["embed.weight"][0, 0] = float("nan")
+    torch.save(state, run / "checkpoint.pt")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert main(["train", "--resume", str(run), "--set", "train.max_steps=6", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'embed.weight' holds 1 NaN" in err[0] and str(run) in err[0], err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before

@@ -496,6 +496,7 @@ def test_a_failed_write_exits_2_as_every_fixable_error_does(tmp_path, parl_subse
         assert not run.exists()                      # a run that fails before its first step leaves none
     else:
         assert not (run / "report.html").exists() and not (run / "report.html.tmp").exists()
+        assert "report.html" in lines[0], lines
 
 
 def test_a_resume_that_cannot_write_names_resume_not_out(tmp_path, parl_subset, capsys):
