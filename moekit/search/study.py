@@ -79,10 +79,14 @@ def make_pruner(name: str | None, objectives: list[str], base_cfg):
     if name != "none" and len(objectives) > 1:
         raise ValueError(f"--pruner {name} prunes a single objective; with --objective "
                          f"{','.join(objectives)} use --pruner none")
-    every = base_cfg.train.eval_every
-    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=every),
-            "halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=every),
-            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=every,
+    # no pruning while the learning rate is still warming up: there the losses say how far the
+    # warmup has got, not how good the trial is (a 150-step warmup pruned 8 of 10 trials at step
+    # 50-100 by 0.02 nats). The first third of the run, or the base recipe's warmup if longer.
+    t = base_cfg.train
+    start = max(t.eval_every, t.max_steps // 3, t.warmup_steps if t.warmup_steps is not None else 0)
+    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=start),
+            "halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=start),
+            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=start,
                                                                 max_resource=base_cfg.train.max_steps),
             "none": optuna.pruners.NopPruner}[name]()
 

@@ -382,3 +382,15 @@ def test_only_the_trials_of_provably_dead_processes_are_failed_and_queued_again(
     finally:
         live.kill()
         live.wait()
+
+
+def test_no_trial_is_pruned_while_its_learning_rate_warms_up():
+    """The default median pruner compared losses at steps 50 and 100 of a 150-step warmup:
+    8 of 10 trials of the default recipe's study were pruned by 0.02 nats of warmup noise."""
+    from moekit.config import RunConfig
+    from moekit.search.study import make_pruner
+    cfg = RunConfig.from_dict({"train": {"max_steps": 750, "eval_every": 50, "warmup_steps": 150}})
+    assert make_pruner("median", ["val_loss"], cfg)._n_warmup_steps == 250       # a third of the run
+    long = RunConfig.from_dict({"train": {"max_steps": 300, "eval_every": 50, "warmup_steps": 200}})
+    assert make_pruner("median", ["val_loss"], long)._n_warmup_steps == 200       # past the warmup
+    assert make_pruner("halving", ["val_loss"], cfg)._min_resource == 250
