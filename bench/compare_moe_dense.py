@@ -51,6 +51,9 @@ def main() -> None:
     ap.add_argument("--moe-config", default=str(ROOT / "configs" / "tiny-moe.toml"))
     ap.add_argument("--dense-config", default=str(ROOT / "configs" / "tiny-dense.toml"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for both arms")
+    ap.add_argument("--moe-set", action="append", default=[], metavar="KEY=VALUE", help="for the MoE only")
+    ap.add_argument("--dense-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="for the dense only")
     ap.add_argument("--eval-every", type=int, default=50, help="evaluations for the crossing (default 50)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
@@ -61,9 +64,10 @@ def main() -> None:
     pairs = {}
     for seed in seeds:
         runs = {}
-        for arm, config in (("moe", args.moe_config), ("dense", args.dense_config)):
+        for arm, config, own in (("moe", args.moe_config, args.moe_set),
+                                 ("dense", args.dense_config, args.dense_set)):
             runs[arm] = out / f"{arm}-s{seed}"
-            train_arm(runs[arm], ["--config", config, "--no-progress"], [*common, f"train.seed={seed}"])
+            train_arm(runs[arm], ["--config", config, "--no-progress"], [*common, *own, f"train.seed={seed}"])
         pairs[seed] = compare(runs["moe"], runs["dense"])
     head = ["seed", "dense final", "MoE final", "MoE - dense", "steps to dense final", "time to dense final"]
     lines = [head] + [[str(s), f"{c['baseline_final_val']:.4f}", f"{c['final_val']:.4f}",
@@ -77,7 +81,8 @@ def main() -> None:
     ratios = [c["steps_ratio"] for c in pairs.values() if c["steps_ratio"] is not None]
     times = [c["seconds_ratio"] for c in pairs.values() if c["seconds_ratio"] is not None]
     deltas = [c["delta"] for c in pairs.values()]
-    summary = {"corpus": args.corpus, "cpu": cpu_name(), "sets": common, "seeds": seeds,
+    summary = {"corpus": args.corpus, "cpu": cpu_name(), "sets": common, "moe_sets": args.moe_set,
+               "dense_sets": args.dense_set, "seeds": seeds,
                "steps_ratio": spread(ratios), "seconds_ratio": spread(times), "delta": spread(deltas),
                "reached": f"{len(ratios)} of {len(pairs)}", "pairs": {str(s): c for s, c in pairs.items()}}
     print(f"mean (min-max): steps {summary['steps_ratio']}, time {summary['seconds_ratio']}, "
