@@ -80,3 +80,8 @@ def require_fixed_k(moe, verb: str, why: str, fix: str, allowed: tuple[str, ...]
     mode = getattr(moe, "dynamic_k", "none")
     if mode != "none" and mode not in allowed:
         raise ValueError(f"{verb}: model.moe.dynamic_k={mode!r} {why}; {fix}")
+
+
+def shorten(text: str, n: int = 40) -> str:
+    """``text``, cut to ``n`` characters with an ellipsis (a value quoted in an error line)."""
+    return text if len(text) <= n else text[:n] + "..."

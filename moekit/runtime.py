@@ -46,7 +46,6 @@ def tune_cpu_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 <
 def readable_like_umask(path) -> None:
     """Give ``path`` the mode a plain ``open`` would (0666 less the umask): safetensors writes
     its files 0600, so other users of a shared model directory could not read the weights."""
-    import os
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from moekit.checks import shorten
 from moekit.data.document import Document
 from moekit.data.parquet import ParquetDocuments, parquet_shards
 
@@ -235,8 +236,8 @@ def _read_jsonl(path: Path, field: str = "text") -> list[Document]:
         if text is None:                # a missing text, as a blank one: skipped
             continue
         if not isinstance(text, str):   # not trained on as "['a', 'b']" or "12345"
-            raise ValueError(f"{path}:{lineno}: {field!r} is {json.dumps(text)[:40]}, not a string; write "
-                             "the document's text as a JSON string (null or \"\" skips the line)")
+            raise ValueError(f"{path}:{lineno}: {field!r} is {shorten(json.dumps(text))}, not a string; "
+                             "write the document's text as a JSON string (null or \"\" skips the line)")
         tag = str(row.get("tag") or row.get("lang") or row.get("source") or path.stem)
         if text.strip():
             docs.append(Document(text, tag))

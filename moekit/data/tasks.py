@@ -33,6 +33,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from moekit.checks import shorten
 from moekit.data.catalog import PackagedFile, _read_text, fetch_package
 
 SPLITS = ("train", "val", "test")
@@ -158,11 +159,6 @@ def line_key(row: dict) -> str:
 def _label(row: dict) -> str:
     """A label as its name: 1, "1" and " 1" are one label."""
     return str(row["label"]).strip()
-
-
-def shorten(text: str, n: int = 40) -> str:
-    """``text``, cut to ``n`` characters with an ellipsis (a value quoted in an error line)."""
-    return text if len(text) <= n else text[:n] + "..."
 
 
 def _check_types(path: Path, lineno: int, row: dict, fields: tuple[str, ...]) -> None:

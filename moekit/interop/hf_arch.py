@@ -20,6 +20,7 @@ A top-1 router with ``norm_topk_prob`` gives weight 1: moekit's ``top1_weight="o
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from moekit.model.config import ModelConfig
@@ -129,7 +130,6 @@ def _in_hf_terms(err: ValueError, cfg: dict) -> ValueError:
     """"MoEConfig.top_k=8: exceeds num_experts=4; use top_k <= 4 ..." (moekit's names, which
     the user of a config.json never wrote) -> "config.json num_experts_per_tok=8: exceeds
     num_local_experts=4; fix config.json"."""
-    import re
     text = str(err)
     match = re.match(r"(ModelConfig|MoEConfig)\.([a-z_.0-9]+)=(.*?): (.*); [^;]*$", text)
     if not match:

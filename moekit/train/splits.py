@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moekit.checks import shorten
 from moekit.config import RunConfig
 from moekit.data.catalog import load_documents
 from moekit.data.mixture import MixtureSplit, build_mixture, source_documents, training_texts
 from moekit.data.stream import PackedSplit, build_token_cache, is_val_doc
 from moekit.data.task_split import TaskSplit, build_task_cache
-from moekit.data.tasks import load_task, shorten
+from moekit.data.tasks import load_task
 from moekit.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 
