@@ -82,6 +82,10 @@ class TrainConfig:
                                        # lr 3e-3 collapsed 32-expert routing (docs/scaling_experts.md)
     decay_steps: int | None = None     # the cosine ends here (None = max_steps), then the LR stays at
                                        # its floor: a run extended past its first max_steps keeps it
+    schedule_start: int = 0            # the LR schedule's step at this run's step 0: a continued stage
+                                       # goes on with one longer schedule instead of re-warming (warmup
+                                       # and decay_steps count schedule steps; decay_steps None = start
+                                       # + max_steps)
     weight_decay: float = 0.1          # not on norms, biases, embeddings' gains or routers
     beta1: float = 0.9
     beta2: float = 0.95
@@ -102,6 +106,8 @@ class TrainConfig:
     telemetry: bool = True             # per-layer routing statistics every log_every steps
     init_from: str | None = None       # start from these weights (train --from): a run, export or
                                        # Hugging Face directory, or a catalog model; their architecture
+    init_optimizer: bool = False       # with init_from: start from SRC's AdamW state (a run's checkpoint,
+                                       # or the optimizer.safetensors moekit upcycle / grow carried)
     expert_schedule: str | None = None  # experts per MoE layer from a step on: "4@0, 8@300, 16@600"
     expert_growth: str = "all"         # which experts a growth copies: "all" equally | "most_loaded"
     expert_growth_noise: float = 0.01  # N(0, s) on the copies' router rows: without it a copy and its
@@ -114,7 +120,7 @@ class TrainConfig:
             check_int(own, name, getattr(self, name))
         if self.warmup_steps is None and is_int(self.max_steps) and self.max_steps >= 1:
             self.warmup_steps = self.max_steps // 5
-        for name in ("warmup_steps", "seed", "max_bad_steps"):
+        for name in ("warmup_steps", "seed", "max_bad_steps", "schedule_start"):
             check_int(own, name, getattr(self, name), 0)
         if self.decay_steps is not None:
             check_int(own, "decay_steps", self.decay_steps, 1, "leave it unset (= max_steps)")
@@ -131,7 +137,7 @@ class TrainConfig:
             check_real(own, name, getattr(self, name), 0, fix="use e.g. 0.01 / 1e-3, or 0 to turn it off")
         check_choice(own, "precision", self.precision, ("auto", "bf16", "fp32"))
         check_choice(own, "device", self.device, ("auto", "cpu", "cuda"))
-        for name in ("compile", "activation_checkpointing", "telemetry"):
+        for name in ("compile", "activation_checkpointing", "telemetry", "init_optimizer"):
             check_bool(own, name, getattr(self, name))
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
             raise bad(own, "init_from", self.init_from, "is not a path or a catalog model name",
@@ -369,6 +375,9 @@ def check_new_run(cfg: RunConfig) -> list[str]:
     and smoke runs, do this on purpose). A saved config is not checked again, so every run that
     once started still loads and resumes."""
     t, m = cfg.train, cfg.model
+    if t.init_optimizer and t.init_from is None:
+        raise ValueError("train.init_optimizer=true needs --from SRC (train.init_from), whose AdamW state it "
+                         "starts with; add --from SRC, or drop train.init_optimizer")
     if cfg.data.seq_len > m.max_seq_len:
         src = f" (the model of --from {t.init_from})" if t.init_from else ""
         fix = "" if t.init_from else " or raise model.max_seq_len"
@@ -376,7 +385,8 @@ def check_new_run(cfg: RunConfig) -> list[str]:
                          f"{src}: the model has no positions past {m.max_seq_len}; use data.seq_len <= "
                          f"{m.max_seq_len}{fix}")
     warnings = []
-    if is_int(t.warmup_steps) and is_int(t.max_steps) and t.warmup_steps > t.max_steps:
+    if (is_int(t.warmup_steps) and is_int(t.max_steps) and t.schedule_start == 0
+            and t.warmup_steps > t.max_steps):
         last = t.lr * t.max_steps / t.warmup_steps
         warnings.append(f"train.warmup_steps={t.warmup_steps} is more than train.max_steps={t.max_steps}: "
                         f"the LR never reaches train.lr={t.lr:g} (the last step's is {last:.3g}); use "

@@ -31,6 +31,9 @@ def register(sub) -> None:
                    "most_loaded (copies of the most loaded, per the last loads in SRC's metrics.jsonl)")
     p.add_argument("--noise-std", type=float, help="with --experts: N(0, S) on the copies' router rows")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-optimizer", action="store_true",
+                   help="do not carry SRC's AdamW state (by default a run's is mapped like the weights into "
+                        "OUT/optimizer.safetensors, for train --from OUT --set train.init_optimizer=true)")
     p.add_argument("--out", required=True)
     p.set_defaults(run=run)
 
@@ -41,8 +44,9 @@ def _dims(cfg) -> dict[str, int | None]:
 
 
 def run(args) -> int:
-    from moekit.store.run_dir import check_export_target, load_run, save_export
-    from moekit.transform.grow import block_plan, grow, grow_is_exact
+    from moekit.cli.upcycle import carried
+    from moekit.store.run_dir import check_export_target, load_optimizer_state, load_run, save_export
+    from moekit.transform.grow import block_plan, grow, grow_is_exact, grown_optimizer_state
     if args.experts is not None:
         return _run_experts(args)
     for flag, value in (("--which", args.which), ("--noise-std", args.noise_std)):
@@ -53,7 +57,10 @@ def run(args) -> int:
     kwargs = {name: getattr(args, name) for name in _DIMS}
     modes = {"width_mode": args.width_mode, "depth_mode": args.depth_mode}
     big = grow(model, **kwargs, **modes, seed=args.seed)
-    save_export(big, tok, cfg, Path(args.out))
+    optim = None if args.no_optimizer else load_optimizer_state(args.src, model)
+    if optim is not None:
+        optim = grown_optimizer_state(optim, model, **kwargs, **modes, seed=args.seed)
+    save_export(big, tok, cfg, Path(args.out), optim=optim)
     old, new = _dims(model.cfg), _dims(big.cfg)
     grew = [f"{name} {old[name]} -> {new[name]}" for name in _DIMS if old[name] != new[name]]
     where = ""
@@ -64,13 +71,15 @@ def run(args) -> int:
     same = "the source function at step 0" if exact else "not the source function at step 0 (aki / stack)"
 
     print(f"grew {args.src} to {args.out} (width {args.width_mode}, depth {args.depth_mode}): "
-          f"{', '.join(grew)}{where}; {same}")
+          f"{', '.join(grew)}{where}; {same}{carried(optim)}")
     return 0
 
 
 def _run_experts(args) -> int:
     """--experts: grow the number of experts (moekit.transform.grow_experts); the model only."""
-    from moekit.store.run_dir import check_export_target, load_run, save_export
+    from moekit.cli.upcycle import carried
+    from moekit.store.run_dir import check_export_target, load_optimizer_state, load_run, save_export
+    from moekit.train.optim import grow_optimizer_state
     from moekit.transform.grow_experts import (
         exact_max_k,
         exact_top_k,
@@ -90,7 +99,10 @@ def _run_experts(args) -> int:
     loads = last_loads(args.src) if which == "most_loaded" else None
     big, mapping = grow_experts(model, args.experts, which=which, loads=loads,
                                 noise_std=args.noise_std or 0.0, seed=args.seed)
-    save_export(big, tok, cfg, Path(args.out))
+    optim = None if args.no_optimizer else load_optimizer_state(args.src, model)
+    if optim is not None:
+        optim = grow_optimizer_state(optim, model, big, mapping)
+    save_export(big, tok, cfg, Path(args.out), optim=optim)
     m = model.cfg.moe
     if grow_experts_is_exact(model, big, mapping):
         same = "the source function at step 0"
@@ -106,5 +118,5 @@ def _run_experts(args) -> int:
     copies = "; ".join(f"layer {i}: {src[m.num_experts:]}" for i, src in list(mapping.items())[:3])
     more = f" and {len(mapping) - 3} more layers" if len(mapping) > 3 else ""
     print(f"grew {args.src} to {args.out}: experts {m.num_experts} -> {args.experts} in {len(mapping)} MoE "
-          f"layers ({which}; new experts copy {copies}{more}); {same}")
+          f"layers ({which}; new experts copy {copies}{more}); {same}{carried(optim)}")
     return 0

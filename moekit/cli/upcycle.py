@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="another MoEConfig field, e.g. --set router=sigmoid --set aux_loss_free=true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-optimizer", action="store_true",
+                   help="do not carry SRC's AdamW state (by default a run's is mapped like the weights into "
+                        "OUT/optimizer.safetensors, for train --from OUT --set train.init_optimizer=true)")
     p.add_argument("--out", required=True)
     p.set_defaults(run=run)
 
@@ -57,16 +60,29 @@ def moe_options(items: list[str]) -> dict:
     return options
 
 
+def carried(optim: dict | None) -> str:
+    """The words a transforming command adds about the AdamW state it carried."""
+    if not optim:
+        return ""
+    step = max(float(e["step"]) for e in optim.values())
+    return (f"; AdamW state carried (step {step:.0f}): continue with train --from OUT --set "
+            "train.init_optimizer=true")
+
+
 def run(args) -> int:
-    from moekit.store.run_dir import check_export_target, load_run, save_export
-    from moekit.transform.upcycle import upcycle, upcycle_is_exact
+    from moekit.store.run_dir import check_export_target, load_optimizer_state, load_run, save_export
+    from moekit.transform.upcycle import upcycle, upcycle_is_exact, upcycled_optimizer_state
     check_export_target(Path(args.out), "upcycle --out", src=args.src)
     options = moe_options(args.set)
     model, tok, cfg = load_run(args.src)
-    moe = upcycle(model, args.experts, args.top_k, method=args.method, drop_ratio=args.drop_ratio,
-                  granularity=args.granularity, shared_from_ffn=args.shared_from_ffn,
-                  layers=_layers(args.layers), router_init=args.router_init, seed=args.seed, **options)
-    save_export(moe, tok, cfg, Path(args.out))
+    kwargs = dict(method=args.method, drop_ratio=args.drop_ratio, granularity=args.granularity,
+                  shared_from_ffn=args.shared_from_ffn, layers=_layers(args.layers),
+                  router_init=args.router_init, seed=args.seed, **options)
+    moe = upcycle(model, args.experts, args.top_k, **kwargs)
+    optim = None if args.no_optimizer else load_optimizer_state(args.src, model)
+    if optim is not None:
+        optim = upcycled_optimizer_state(optim, model, args.experts, args.top_k, **kwargs)
+    save_export(moe, tok, cfg, Path(args.out), optim=optim)
     m = moe.cfg.moe
     same = "the dense function at step 0" if upcycle_is_exact(m, args.method) else \
         "not the dense function at step 0 (by the method or the router options)"
@@ -77,5 +93,5 @@ def run(args) -> int:
         hf = f"; cannot be exported to Hugging Face ({str(err).split(': ', 1)[-1].split(';')[0]})"
     print(f"upcycled {args.src} to {args.out} ({args.method}): {len(moe.moe_layers())} MoE layers of "
           f"{m.num_experts} experts of width {m.d_ff}, top-{m.top_k}"
-          f"{', 1 shared expert' if m.num_shared_experts else ''}; {same}{hf}")
+          f"{', 1 shared expert' if m.num_shared_experts else ''}; {same}{hf}{carried(optim)}")
     return 0

@@ -239,6 +239,20 @@ class Checkpoint:
         restore_rng(blob)
         return True
 
+    def optimizer_state(self, params: dict) -> dict | None:
+        """AdamW's state {parameter name: {"step", "exp_avg", "exp_avg_sq"}} in full tensors on
+        one process (``params``: the model's named parameters, the template a sharded
+        checkpoint is read into); None for an older checkpoint without it."""
+        if self.legacy:
+            return None
+        if not self.sharded:
+            return self._full.get("optim")
+        names = [n for n in params if f"optim.{n}.exp_avg" in self._keys]
+        holder = {"optim": {n: {"step": torch.tensor(0.0), "exp_avg": torch.empty_like(params[n]),
+                                "exp_avg_sq": torch.empty_like(params[n])} for n in names}}
+        _dcp_load(holder, self.path)
+        return holder["optim"]
+
     def model_state(self, template: dict) -> dict:
         """The full model state dict on one process; ``template`` = a model's own state_dict()."""
         if not self.sharded:
@@ -246,3 +260,4 @@ class Checkpoint:
         holder = {"model": {k: torch.empty_like(v) for k, v in template.items()}}
         _dcp_load(holder, self.path)
         return holder["model"]
+

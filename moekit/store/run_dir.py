@@ -10,7 +10,10 @@ A run directory (``moekit train``)::
     data/            the token cache of the corpus;    summary.json  written at the end
 
 An export directory (``moekit export``) holds ``model.safetensors``, ``config.json`` and
-``tokenizer.json``. :func:`load_model` and :func:`load_run` read either.
+``tokenizer.json``. :func:`load_model` and :func:`load_run` read either. One written by
+``moekit upcycle`` or ``moekit grow`` from a run also holds ``optimizer.safetensors``, the
+run's AdamW state carried through the transformation (:func:`load_optimizer_state` reads it,
+or a run's checkpoint; ``train.init_optimizer`` starts a run with it).
 """
 
 from __future__ import annotations
@@ -37,10 +40,11 @@ from moekit.transform.lora import add_lora, merge_lora
 from moekit.transform.quantize import dequantize_model, quantize_structure
 
 EXPORT_WEIGHTS = "model.safetensors"
+OPTIMIZER = "optimizer.safetensors"     # AdamW state by parameter name: NAME:step, NAME:exp_avg, ...
 # everything a run writes: a directory holding any of these belongs to a run
 RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "summary.json", "tensorboard", "data",
              "report.html", CHECKPOINT, CHECKPOINT + ".tmp", SHARDED, SHARDED + ".tmp", SHARDED + ".old",
-             SHARDED + ".trash", EXPORT_WEIGHTS)
+             SHARDED + ".trash", EXPORT_WEIGHTS, OPTIMIZER)
 # what a kill mid-save leaves behind (checkpoint.old/ is not among them: it may be the newest)
 LEFTOVERS = (CHECKPOINT + ".tmp", SHARDED + ".tmp", SHARDED + ".trash")
 
@@ -270,9 +274,11 @@ def _export_format(path: Path) -> str | None:
     return "moekit" if isinstance(cfg.get("model"), dict) else None
 
 
-def save_export(model: MoETransformer, tok: Tokenizer, cfg: RunConfig, out_dir: Path) -> Path:
+def save_export(model: MoETransformer, tok: Tokenizer, cfg: RunConfig, out_dir: Path,
+                optim: dict | None = None) -> Path:
     """Write ``model`` as an export directory (the weights under moekit's names, the run config
-    with the model's own config, the tokenizer); files are replaced atomically."""
+    with the model's own config, the tokenizer, and ``optim``, AdamW's state by parameter name,
+    when given); files are replaced atomically."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     made = create(out_dir)
@@ -288,9 +294,51 @@ def save_export(model: MoETransformer, tok: Tokenizer, cfg: RunConfig, out_dir: 
         save_file(state, str(tmp), metadata={"format": "moekit"})
         readable_like_umask(tmp)
         os.replace(tmp, out_dir / EXPORT_WEIGHTS)
+        if optim is not None:
+            flat = {f"{name}:{k}": torch.as_tensor(v).detach().float().contiguous()
+                    for name, entry in optim.items() for k, v in entry.items()}
+            save_file(flat, str(tmp), metadata={"format": "moekit-adamw"})
+            readable_like_umask(tmp)
+            os.replace(tmp, out_dir / OPTIMIZER)
         write_json(out_dir / "config.json", cfg.to_dict())
         save_tokenizer(tok, out_dir / "tokenizer.json")
     return out_dir
+
+
+def load_optimizer_state(path: Path, model: MoETransformer) -> dict | None:
+    """AdamW's state {parameter name: {"step", "exp_avg", "exp_avg_sq"}} of ``model`` (as
+    :func:`load_run` read it from ``path``): a run's newest checkpoint's, or an export's
+    ``optimizer.safetensors``; None where there is none (an export without it, a Hugging Face
+    directory, a catalog model). A file that is damaged or not this model's is one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    path = _catalog_or_path(path)
+    params = dict(model.named_parameters())
+    if find_checkpoint(path) is not None:
+        optim = Checkpoint(path).optimizer_state(params)
+        where = str(path)
+    elif (path / OPTIMIZER).exists():
+        where = str(path / OPTIMIZER)
+        try:
+            flat = load_file(where)
+        except (OSError, SafetensorError) as err:
+            raise ValueError(f"{where!r} is unreadable ({str(err).splitlines()[0][:120]}); make it again "
+                             "with moekit upcycle or grow, or drop train.init_optimizer") from None
+        optim = {}
+        for key, value in flat.items():
+            name, _, part = key.rpartition(":")
+            optim.setdefault(name, {})[part] = value
+    else:
+        return None
+    if optim is None:
+        return None
+    for name, entry in optim.items():
+        p = params.get(name)
+        if p is None or set(entry) != {"step", "exp_avg", "exp_avg_sq"} or any(
+                tuple(entry[k].shape) != tuple(p.shape) for k in ("exp_avg", "exp_avg_sq")):
+            raise ValueError(f"{where!r}: the optimizer state of {name!r} does not fit the model's "
+                             "parameters; make it again from this model, or drop train.init_optimizer")
+    return optim
 
 
 @contextmanager

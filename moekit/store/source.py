@@ -3,7 +3,9 @@
 SRC is anything :func:`moekit.store.run_dir.load_run` reads: a run directory, an export, a
 Hugging Face directory or a catalog model (``smollm2-135m``). The run takes SRC's
 architecture, weights and tokenizer (the corpus is tokenized with it) and starts at step 0
-with a fresh optimizer and schedule; the recipe's train and data sections apply. The recipe
+with a fresh optimizer and schedule (``train.init_optimizer``: with SRC's AdamW state, a run's
+or the one ``moekit upcycle`` / ``grow`` carried; ``train.schedule_start``: the LR schedule
+going on); the recipe's train and data sections apply. The recipe
 may not contradict SRC's architecture: a model field it sets to another value than SRC's is
 one error line. Settings that change no weight (:data:`RUNTIME_FIELDS`) may differ.
 
@@ -21,7 +23,7 @@ from torch import Tensor
 from moekit.config import RunConfig
 from moekit.data.catalog import MODELS
 from moekit.model.config import ModelConfig
-from moekit.store.run_dir import load_run
+from moekit.store.run_dir import OPTIMIZER, load_optimizer_state, load_run
 
 # model fields a run may set differently from SRC: they size buffers, steer routing or set
 # training-only dropout (fine-tuning), but hold no weights
@@ -37,6 +39,7 @@ class Initial:
     tokenizer: object
     partial: bool = False            # state holds some of the tensors (a federated round's); the rest
                                      # keep the seed's weights (a new run) or the checkpoint's (a resume)
+    optim: dict | None = None        # SRC's AdamW state by parameter name (train.init_optimizer)
 
 
 def load_source(cfg: RunConfig, model_section: dict | None = None) -> tuple[RunConfig, Initial]:
@@ -72,7 +75,15 @@ def load_source(cfg: RunConfig, model_section: dict | None = None) -> tuple[RunC
                          f"quantized ({model_cfg.quant['bits']}-bit constants that only infer); set "
                          "--set model.moe.expert_dropout=0 (the rest of the model trains), or start from "
                          "the full-precision model")
-    return dataclasses.replace(cfg, model=model_cfg), Initial(state=model.state_dict(), tokenizer=tok)
+    optim = None
+    if cfg.train.init_optimizer:
+        optim = load_optimizer_state(Path(src), model)
+        if optim is None:
+            raise ValueError(f"train.init_optimizer=true, but --from {src} holds no AdamW state (a run's "
+                             f"checkpoint or an {OPTIMIZER} from moekit upcycle / grow of a run); drop "
+                             "train.init_optimizer to start a fresh optimizer")
+    return dataclasses.replace(cfg, model=model_cfg), Initial(state=model.state_dict(), tokenizer=tok,
+                                                              optim=optim)
 
 
 def _contradictions(given: dict, theirs: ModelConfig) -> list[tuple[str, object, object]]:

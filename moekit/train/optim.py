@@ -44,19 +44,36 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
                              betas=(cfg.beta1, cfg.beta2))
 
 
+def load_named_state(opt: torch.optim.Optimizer, model: nn.Module, optim: dict, mesh=None) -> None:
+    """``optim`` ({parameter name: {"step", "exp_avg", "exp_avg_sq"}}, full tensors: a checkpoint's
+    or one carried through a transformation) into ``opt``, an AdamW over ``model`` in any layout
+    (each rank takes its piece); a parameter without an entry starts fresh, and an entry for a
+    parameter the optimizer does not train (frozen) is one error line."""
+    from moekit.parallel.checkpointing import load_full_state, training_state
+    view = training_state(model, opt, mesh)["optim"]
+    extra = [name for name in optim if name not in view]
+    if extra:
+        raise ValueError(f"the optimizer state given holds {extra[0]!r}, which this run does not train "
+                         f"({len(extra)} such); start from the model it was saved with, or a fresh optimizer")
+    load_full_state({name: view[name] for name in optim}, optim)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to cfg.lr, then cosine to cfg.lr * min_lr_ratio at ``decay_steps``
     (= max_steps unless a run was extended), then that floor. A pure function of the step,
-    so a resumed run follows the same schedule exactly.
+    so a resumed run follows the same schedule exactly. The schedule's step is ``step +
+    cfg.schedule_start`` (a continued stage; its decay ends at schedule_start + max_steps
+    unless decay_steps says otherwise).
 
     Example:
         >>> cfg = TrainConfig(lr=1.0, warmup_steps=2, max_steps=10, min_lr_ratio=0.1)
         >>> [round(lr_at(s, cfg), 3) for s in (0, 1, 2, 10, 20)]
         [0.5, 1.0, 1.0, 0.1, 0.1]
     """
+    step += cfg.schedule_start
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    end = cfg.max_steps if cfg.decay_steps is None else cfg.decay_steps
+    end = cfg.schedule_start + cfg.max_steps if cfg.decay_steps is None else cfg.decay_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, end - cfg.warmup_steps))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))

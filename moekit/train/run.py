@@ -34,7 +34,7 @@ from moekit.runtime import tune_cpu_allocator
 from moekit.store import run_dir as rd
 from moekit.store.checkpoint import Checkpoint
 from moekit.train import splits
-from moekit.train.optim import build_optimizer
+from moekit.train.optim import build_optimizer, load_named_state
 from moekit.train.telemetry import RoutingTelemetry
 
 log = logging.getLogger("moekit")
@@ -223,6 +223,8 @@ def _build(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None, rank: int, wo
     hooks = _finetune(model, cfg, train_split)
     forward, accumulate, sync, mesh, ep_group = _parallel_model(cfg, model, world, rank, device)
     opt = build_optimizer(model, cfg.train)
+    if ckpt is None and initial is not None and initial.optim is not None:
+        load_named_state(opt, model, initial.optim, mesh)    # train.init_optimizer: SRC's AdamW state
     adapt.register(opt, hooks)
     sampler = (train_split.sampler(cfg.train.batch_size, cfg.train.seed, rank, world)
                if hasattr(train_split, "sampler")       # a mixture draws by its sources' weights

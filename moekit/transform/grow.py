@@ -108,7 +108,7 @@ BRANCH_OUTPUTS = ("attn.wo.weight", "ffn.w_down.weight", "ffn.experts.w_down_EFD
 def grow(model: MoETransformer, *, d_model: int | None = None, d_ff: int | None = None,
          expert_d_ff: int | None = None, n_heads: int | None = None, n_kv_heads: int | None = None,
          n_layers: int | None = None, width_mode: str = "fpi", depth_mode: str = "zero",
-         seed: int = 0) -> MoETransformer:
+         seed: int = 0, _moments: bool = False) -> MoETransformer:
     """A new, larger MoETransformer made from ``model``: width first, then depth. The defaults
     (fpi, zero) compute the source's function at step 0; ``aki`` and ``stack`` do not.
 
@@ -125,10 +125,27 @@ def grow(model: MoETransformer, *, d_model: int | None = None, d_ff: int | None 
                             n_kv_heads=n_kv_heads, n_layers=n_layers, width_mode=width_mode,
                             depth_mode=depth_mode, seed=seed)
     gen = torch.Generator().manual_seed(seed)
-    out = _grow_width(model, wide, width_mode, gen) if wide != model.cfg else model
+    out = _grow_width(model, wide, width_mode, gen, _moments) if wide != model.cfg else model
     if L2 > model.cfg.n_layers:
-        out = _grow_depth(out, L2, depth_mode)
+        out = _grow_depth(out, L2, depth_mode, _moments)
     return out
+
+
+def grown_optimizer_state(optim: dict, model: MoETransformer, **grow_args) -> dict:
+    """The AdamW state of ``model`` ({parameter name: {"step", "exp_avg", "exp_avg_sq"}}, a
+    checkpoint's ``"optim"``) for ``grow(model, **grow_args)``, the same arguments and seed:
+    moments mapped by the same index maps as the weights (a copied unit, head or channel gets
+    its source's moments, split readers their unsplit source's), without the weights' scale
+    factors; new entries (width_mode="zero"'s new channels and gains, a new block of
+    depth_mode="zero") start at zero, and a parameter that is new as a whole has no state
+    (AdamW starts it fresh). ``stack`` copies each block's state with the block; ``aki`` takes
+    the donor block's moments where it takes its weights. Step counts are kept.
+
+    At step 0 ``depth_mode="zero"`` leaves every old parameter's gradient as it was (a new
+    block is the identity and passes the gradient through), so with this state the old
+    parameters' next AdamW step is the small model's step (tests/transform/test_optimizer_state.py)."""
+    from moekit.transform.moments import carry_moments
+    return carry_moments(optim, model, lambda m: grow(m, _moments=True, **grow_args))
 
 
 def grown_config(model: MoETransformer, *, d_model=None, d_ff=None, expert_d_ff=None, n_heads=None,
@@ -315,7 +332,8 @@ def _build(cfg: ModelConfig, like: MoETransformer) -> MoETransformer:
     return new.train(like.training)
 
 
-def _grow_width(model: MoETransformer, wide: ModelConfig, mode: str, gen: torch.Generator) -> MoETransformer:
+def _grow_width(model: MoETransformer, wide: ModelConfig, mode: str, gen: torch.Generator,
+                moments: bool = False) -> MoETransformer:
     cfg = model.cfg
     new = _build(wide, model)
     src = model.state_dict()
@@ -333,38 +351,47 @@ def _grow_width(model: MoETransformer, wide: ModelConfig, mode: str, gen: torch.
                 donor = _next_block_tensor(src, block, key, cfg.n_layers) if block is not None else None
                 grown = _aki(src[name].float(), donor, _LAYOUT[key], these)
             else:
-                grown = _fpi(src[name].float(), _LAYOUT[key], these, mode, gen)
+                grown = _fpi(src[name].float(), _LAYOUT[key], these, mode, gen, moments)
             t.copy_(grown)
         D, D2 = cfg.d_model, wide.d_model
-        if cfg.tie_embeddings and D2 != D and mode != "aki":
+        if cfg.tie_embeddings and D2 != D and mode != "aki" and not moments:
             # the tied LM head reads k copies (fpi) or channels scaled by c (zero): undo it in the gain
             new.norm.weight.div_(D2 // D if mode == "fpi" else math.sqrt(D2 / D))
     return new
 
 
-def _fpi(t: Tensor, layout: tuple, maps: dict[str, _Map], mode: str, gen: torch.Generator) -> Tensor:
+def _fpi(t: Tensor, layout: tuple, maps: dict[str, _Map], mode: str, gen: torch.Generator,
+         moments: bool = False) -> Tensor:
     """One tensor grown along each axis: own axes copied, readers split; d_model in zero mode
-    by :func:`_zero_channels`."""
+    by :func:`_zero_channels`. ``moments``: optimizer moments, copied where weights are split
+    and without scale factors, new entries zero (the same random draws: the same maps)."""
     for axis, spec in enumerate(layout):
         if spec is None or maps[spec[0]].identity:
             continue
         dim, role = spec
         m = maps[dim]
         if dim == "D" and mode == "zero":
-            t = _zero_channels(t, axis, len(m.src), role, gen)
+            t = _zero_channels(t, axis, len(m.src), role, gen, moments)
         elif role == READ:
-            t = m.split(t, axis, gen)
+            split = m.split(t, axis, gen)
+            t = m.copy(t, axis) if moments else split
         else:
             t = m.copy(t, axis)
     return t
 
 
-def _zero_channels(t: Tensor, axis: int, n_new: int, role: str, gen: torch.Generator) -> Tensor:
+def _zero_channels(t: Tensor, axis: int, n_new: int, role: str, gen: torch.Generator,
+                   moments: bool = False) -> Tensor:
     """d_model D -> D' with new channels at zero: writers c * old and zeros, gains old / c and
-    ones, readers old and small random (c = sqrt(D'/D) keeps every RMS, eps included)."""
+    ones, readers old and small random (c = sqrt(D'/D) keeps every RMS, eps included).
+    ``moments``: old as they are, new zero."""
     shape = list(t.shape)
     c = math.sqrt(n_new / shape[axis])
     shape[axis] = n_new - shape[axis]
+    if moments:
+        if role == READ:
+            torch.randn(shape, generator=gen)     # the draw the weights take: the same maps after
+        return torch.cat([t, t.new_zeros(shape)], dim=axis)
     if role == OWN:
         old, extra = t * c, t.new_zeros(shape)
     elif role == GAIN:
@@ -399,7 +426,7 @@ def _aki(t: Tensor, donor: Tensor | None, layout: tuple, maps: dict[str, _Map]) 
     return t if keep is None else torch.where(keep, t, donor)
 
 
-def _grow_depth(model: MoETransformer, L2: int, mode: str) -> MoETransformer:
+def _grow_depth(model: MoETransformer, L2: int, mode: str, moments: bool = False) -> MoETransformer:
     cfg = model.cfg
     plan = block_plan(cfg.n_layers, L2, mode)
     moe_ids = set(cfg.moe_layer_ids())
@@ -415,7 +442,7 @@ def _grow_depth(model: MoETransformer, L2: int, mode: str) -> MoETransformer:
             new.blocks[p].load_state_dict(model.blocks[i].state_dict())
             if fresh and mode == "zero":
                 block_state = new.blocks[p].state_dict()
-                for key in BRANCH_OUTPUTS:
+                for key in block_state if moments else BRANCH_OUTPUTS:   # moments: a new block
                     if key in block_state:
                         block_state[key].zero_()
     return new

@@ -52,7 +52,7 @@ ROUTER_INITS = ("normal", "zeros")
 def upcycle(model: MoETransformer, num_experts: int, top_k: int, *, method: str = "copy",
             drop_ratio: float | None = None, granularity: int = 1, layers="all", router_init: str = "normal",
             router_std: float = 0.02, shared_from_ffn: bool = False, seed: int = 0,
-            **moe_options) -> MoETransformer:
+            _moments: bool = False, **moe_options) -> MoETransformer:
     """A new MoETransformer whose ``layers`` ("all", "alternate" or indices) are MoE layers of
     ``num_experts`` experts made from the dense FFN by ``method``; ``moe_options`` are further
     MoEConfig fields (router, aux_loss_free, jitter_eps, ...).
@@ -80,19 +80,42 @@ def upcycle(model: MoETransformer, num_experts: int, top_k: int, *, method: str 
         for i, layer in new.moe_layers().items():
             ffn = model.blocks[i].ffn
             gate_DF, up_DF, down_FD = ffn.w_gate.weight.t(), ffn.w_up.weight.t(), ffn.w_down.weight.t()
-            scale = 0.5 if shared_from_ffn else 1.0
+            scale = 0.5 if shared_from_ffn and not _moments else 1.0
             ratio = 0.5 if drop_ratio is None else drop_ratio      # Drop-Upcycling's best
-            _fill_experts(layer, gate_DF, up_DF, down_FD * scale, method, ratio, granularity, gen)
+            _fill_experts(layer, gate_DF, up_DF, down_FD * scale, method, ratio, granularity, gen, _moments)
             groups = granularity if method == "virtual-group" else 1
             _init_router(layer.router, router_init, router_std, groups, gen)
+            if _moments:                                 # a new router: no state to carry
+                for p in layer.router.parameters():
+                    p.zero_()
             if shared_from_ffn:
                 layer.shared.w_gate.weight.copy_(ffn.w_gate.weight)
                 layer.shared.w_up.weight.copy_(ffn.w_up.weight)
                 gated = layer.shared_gate is not None    # a zero gate weight: sigmoid(0) = 1/2, so x 2
-                layer.shared.w_down.weight.copy_(ffn.w_down.weight * (2 * scale if gated else scale))
+                layer.shared.w_down.weight.copy_(ffn.w_down.weight * (2 * scale if gated and not _moments
+                                                                      else scale))
                 if gated:
                     layer.shared_gate.weight.zero_()
     return new
+
+
+def upcycled_optimizer_state(optim: dict, model: MoETransformer, num_experts: int, top_k: int,
+                             **upcycle_args) -> dict:
+    """The AdamW state of ``model`` (the dense model: {parameter name: {"step", "exp_avg",
+    "exp_avg_sq"}}, a checkpoint's ``"optim"``) for ``upcycle(model, num_experts, top_k,
+    **upcycle_args)``, the same arguments and seed: moments mapped the way the weights are
+    (copied into every expert, sliced into virtual-group shards, the shared expert's copied;
+    a Drop-Upcycling expert's re-drawn units start at zero), without the weights' scale
+    factors; the routers and the shared gate are new parameters with no state (AdamW starts
+    them fresh). Every other parameter keeps its state, step count included.
+
+    At step 0 a function-preserving upcycle (:func:`upcycle_is_exact`; no balance or z-loss
+    terms, whose gradients reach the attention through the router) gives every parameter
+    outside the MoE layers the dense model's gradients, so with this state its next AdamW step
+    is the dense model's step (tests/transform/test_optimizer_state.py)."""
+    from moekit.transform.moments import carry_moments
+    return carry_moments(optim, model,
+                         lambda m: upcycle(m, num_experts, top_k, _moments=True, **upcycle_args))
 
 
 def upcycle_config(model: MoETransformer, num_experts: int, top_k: int, *, method: str = "copy",
@@ -176,7 +199,8 @@ def upcycle_is_exact(moe: MoEConfig, method: str) -> bool:
 
 
 def _fill_experts(layer, gate_DF: Tensor, up_DF: Tensor, down_FD: Tensor, method: str, drop_ratio: float,
-                  G: int, gen: torch.Generator) -> None:
+                  G: int, gen: torch.Generator, moments: bool = False) -> None:
+    """``moments``: the tensors are optimizer moments (no scale; re-drawn units start at zero)."""
     ex = layer.experts
     E, F = ex.w_up_EDF.shape[0], gate_DF.shape[1]
     if method == "virtual-group":
@@ -185,7 +209,7 @@ def _fill_experts(layer, gate_DF: Tensor, up_DF: Tensor, down_FD: Tensor, method
             g = (e % G) * w
             ex.w_gate_EDF[e].copy_(gate_DF[:, g:g + w])
             ex.w_up_EDF[e].copy_(up_DF[:, g:g + w])
-            ex.w_down_EFD[e].copy_(down_FD[g:g + w] * G)
+            ex.w_down_EFD[e].copy_(down_FD[g:g + w] * (1 if moments else G))
         return
     ex.w_gate_EDF.copy_(gate_DF.expand_as(ex.w_gate_EDF))
     ex.w_up_EDF.copy_(up_DF.expand_as(ex.w_up_EDF))
@@ -196,9 +220,10 @@ def _fill_experts(layer, gate_DF: Tensor, up_DF: Tensor, down_FD: Tensor, method
         for e in range(E):
             idx = torch.randperm(F, generator=gen)[:n]
             (mg, sg), (mu, su), (md, sd) = stats
-            ex.w_gate_EDF[e][:, idx] = torch.randn(gate_DF.shape[0], n, generator=gen) * sg + mg
-            ex.w_up_EDF[e][:, idx] = torch.randn(up_DF.shape[0], n, generator=gen) * su + mu
-            ex.w_down_EFD[e][idx] = torch.randn(n, down_FD.shape[1], generator=gen) * sd + md
+            keep = 0.0 if moments else 1.0          # the same draws either way: the same units
+            ex.w_gate_EDF[e][:, idx] = (torch.randn(gate_DF.shape[0], n, generator=gen) * sg + mg) * keep
+            ex.w_up_EDF[e][:, idx] = (torch.randn(up_DF.shape[0], n, generator=gen) * su + mu) * keep
+            ex.w_down_EFD[e][idx] = (torch.randn(n, down_FD.shape[1], generator=gen) * sd + md) * keep
 
 
 def _init_router(router: nn.Module, init: str, std: float, G: int, gen: torch.Generator) -> None:
