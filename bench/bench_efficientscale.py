@@ -18,6 +18,11 @@ scratch for its 750 steps. Reports validation loss against cumulative FLOPs for 
 plot, docs/scale_up.png; JSON in bench/results/efficientscale.json), and the FLOPs at which
 the pipeline first reaches the scratch model's final validation loss, as a share of the
 scratch run's FLOPs (the goal: at most 0.6x).
+
+``--carry``: stages that continue instead of restarting. grow and upcycle carry stage 1's and
+stage 2's AdamW state (OUT/optimizer.safetensors), stages 2 and 3 start with it
+(``train.init_optimizer=true``), and the three stages share one learning-rate schedule (one
+warmup, one cosine over all their steps: ``train.schedule_start`` and ``train.decay_steps``).
 """
 
 from __future__ import annotations
@@ -64,6 +69,9 @@ def main() -> None:
                     help="steps of the small dense, grown dense and MoE stages")
     ap.add_argument("--later-lr", type=float, default=3e-3, help="peak LR of stages 2 and 3")
     ap.add_argument("--later-warmup", type=int, default=40, help="warmup steps of stages 2 and 3")
+    ap.add_argument("--carry", action="store_true",
+                    help="carry AdamW state through grow and upcycle; one LR schedule over the stages")
+    ap.add_argument("--warmup", type=int, default=150, help="with --carry: the one schedule's warmup steps")
     ap.add_argument("--json", type=Path, default=ROOT / "bench/results/efficientscale.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs/scale_up.png")
     args = ap.parse_args()
@@ -72,17 +80,24 @@ def main() -> None:
     if not (o / "scratch" / "summary.json").exists():
         moekit("train", "--out", str(o / "scratch"), *COMMON)
     later = ["--set", f"train.lr={args.later_lr}", "--set", f"train.warmup_steps={args.later_warmup}"]
+    first = []
+    if args.carry:      # one schedule over the stages, each stage going on with the last one's AdamW state
+        total = s1 + s2 + s3
+        first = ["--set", f"train.warmup_steps={args.warmup}", "--set", f"train.decay_steps={total}"]
+        later = [*first, "--set", "train.init_optimizer=true"]
     if not (o / "s1" / "summary.json").exists():
-        moekit("train", "--out", str(o / "s1"), *COMMON, *SMALL, "--set", f"train.max_steps={s1}")
+        moekit("train", "--out", str(o / "s1"), *COMMON, *SMALL, "--set", f"train.max_steps={s1}", *first)
     if not (o / "s2" / "summary.json").exists():
         moekit("grow", str(o / "s1"), "--d-model", "256", "--n-layers", "4", "--n-heads", "4",
                "--out", str(o / "g"))
         moekit("train", "--from", str(o / "g"), "--out", str(o / "s2"), *COMMON,
-               "--set", f"train.max_steps={s2}", "--set", "train.seed=1", *later)
+               "--set", f"train.max_steps={s2}", "--set", "train.seed=1", *later,
+               *(["--set", f"train.schedule_start={s1}"] if args.carry else []))
     if not (o / "s3" / "summary.json").exists():
         moekit("upcycle", str(o / "s2"), "--experts", "8", "--top-k", "2", "--out", str(o / "u"))
         moekit("train", "--from", str(o / "u"), "--out", str(o / "s3"), *COMMON,
-               "--set", f"train.max_steps={s3}", "--set", "train.seed=2", *later)
+               "--set", f"train.max_steps={s3}", "--set", "train.seed=2", *later,
+               *(["--set", f"train.schedule_start={s1 + s2}"] if args.carry else []))
     scratch, scratch_flops = curve(o / "scratch", 0.0)
     stages, offset = [], 0.0
     for name in ("s1", "s2", "s3"):
@@ -93,7 +108,7 @@ def main() -> None:
     target = scratch[-1][1]
     reach = first_below(pipeline, target)
     same_tok = (o / "scratch" / "tokenizer.json").read_text() == (o / "s1" / "tokenizer.json").read_text()
-    result = {"later_lr": args.later_lr, "later_warmup": args.later_warmup,
+    result = {"later_lr": args.later_lr, "later_warmup": args.later_warmup, "carry": args.carry,
               "scratch_final_val": target, "scratch_flops": scratch_flops, "pipeline_flops": offset,
               "pipeline_final_val": pipeline[-1][1], "flops_to_scratch_final": reach,
               "ratio": reach / scratch_flops if reach else None, "same_tokenizer": same_tok,
