@@ -28,6 +28,9 @@ def register(sub) -> None:
     p.add_argument("--router-init", default="normal", choices=("normal", "zeros"), help="N(0, 0.02) or zeros")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="another MoEConfig field, e.g. --set router=sigmoid --set aux_loss_free=true")
+    p.add_argument("--weight-scale", default="auto",
+                   help="factor on the experts' down projections: auto (num_experts / top_k for softmax-then-"
+                        "top-k, --set normalize_topk=false; else 1) or a number")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-optimizer", action="store_true",
                    help="do not carry SRC's AdamW state (by default a run's is mapped like the weights into "
@@ -60,6 +63,15 @@ def moe_options(items: list[str]) -> dict:
     return options
 
 
+def _scale(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--weight-scale {text!r}: give auto or a number > 0, e.g. 4") from None
+
+
 def carried(optim: dict | None) -> str:
     """The words a transforming command adds about the AdamW state it carried."""
     if not optim:
@@ -77,14 +89,16 @@ def run(args) -> int:
     model, tok, cfg = load_run(args.src)
     kwargs = dict(method=args.method, drop_ratio=args.drop_ratio, granularity=args.granularity,
                   shared_from_ffn=args.shared_from_ffn, layers=_layers(args.layers),
-                  router_init=args.router_init, seed=args.seed, **options)
+                  router_init=args.router_init, seed=args.seed, weight_scale=_scale(args.weight_scale),
+                  **options)
     moe = upcycle(model, args.experts, args.top_k, **kwargs)
     optim = None if args.no_optimizer else load_optimizer_state(args.src, model)
     if optim is not None:
         optim = upcycled_optimizer_state(optim, model, args.experts, args.top_k, **kwargs)
     save_export(moe, tok, cfg, Path(args.out), optim=optim)
     m = moe.cfg.moe
-    same = "the dense function at step 0" if upcycle_is_exact(m, args.method) else \
+    exact = upcycle_is_exact(m, args.method, args.router_init, kwargs["weight_scale"])
+    same = "the dense function at step 0" if exact else \
         "not the dense function at step 0 (by the method or the router options)"
     from moekit.interop.hf import to_hf_config
     try:

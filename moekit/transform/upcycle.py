@@ -23,6 +23,12 @@ N(0, router_std) by default or zeros. The methods:
   function at step 0 (with the renormalised top-k of a token-choice router). top_k = G
   gives the dense model's active parameters.
 
+Softmax-then-top-k (``normalize_topk=False``, Megatron's granular upcycling, He et al. 2024,
+arXiv 2410.07524): the k chosen weights are the router's probabilities, about 1/E each at a
+near-uniform start, so the layer would begin at k/E of the dense function. ``weight_scale``
+("auto") multiplies the experts' down projections by E / k there (1 elsewhere); with
+``router_init="zeros"`` the probabilities are exactly 1/E and the upcycle is exact again.
+
 ``shared_from_ffn`` adds one shared expert, a copy of the FFN; the shared and routed down
 projections are halved so their sum is still the dense function (with ``shared_gate`` the
 gate starts at weight zero, sigmoid(0) = 1/2, and the shared down projection is not halved).
@@ -52,7 +58,7 @@ ROUTER_INITS = ("normal", "zeros")
 def upcycle(model: MoETransformer, num_experts: int, top_k: int, *, method: str = "copy",
             drop_ratio: float | None = None, granularity: int = 1, layers="all", router_init: str = "normal",
             router_std: float = 0.02, shared_from_ffn: bool = False, seed: int = 0,
-            _moments: bool = False, **moe_options) -> MoETransformer:
+            weight_scale: float | str = "auto", _moments: bool = False, **moe_options) -> MoETransformer:
     """A new MoETransformer whose ``layers`` ("all", "alternate" or indices) are MoE layers of
     ``num_experts`` experts made from the dense FFN by ``method``; ``moe_options`` are further
     MoEConfig fields (router, aux_loss_free, jitter_eps, ...).
@@ -70,6 +76,7 @@ def upcycle(model: MoETransformer, num_experts: int, top_k: int, *, method: str 
     moe = upcycle_config(model, num_experts, top_k, method=method, drop_ratio=drop_ratio,
                          granularity=granularity, router_init=router_init, router_std=router_std,
                          shared_from_ffn=shared_from_ffn, **moe_options)
+    expert_scale = 1.0 if _moments else _expert_scale(moe, weight_scale)
     new = MoETransformer.build(dataclasses.replace(model.cfg, moe=moe, moe_layers=layers))
     src = model.state_dict()
     gen = torch.Generator().manual_seed(seed)
@@ -82,7 +89,8 @@ def upcycle(model: MoETransformer, num_experts: int, top_k: int, *, method: str 
             gate_DF, up_DF, down_FD = ffn.w_gate.weight.t(), ffn.w_up.weight.t(), ffn.w_down.weight.t()
             scale = 0.5 if shared_from_ffn and not _moments else 1.0
             ratio = 0.5 if drop_ratio is None else drop_ratio      # Drop-Upcycling's best
-            _fill_experts(layer, gate_DF, up_DF, down_FD * scale, method, ratio, granularity, gen, _moments)
+            _fill_experts(layer, gate_DF, up_DF, down_FD * (scale * expert_scale), method, ratio, granularity,
+                          gen, _moments)
             groups = granularity if method == "virtual-group" else 1
             _init_router(layer.router, router_init, router_std, groups, gen)
             if _moments:                                 # a new router: no state to carry
@@ -180,12 +188,27 @@ def upcycle_config(model: MoETransformer, num_experts: int, top_k: int, *, metho
                      **shared, **moe_options)
 
 
-def upcycle_is_exact(moe: MoEConfig, method: str) -> bool:
+def _expert_scale(moe: MoEConfig, weight_scale) -> float:
+    """The factor on the experts' down projections: "auto" = E / k for softmax-then-top-k."""
+    if weight_scale == "auto":
+        softmax_then_topk = moe.router == "softmax" and not moe.normalize_topk and not moe.dynamic
+        return moe.num_experts / moe.top_k if softmax_then_topk and moe.top_k > 1 else 1.0
+    if isinstance(weight_scale, bool) or not isinstance(weight_scale, (int, float)) or not weight_scale > 0:
+        raise ValueError(f"upcycle: weight_scale={weight_scale!r} must be 'auto' or a number > 0; 'auto' "
+                         "scales softmax-then-top-k experts by num_experts / top_k")
+    return float(weight_scale)
+
+
+def upcycle_is_exact(moe: MoEConfig, method: str, router_init: str = "normal",
+                     weight_scale="auto") -> bool:
     """True when an upcycle by ``method`` into ``moe`` computes the dense function at step 0
     in eval mode (training-time noise or jitter can split a virtual group; a ``copy``'s equal
     experts do not care)."""
     if method == "drop" or moe.router == "expert_choice" or moe.capacity_factor is not None:
         return False
+    if (moe.router == "softmax" and not moe.normalize_topk and not moe.dynamic and moe.top_k > 1
+            and router_init == "zeros" and weight_scale == "auto"):
+        return True           # probabilities exactly 1/E, k of them, scaled by E / k
     if moe.dynamic:
         # top_p: renormalised weights over equal experts sum to one, so copies are exact when
         # every token takes at least 2 (a token with one expert keeps its probability as its

@@ -276,3 +276,28 @@ def test_cli_upcycles_into_a_dynamic_number_of_experts(tmp_path, capsys):
     x = torch.tensor([tok.encode("the house will come").ids])
     with torch.no_grad():
         assert torch.allclose(moe(x).logits, model(x).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("method, experts, top_k, G", [("copy", 8, 2, 1), ("virtual-group", 16, 4, 4)])
+def test_softmax_then_topk_upcycle_is_scaled_back_to_the_dense_function(method, experts, top_k, G):
+    """Megatron's granular upcycling: unrenormalised top-k weights sum to k/E at a uniform router,
+    so the experts are scaled by E / k; with a zero router the upcycle is exact."""
+    src = dense()
+    kw = dict(method=method, normalize_topk=False, router_init="zeros",
+              **({"granularity": G} if G > 1 else {}))
+    moe = upcycle(src, experts, top_k, **kw)
+    assert upcycle_is_exact(moe.cfg.moe, method, "zeros")
+    assert_same_function(src, moe)
+    unscaled = upcycle(src, experts, top_k, weight_scale=1.0, **kw)
+    with torch.no_grad():
+        ratio = (unscaled.blocks[0].ffn.experts.w_down_EFD.abs().sum()
+                 / moe.blocks[0].ffn.experts.w_down_EFD.abs().sum())
+    assert float(ratio) == pytest.approx(top_k / experts)
+    near = upcycle(src, experts, top_k, method=method, normalize_topk=False, router_std=1e-4,
+                   **({"granularity": G} if G > 1 else {}))
+    with torch.no_grad():               # a small random router: close to the dense function
+        want = src(TOKENS).logits
+        diff = (near.eval()(TOKENS).logits - want).abs().max() / want.abs().max()
+    assert float(diff) < 1e-2
+    with pytest.raises(ValueError, match="weight_scale=0 must be 'auto' or a number > 0"):
+        upcycle(src, experts, top_k, weight_scale=0, **kw)
