@@ -95,6 +95,8 @@ class TrainConfig:
     router_lr_scale: float = 1.0       # the routers' LR = this x the schedule's LR
     max_bad_steps: int = 3             # non-finite loss or gradient norm: skip that many steps, then stop
     eval_every: int = 100
+    eval_at_start: bool = False        # the validation loss before the first step too (a run --from a
+                                       # model: where its curve starts)
     eval_batches: int = 16
     save_every: int = 200
     log_every: int = 10
@@ -137,7 +139,7 @@ class TrainConfig:
             check_real(own, name, getattr(self, name), 0, fix="use e.g. 0.01 / 1e-3, or 0 to turn it off")
         check_choice(own, "precision", self.precision, ("auto", "bf16", "fp32"))
         check_choice(own, "device", self.device, ("auto", "cpu", "cuda"))
-        for name in ("compile", "activation_checkpointing", "telemetry", "init_optimizer"):
+        for name in ("compile", "activation_checkpointing", "telemetry", "init_optimizer", "eval_at_start"):
             check_bool(own, name, getattr(self, name))
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
             raise bad(own, "init_from", self.init_from, "is not a path or a catalog model name",

@@ -171,6 +171,11 @@ def _loop(run: Run, objective, resumed: bool, stop_at: int | None, progress: boo
                        flops=model_flops(run.model.cfg, run.cfg.data.seq_len),
                        growths=growth.logged_growths(run.run_dir) if resumed and run.main else [])
     end = t.max_steps if stop_at is None else min(stop_at, t.max_steps)
+    if t.eval_at_start and run.step == 0:      # every rank: the evaluation is collective
+        start = evaluate(run.model, run.val_split, t.batch_size, run.device, t.eval_batches, run.rank,
+                         run.world, run.autocast)
+        if writer is not None:
+            writer.log(0, {"loss/val": start, "loss/val_ppl": math.exp(min(start, 50))})
     try:
         while run.step < end:
             if (target := growth.due(run)) is not None:

@@ -92,3 +92,16 @@ def test_a_continued_schedule_goes_on_where_the_last_stage_stopped():
     tail = TrainConfig(lr=1.0, warmup_steps=10, max_steps=40, min_lr_ratio=0.1, schedule_start=60)
     assert [lr_at(s, tail) for s in range(40)] == [lr_at(60 + s, whole) for s in range(40)]   # ends at 100
     assert lr_at(0, TrainConfig(lr=1.0, warmup_steps=10, max_steps=40)) < 0.2 < lr_at(0, tail)   # no re-warm
+
+
+def test_eval_at_start_logs_where_the_curve_starts(dense_run, parl_subset, tmp_path):
+    import json
+    out = tmp_path / "run"
+    assert cli(["train", "--from", str(dense_run), "--out", str(out), "--no-progress",
+                *data_and_train(parl_subset, max_steps=2, eval_at_start="true", init_optimizer="true",
+                                schedule_start=4)]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    vals = [(r["step"], r["loss/val"]) for r in rows if "loss/val" in r]
+    src = [json.loads(x) for x in (dense_run / "metrics.jsonl").read_text().splitlines()]
+    assert vals[0][0] == 0 and vals[-1][0] == 2
+    assert vals[0][1] == pytest.approx([r["loss/val"] for r in src if "loss/val" in r][-1], abs=1e-4)
