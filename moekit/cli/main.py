@@ -36,6 +36,7 @@ from moekit.cli import finetune as finetune_cmd
 from moekit.cli import generate as generate_cmd
 from moekit.cli import grow as grow_cmd
 from moekit.cli import imports as import_cmd
+from moekit.cli import pipeline as pipeline_cmd
 from moekit.cli import report as report_cmd
 from moekit.cli import search as search_cmd
 from moekit.cli import train as train_cmd
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (train_cmd, finetune_cmd, generate_cmd, eval_cmd, export_cmd, import_cmd, upcycle_cmd,
-                   grow_cmd, extract_cmd, compress_cmd, report_cmd, search_cmd, federate_cmd, data_cmd):
+                   grow_cmd, pipeline_cmd, extract_cmd, compress_cmd, report_cmd, search_cmd, federate_cmd,
+                   data_cmd):
         module.register(sub)
     return parser
 

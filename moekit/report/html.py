@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import json
 import math
 import statistics
 from pathlib import Path
@@ -28,6 +30,8 @@ def loss_curves(rows: list[dict], baseline: list[dict] | None) -> str:
                     ax.plot(x, y, style, label=label)
         for step, _ in growth_steps(rows):
             ax.axvline(step, color="gray", lw=0.7, ls=":")
+        for step in stage_starts(rows)[1:]:
+            ax.axvline(step, color="C3", lw=0.8, ls="--")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         if baseline:
@@ -52,6 +56,22 @@ def keyed_curves(rows: list[dict], prefix: str, ylabel: str) -> str | None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return png(fig)
+
+
+def stage_starts(rows: list[dict]) -> list[int]:
+    """The first step of each stage of a ``moekit pipeline`` (its metrics mark them)."""
+    return [r["step"] for r in rows if "stage/index" in r]
+
+
+def stage_table(run_dir: Path) -> str:
+    stages = json.loads((run_dir / "pipeline.json").read_text())["stages"]
+    cells = "".join(
+        f"<tr><td>{s['index']}</td><td>{html.escape(s['name'])}</td><td>{s['transform'] or 'train'}</td>"
+        f"<td>{s['first_step']}</td><td>{s['steps']}</td><td>{s['flops']:.3e}</td>"
+        f"<td>{'-' if s['val_start'] is None else format(s['val_start'], '.4f')}</td>"
+        f"<td>{'-' if s['val_final'] is None else format(s['val_final'], '.4f')}</td></tr>" for s in stages)
+    return ("<table><tr><th>stage</th><th>name</th><th>made by</th><th>first step</th><th>steps</th>"
+            f"<th>training FLOPs</th><th>val loss at start</th><th>val loss at end</th></tr>{cells}</table>")
 
 
 def growth_steps(rows: list[dict]) -> list[tuple[int, int]]:
@@ -171,6 +191,9 @@ def build_report(run_dir: Path, summary: dict, by_tag: RoutingBreakdown | None,
             ("accuracy", "Task accuracy (validation while training, test at the end)", "acc/", "accuracy")):
         if (content := keyed_curves(rows, prefix, ylabel)) is not None:
             sections.append((sid, title, content))
+    if (run_dir / "pipeline.json").exists():
+        sections.append(("stages", "Stages (moekit pipeline; dashed red lines in the loss curves)",
+                         stage_table(run_dir)))
     if growth_steps(rows):
         sections.append(("growth", "Expert growth (train.expert_schedule; dotted lines in the plots)",
                          growth_table(rows)))
@@ -208,7 +231,10 @@ def write_run_report(run_dir: Path, baseline: Path | None = None, out: Path | No
     layer with its mutual information)."""
     run_dir = Path(run_dir)
     model, tok, cfg = load_run(run_dir)
-    val, train = open_split(cfg, run_dir, "val"), open_split(cfg, run_dir, "train")
+    data_dir = run_dir
+    if (run_dir / "pipeline.json").exists():    # a moekit pipeline: the last stage's data
+        data_dir = Path(json.loads((run_dir / "pipeline.json").read_text())["stages"][-1]["run_dir"])
+    val, train = open_split(cfg, data_dir, "val"), open_split(cfg, data_dir, "train")
     by_tag, by_freq = routing_breakdown(model, val, frequency_class(train, tok.get_vocab_size()),
                                         max_windows=windows)
     flops = model_flops(model.cfg, cfg.data.seq_len)
