@@ -19,6 +19,10 @@ plot, docs/scale_up.png; JSON in bench/results/efficientscale.json), and the FLO
 the pipeline first reaches the scratch model's final validation loss, as a share of the
 scratch run's FLOPs (the goal: at most 0.6x).
 
+``--pipeline configs/efficientscale.toml``: the stages as one ``moekit pipeline`` run (the
+same shapes; the AdamW state and one LR schedule carried across stages, see
+moekit/train/pipeline.py), compared with the same scratch run.
+
 ``--carry``: stages that continue instead of restarting. grow and upcycle carry stage 1's and
 stage 2's AdamW state (OUT/optimizer.safetensors), stages 2 and 3 start with it
 (``train.init_optimizer=true``), and the three stages share one learning-rate schedule (one
@@ -72,13 +76,23 @@ def main() -> None:
     ap.add_argument("--carry", action="store_true",
                     help="carry AdamW state through grow and upcycle; one LR schedule over the stages")
     ap.add_argument("--warmup", type=int, default=150, help="with --carry: the one schedule's warmup steps")
+    ap.add_argument("--pipeline", type=Path, default=None,
+                    help="a moekit pipeline recipe to run instead of the separate commands")
+    ap.add_argument("--scratch-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="for the scratch run (e.g. the pipeline's corpus)")
     ap.add_argument("--json", type=Path, default=ROOT / "bench/results/efficientscale.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs/scale_up.png")
     args = ap.parse_args()
     s1, s2, s3 = (int(x) for x in args.steps.split(","))
     o = args.out
     if not (o / "scratch" / "summary.json").exists():
-        moekit("train", "--out", str(o / "scratch"), *COMMON)
+        moekit("train", "--out", str(o / "scratch"), *COMMON,
+               *[x for v in args.scratch_set for x in ("--set", v)])
+    if args.pipeline is not None:
+        moekit("pipeline", "--config", str(args.pipeline), "--out", str(o / "pipeline"), "--no-progress")
+        info = json.loads((o / "pipeline" / "pipeline.json").read_text())
+        runs = [Path(st["run_dir"]) for st in info["stages"]]
+        return report(args, o, runs, runs[0])
     later = ["--set", f"train.lr={args.later_lr}", "--set", f"train.warmup_steps={args.later_warmup}"]
     first = []
     if args.carry:      # one schedule over the stages, each stage going on with the last one's AdamW state
@@ -98,21 +112,27 @@ def main() -> None:
         moekit("train", "--from", str(o / "u"), "--out", str(o / "s3"), *COMMON,
                "--set", f"train.max_steps={s3}", "--set", "train.seed=2", *later,
                *(["--set", f"train.schedule_start={s1 + s2}"] if args.carry else []))
+    report(args, o, [o / "s1", o / "s2", o / "s3"], o / "s1")
+
+
+def report(args, o: Path, runs: list[Path], first: Path) -> None:
     scratch, scratch_flops = curve(o / "scratch", 0.0)
     stages, offset = [], 0.0
-    for name in ("s1", "s2", "s3"):
-        points, flops = curve(o / name, offset)
-        stages.append({"stage": name, "curve": points, "flops": flops})
+    for run in runs:
+        points, flops = curve(run, offset)
+        stages.append({"stage": run.name, "curve": points, "flops": flops})
         offset += flops
     pipeline = [p for s in stages for p in s["curve"]]
     target = scratch[-1][1]
     reach = first_below(pipeline, target)
-    same_tok = (o / "scratch" / "tokenizer.json").read_text() == (o / "s1" / "tokenizer.json").read_text()
+    same_tok = (o / "scratch" / "tokenizer.json").read_text() == (first / "tokenizer.json").read_text()
+    s1, s2, s3 = (json.loads((r / "config.json").read_text())["train"]["max_steps"] for r in runs)
     result = {"later_lr": args.later_lr, "later_warmup": args.later_warmup, "carry": args.carry,
               "scratch_final_val": target, "scratch_flops": scratch_flops, "pipeline_flops": offset,
               "pipeline_final_val": pipeline[-1][1], "flops_to_scratch_final": reach,
               "ratio": reach / scratch_flops if reach else None, "same_tokenizer": same_tok,
-              "stages": stages, "scratch": scratch, "steps": [s1, s2, s3]}
+              "stages": stages, "scratch": scratch, "steps": [s1, s2, s3],
+              "pipeline": str(args.pipeline) if args.pipeline else None}
     print(f"scratch MoE: final val {target:.4f} after {scratch_flops:.3e} FLOPs")
     for s in stages:
         (_, first), (_, last) = s["curve"][0], s["curve"][-1]
@@ -133,11 +153,10 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     x, y = zip(*result["scratch"])
     ax.plot([v / 1e15 for v in x], y, label="MoE from scratch (default recipe)", color="k")
-    labels = {"s1": "small dense (d128, 2 layers)", "s2": "grown dense (d256, 4 layers)",
-              "s3": "upcycled MoE"}
-    for s in result["stages"]:
+    labels = ["small dense (d128, 2 layers)", "grown dense (d256, 4 layers)", "upcycled MoE"]
+    for s, label in zip(result["stages"], labels):
         x, y = zip(*s["curve"])
-        ax.plot([v / 1e15 for v in x], y, marker="o", ms=2, label=f"pipeline: {labels[s['stage']]}")
+        ax.plot([v / 1e15 for v in x], y, marker="o", ms=2, label=f"pipeline: {label}")
     ax.axhline(result["scratch_final_val"], color="gray", lw=0.6, ls="--")
     ax.set_xlabel("cumulative training FLOPs (PFLOP)")
     ax.set_ylabel("validation loss")
