@@ -26,6 +26,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from moekit.federate.server import ERROR_FILE, last_round, summary_line
 from moekit.federate.spec import FederationSpec
 
@@ -40,6 +42,24 @@ def _bin(name: str) -> str:
         raise FileNotFoundError(f"{name} is not installed next to {sys.executable}; moekit federate needs "
                                 "Flower: pip install 'moekit[federate]' (flwr)")
     return str(path)
+
+
+def client_env(env: dict[str, str], client: int, device: str, cuda_count: int) -> dict[str, str]:
+    """The environment of client ``client``'s processes: ``env`` and, when the clients train on
+    CUDA (``train.device`` "cuda", or "auto" with ``cuda_count`` > 0 visible GPUs), its own GPU:
+    ``CUDA_VISIBLE_DEVICES`` the (client % cuda_count)-th of the GPUs ``env`` shows (its own
+    CUDA_VISIBLE_DEVICES list where it has one), so clients spread over the GPUs instead of all
+    training on the first. A pure function (tests pass fake counts).
+
+    Example:
+        >>> client_env({}, 3, "auto", 2)["CUDA_VISIBLE_DEVICES"]
+        '1'
+    """
+    if device not in ("cuda", "auto") or cuda_count < 1:
+        return dict(env)
+    shown = env.get("CUDA_VISIBLE_DEVICES")
+    ids = [x.strip() for x in shown.split(",")][:cuda_count] if shown else [str(j) for j in range(cuda_count)]
+    return {**env, "CUDA_VISIBLE_DEVICES": ids[client % len(ids)]}
 
 
 def free_port() -> int:
@@ -90,11 +110,11 @@ class Processes:
         self.restarts = [0] * spec.clients
         self.link_port = free_port()
 
-    def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         logf = open(self.dir / f"{name}.log", "a")
         logf.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n")
         logf.flush()
-        proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=self.env,
+        proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env or self.env,
                                 cwd=str(self.dir), preexec_fn=_die_with_parent)
         logf.close()
         self.procs[name] = proc
@@ -142,7 +162,9 @@ class Processes:
     def start_client(self, i: int) -> None:
         self._start(f"client{i}", [_bin("flower-supernode"), "--insecure", "--superlink",
                                    f"127.0.0.1:{self.link_port}", "--port", str(free_port()),
-                                   "--node-config", str(self.dir / f"client{i}.toml")])
+                                   "--node-config", str(self.dir / f"client{i}.toml")],
+                    client_env(self.env, i, self.spec.recipe.get("train", {}).get("device", "auto"),
+                               torch.cuda.device_count() if torch.cuda.is_available() else 0))
 
     def start_run(self, app: Path) -> subprocess.Popen:
         return self._start("run", [_bin("flwr"), "run", str(app), "local", "--stream"])

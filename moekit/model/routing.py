@@ -78,7 +78,8 @@ def token_tags(split: PackedSplit, indices: list[int]) -> np.ndarray:
 def routing_breakdown(model, split: PackedSplit, freq_class_V: np.ndarray, batch_size: int = 16,
                       max_windows: int | None = 512) -> tuple[RoutingBreakdown, RoutingBreakdown]:
     """(by tag, by frequency class) over the split's windows, from the token-choice routers'
-    choices (before capacity drops); a dynamic router's unused slots (id E) are no expert."""
+    choices (before capacity drops); a dynamic router's unused slots (id E) are no expert. The
+    windows go to the model's device (its first parameter's)."""
     layers = {i: b.ffn for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoELayer)
               and b.ffn.cfg.router != "expert_choice"}
     sizes = {"tag": len(split.tags), "freq": len(FREQ_CLASSES)}
@@ -90,6 +91,7 @@ def routing_breakdown(model, split: PackedSplit, freq_class_V: np.ndarray, batch
     hooks = [layer.router.register_forward_hook(
         lambda mod, inp, out, i=i: captured.__setitem__(i, out.experts_TK)) for i, layer in layers.items()]
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     try:
         n = len(split) if max_windows is None else min(len(split), max_windows)
@@ -98,7 +100,8 @@ def routing_breakdown(model, split: PackedSplit, freq_class_V: np.ndarray, batch
             indices = order[start:start + batch_size]
             x_BS, _, tags_B = split.batch(indices)
             captured.clear()
-            model(x_BS, **tag_kwargs(model.cfg, split.tags, tags_B))   # task-level routing: the tag
+            # the split's windows are CPU tensors; the model may be on a GPU
+            model(x_BS.to(device), **tag_kwargs(model.cfg, split.tags, tags_B, device))   # tag routing
             tag_T = token_tags(split, indices)
             real = tag_T >= 0                   # not padding
             cls = {"tag": tag_T[real], "freq": freq_class_V[x_BS.reshape(-1).numpy()][real]}

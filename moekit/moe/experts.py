@@ -17,11 +17,14 @@ have no gate), ``w_down_EFD`` [E, F, D]. Backends, all computing the same thing:
   projection (:mod:`moekit.moe.padded`): fewer, larger parallel regions, for shared cores.
 - ``reference``: the plain autograd loop over experts; slow, for tests only.
 
-``auto`` picks ``segment_mm`` on CPU: its temporaries, weight gradients included, come from
-:mod:`moekit.moe.workspace`'s reused buffers, where CPU ``_grouped_mm`` allocates fresh ones
-each step (page faults: ~1 GiB a step at 64 experts in float32) and runs a GEMM for every
-expert, empty or not (measured, docs/benchmarks.md). On other devices it picks ``grouped_mm``
-where torch has it and the dims allow, else ``segment_mm``. Parameters may be in any
+``auto`` (:func:`auto_backend`) picks ``segment_mm`` on CPU: its temporaries, weight gradients
+included, come from :mod:`moekit.moe.workspace`'s reused buffers, where CPU ``_grouped_mm``
+allocates fresh ones each step (page faults: ~1 GiB a step at 64 experts in float32) and runs
+a GEMM for every expert, empty or not (measured, docs/benchmarks.md). On CUDA it picks
+``grouped_mm`` where torch has its grouped-GEMM kernel, bf16 on capability 9.0 (Hopper) and
+10.0 (Blackwell), and the dims allow; anywhere else ``_grouped_mm`` falls back to a loop of
+GEMMs with fresh buffers, so ``segment_mm`` (the same loop into reused buffers, no padding,
+any dtype) is the next best. Parameters may be in any
 floating dtype (``layer.to(torch.bfloat16)``): every backend computes in the input's dtype.
 
 ``segment_mm``'s backward is once-differentiable: double backward raises.
@@ -46,6 +49,50 @@ from moekit.moe.padded import padded_ffn
 from moekit.moe.workspace import WORKSPACE
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+# CUDA capabilities where torch._grouped_mm runs its grouped-GEMM kernel (bf16 only)
+GROUPED_MM_FAST = ((9, 0), (10, 0))
+
+
+def auto_backend(device_type: str, capability: tuple[int, int] | None, dtype: torch.dtype,
+                 aligned: bool = True, has_grouped_mm: bool = HAS_GROUPED_MM) -> str:
+    """What backend="auto" runs for inputs of ``dtype`` on a ``device_type`` device of CUDA
+    ``capability`` (None off CUDA); ``aligned``: the dims meet _grouped_mm's 16-byte rows. A
+    pure function (tests pass a table of devices).
+
+    Example:
+        >>> auto_backend("cuda", (9, 0), torch.bfloat16), auto_backend("cuda", (7, 0), torch.float16)
+        ('grouped_mm', 'segment_mm')
+    """
+    fast = (device_type == "cuda" and capability in GROUPED_MM_FAST and dtype == torch.bfloat16
+            and has_grouped_mm and aligned)
+    return "grouped_mm" if fast else "segment_mm"
+
+
+def empty_grads_need_zeroing(device_type: str, capability: tuple[int, int] | None) -> bool:
+    """True where torch._grouped_mm's backward gives experts with no rows a non-zero weight
+    gradient: Blackwell, capability 10.x (pytorch issue 172439)."""
+    return device_type == "cuda" and capability is not None and capability[0] == 10
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+class _ZeroEmptyExperts(torch.autograd.Function):
+    """Identity on w_E... [E, ...] whose backward zeroes the gradient of the experts with no rows
+    (``counts_E`` == 0): the exact gradient there is 0, whatever the kernel wrote."""
+
+    @staticmethod
+    def forward(ctx, w_E: Tensor, counts_E: Tensor) -> Tensor:
+        ctx.save_for_backward(counts_E)
+        return w_E.view_as(w_E)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_E: Tensor):
+        (counts_E,) = ctx.saved_tensors
+        empty_E = (counts_E == 0).view(-1, *([1] * (grad_E.dim() - 1)))
+        return grad_E.masked_fill(empty_E, 0), None
 
 
 class _SegmentFFN(torch.autograd.Function):
@@ -182,14 +229,9 @@ class GroupedExperts(nn.Module):
     def resolve_backend(self, x_RD: Tensor) -> str:
         if self.backend != "auto":
             return self.backend
-        if x_RD.device.type == "cpu":
-            # segment_mm writes every temporary into the workspace's reused buffers; CPU
-            # _grouped_mm allocates fresh ones (page faults) and runs a GEMM for every expert,
-            # empty or not: segment_mm measured faster at 8 and 64 experts (docs/benchmarks.md)
-            return "segment_mm"
-        if torch.compiler.is_compiling() and x_RD.dtype != torch.bfloat16:
-            return "segment_mm"   # torch.compile traces _grouped_mm only in bf16 (torch 2.13)
-        return "grouped_mm" if HAS_GROUPED_MM and self._grouped_mm_aligned(x_RD) else "segment_mm"
+        # bf16 only, so also what torch.compile can trace (_grouped_mm: bf16-only, torch 2.13)
+        return auto_backend(x_RD.device.type, _capability(x_RD.device), x_RD.dtype,
+                            self._grouped_mm_aligned(x_RD))
 
     def weights(self, dtype: torch.dtype) -> tuple[Tensor | None, Tensor, Tensor]:
         """(w_gate, w_up, w_down) in ``dtype``: mixed precision computes in the activations'
@@ -236,9 +278,16 @@ class GroupedExperts(nn.Module):
 
 
 def _grouped_ffn(x_RD: Tensor, counts_E: Tensor, w_gate_EDF: Tensor | None, w_up_EDF: Tensor,
-                 w_down_EFD: Tensor, mask_RF: Tensor | None = None) -> Tensor:
-    """The ``grouped_mm`` backend: one torch._grouped_mm per projection for all experts."""
+                 w_down_EFD: Tensor, mask_RF: Tensor | None = None, zero_empty: bool | None = None) -> Tensor:
+    """The ``grouped_mm`` backend: one torch._grouped_mm per projection for all experts.
+    ``zero_empty``: zero the weight gradients of experts with no rows after the backward (None:
+    where the kernel needs it, :func:`empty_grads_need_zeroing`)."""
+    if zero_empty is None:
+        zero_empty = empty_grads_need_zeroing(x_RD.device.type, _capability(x_RD.device))
     offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    if zero_empty:
+        w_gate_EDF, w_up_EDF, w_down_EFD = (None if w is None else _ZeroEmptyExperts.apply(w, counts_E)
+                                            for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
     up_RF = torch._grouped_mm(x_RD, w_up_EDF, offs=offs)
     if w_gate_EDF is not None:
         a_RF = F.silu(torch._grouped_mm(x_RD, w_gate_EDF, offs=offs)) * up_RF

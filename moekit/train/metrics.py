@@ -7,13 +7,62 @@ import os
 import time
 from pathlib import Path
 
-PEAK_FLOPS = {   # the denominator of MFU, per (device, precision)
-    ("cpu", "bf16"): 2.9e12,    # the best large bf16 GEMM measured on a 2-core AMX machine
-                                # (docs/benchmarks.md)
-    ("cpu", "fp32"): 0.30e12,   # the best large f32 GEMM measured there
-    ("cuda", "bf16"): 989e12,   # H100 SXM dense bf16 tensor cores (datasheet)
-    ("cuda", "fp32"): 67e12,    # H100 SXM fp32 without TF32 (datasheet)
-}
+import torch
+
+# The denominator of MFU: dense (no 2:4 sparsity) peak FLOP/s per precision, from each
+# datasheet. "fp32" is plain fp32 (moekit leaves TF32 off); "tf32" is there for an override's
+# sake and for runs that turn it on. None: the precision has no tensor-core path there.
+PEAK_FLOPS_CPU = {"bf16": 2.9e12,   # the best large bf16 GEMM measured on a 2-core AMX machine
+                  "fp32": 0.30e12}  # the best large f32 GEMM measured there (docs/benchmarks.md)
+
+# (substrings of torch.cuda.get_device_name(), all present, lower case) -> peaks; the first
+# row that matches wins, so the more specific names come first ("h100 pcie" before "h100").
+CUDA_PEAK_FLOPS: list[tuple[tuple[str, ...], dict[str, float | None]]] = [
+    (("b200",), {"bf16": 2250e12, "fp16": 2250e12, "tf32": 1100e12, "fp32": 75e12}),
+    (("h200", "nvl"), {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    (("h200",), {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12}),
+    (("h100", "pcie"), {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    (("h100", "nvl"), {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    (("h100",), {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12}),      # SXM (HBM3), GH200
+    (("a100",), {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    (("l40s",), {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
+    (("l40",), {"bf16": 181e12, "fp16": 181e12, "tf32": 90.5e12, "fp32": 90.5e12}),
+    (("l4",), {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12}),
+    (("a10",), {"bf16": 125e12, "fp16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12}),
+    (("rtx 4090",), {"bf16": 165e12, "fp16": 165e12, "tf32": 82.6e12, "fp32": 82.6e12}),   # fp32 accumulate
+    (("v100",), {"bf16": None, "fp16": 125e12, "tf32": None, "fp32": 15.7e12}),     # SXM2
+    (("t4",), {"bf16": None, "fp16": 65e12, "tf32": None, "fp32": 8.1e12}),
+]
+
+PEAK_FLOPS_ENV = "MOEKIT_PEAK_FLOPS"     # FLOP/s of one device: overrides the table (any device)
+
+
+def peak_flops(device_name: str, precision: str) -> float | None:
+    """Peak FLOP/s of one ``device_name`` ("cpu" or torch.cuda.get_device_name()) in
+    ``precision`` ("bf16", "fp16", "tf32", "fp32"); ``$MOEKIT_PEAK_FLOPS`` overrides it. None for
+    a GPU the table does not know: no MFU rather than a wrong one.
+
+    Example:
+        >>> peak_flops("NVIDIA H100 PCIe", "bf16")      # doctest: +SKIP
+        756000000000000.0
+    """
+    override = os.environ.get(PEAK_FLOPS_ENV)
+    if override:
+        try:
+            value = float(override)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise ValueError(f"${PEAK_FLOPS_ENV}={override!r}: must be a positive FLOP/s (e.g. 989e12); "
+                             "unset it to use the table in moekit/train/metrics.py")
+        return value
+    if device_name == "cpu":
+        return PEAK_FLOPS_CPU.get(precision)
+    name = device_name.lower()
+    for parts, peaks in CUDA_PEAK_FLOPS:
+        if all(part in name for part in parts):
+            return peaks.get(precision)
+    return None
 
 
 class MetricsWriter:
@@ -98,8 +147,16 @@ def _truncate_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def mfu(flops_per_token: float, tokens_per_s: float, device: str, precision: str) -> float:
+def mfu(flops_per_token: float, tokens_per_s: float, device_name: str, precision: str) -> float | None:
     """Model FLOPs utilization (PaLM): achieved training FLOP/s over the peak of the device
-    in the precision the matmuls run in. CPU peaks are measured rates, not datasheets."""
-    peak = PEAK_FLOPS.get((device, precision), PEAK_FLOPS[("cpu", "fp32")])
-    return flops_per_token * tokens_per_s / peak
+    in the precision the matmuls run in (:func:`peak_flops`); None where the peak is unknown.
+    CPU peaks are measured rates, not datasheets."""
+    peak = peak_flops(device_name, precision)
+    return None if peak is None else flops_per_token * tokens_per_s / peak
+
+
+def device_name(device: torch.device) -> str:
+    """"cpu", or the CUDA device's name (the key of :data:`CUDA_PEAK_FLOPS`)."""
+    if device.type != "cuda":
+        return device.type
+    return torch.cuda.get_device_name(device)

@@ -40,35 +40,62 @@ from moekit.train.telemetry import RoutingTelemetry
 log = logging.getLogger("moekit")
 
 
-def distributed_context() -> tuple[int, int]:
-    """(rank, world size); under torchrun (WORLD_SIZE > 1) this joins the process group:
-    gloo on CPU, NCCL on CUDA."""
+def device_plan(name: str, cuda_count: int, local_rank: int) -> tuple[torch.device, str]:
+    """(this process's device, process-group backend) for ``train.device`` = ``name`` with
+    ``cuda_count`` visible CUDA devices; a pure function (tests pass fake counts).
+
+    "auto" is cuda when one is visible. A cuda process takes GPU ``local_rank % cuda_count``
+    (more ranks than GPUs share them) and joins NCCL for CUDA tensors, gloo for the CPU ones
+    (losses, counts); a cpu process joins gloo only, whatever GPUs are visible."""
+    if name == "auto":
+        name = "cuda" if cuda_count > 0 else "cpu"
+    if name == "cuda" and cuda_count == 0:
+        raise ValueError("train.device='cuda' but no CUDA device is visible; "
+                         "set train.device to 'cpu' or 'auto'")
+    if name == "cuda":
+        return torch.device("cuda", local_rank % cuda_count), "cpu:gloo,cuda:nccl"
+    return torch.device(name), "gloo"
+
+
+def _cuda_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def distributed_context(device: str = "auto") -> tuple[int, int]:
+    """(rank, world size); under torchrun (WORLD_SIZE > 1) this joins the process group for
+    ``train.device`` = ``device`` (:func:`device_plan`): gloo on CPU, NCCL on CUDA, where
+    each rank first binds its GPU (``device_id`` lets NCCL set up its communicator eagerly)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("cpu:gloo,cuda:nccl")   # CPU tensors (losses, counts) too
+        where, backend = device_plan(device, _cuda_count(), _local_rank())
+        if where.type == "cuda":
+            torch.cuda.set_device(where)
+            dist.init_process_group(backend, device_id=where)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group(backend)
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device='cuda' but no CUDA device is visible; "
-                         "set train.device to 'cpu' or 'auto'")
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(name)
+    return device_plan(name, _cuda_count(), _local_rank())[0]
+
+
+def auto_precision(device_type: str, bf16_supported: bool) -> str:
+    """What precision="auto" means: bf16 on a CUDA GPU with bf16 (Ampere and newer), fp32 on
+    older GPUs (V100, T4: bf16 there is emulated and slow; moekit has no fp16 loss scaling) and on
+    CPU (fp32 is faster at the recipes' size, docs/benchmarks.md)."""
+    return "bf16" if device_type == "cuda" and bf16_supported else "fp32"
 
 
 def precision_of(cfg: RunConfig, device: torch.device) -> str:
-    """"bf16" or "fp32"; "auto" is bf16 on CUDA and fp32 on CPU (faster at the recipes' size,
-    docs/benchmarks.md)."""
+    """"bf16" or "fp32"; "auto" is :func:`auto_precision` of this device."""
     if cfg.train.precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        return auto_precision(device.type, bf16)
     return cfg.train.precision
 
 
@@ -193,7 +220,7 @@ def setup(cfg: RunConfig, run_dir: Path, ckpt: Checkpoint | None = None, initial
         >>> batch = Batch(*run.train_split.batch(run.sampler.next()))          # doctest: +SKIP
         >>> train_step(run, [batch], Pretraining()).losses["lm"]               # doctest: +SKIP
     """
-    rank, world = distributed_context()
+    rank, world = distributed_context(cfg.train.device)
     made = None
     if rank == 0:
         if ckpt is None:                        # a new run: not over another run's tokenizer or cache

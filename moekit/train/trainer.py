@@ -36,7 +36,7 @@ from moekit.store.checkpoint import Checkpoint, save_checkpoint, save_sharded_ch
 from moekit.store.source import load_source
 from moekit.train import growth, splits
 from moekit.train.evaluate import eval_windows, evaluate
-from moekit.train.metrics import MetricsWriter, mfu
+from moekit.train.metrics import MetricsWriter, device_name, mfu
 from moekit.train.objectives import Batch, objective_for, student_start
 from moekit.train.run import Run, distributed_context, precision_of, resolve_layout, setup
 from moekit.train.step import StepStats, train_step
@@ -73,7 +73,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     (moekit.federate): a new run starts from them and their tokenizer, a resume loads them over
     its checkpoint's model (optimizer, data position and RNG stay the checkpoint's)."""
     run_dir = Path(run_dir)
-    rank, world = distributed_context()
+    rank, world = distributed_context(cfg.train.device if cfg is not None else "auto")
     if stop_at is not None and stop_at < 1:
         raise ValueError(f"--stop-at {stop_at}: must be a step >= 1")
     cfg, ckpt = _open(cfg, run_dir, resume, layout, changes or {}, world, rank)
@@ -291,9 +291,10 @@ def _log(run: Run, writer: MetricsWriter | None, stats: StepStats, state: _LoopS
     flops = state.flops["flops_per_token"]
     metrics = {f"loss/{k}": v for k, v in stats.losses.items() if k != "total"}
     metrics.update({"optim/lr": stats.lr, "optim/grad_norm": stats.grad_norm, "perf/tokens_per_s": tps,
-                    "perf/tokens_per_s_per_rank": tps / run.world,
-                    "perf/mfu": mfu(flops, tps / run.world, run.device.type,
-                                    precision_of(run.cfg, run.device))})
+                    "perf/tokens_per_s_per_rank": tps / run.world})
+    util = mfu(flops, tps / run.world, device_name(run.device), precision_of(run.cfg, run.device))
+    if util is not None:                    # a GPU without a known peak: no MFU rather than a wrong one
+        metrics["perf/mfu"] = util
     if state.bad_steps:
         metrics["optim/skipped_steps"] = float(len(state.bad_steps))
     if run.telemetry is not None:

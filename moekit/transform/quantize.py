@@ -51,7 +51,14 @@ from moekit.checks import bad
 from moekit.model.config import ModelConfig, check_quant  # noqa: F401  (ModelConfig: the doctests)
 from moekit.model.transformer import Attention, MoETransformer
 from moekit.moe.config import MoEConfig
-from moekit.moe.experts import HAS_GROUPED_MM, GroupedExperts, _grouped_ffn, _SegmentFFN, expert_loop
+from moekit.moe.experts import (
+    HAS_GROUPED_MM,
+    GroupedExperts,
+    _grouped_ffn,
+    _SegmentFFN,
+    auto_backend,
+    expert_loop,
+)
 from moekit.moe.layer import moe_layers
 
 # experts dequantized at once in a forward: at most this many float32 bytes of their weights
@@ -175,6 +182,8 @@ class QuantizedExperts(nn.Module):
             return self.backend
         align = max(1, 16 // x_RD.element_size())
         aligned = self.d_model % align == 0 and self.d_ff % align == 0
+        if x_RD.device.type == "cuda":          # as GroupedExperts: the grouped kernel's GPUs and dtype
+            return auto_backend("cuda", torch.cuda.get_device_capability(x_RD.device), x_RD.dtype, aligned)
         compiling = torch.compiler.is_compiling()   # as GroupedExperts: traced _grouped_mm is bf16-only
         return "grouped_mm" if HAS_GROUPED_MM and aligned and not compiling else "segment_mm"
 

@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from moekit import MoEConfig, MoELayer, reference_moe
-from moekit.moe.experts import HAS_GROUPED_MM, GroupedExperts, expert_loop
+from moekit.moe.experts import (
+    HAS_GROUPED_MM,
+    GroupedExperts,
+    _grouped_ffn,
+    _ZeroEmptyExperts,
+    auto_backend,
+    empty_grads_need_zeroing,
+    expert_loop,
+)
 
 from ..conftest import rel_err
 
@@ -33,6 +41,62 @@ def test_auto_backend_is_segment_mm_on_cpu_and_grouped_mm_needs_aligned_rows():
     assert not experts._grouped_mm_aligned(torch.randn(8, 12, dtype=torch.bfloat16))
     x, counts = torch.randn(3, 12), torch.tensor([1, 0, 0, 2, 0, 0, 0, 0])
     torch.testing.assert_close(experts(x, counts), expert_loop(x, counts, *experts.weights(x.dtype)))
+
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
+
+@pytest.mark.parametrize("device, capability, dtype, aligned, want", [
+    ("cuda", (9, 0), BF16, True, "grouped_mm"),       # H100 / H200: the grouped-GEMM kernel
+    ("cuda", (10, 0), BF16, True, "grouped_mm"),      # B200
+    ("cuda", (9, 0), BF16, False, "segment_mm"),      # rows not 16-byte aligned
+    ("cuda", (9, 0), FP32, True, "segment_mm"),       # the kernel is bf16 only
+    ("cuda", (9, 0), FP16, True, "segment_mm"),
+    ("cuda", (10, 0), FP32, True, "segment_mm"),
+    ("cuda", (8, 0), BF16, True, "segment_mm"),       # A100: _grouped_mm would loop with fresh buffers
+    ("cuda", (8, 9), BF16, True, "segment_mm"),       # L4, L40S, RTX 4090
+    ("cuda", (7, 0), FP16, True, "segment_mm"),       # V100
+    ("cuda", (7, 5), FP32, True, "segment_mm"),       # T4
+    ("cuda", (12, 0), BF16, True, "segment_mm"),      # consumer Blackwell: not sm100
+    ("cpu", None, BF16, True, "segment_mm"),
+    ("cpu", None, FP32, True, "segment_mm"),
+])
+def test_auto_backend_table(device, capability, dtype, aligned, want):
+    assert auto_backend(device, capability, dtype, aligned) == want
+
+
+def test_auto_backend_without_grouped_mm_in_torch():
+    assert auto_backend("cuda", (9, 0), BF16, True, has_grouped_mm=False) == "segment_mm"
+
+
+@pytest.mark.parametrize("device, capability, want", [
+    ("cuda", (10, 0), True), ("cuda", (10, 3), True), ("cuda", (9, 0), False), ("cuda", (12, 0), False),
+    ("cpu", None, False),
+])
+def test_empty_expert_gradient_fix_is_for_sm100(device, capability, want):
+    assert empty_grads_need_zeroing(device, capability) is want
+
+
+def test_zero_empty_experts_masks_whatever_gradient_the_kernel_wrote():
+    w = torch.randn(4, 3, 2, requires_grad=True)
+    out = _ZeroEmptyExperts.apply(w, torch.tensor([2, 0, 1, 0]))
+    torch.testing.assert_close(out, w)
+    out.backward(torch.full_like(w, 7.0))          # a kernel's (wrong) gradient for every expert
+    assert w.grad[[1, 3]].eq(0).all() and w.grad[[0, 2]].eq(7).all()
+
+
+@pytest.mark.skipif(not HAS_GROUPED_MM, reason="torch has no _grouped_mm")
+@pytest.mark.parametrize("zero_empty", [False, True])
+def test_grouped_ffn_with_and_without_the_fix_gives_the_loops_gradients(zero_empty):
+    torch.manual_seed(0)
+    experts = GroupedExperts(MoEConfig(d_model=8, d_ff=8, num_experts=4))
+    x, counts = torch.randn(5, 8), torch.tensor([2, 0, 3, 0])
+    ws = experts.weights(x.dtype)
+    g = torch.autograd.grad(_grouped_ffn(x, counts, *ws, zero_empty=zero_empty).square().sum(), ws)
+    g_ref = torch.autograd.grad(expert_loop(x, counts, *ws).square().sum(), ws)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert a[[1, 3]].eq(0).all() and a[[0, 2]].abs().sum() > 0
 
 
 @pytest.mark.parametrize("backend", ["segment_mm", "grouped_mm"])
