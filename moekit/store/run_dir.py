@@ -300,6 +300,8 @@ def save_export(model: MoETransformer, tok: Tokenizer, cfg: RunConfig, out_dir: 
             save_file(flat, str(tmp), metadata={"format": "moekit-adamw"})
             readable_like_umask(tmp)
             os.replace(tmp, out_dir / OPTIMIZER)
+        else:                                    # not another model's state left from before
+            (out_dir / OPTIMIZER).unlink(missing_ok=True)
         write_json(out_dir / "config.json", cfg.to_dict())
         save_tokenizer(tok, out_dir / "tokenizer.json")
     return out_dir
@@ -309,13 +311,17 @@ def load_optimizer_state(path: Path, model: MoETransformer) -> dict | None:
     """AdamW's state {parameter name: {"step", "exp_avg", "exp_avg_sq"}} of ``model`` (as
     :func:`load_run` read it from ``path``): a run's newest checkpoint's, or an export's
     ``optimizer.safetensors``; None where there is none (an export without it, a Hugging Face
-    directory, a catalog model). A file that is damaged or not this model's is one line."""
+    directory, a catalog model, a LoRA run, whose state is its adapters', not the merged
+    weights'). A file that is damaged or not this model's is one line."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     path = _catalog_or_path(path)
     params = dict(model.named_parameters())
     if find_checkpoint(path) is not None:
-        optim = Checkpoint(path).optimizer_state(params)
+        ckpt = Checkpoint(path)
+        if (ckpt.meta["config"].get("finetune") or {}).get("lora_rank") is not None:
+            return None
+        optim = ckpt.optimizer_state(params)
         where = str(path)
     elif (path / OPTIMIZER).exists():
         where = str(path / OPTIMIZER)
@@ -323,7 +329,7 @@ def load_optimizer_state(path: Path, model: MoETransformer) -> dict | None:
             flat = load_file(where)
         except (OSError, SafetensorError) as err:
             raise ValueError(f"{where!r} is unreadable ({str(err).splitlines()[0][:120]}); make it again "
-                             "with moekit upcycle or grow, or drop train.init_optimizer") from None
+                             f"with moekit upcycle or grow, or start without it ({_WITHOUT})") from None
         optim = {}
         for key, value in flat.items():
             name, _, part = key.rpartition(":")
@@ -337,8 +343,30 @@ def load_optimizer_state(path: Path, model: MoETransformer) -> dict | None:
         if p is None or set(entry) != {"step", "exp_avg", "exp_avg_sq"} or any(
                 tuple(entry[k].shape) != tuple(p.shape) for k in ("exp_avg", "exp_avg_sq")):
             raise ValueError(f"{where!r}: the optimizer state of {name!r} does not fit the model's "
-                             "parameters; make it again from this model, or drop train.init_optimizer")
+                             f"parameters; make it again from this model, or start without it ({_WITHOUT})")
+        step, m, v = (torch.as_tensor(entry[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+        bad = ("a step count below 0" if float(step) < 0 else "non-finite moments"
+               if not (bool(torch.isfinite(m).all()) and bool(torch.isfinite(v).all()))
+               else "a negative second moment" if bool((v < 0).any()) else None)
+        if bad:
+            raise ValueError(f"{where!r}: the optimizer state of {name!r} has {bad}; it is damaged: make it "
+                             f"again, or start without it ({_WITHOUT})")
     return optim
+
+
+_WITHOUT = "--no-optimizer for upcycle / grow, no train.init_optimizer for train"
+
+
+def has_optimizer_state(path: Path) -> bool:
+    """Whether :func:`load_optimizer_state` finds state at ``path`` (without reading it): an
+    export with ``optimizer.safetensors``, or a run (not LoRA) with a checkpoint."""
+    path = Path(path)
+    if (path / OPTIMIZER).exists():
+        return True
+    if find_checkpoint(path) is None:
+        return False
+    ckpt = Checkpoint(path)
+    return not ckpt.legacy and (ckpt.meta["config"].get("finetune") or {}).get("lora_rank") is None
 
 
 @contextmanager

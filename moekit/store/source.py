@@ -79,8 +79,10 @@ def load_source(cfg: RunConfig, model_section: dict | None = None) -> tuple[RunC
     if cfg.train.init_optimizer:
         optim = load_optimizer_state(Path(src), model)
         if optim is None:
+            hint = (" (a moekit pipeline directory: give its last stage, DIR/stages/<n>-<name>)"
+                    if (Path(src) / "pipeline.json").exists() else "")
             raise ValueError(f"train.init_optimizer=true, but --from {src} holds no AdamW state (a run's "
-                             f"checkpoint or an {OPTIMIZER} from moekit upcycle / grow of a run); drop "
+                             f"checkpoint or an {OPTIMIZER} from moekit upcycle / grow of a run){hint}; drop "
                              "train.init_optimizer to start a fresh optimizer")
     return dataclasses.replace(cfg, model=model_cfg), Initial(state=model.state_dict(), tokenizer=tok,
                                                               optim=optim)

@@ -52,15 +52,17 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moekit.checks import is_int
 from moekit.config import RunConfig
 from moekit.model.transformer import model_flops
+from moekit.moe.config import MoEConfig
 from moekit.runtime import write_text_atomic
 from moekit.store import run_dir as rd
-from moekit.store.checkpoint import find_checkpoint
-from moekit.train.launch import launch, recipe_config
+from moekit.store.checkpoint import Checkpoint, find_checkpoint
+from moekit.train.launch import launch, precheck, recipe_config
 from moekit.train.optim import grow_optimizer_state
 from moekit.transform.grow import grow, grown_optimizer_state
-from moekit.transform.grow_experts import grow_experts
+from moekit.transform.grow_experts import grow_experts, last_loads
 from moekit.transform.upcycle import upcycle, upcycled_optimizer_state
 
 log = logging.getLogger("moekit")
@@ -117,6 +119,8 @@ def parse_stages(raw: dict, where: str = "the pipeline") -> list[Stage]:
             raise ValueError(f"{at} ({name}): {transform} = {args!r} must be a table, e.g. "
                              f"{transform} = {{ {_example(transform)} }}")
         if transform == "upcycle":
+            if "experts" in args and "num_experts" in args:
+                raise ValueError(f"{at} ({name}): upcycle has both experts and num_experts; give experts")
             args = {("num_experts" if k == "experts" else k): v for k, v in args.items()}
         if transform is not None:
             _check_arg_names(transform, args, f"{at} ({name}): {transform}")
@@ -137,12 +141,19 @@ def _function(transform: str):
     return {"grow": grow, "upcycle": upcycle, "experts": grow_experts}[transform]
 
 
+# MoEConfig fields an upcycle sets itself (from the dense model and its own arguments)
+_SET_BY_UPCYCLE = ("d_model", "d_ff", "num_experts", "top_k", "num_shared_experts", "shared_d_ff")
+
+
 def _check_arg_names(transform: str, args: dict, at: str) -> None:
     params = inspect.signature(_function(transform)).parameters
     allowed = [n for n in params if n not in ("model", "_moments", "moe_options", "loads")]
-    takes_moe_options = transform == "upcycle"
+    if transform == "upcycle":           # its own arguments and the MoE's router options
+        allowed = ["experts" if n == "num_experts" else n for n in allowed]
+        allowed += [f.name for f in dataclasses.fields(MoEConfig) if f.name not in _SET_BY_UPCYCLE]
     for key in args:
-        if key not in allowed and not takes_moe_options:
+        shown = "experts" if transform == "upcycle" and key == "num_experts" else key
+        if shown not in allowed:
             raise ValueError(f"{at}: {key!r} is not one of its arguments ({', '.join(allowed)})")
     if transform == "upcycle" and ("num_experts" not in args or "top_k" not in args):
         raise ValueError(f"{at}: needs experts and top_k, e.g. upcycle = {{ experts = 8, top_k = 2 }}")
@@ -150,8 +161,9 @@ def _check_arg_names(transform: str, args: dict, at: str) -> None:
         raise ValueError(f"{at}: needs num_experts, e.g. experts = 16")
 
 
-def apply(stage: Stage, model, optim: dict | None):
-    """(``model`` transformed by ``stage``, its AdamW state carried; None when ``optim`` is)."""
+def apply(stage: Stage, model, optim: dict | None, loads: dict | None = None):
+    """(``model`` transformed by ``stage``, its AdamW state carried; None when ``optim`` is);
+    ``loads``: the experts' last loads, for ``experts = { which = "most_loaded" }``."""
     args = dict(stage.args)
     try:
         if stage.transform == "grow":
@@ -161,6 +173,8 @@ def apply(stage: Stage, model, optim: dict | None):
             new = upcycle(model, n, k, **args)
             return new, None if optim is None else upcycled_optimizer_state(optim, model, n, k, **args)
         if stage.transform == "experts":
+            if args.get("which") == "most_loaded" and loads is not None:
+                args["loads"] = loads
             new, mapping = grow_experts(model, **args)
             return new, None if optim is None else grow_optimizer_state(optim, model, new, mapping)
     except TypeError as err:             # a wrong value type inside the transform
@@ -180,8 +194,11 @@ def _check(stages: list[Stage], cfg: RunConfig) -> None:
     for stage in stages:
         if stage.transform is None:
             continue
+        loads = None               # an untrained model's: even (the real ones come from the run's log)
+        if stage.transform == "experts" and model.cfg.moe is not None:
+            loads = {i: [1.0] * model.cfg.moe.num_experts for i in model.moe_layers()}
         try:
-            model, _ = apply(stage, model, None)
+            model, _ = apply(stage, model, None, loads)
         except ValueError as err:
             text = str(err)
             prefix = f"stage {stage.index} ({stage.name})"
@@ -195,7 +212,7 @@ def _base(raw: dict, stages: list[Stage]) -> dict:
     for key in OWNED:
         if key in train and not (key == "init_from"):
             raise ValueError(f"train.{key} is set by the pipeline for each stage (from the stages' steps); "
-                             "drop it from the recipe")
+                             "drop it from the recipe (and --set)")
     return base
 
 
@@ -205,12 +222,14 @@ def stage_raw(base: dict, stages: list[Stage], stage: Stage, source: Path | None
     train = raw.setdefault("train", {})
     total = sum(s.steps for s in stages)
     start = sum(s.steps for s in stages[:stage.index - 1])
-    train.update(max_steps=stage.steps, schedule_start=start, decay_steps=total, eval_at_start=True,
-                 seed=int(train.get("seed", 0)) + stage.index - 1)
+    train.update(max_steps=stage.steps, schedule_start=start, decay_steps=total, eval_at_start=True)
+    seed = train.get("seed", 0)
+    if is_int(seed):                     # else TrainConfig says what is wrong with it
+        train["seed"] = seed + stage.index - 1
     train.setdefault("warmup_steps", total // 5)
     if source is not None:
         train["init_from"] = str(source)
-        train["init_optimizer"] = stage.index > 1
+        train["init_optimizer"] = stage.index > 1 and rd.has_optimizer_state(source)   # not a LoRA run's
         raw.pop("model", None)           # the architecture is the source's
     return raw
 
@@ -219,11 +238,13 @@ def run_pipeline(raw: dict, out: Path, progress: bool = True) -> dict:
     """Run (or continue) the staged recipe ``raw`` in ``out``; returns pipeline.json's content."""
     stages = parse_stages(raw)
     base = _base(raw, stages)
-    first, _ = recipe_config(raw=stage_raw(base, stages, stages[0], None))
+    first, model_section = recipe_config(raw=stage_raw(base, stages, stages[0], None))
     _check(stages, first)
     out = Path(out)
     _check_out(out, raw)
-    (out / "stages").mkdir(parents=True, exist_ok=True)
+    if not _started(out):              # stage 1's corpus and source, before anything is written
+        precheck(first, model_section=model_section)
+    rd.create(out / "stages", "--out")
     write_text_atomic(out / "recipe.json", json.dumps(raw, indent=1))
     prev: Path | None = Path(first.train.init_from) if first.train.init_from else None
     for stage in stages:
@@ -239,22 +260,33 @@ def run_pipeline(raw: dict, out: Path, progress: bool = True) -> dict:
     return _finish(out, stages)
 
 
+def _started(out: Path) -> bool:
+    """Whether a stage of the pipeline in ``out`` has begun (a run directory or a transform)."""
+    return (out / "stages").is_dir() and any((out / "stages").iterdir())
+
+
 def _check_out(out: Path, raw: dict) -> None:
     """A new pipeline goes into a new (or empty) directory; an existing one continues only
-    with the recipe it started with."""
+    with the recipe it started with (before any stage began, another recipe may replace it)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a directory for the pipeline")
     if not out.exists() or not any(out.iterdir()):
         return
     saved = out / "recipe.json"
     if not saved.exists():
         raise ValueError(f"--out {str(out)!r} holds files but no pipeline; choose a new directory")
-    if json.loads(saved.read_text()) != json.loads(json.dumps(raw)):
+    if _started(out) and json.loads(saved.read_text()) != json.loads(json.dumps(raw)):
         raise ValueError(f"--out {str(out)!r} holds a pipeline of another recipe (its recipe.json); "
                          "continue it with that recipe, or choose a new directory")
 
 
 def _finished(run_dir: Path, stage: Stage) -> bool:
+    """The stage ran all its steps: its summary says so, or its checkpoint (a stop between the
+    last save and the summary)."""
     path = run_dir / "summary.json"
-    return path.exists() and json.loads(path.read_text()).get("steps") == stage.steps
+    if path.exists() and json.loads(path.read_text()).get("steps") == stage.steps:
+        return True
+    return find_checkpoint(run_dir) is not None and Checkpoint(run_dir).meta["step"] >= stage.steps
 
 
 def _transformed(stage: Stage, prev: Path, target: Path) -> Path:
@@ -266,7 +298,8 @@ def _transformed(stage: Stage, prev: Path, target: Path) -> Path:
         shutil.rmtree(target)            # a transform killed mid-write: made again
     model, tok, cfg = rd.load_run(prev)
     optim = rd.load_optimizer_state(prev, model)
-    new, carried = apply(stage, model, optim)
+    loads = last_loads(prev) if stage.args.get("which") == "most_loaded" else None
+    new, carried = apply(stage, model, optim, loads)
     rd.save_export(new, tok, cfg, target, optim=carried)
     (target / DONE).write_text("")
     log.info("stage %d (%s): %s of %s -> %s%s", stage.index, stage.name, stage.transform, prev, target,

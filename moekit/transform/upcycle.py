@@ -47,7 +47,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from moekit.checks import require_float
+from moekit.checks import is_int, require_float
 from moekit.model.transformer import MoETransformer
 from moekit.moe.config import MoEConfig
 
@@ -73,6 +73,8 @@ def upcycle(model: MoETransformer, num_experts: int, top_k: int, *, method: str 
         True
     """
     require_float(model, "upcycle")
+    if not is_int(seed):
+        raise ValueError(f"upcycle: seed={seed!r} must be an integer")
     moe = upcycle_config(model, num_experts, top_k, method=method, drop_ratio=drop_ratio,
                          granularity=granularity, router_init=router_init, router_std=router_std,
                          shared_from_ffn=shared_from_ffn, **moe_options)
@@ -142,6 +144,8 @@ def upcycle_config(model: MoETransformer, num_experts: int, top_k: int, *, metho
                          "from token routing; upcycle with router_input='token'")
     if method not in METHODS:
         raise ValueError(f"upcycle: method={method!r} is not one of {METHODS}")
+    if not isinstance(shared_from_ffn, bool):
+        raise ValueError(f"upcycle: shared_from_ffn={shared_from_ffn!r} must be true or false")
     if router_init not in ROUTER_INITS:
         raise ValueError(f"upcycle: router_init={router_init!r} is not one of {ROUTER_INITS}")
     if not isinstance(router_std, (int, float)) or not router_std >= 0:

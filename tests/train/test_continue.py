@@ -105,3 +105,34 @@ def test_eval_at_start_logs_where_the_curve_starts(dense_run, parl_subset, tmp_p
     src = [json.loads(x) for x in (dense_run / "metrics.jsonl").read_text().splitlines()]
     assert vals[0][0] == 0 and vals[-1][0] == 2
     assert vals[0][1] == pytest.approx([r["loss/val"] for r in src if "loss/val" in r][-1], abs=1e-4)
+
+
+def test_a_lora_run_upcycles_without_state_and_no_stale_state_is_left(dense_run, parl_subset, tmp_path,
+                                                                       capsys):
+    lora = tmp_path / "lora"
+    assert cli(["train", "--from", str(dense_run), "--out", str(lora), "--no-progress",
+                "--set", "finetune.lora_rank=4", "--set", "finetune.lora_targets=[\"attention\"]",
+                *data_and_train(parl_subset, max_steps=2)]) == 0
+    up = tmp_path / "up"
+    assert cli(["upcycle", str(dense_run), "--experts", "4", "--out", str(up)]) == 0
+    assert (up / OPTIMIZER).exists()
+    capsys.readouterr()
+    # the same --out again from the LoRA run: its adapters' state does not map; none is left
+    assert cli(["upcycle", str(lora), "--experts", "4", "--out", str(up)]) == 0
+    assert "AdamW state" not in capsys.readouterr().out
+    assert not (up / OPTIMIZER).exists()
+
+
+def test_a_damaged_optimizer_file_is_one_line(dense_run, parl_subset, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    up = tmp_path / "up"
+    assert cli(["upcycle", str(dense_run), "--experts", "4", "--out", str(up)]) == 0
+    flat = load_file(str(up / OPTIMIZER))
+    flat["blocks.0.attn.wq.weight:exp_avg"][0, 0] = float("nan")
+    save_file(flat, str(up / OPTIMIZER))
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert cli(["train", "--from", str(up), "--out", str(out), "--no-progress",
+                *data_and_train(parl_subset, max_steps=2, init_optimizer="true")]) == 2
+    one_line_error(capsys, "optimizer.safetensors", "'blocks.0.attn.wq.weight' has non-finite moments")
+    assert not out.exists()

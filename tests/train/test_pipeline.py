@@ -18,6 +18,7 @@ from moekit.train.optim import lr_at
 from .test_faults import one_line_error
 
 STAGES = (4, 24, 3)
+TWO = "[[stage]]\nsteps = 2\n[[stage]]\nsteps = 2\n"     # a second stage's table follows
 
 
 def recipe(corpus, steps=STAGES, extra: str = "") -> str:
@@ -137,6 +138,15 @@ def test_kill_9_mid_stage_then_rerun_gives_the_same_run(whole, tmp_path):
     ("", "[[stage]]\nsteps = 2\n[[stage]]\nsteps = 2\nupcycle = { experts = 2, top_k = 4 }\n",
      "2 experts are fewer than top_k=4"),
     ("max_steps = 5", "[[stage]]\nsteps = 2\n", "train.max_steps is set by the pipeline"),
+    ('seed = "abc"', "[[stage]]\nsteps = 2\n", "train.seed='abc': must be an integer"),
+    ("", "[[stage]]\nsteps = 2\n[[stage]]\nsteps = 2\nupcycle = { experts = 4, top_k = 2, methd = 'drop' }\n",
+     "upcycle: 'methd' is not one of its arguments (experts, top_k, method,"),
+    ("", "[[stage]]\nsteps = 2\n[[stage]]\nsteps = 2\nupcycle = { experts = 4, top_k = 2, seed = 'x' }\n",
+     "upcycle: seed='x' must be an integer"),
+    ("", TWO + "upcycle = { experts = 4, top_k = 2, num_experts = 8 }\n",
+     "upcycle has both experts and num_experts"),
+    ("", TWO + "upcycle = { experts = 4, top_k = 2, shared_from_ffn = 'yes' }\n",
+     "shared_from_ffn='yes' must be true or false"),
 ])
 def test_bad_stage_tables_are_one_line_before_anything_is_written(parl_subset, tmp_path, capsys, extra,
                                                                    stages, needle):
@@ -146,6 +156,33 @@ def test_bad_stage_tables_are_one_line_before_anything_is_written(parl_subset, t
     assert cli(["pipeline", "--config", str(tmp_path / "r.toml"), "--out", str(tmp_path / "out")]) == 2
     one_line_error(capsys, needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_corpus_or_a_file_as_out_is_one_line_and_the_fixed_recipe_then_runs(parl_subset, tmp_path,
+                                                                                       capsys):
+    (tmp_path / "bad.toml").write_text(recipe(tmp_path / "nope.jsonl", steps=(2, 2, 2)))
+    out = tmp_path / "out"
+    assert cli(["pipeline", "--config", str(tmp_path / "bad.toml"), "--out", str(out)]) == 2
+    one_line_error(capsys, "nope.jsonl")
+    assert not out.exists()
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "good.toml").write_text(recipe(parl_subset, steps=(2, 2, 2)))
+    assert cli(["pipeline", "--config", str(tmp_path / "good.toml"), "--out", str(tmp_path / "afile")]) == 2
+    one_line_error(capsys, "--out", "is a file")
+
+
+def test_an_experts_stage_grows_the_most_loaded_experts_from_the_run_log(parl_subset, tmp_path):
+    text = recipe(parl_subset).split("[[stage]]")[0].replace("moe = false\n", "")
+    text += ("[model.moe]\nd_ff = 32\nnum_experts = 4\ntop_k = 2\n[[stage]]\nname = \"moe4\"\nsteps = 3\n"
+             "[[stage]]\nname = \"moe8\"\nsteps = 2\n"
+             "experts = { num_experts = 8, which = \"most_loaded\" }\n")
+    (tmp_path / "r.toml").write_text(text)
+    assert cli(["pipeline", "--config", str(tmp_path / "r.toml"), "--out", str(tmp_path / "out"),
+                "--no-progress"]) == 0
+    final, _, _ = load_run(tmp_path / "out")
+    assert final.cfg.moe.num_experts == 8
+    info = json.loads((tmp_path / "out" / "pipeline.json").read_text())
+    assert info["stages"][1]["val_start"] is not None
 
 
 def test_an_existing_pipeline_continues_only_with_its_recipe(whole, parl_subset, tmp_path, capsys):
