@@ -24,7 +24,7 @@ from torch import Tensor
 from moekit.moe.layer import MoEAux, MoELayer
 from moekit.moe.stats import load_cv
 
-REMEDIES = ("raise train.aux_loss_coef (e.g. 0.01 -> 0.05), keep the z-loss on (train.z_loss_coef 1e-3), "
+REMEDIES = ("raise train.aux_loss_coef (e.g. 1.7e-3 -> 0.01), keep the z-loss on (train.z_loss_coef 1e-3), "
             "add router jitter (model.moe.jitter_eps=0.01), or cap load with model.moe.capacity_factor=1.25")
 
 

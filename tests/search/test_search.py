@@ -97,7 +97,7 @@ def test_the_shipped_space_holds_the_default_recipe():
     from pathlib import Path
     space = load_space(Path(__file__).resolve().parents[2] / "configs" / "search" / "tiny-space.toml")
     assert space.base_values({}) == {"model.moe.num_experts": 8, "model.moe.top_k": 2,
-                                     "train.aux_loss_coef": 0.01, "train.lr": 0.003}
+                                     "train.aux_loss_coef": 1.7e-3, "train.lr": 1.55e-3}
 
 
 @pytest.mark.parametrize("extra, message", [

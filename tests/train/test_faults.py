@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moekit.cli.main import main as cli
-from moekit.config import RunConfig
+from moekit.config import RunConfig, TrainConfig
 from moekit.train.trainer import train
 
 
@@ -136,7 +136,7 @@ def test_a_warmup_longer_than_the_run_is_warned_about(tmp_path, parl_subset, cap
         assert cli(argv) == 0
     said = [r.getMessage() for r in caplog.records if "warmup_steps=100" in r.getMessage()]
     assert said == ["train.warmup_steps=100 is more than train.max_steps=20: the LR never reaches "
-                    "train.lr=0.003 (the last step's is 0.0006); use warmup_steps <= 20 (unset, it is "
+                    "train.lr=0.00155 (the last step's is 0.00031); use warmup_steps <= 20 (unset, it is "
                     "max_steps // 5 = 4)"]
 
 
@@ -254,7 +254,7 @@ def test_a_finished_run_trains_longer_at_its_final_lr(tmp_path, parl_subset, cap
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     lr = {r["step"]: r["optim/lr"] for r in rows if "optim/lr" in r}
     assert sorted(lr) == list(range(1, 10))
-    floor = 3e-3 * 0.1
+    floor = TrainConfig().lr * 0.1
     # step s is logged with the LR it used, lr_at(s - 1): the cosine reaches its floor at step 6
     assert all(abs(lr[s] - floor) < 1e-12 for s in (7, 8, 9))
     assert lr[3] > lr[5] > lr[6] > floor                  # the first 6 steps kept their cosine
