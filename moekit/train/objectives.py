@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.config import DistillConfig
+from moekit.config import DistillConfig, TrainConfig
 from moekit.model.transformer import ModelOutput
 from moekit.store.run_dir import load_run
 from moekit.store.source import Initial
@@ -54,8 +54,8 @@ class Pretraining:
     """Next-token LM loss plus the MoE router terms (:func:`router_terms`; README:
     "Load-balancing loss")."""
 
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 1e-3
+    aux_loss_coef: float = TrainConfig.aux_loss_coef      # the default recipe's
+    z_loss_coef: float = TrainConfig.z_loss_coef
 
     def __call__(self, out: ModelOutput, batch: Batch) -> Loss:
         lm = lm_loss(out.logits, batch.targets)
