@@ -149,7 +149,7 @@ def test_a_study_writes_run_dirs_search_json_best_toml_and_html(study3):
     tmp, out = study3
     trials = trials_of(out)
     assert [t["number"] for t in trials] == [0, 1, 2]
-    assert trials[0]["baseline"] and trials[0]["params"] == {"model.moe.top_k": 2, "train.lr": 0.003}
+    assert trials[0]["baseline"] and trials[0]["params"] == {"model.moe.top_k": 2, "train.lr": 0.00155}
     for t in trials:
         assert t["state"] in ("COMPLETE", "PRUNED")
         assert (out / f"trial-{t['number']}" / "checkpoint.pt").exists()   # pruned runs stop with one too
@@ -331,7 +331,7 @@ def test_a_search_killed_mid_trial_and_run_again_at_once_fails_it_and_retries_it
         # search.json was rewritten when trial 0 was recovered, before trial 1 started
         recorded = {t["number"]: t for t in trials_of(out)}
         assert recorded[0]["state"] == "FAIL" and recorded[1]["retry_of"] == 0
-        assert recorded[1]["params"] == recorded[0]["params"] == {"model.moe.top_k": 2, "train.lr": 0.003}
+        assert recorded[1]["params"] == recorded[0]["params"] == {"model.moe.top_k": 2, "train.lr": 0.00155}
         log = (tmp_path / "again.log").read_text()
         assert f"trial 0: failed, its process (pid {first.pid} on " in log and "queued again" in log, log
     finally:

@@ -83,7 +83,7 @@ def test_the_controller_steps_on_each_steps_histogram(tmp_path, parl_subset):
         p = min(1.0, max(0.01, p - 0.01 * ((k > 1.5) - (k < 1.5))))
         assert r["moe/layer0/k_control"] == pytest.approx(p, abs=1e-6)
         assert sum(r["moe/layer0/k_hist"]) == pytest.approx(1.0)
-    assert rows[-1]["moe/layer0/k_control"] != 0.5
+    assert any(r["moe/layer0/k_control"] != 0.5 for r in rows)     # it moved (it may come back)
 
 
 @pytest.mark.parametrize("mode", ["null", "relu"])
