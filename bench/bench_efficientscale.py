@@ -22,11 +22,6 @@ scratch run's FLOPs (the goal: at most 0.6x).
 ``--pipeline configs/efficientscale.toml``: the stages as one ``moekit pipeline`` run (the
 same shapes; the AdamW state and one LR schedule carried across stages, see
 moekit/train/pipeline.py), compared with the same scratch run.
-
-``--carry``: stages that continue instead of restarting. grow and upcycle carry stage 1's and
-stage 2's AdamW state (OUT/optimizer.safetensors), stages 2 and 3 start with it
-(``train.init_optimizer=true``), and the three stages share one learning-rate schedule (one
-warmup, one cosine over all their steps: ``train.schedule_start`` and ``train.decay_steps``).
 """
 
 from __future__ import annotations
@@ -73,9 +68,6 @@ def main() -> None:
                     help="steps of the small dense, grown dense and MoE stages")
     ap.add_argument("--later-lr", type=float, default=3e-3, help="peak LR of stages 2 and 3")
     ap.add_argument("--later-warmup", type=int, default=40, help="warmup steps of stages 2 and 3")
-    ap.add_argument("--carry", action="store_true",
-                    help="carry AdamW state through grow and upcycle; one LR schedule over the stages")
-    ap.add_argument("--warmup", type=int, default=150, help="with --carry: the one schedule's warmup steps")
     ap.add_argument("--pipeline", type=Path, default=None,
                     help="a moekit pipeline recipe to run instead of the separate commands")
     ap.add_argument("--scratch-set", action="append", default=[], metavar="KEY=VALUE",
@@ -94,24 +86,17 @@ def main() -> None:
         runs = [Path(st["run_dir"]) for st in info["stages"]]
         return report(args, o, runs, runs[0])
     later = ["--set", f"train.lr={args.later_lr}", "--set", f"train.warmup_steps={args.later_warmup}"]
-    first = []
-    if args.carry:      # one schedule over the stages, each stage going on with the last one's AdamW state
-        total = s1 + s2 + s3
-        first = ["--set", f"train.warmup_steps={args.warmup}", "--set", f"train.decay_steps={total}"]
-        later = [*first, "--set", "train.init_optimizer=true"]
     if not (o / "s1" / "summary.json").exists():
-        moekit("train", "--out", str(o / "s1"), *COMMON, *SMALL, "--set", f"train.max_steps={s1}", *first)
+        moekit("train", "--out", str(o / "s1"), *COMMON, *SMALL, "--set", f"train.max_steps={s1}")
     if not (o / "s2" / "summary.json").exists():
         moekit("grow", str(o / "s1"), "--d-model", "256", "--n-layers", "4", "--n-heads", "4",
                "--out", str(o / "g"))
         moekit("train", "--from", str(o / "g"), "--out", str(o / "s2"), *COMMON,
-               "--set", f"train.max_steps={s2}", "--set", "train.seed=1", *later,
-               *(["--set", f"train.schedule_start={s1}"] if args.carry else []))
+               "--set", f"train.max_steps={s2}", "--set", "train.seed=1", *later)
     if not (o / "s3" / "summary.json").exists():
         moekit("upcycle", str(o / "s2"), "--experts", "8", "--top-k", "2", "--out", str(o / "u"))
         moekit("train", "--from", str(o / "u"), "--out", str(o / "s3"), *COMMON,
-               "--set", f"train.max_steps={s3}", "--set", "train.seed=2", *later,
-               *(["--set", f"train.schedule_start={s1 + s2}"] if args.carry else []))
+               "--set", f"train.max_steps={s3}", "--set", "train.seed=2", *later)
     report(args, o, [o / "s1", o / "s2", o / "s3"], o / "s1")
 
 
@@ -127,7 +112,7 @@ def report(args, o: Path, runs: list[Path], first: Path) -> None:
     reach = first_below(pipeline, target)
     same_tok = (o / "scratch" / "tokenizer.json").read_text() == (first / "tokenizer.json").read_text()
     s1, s2, s3 = (json.loads((r / "config.json").read_text())["train"]["max_steps"] for r in runs)
-    result = {"later_lr": args.later_lr, "later_warmup": args.later_warmup, "carry": args.carry,
+    result = {"later_lr": args.later_lr, "later_warmup": args.later_warmup,
               "scratch_final_val": target, "scratch_flops": scratch_flops, "pipeline_flops": offset,
               "pipeline_final_val": pipeline[-1][1], "flops_to_scratch_final": reach,
               "ratio": reach / scratch_flops if reach else None, "same_tokenizer": same_tok,

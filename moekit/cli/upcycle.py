@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-_SET_BY_UPCYCLE = ("d_model", "d_ff", "num_experts", "top_k", "num_shared_experts", "shared_d_ff")
-
 
 def register(sub) -> None:
     p = sub.add_parser("upcycle", help="turn a dense model into an MoE (sparse upcycling)",
@@ -54,7 +52,8 @@ def moe_options(items: list[str]) -> dict:
     (parsed as ``--set`` is, repeated fields refused there)."""
     from moekit.moe.config import MoEConfig
     from moekit.recipe import apply_overrides
-    fields = {f.name for f in dataclasses.fields(MoEConfig)} - set(_SET_BY_UPCYCLE)
+    from moekit.transform.upcycle import SET_BY_UPCYCLE
+    fields = {f.name for f in dataclasses.fields(MoEConfig)} - set(SET_BY_UPCYCLE)
     options = apply_overrides({}, items)
     for key in options:
         if key not in fields:

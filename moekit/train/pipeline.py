@@ -54,6 +54,7 @@ from pathlib import Path
 
 from moekit.checks import is_int
 from moekit.config import RunConfig
+from moekit.data.tokenizer import load_tokenizer
 from moekit.model.transformer import model_flops
 from moekit.moe.config import MoEConfig
 from moekit.runtime import write_text_atomic
@@ -63,7 +64,7 @@ from moekit.train.launch import launch, precheck, recipe_config
 from moekit.train.optim import grow_optimizer_state
 from moekit.transform.grow import grow, grown_optimizer_state
 from moekit.transform.grow_experts import grow_experts, last_loads
-from moekit.transform.upcycle import upcycle, upcycled_optimizer_state
+from moekit.transform.upcycle import SET_BY_UPCYCLE, upcycle, upcycled_optimizer_state
 
 log = logging.getLogger("moekit")
 
@@ -141,16 +142,12 @@ def _function(transform: str):
     return {"grow": grow, "upcycle": upcycle, "experts": grow_experts}[transform]
 
 
-# MoEConfig fields an upcycle sets itself (from the dense model and its own arguments)
-_SET_BY_UPCYCLE = ("d_model", "d_ff", "num_experts", "top_k", "num_shared_experts", "shared_d_ff")
-
-
 def _check_arg_names(transform: str, args: dict, at: str) -> None:
     params = inspect.signature(_function(transform)).parameters
     allowed = [n for n in params if n not in ("model", "_moments", "moe_options", "loads")]
     if transform == "upcycle":           # its own arguments and the MoE's router options
         allowed = ["experts" if n == "num_experts" else n for n in allowed]
-        allowed += [f.name for f in dataclasses.fields(MoEConfig) if f.name not in _SET_BY_UPCYCLE]
+        allowed += [f.name for f in dataclasses.fields(MoEConfig) if f.name not in SET_BY_UPCYCLE]
     for key in args:
         shown = "experts" if transform == "upcycle" and key == "num_experts" else key
         if shown not in allowed:
@@ -205,12 +202,12 @@ def _check(stages: list[Stage], cfg: RunConfig) -> None:
             raise ValueError(text if text.startswith(prefix) else f"{prefix}: {text}") from None
 
 
-def _base(raw: dict, stages: list[Stage]) -> dict:
+def _base(raw: dict) -> dict:
     """The recipe without its stages, checked: the pipeline sets OWNED itself."""
     base = {k: v for k, v in raw.items() if k != "stage"}
     train = base.get("train", {})
     for key in OWNED:
-        if key in train and not (key == "init_from"):
+        if key in train and key != "init_from":      # the recipe's source is stage 1's
             raise ValueError(f"train.{key} is set by the pipeline for each stage (from the stages' steps); "
                              "drop it from the recipe (and --set)")
     return base
@@ -237,7 +234,7 @@ def stage_raw(base: dict, stages: list[Stage], stage: Stage, source: Path | None
 def run_pipeline(raw: dict, out: Path, progress: bool = True) -> dict:
     """Run (or continue) the staged recipe ``raw`` in ``out``; returns pipeline.json's content."""
     stages = parse_stages(raw)
-    base = _base(raw, stages)
+    base = _base(raw)
     first, model_section = recipe_config(raw=stage_raw(base, stages, stages[0], None))
     _check(stages, first)
     out = Path(out)
@@ -253,8 +250,6 @@ def run_pipeline(raw: dict, out: Path, progress: bool = True) -> dict:
             source = prev
             if stage.transform is not None:
                 source = _transformed(stage, prev, out / "stages" / f"{stage.dirname}.model")
-            elif stage.index > 1:
-                source = prev
             _train(base, stages, stage, source, run_dir, progress)
         prev = run_dir
     return _finish(out, stages)
@@ -330,7 +325,8 @@ def _finish(out: Path, stages: list[Stage]) -> dict:
         cfg = json.loads((run_dir / "config.json").read_text())
         text = (run_dir / "metrics.jsonl").read_text()
         stage_rows = [json.loads(x) for x in text.splitlines() if x.strip()]
-        model_cfg = rd.load_run(run_dir)[0].cfg        # the vocabulary the tokenizer gave it
+        vocab = load_tokenizer(run_dir / "tokenizer.json").get_vocab_size()
+        model_cfg = rd.model_config_for(RunConfig.from_dict(cfg), vocab)    # the tokenizer's vocabulary
         per_step = (model_flops(model_cfg, cfg["data"]["seq_len"])["flops_per_token"]
                     * cfg["train"]["batch_size"] * cfg["data"]["seq_len"] * cfg["train"]["grad_accum"])
         for j, r in enumerate(stage_rows):

@@ -52,6 +52,8 @@ from moekit.model.transformer import MoETransformer
 from moekit.moe.config import MoEConfig
 
 METHODS = ("copy", "drop", "virtual-group")
+# MoEConfig fields an upcycle sets itself (from the dense model and its own arguments)
+SET_BY_UPCYCLE = ("d_model", "d_ff", "num_experts", "top_k", "num_shared_experts", "shared_d_ff")
 ROUTER_INITS = ("normal", "zeros")
 
 
